@@ -1,0 +1,122 @@
+"""The multimodal LLM: loading a Hugging Face LLaVA directory and running it on expanded images.
+
+The data pipeline writes one image-token id per image feature into `input_ids` (the count comes
+from `image_token_count`, never a literal), so the language model's hidden states align 1:1
+with `input_ids`. CLIP and the multimodal projector run once per image; conversations that
+share an image reuse its features. Legacy LLaVA-v1 layouts are handled by the compatibility
+layer; this module reads the transformers `LlavaForConditionalGeneration` layout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+WEIGHT_FILE_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+
+
+def check_model_directory(path: str | Path) -> Path:
+    """Fail early, naming the directory, when `path` is not a loadable Hugging Face model."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"--version {str(path)!r} is not a directory; give a local Hugging Face LLaVA "
+            "directory (config.json, weights, tokenizer). Nothing is downloaded."
+        )
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: no config.json, so this is not a model directory")
+    if not any(any(directory.glob(pattern)) for pattern in WEIGHT_FILE_GLOBS):
+        raise FileNotFoundError(
+            f"{directory}: no weights (*.safetensors or pytorch_model*.bin); "
+            "the model would be randomly initialised, so loading stops here"
+        )
+    return directory
+
+
+def check_attn_implementation(name: str) -> str:
+    """Validate `--attn_implementation`; flash-attention needs the optional flash_attn package."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"--attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, not {name!r}"
+        )
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "--attn_implementation flash_attention_2 needs the optional flash-attn package "
+            "(GPU only: pip install flash-attn); use sdpa otherwise"
+        )
+    return name
+
+
+def load_llava(
+    path: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa"
+) -> LlavaForConditionalGeneration:
+    """Load a LLaVA directory (weights local, no remote code) in `dtype`."""
+    directory = check_model_directory(path)
+    return LlavaForConditionalGeneration.from_pretrained(
+        directory,
+        dtype=dtype,
+        attn_implementation=check_attn_implementation(attn_implementation),
+        trust_remote_code=False,
+    )
+
+
+def load_tokenizer(path: str | Path):
+    """The directory's tokenizer, padded on the right (labels are built for right padding)."""
+    return AutoTokenizer.from_pretrained(Path(path), padding_side="right", trust_remote_code=False)
+
+
+def image_token_count(config: LlavaConfig) -> int:
+    """Number of LLM positions one image occupies: (image_size / patch_size)^2 (+1 with CLS)."""
+    vision = config.vision_config
+    count = (vision.image_size // vision.patch_size) ** 2
+    return count + 1 if config.vision_feature_select_strategy == "full" else count
+
+
+def resize_embeddings_to_mean(llava: LlavaForConditionalGeneration, vocab_size: int) -> None:
+    """Grow the input embeddings and LM head to `vocab_size`; new rows = mean of the old rows."""
+    old_size = llava.get_input_embeddings().weight.shape[0]
+    if vocab_size == old_size:
+        return
+    llava.resize_token_embeddings(vocab_size, mean_resizing=False)
+    matrices = {id(m.weight): m.weight for m in (llava.get_input_embeddings(), llava.lm_head)}
+    with torch.no_grad():
+        for weight in matrices.values():
+            weight[old_size:] = weight[:old_size].mean(dim=0, keepdim=True)
+
+
+def image_features(
+    llava: LlavaForConditionalGeneration, pixel_values: torch.Tensor
+) -> torch.Tensor:
+    """CLIP + multimodal projector. pixel_values [N, 3, h, w] -> features [N, T, H].
+
+    CLIP is frozen, so autograd records nothing inside it; the projector is recorded only
+    when it is trainable.
+    """
+    outputs = llava.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    return torch.stack(list(outputs.pooler_output))
+
+
+def language_model_hidden_states(
+    llava: LlavaForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    conversation_features: torch.Tensor,
+) -> torch.Tensor:
+    """Final-layer hidden states (after the final norm) of each conversation.
+
+    input_ids, attention_mask: [C, L] with T image-token ids per conversation;
+    conversation_features: [C, T, H], the image features each conversation sees -> [C, L, H].
+    """
+    encoded = BaseModelOutputWithPooling(pooler_output=list(conversation_features))
+    outputs = llava.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        mm_encoder_outputs={"image": encoded},
+        use_cache=False,
+    )
+    return outputs.last_hidden_state

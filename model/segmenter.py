@@ -1,0 +1,223 @@
+"""The segmenter: LLaVA answers with `[SEG]`/`[REJ]`; the hidden state predicting each `[SEG]`,
+projected to the prompt width, prompts a SAM mask decoder.
+
+`forward` reads top to bottom as five steps:
+1. `find_targets`: the positions that predict a `[SEG]` or `[REJ]`, grouped per image in order,
+   checked against the ground-truth mask counts before any heavy work.
+2. `encode_images`: SAM image embeddings once per image (frozen encoder), plus the M2SA
+   early-feature fusion when enabled.
+3. `language_model`: CLIP once per image, the LLM over every conversation -> hidden states, logits.
+4. `decode_targets`: project each target's hidden state; all `[SEG]` prompts of one image go
+   through one mask-decoder call; masks are post-processed to the original image size.
+   A `[REJ]` gets an empty mask and no decoder call.
+5. `losses`: CE on the answer tokens, BCE + Dice on `[SEG]` masks only.
+
+`[REJ]` and the mask losses: `[REJ]` rows are left out of both the mask-loss sum and the mask
+count, so a batch's mask loss is the mean over its real masks and `[REJ]` is learned through the
+language-model loss alone. GSVA instead decodes no mask for `[REJ]` but still scores a constant
+zero-logit prediction against an empty target and counts it, which adds about 2.0 * ln 2 + 0.5
+per `[REJ]` to the mask loss without any gradient and dilutes the real masks' weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.backbone import image_features, language_model_hidden_states
+from model.batch import Batch
+from model.losses import LossWeights, causal_lm_loss, mask_losses
+from model.sam import EarlyFusion, decode_masks, encode_images, postprocess_masks
+from model.tokens import TokenIds, predictor_mask
+
+# Logit written for a `[REJ]` target's mask: sigmoid ~ 0 and binarises to empty, yet finite.
+EMPTY_MASK_LOGIT = -1.0e4
+DEFAULT_LOSS_WEIGHTS = LossWeights()
+
+
+@dataclass
+class Targets:
+    """The `[SEG]`/`[REJ]` targets of a batch, ordered by image, conversation, position.
+
+    conv, position: long [T], where the hidden state predicting each target sits.
+    is_rej: bool [T], True for `[REJ]`.
+    counts: targets per image (length N).
+    """
+
+    conv: torch.Tensor
+    position: torch.Tensor
+    is_rej: torch.Tensor
+    counts: list[int]
+
+
+@dataclass
+class SegmenterOutput:
+    """What the segmenter returns (scalars are fp32 0-dim tensors).
+
+    loss: ce_loss_weight * ce_loss + mask_loss.
+    mask_loss: bce_loss_weight * mask_bce_loss + dice_loss_weight * mask_dice_loss.
+    logits: [C, L, V] language-model logits.
+    pred_masks: per image float32 [k_i, H_i, W_i] mask logits at the original size, one per target
+        in order; `[REJ]` rows hold EMPTY_MASK_LOGIT.
+    target_is_rej: per image bool [k_i].
+    prompt_embeddings: per image [k_i, D] projected hidden states (`[REJ]` rows included).
+    """
+
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    mask_bce_loss: torch.Tensor
+    mask_dice_loss: torch.Tensor
+    mask_loss: torch.Tensor
+    logits: torch.Tensor
+    pred_masks: list[torch.Tensor]
+    target_is_rej: list[torch.Tensor]
+    prompt_embeddings: list[torch.Tensor]
+
+
+def build_projector(hidden_size: int, out_dim: int) -> nn.ModuleList:
+    """LISA's `text_hidden_fcs`: [Linear(H, H) -> ReLU -> Linear(H, out_dim)] (keys 0.0, 0.2)."""
+    return nn.ModuleList(
+        [
+            nn.Sequential(
+                nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, out_dim)
+            )
+        ]
+    )
+
+
+class Segmenter(nn.Module):
+    """LLaVA + projector + SAM. Built parts in, no I/O (see model.builder for loading)."""
+
+    def __init__(
+        self,
+        llava: nn.Module,
+        sam: nn.Module,
+        text_hidden_fcs: nn.ModuleList,
+        token_ids: TokenIds,
+        loss_weights: LossWeights = DEFAULT_LOSS_WEIGHTS,
+        early_fusion: EarlyFusion | None = None,
+        early_layer: int | None = None,
+    ) -> None:
+        super().__init__()
+        if (early_fusion is None) != (early_layer is None):
+            raise ValueError("early_fusion and early_layer are given together or not at all")
+        self.llava = llava
+        self.sam = sam
+        self.text_hidden_fcs = text_hidden_fcs
+        self.early_fusion = early_fusion
+        self.early_layer = early_layer
+        self.token_ids = token_ids
+        self.loss_weights = loss_weights
+
+    @property
+    def sam_input_size(self) -> int:
+        return self.sam.config.vision_config.image_size
+
+    def forward(self, batch: Batch) -> SegmenterOutput:
+        targets = self.find_targets(batch)
+        image_embeddings = self.encode_images(batch.sam_pixels)
+        hidden, logits = self.language_model(batch)
+        prompts = self.text_hidden_fcs[0](hidden[targets.conv, targets.position])
+        pred_masks = self.decode_targets(image_embeddings, prompts, targets, batch)
+        return self.losses(batch, targets, logits, prompts, pred_masks)
+
+    def find_targets(self, batch: Batch) -> Targets:
+        """Locate every `[SEG]`/`[REJ]` and check the counts against `batch.gt_masks`."""
+        conv_image = batch.conv_image
+        if conv_image.numel() and (conv_image.diff() < 0).any():
+            raise ValueError(f"conv_image must be non-decreasing, got {conv_image.tolist()}")
+        is_seg = predictor_mask(batch.input_ids, self.token_ids.seg)
+        is_rej = predictor_mask(batch.input_ids, self.token_ids.rej)
+        conv, position = torch.nonzero(is_seg | is_rej, as_tuple=True)
+        counts = torch.bincount(conv_image[conv], minlength=batch.num_images).tolist()
+        if batch.gt_masks is not None:
+            self._check_counts(batch, counts, is_rej[conv, position])
+        return Targets(conv, position, is_rej[conv, position], counts)
+
+    def _check_counts(self, batch: Batch, counts: list[int], target_is_rej: torch.Tensor) -> None:
+        rej_per_image = torch.split(target_is_rej, counts)
+        for index, (count, masks) in enumerate(zip(counts, batch.gt_masks, strict=True)):
+            if masks.shape[0] != count:
+                rej = int(rej_per_image[index].sum())
+                raise ValueError(
+                    f"{batch.describe_image(index)}: its conversations hold {count} target tokens "
+                    f"({count - rej} [SEG], {rej} [REJ]) but {masks.shape[0]} ground-truth masks "
+                    "were given; each [SEG]/[REJ] needs exactly one mask, in order"
+                )
+
+    def encode_images(self, sam_pixels: torch.Tensor) -> torch.Tensor:
+        """SAM image embeddings [N, D, g, g] (+ early fusion), encoder run once per image."""
+        embeddings, early = encode_images(self.sam, sam_pixels, self.early_layer)
+        if self.early_fusion is not None:
+            embeddings = embeddings + self.early_fusion(early)
+        return embeddings
+
+    def language_model(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [C, L, H] (final layer, after the norm) and logits [C, L, V]."""
+        features = image_features(self.llava, batch.clip_pixels)
+        hidden = language_model_hidden_states(
+            self.llava, batch.input_ids, batch.attention_mask, features[batch.conv_image]
+        )
+        return hidden, self.llava.lm_head(hidden)
+
+    def decode_targets(
+        self, image_embeddings: torch.Tensor, prompts: torch.Tensor, targets: Targets, batch: Batch
+    ) -> list[torch.Tensor]:
+        """Masks per image: float32 [k_i, H_i, W_i]; `[SEG]` rows decoded, `[REJ]` rows empty."""
+        masks = []
+        for index, (image_prompts, rej) in enumerate(
+            zip(prompts.split(targets.counts), targets.is_rej.split(targets.counts), strict=True)
+        ):
+            height, width = batch.original_sizes[index].tolist()
+            image_masks = torch.full(
+                (len(image_prompts), height, width), EMPTY_MASK_LOGIT, device=prompts.device
+            )
+            seg_rows = torch.nonzero(~rej).squeeze(1)
+            if seg_rows.numel():
+                low_res = decode_masks(self.sam, image_embeddings[index], image_prompts[seg_rows])
+                image_masks[seg_rows] = postprocess_masks(
+                    low_res,
+                    self.sam_input_size,
+                    tuple(batch.resized_sizes[index].tolist()),
+                    (height, width),
+                )
+            masks.append(image_masks)
+        return masks
+
+    def losses(
+        self,
+        batch: Batch,
+        targets: Targets,
+        logits: torch.Tensor,
+        prompts: torch.Tensor,
+        pred_masks: list[torch.Tensor],
+    ) -> SegmenterOutput:
+        """Weighted CE + BCE + Dice; CE is 0 without labels, mask terms 0 without masks."""
+        device = logits.device
+        rej = list(targets.is_rej.split(targets.counts))
+        ce = (
+            causal_lm_loss(logits, batch.labels)
+            if batch.labels is not None
+            else torch.zeros((), device=device)
+        )
+        if batch.gt_masks is not None:
+            seg_preds = [pred[~is_rej] for pred, is_rej in zip(pred_masks, rej, strict=True)]
+            seg_gts = [gt[~is_rej] for gt, is_rej in zip(batch.gt_masks, rej, strict=True)]
+            bce, dice = mask_losses(seg_preds, seg_gts, device)
+        else:
+            bce = dice = torch.zeros((), device=device)
+        weights = self.loss_weights
+        mask_loss = weights.bce_loss_weight * bce + weights.dice_loss_weight * dice
+        return SegmenterOutput(
+            loss=weights.ce_loss_weight * ce + mask_loss,
+            ce_loss=ce,
+            mask_bce_loss=bce,
+            mask_dice_loss=dice,
+            mask_loss=mask_loss,
+            logits=logits,
+            pred_masks=pred_masks,
+            target_is_rej=rej,
+            prompt_embeddings=list(prompts.split(targets.counts)),
+        )

@@ -1,0 +1,185 @@
+"""Tiny random-weight models for tests and the demo, built through the same code paths as the
+real sizes: a LLaMA-style BPE tokenizer trained locally on the shapes-world vocabulary, a tiny
+`LlavaForConditionalGeneration` saved as a Hugging Face directory, a tiny SAM saved in the
+original segment-anything layout, and `build_tiny_segmenter`, which loads both with
+`build_segmenter` exactly as a real run loads LLaVA-7B and ViT-H.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from itertools import product
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from model.builder import ModelConfig, build_segmenter
+from model.sam import build_sam, sam_config_from_preset, save_sam_checkpoint
+from model.tokens import IMAGE_TOKEN
+
+RESET_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)
+
+TINY_VOCAB_SIZE = 1000
+BYTE_FALLBACK_TOKENS = [f"<0x{value:02X}>" for value in range(256)]
+BASE_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+)
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "gray")
+SHAPES = ("circle", "square", "triangle", "star", "house", "car", "tree", "ring", "shape", "object")
+PARTS = ("roof", "wall", "door", "window", "wheel", "body", "trunk", "leaves", "part", "center")
+SENTENCES = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the human's questions.",
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural "
+    "language.",
+    "USER: ASSISTANT: [INST] <<SYS>> <</SYS>> [/INST]",
+    "Can you segment the {x} in this image?",
+    "Please segment the {x} in this image.",
+    "What is {x} in this image? Please respond with segmentation mask.",
+    "What are {x} in this image? Please output segmentation masks.",
+    "Could you identify the {x} in this picture? Provide the segmentation mask.",
+    "Please output segmentation mask and explain why. It is the {x} on the left of the picture.",
+    "Sure, it is the {x}. Sure, the segmentation result is the {x}. The {x} is not present.",
+    "Which object would someone use to find the {x}? The part of the {x} at the top right.",
+    "The segmentation results are the {x}, and the mask of the {x}, separately.",
+    "How many {x} are there, where, what color, which one is bigger, smaller, near, behind?",
+)
+
+
+def tokenizer_corpus() -> list[str]:
+    """Sentences covering the templates and the shapes-world names (deterministic)."""
+    names = [f"{c} {s}" for c, s in product(COLOURS, SHAPES)]
+    names += [f"{p} of the {s}" for p, s in product(PARTS, SHAPES)]
+    return [sentence.replace("{x}", name) for name in names for sentence in SENTENCES]
+
+
+def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> LlamaTokenizer:
+    """A LLaMA-style tokenizer (BPE, `▁` word marker, byte fallback, `<s>` prepended, unk = 0),
+    trained here on `tokenizer_corpus()`, with `<image>` added as a special token."""
+    trainer_model = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # split=True while training keeps merges inside words, as sentencepiece does
+    trainer_model.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=BASE_SPECIAL_TOKENS + BYTE_FALLBACK_TOKENS,
+        show_progress=False,
+    )
+    trainer_model.train_from_iterator(tokenizer_corpus(), trainer)
+    trained = json.loads(trainer_model.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tokenizer = LlamaTokenizer(vocab=trained["vocab"], merges=merges, add_bos_token=True)
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return tokenizer
+
+
+def tiny_llava_config(tokenizer: LlamaTokenizer, **text_overrides: int) -> LlavaConfig:
+    """LLaVA config of the tiny model: CLIP 32 px / patch 8 (16 image tokens), LLaMA width 64."""
+    text = LlamaConfig(
+        **{**TINY_TEXT, **text_overrides},
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.unk_token_id,
+    )
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**TINY_VISION),
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+def write_tiny_llava(directory: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight tiny LLaVA as a Hugging Face directory (weights, config,
+    tokenizer, CLIP image-processor settings). Returns the directory."""
+    directory = Path(directory)
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    size = TINY_VISION["image_size"]
+    CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    ).save_pretrained(directory)
+    return directory
+
+
+def reset_to_torch_defaults(model: nn.Module) -> None:
+    """Re-initialise Linear/Conv/Embedding layers with PyTorch's scale-preserving defaults.
+
+    transformers' SAM init (normal, std 0.02) shrinks activations layer after layer: a random
+    tiny SAM then predicts mask logits of ~1e-5, which no test can tell apart and the demo
+    learns slowly from. A pretrained SAM has O(1) outputs; this init gives the same.
+    """
+    for module in model.modules():
+        if isinstance(module, RESET_LAYER_TYPES):
+            module.reset_parameters()
+
+
+def write_tiny_sam(path: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight tiny SAM (64 px, 8x8 grid) in the original checkpoint layout."""
+    torch.manual_seed(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sam = build_sam(sam_config_from_preset("tiny"))
+    reset_to_torch_defaults(sam)
+    save_sam_checkpoint(sam, path)
+    return path
+
+
+def tiny_model_config(directory: str | Path, **overrides) -> ModelConfig:
+    """ModelConfig for the tiny assets under `directory` (fp32, small LoRA, tiny SAM width)."""
+    directory = Path(directory)
+    prompt_dim = sam_config_from_preset("tiny").mask_decoder_config.hidden_size
+    config = ModelConfig(
+        version=str(directory / "llava_tiny"),
+        vision_pretrained=str(directory / "vision_pretrained" / "sam_tiny.pth"),
+        precision="fp32",
+        gradient_checkpointing=False,
+        out_dim=prompt_dim,
+        lora_r=4,
+    )
+    return replace(config, **overrides)
+
+
+def build_tiny_segmenter(directory: str | Path, seed: int = 0, **overrides):
+    """Write the tiny LLaVA and SAM under `directory` (if absent) and build the segmenter
+    from them with `build_segmenter`. Returns (Segmenter, tokenizer)."""
+    config = tiny_model_config(directory, **overrides)
+    if not Path(config.version).is_dir():
+        write_tiny_llava(config.version, seed)
+    if not Path(config.vision_pretrained).is_file():
+        write_tiny_sam(config.vision_pretrained, seed)
+    torch.manual_seed(seed)
+    return build_segmenter(config)

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny model assets written once per test session (no downloads)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding `llava_tiny/` and `vision_pretrained/sam_tiny.pth`."""
+    from model.tiny import tiny_model_config, write_tiny_llava, write_tiny_sam
+
+    directory = tmp_path_factory.mktemp("tiny_assets")
+    config = tiny_model_config(directory)
+    write_tiny_llava(config.version, seed=0)
+    write_tiny_sam(config.vision_pretrained, seed=0)
+    return directory

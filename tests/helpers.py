@@ -1,0 +1,85 @@
+"""Test helpers: a minimal hand-written batch builder (the real collate lives in utils/).
+
+It writes `<s> SYSTEM USER: <im_start><image>*T<im_end>\n QUESTION ASSISTANT: ANSWER</s>`,
+with T image-token ids, labels on ANSWER</s> only, right padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.backbone import image_token_count
+from model.batch import Batch
+from model.tokens import IGNORE_INDEX
+
+SYSTEM = "A chat between a curious human and an artificial intelligence assistant."
+
+
+@dataclass
+class Conversation:
+    image: int
+    question: str
+    answer: str
+
+
+def encode_conversation(model, tokenizer, conv: Conversation) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation."""
+    ids = model.token_ids
+    image_tokens = [ids.image] * image_token_count(model.llava.config)
+    if ids.im_start is not None:
+        image_tokens = [ids.im_start, *image_tokens, ids.im_end]
+
+    def words(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    prompt = [
+        ids.bos,
+        *words(f"{SYSTEM} USER:"),
+        *image_tokens,
+        *words(f"\n{conv.question} ASSISTANT:"),
+    ]
+    answer = [*words(conv.answer), ids.eos]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+def make_batch(
+    model,
+    tokenizer,
+    image_sizes: list[tuple[int, int]],
+    conversations: list[Conversation],
+    gt_masks: list[torch.Tensor] | None,
+    seed: int = 0,
+) -> Batch:
+    """Random images of the given (H, W) sizes, resized/padded like SAM, and the conversations."""
+    generator = torch.Generator().manual_seed(seed)
+    clip_size = model.llava.config.vision_config.image_size
+    sam_size = model.sam_input_size
+    encoded = [encode_conversation(model, tokenizer, conv) for conv in conversations]
+    length = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), length), model.token_ids.pad)
+    labels = torch.full((len(encoded), length), IGNORE_INDEX)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+    sam_pixels, resized = [], []
+    for height, width in image_sizes:
+        scale = sam_size / max(height, width)
+        new = (int(height * scale + 0.5), int(width * scale + 0.5))
+        image = torch.randn(1, 3, *new, generator=generator)
+        sam_pixels.append(F.pad(image, (0, sam_size - new[1], 0, sam_size - new[0]))[0])
+        resized.append(new)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=input_ids != model.token_ids.pad,
+        labels=labels,
+        conv_image=torch.tensor([conv.image for conv in conversations]),
+        clip_pixels=torch.randn(len(image_sizes), 3, clip_size, clip_size, generator=generator),
+        sam_pixels=torch.stack(sam_pixels),
+        resized_sizes=torch.tensor(resized),
+        original_sizes=torch.tensor(image_sizes),
+        gt_masks=gt_masks,
+        image_paths=[f"img{index}.jpg" for index in range(len(image_sizes))],
+    )

@@ -1,0 +1,76 @@
+"""Special tokens: single ids, loud failures, predictor positions, mean-initialised rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.backbone import load_llava, load_tokenizer, resize_embeddings_to_mean
+from model.tiny import build_tiny_tokenizer, tiny_model_config
+from model.tokens import (
+    IM_END_TOKEN,
+    IM_START_TOKEN,
+    SEG_TOKEN,
+    _single_id,
+    add_segmentation_tokens,
+    predictor_mask,
+)
+
+
+def test_added_tokens_encode_to_one_id_each() -> None:
+    tokenizer = build_tiny_tokenizer()
+    size = len(tokenizer)
+    ids = add_segmentation_tokens(tokenizer, use_mm_start_end=True)
+    assert {ids.seg, ids.rej, ids.im_start, ids.im_end} == set(range(size, size + 4))
+    encoded = tokenizer.encode("Sure, it is [SEG]. The dog is [REJ].", add_special_tokens=False)
+    assert encoded.count(ids.seg) == 1 and encoded.count(ids.rej) == 1
+    assert tokenizer.convert_ids_to_tokens(ids.im_start) == IM_START_TOKEN
+    assert tokenizer.convert_ids_to_tokens(ids.im_end) == IM_END_TOKEN
+    assert ids.pad == tokenizer.unk_token_id == 0 and tokenizer.padding_side == "right"
+
+
+def test_without_mm_start_end_no_wrapping_tokens() -> None:
+    tokenizer = build_tiny_tokenizer()
+    ids = add_segmentation_tokens(tokenizer, use_mm_start_end=False)
+    assert ids.im_start is None and ids.im_end is None
+    assert IM_START_TOKEN not in tokenizer.get_vocab()
+
+
+def test_token_that_splits_or_is_unknown_fails_loudly() -> None:
+    tokenizer = build_tiny_tokenizer()
+    with pytest.raises(ValueError, match=r"'\[NOPE\]' must encode to exactly one id"):
+        _single_id(tokenizer, "[NOPE]")
+    # a word-internal vocabulary piece: it has an id, but encoding it on its own prepends the
+    # word marker and splits it (the LLaMA "▁" pitfall of tokenizer("[SEG]").input_ids[0])
+    piece = "ouse"
+    assert piece in tokenizer.get_vocab() and "\u2581" + piece not in tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="must encode to exactly one id"):
+        _single_id(tokenizer, piece)
+
+
+def test_predictor_mask_marks_the_position_before_each_target() -> None:
+    seg = 7
+    input_ids = torch.tensor([[1, 5, seg, 3, seg], [seg, 2, 2, 2, 2]])
+    mask = predictor_mask(input_ids, seg)
+    assert mask.tolist() == [
+        [False, True, False, True, False],
+        [False, False, False, False, False],
+    ]
+
+
+def test_new_embedding_rows_start_at_the_mean(tiny_dir) -> None:
+    config = tiny_model_config(tiny_dir)
+    llava = load_llava(config.version, torch.float32)
+    tokenizer = load_tokenizer(config.version)
+    old = llava.get_input_embeddings().weight.detach().clone()
+    old_head = llava.lm_head.weight.detach().clone()
+    add_segmentation_tokens(tokenizer, use_mm_start_end=True)
+    resize_embeddings_to_mean(llava, len(tokenizer))
+    new = llava.get_input_embeddings().weight
+    assert new.shape[0] == old.shape[0] + 4 == len(tokenizer)
+    torch.testing.assert_close(new[: old.shape[0]], old)
+    for row in range(old.shape[0], new.shape[0]):
+        torch.testing.assert_close(new[row], old.mean(0))
+        torch.testing.assert_close(llava.lm_head.weight[row], old_head.mean(0))
+    assert llava.config.text_config.vocab_size == len(tokenizer)
+    assert SEG_TOKEN in tokenizer.get_vocab()
