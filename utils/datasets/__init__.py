@@ -1,0 +1,1 @@
+"""Dataset families: one module per family, the weighted mixer and the validation sets."""

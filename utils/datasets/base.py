@@ -1,0 +1,153 @@
+"""Shared types of every data family: raw records -> `Sample` (image, conversations, masks).
+
+Data flows one way: a family reads its annotation files and yields `Sample`s; `utils.collate`
+turns samples into token ids, labels and pixel tensors and batches them into `model.batch.Batch`.
+Every bad record raises `DataError`, which names the file, the record and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE_LABEL = 255
+
+
+class DataError(ValueError):
+    """A bad input record: `file`, `record` (an index, id or name) and what was expected."""
+
+    def __init__(self, file: str | Path, record: object, problem: str, hint: str = "") -> None:
+        self.file, self.record, self.problem, self.hint = str(file), record, problem, hint
+        where = f"{file}" + (f", record {record}" if record is not None else "")
+        super().__init__(f"{where}: {problem}" + (f" ({hint})" if hint else ""))
+
+
+@dataclass
+class Sample:
+    """One image with its conversations and the masks of their targets, before tokenization.
+
+    image: uint8 [H, W, 3] RGB.
+    conversations: each conversation is a list of (question, answer) rounds; the first question
+        starts with IMAGE_PLACEHOLDER + "\\n". Answers hold `[SEG]`/`[REJ]` tokens.
+    masks: uint8 [k, H, W] in {0, 1, IGNORE_LABEL}: one per `[SEG]`/`[REJ]` token of the answers,
+        conversation by conversation, left to right; a `[REJ]` row is all zeros.
+    image_path: the file the image came from.
+    source: "<family>/<dataset>", e.g. "sem_seg/ade20k".
+    """
+
+    image: np.ndarray
+    conversations: list[list[tuple[str, str]]]
+    masks: np.ndarray
+    image_path: str
+    source: str
+
+
+@dataclass
+class ValidationSample(Sample):
+    """A validation sample: one teacher-forced conversation per target group, plus per target
+    its name (for the per-sample JSONL) and whether the ground truth is empty (`[REJ]`).
+
+    target_names: one per mask row. record_id: the annotation's own id (ref id, image name...).
+    """
+
+    target_names: list[str] = field(default_factory=list)
+    record_id: str = ""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a training source turns records into conversations (train_ds.py flags).
+
+    num_classes_per_sample: conversations (questions) per image at most.
+    num_classes_per_question: targets per question ("mmr" style).
+    use_expand_question_list: draw questions from the expanded template lists.
+    prompt_style: "lisa" | "mmr" | "gsva" (see utils.datasets.templates).
+    explanatory: probability of ReasonSeg's explanation-only answer; -1 disables.
+    """
+
+    num_classes_per_sample: int = 3
+    num_classes_per_question: int = 3
+    use_expand_question_list: bool = True
+    prompt_style: str = "mmr"
+    explanatory: float = 0.1
+
+
+class Source(Protocol):
+    """A training source: `len` records, a random sample drawn with the caller's generator, and
+    a check of every record (the dataset doctor; `deep` also decodes images)."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def sample(self, rng: np.random.Generator) -> Sample: ...
+
+    def check(self, deep: bool = False) -> Iterator[DataError]: ...
+
+
+def resolve_inside(root: str | Path, relative: str, file: str | Path, record: object) -> Path:
+    """`root / relative`, rejected (DataError) if it escapes `root` (e.g. `../` or absolute)."""
+    base = Path(root).resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base):
+        raise DataError(file, record, f"path {relative!r} escapes the dataset root {base}")
+    return path
+
+
+def read_image(
+    path: str | Path, file: str | Path | None = None, record: object = None
+) -> np.ndarray:
+    """Read an image as uint8 RGB [H, W, 3]; DataError if missing or not decodable.
+
+    `file`/`record` name the annotation that referred to the image (defaults to the image).
+    """
+    path = Path(path)
+    source = file if file is not None else path
+    if not path.is_file():
+        raise DataError(source, record, f"image {path} does not exist")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(
+            source, record, f"image {path} is not a readable image (truncated or not an image)"
+        )
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_label_map(
+    path: str | Path,
+    image_shape: tuple[int, int],
+    file: str | Path | None = None,
+    record: object = None,
+) -> np.ndarray:
+    """Read a single-channel PNG label map [H, W] (uint8 or uint16 as stored); DataError if it is
+    missing, unreadable, or its size differs from the image's (H, W)."""
+    path = Path(path)
+    source = file if file is not None else path
+    if not path.is_file():
+        raise DataError(source, record, f"label map {path} does not exist")
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise DataError(source, record, f"label map {path} is not a readable image")
+    if label.ndim == 3:
+        label = label[..., 0]
+    if label.shape != tuple(image_shape):
+        raise DataError(
+            source,
+            record,
+            f"label map {path} is {label.shape[1]}x{label.shape[0]} but its image is "
+            f"{image_shape[1]}x{image_shape[0]} (W x H)",
+        )
+    return label
+
+
+def stack_masks(masks: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Stack [H, W] masks into uint8 [k, H, W] (k may be 0)."""
+    if not masks:
+        return np.zeros((0, *shape), dtype=np.uint8)
+    return np.stack([mask.astype(np.uint8) for mask in masks])
