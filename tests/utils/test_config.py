@@ -1,0 +1,159 @@
+"""train_ds.py command lines: the README lines of LISA, MMR, GSVA and CoReS parse verbatim."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from utils.config import parse_args
+
+LISA_TRAIN = """--version="PATH_TO_LLaVA" \\
+  --dataset_dir='./dataset' \\
+  --vision_pretrained="PATH_TO_SAM" \\
+  --dataset="sem_seg||refer_seg||vqa||reason_seg" \\
+  --sample_rates="9,3,3,1" \\
+  --exp_name="lisa-7b"
+"""
+LISA_VALIDATE = """--version="PATH_TO_LISA_HF_Model_Directory" --dataset_dir='./dataset' \\
+  --vision_pretrained="PATH_TO_SAM" --exp_name="lisa-7b" --eval_only"""
+LISA_OLD_VALIDATE = """--version="PATH_TO_LLaVA" --dataset_dir='./dataset' \\
+  --vision_pretrained="PATH_TO_SAM" --weight='PATH_TO_pytorch_model.bin' --exp_name="lisa-7b" \\
+  --eval_only"""
+MMR_TRAIN = """--version="PATH_TO_LLaVA" \\
+  --dataset_dir="./dataset/" \\
+  --dataset="sem_seg||refer_seg||vqa||multi_part_reason_seg" \\
+  --vision-tower="openai/clip-vit-large-patch14" \\
+  --batch_size=2 \\
+  --num_classes_per_sample=3 \\
+  --num_classes_per_question=3 \\
+  --use_expand_question_list \\
+  --model_max_length 2048 \\
+  --sample_rates="2,9,2,6" \\
+  --exp_name="M2SA" \\
+  --val_dataset="MultiPartReasonSeg|val" \\
+  --val_json_name="MMR_val.json" \\
+"""
+MMR_VALIDATE = """--version="PATH_TO_M2SA_MODEL_Directory" \\
+  --exp_name="M2SA-7B-val" \\
+  --dataset_dir='./dataset' \\
+  --val_dataset="MultiPartReasonSeg|val" \\
+  --eval_only \\
+  --val_json_name="MMR_val.json"
+"""
+GSVA_EVAL = """--val_dataset="grefcoco|unc|val" --segmentation_model_path=sam_vit_h_4b8939.pth \\
+  --mllm_model_path=llava-llama-2-13b --vision-tower=clip-vit-large-patch14 \\
+  --dataset_dir=./data --weight=gsva-7b-ft-gres.bin --precision=fp32 --lora_r=8 --eval_only"""
+CORES_VALIDATE = """--version=./cores7bft --dataset_dir=./dataset \\
+  --vision_pretrained=./sam_vit_h_4b8939.pth --dataset="reason_seg" \\
+  --val_dataset="ReasonSeg|testshort" --sample_rates="1" --sample_rates="1" \\
+  --exp_name="reasonsegtest" --eval_only"""
+
+
+def bash_argv(arguments: str) -> list[str]:
+    """The argv bash would pass for `train_ds.py <arguments>` (quotes, continuations)."""
+    script = "printf '%s\\0' " + arguments
+    output = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    return [item for item in output.stdout.split("\0") if item]
+
+
+def test_lisa_train_line() -> None:
+    config = parse_args(["--local_rank=0", *bash_argv(LISA_TRAIN)])
+    assert config.version == "PATH_TO_LLaVA" and config.vision_pretrained == "PATH_TO_SAM"
+    assert config.datasets == ("sem_seg", "refer_seg", "vqa", "reason_seg")
+    assert config.rates == (9.0, 3.0, 3.0, 1.0)
+    assert str(config.log_dir) == "runs/lisa-7b"
+    assert config.family_data()["reason_seg"] == ("ReasonSeg|train",)
+    assert config.family_data()["sem_seg"][-1] == "mapillary"
+    assert config.gradient_checkpointing and config.train_mask_decoder and config.use_mm_start_end
+    assert not config.eval_only and config.val_dataset == "ReasonSeg|val"
+
+
+def test_lisa_validate_lines() -> None:
+    config = parse_args(bash_argv(LISA_VALIDATE))
+    assert config.eval_only and config.version == "PATH_TO_LISA_HF_Model_Directory"
+    old = parse_args(bash_argv(LISA_OLD_VALIDATE))
+    assert old.weight == "PATH_TO_pytorch_model.bin" and old.eval_only
+
+
+def test_mmr_train_line_with_dangling_continuation() -> None:
+    config = parse_args(bash_argv(MMR_TRAIN))
+    assert config.vision_tower == "openai/clip-vit-large-patch14"
+    assert config.datasets[-1] == "multi_part_reason_seg" and config.rates == (2.0, 9.0, 2.0, 6.0)
+    assert config.num_classes_per_question == 3 and config.use_expand_question_list
+    assert config.model_max_length == 2048 and config.batch_size == 2
+    assert config.val_dataset == "MultiPartReasonSeg|val" and config.val_json_name == "MMR_val.json"
+    assert config.family_data()["multi_part_reason_seg"] == ("MMR_train.json",)
+    assert config.dataset_dir == "./dataset/"
+
+
+def test_mmr_validate_line() -> None:
+    config = parse_args(bash_argv(MMR_VALIDATE))
+    assert config.eval_only and config.exp_name == "M2SA-7B-val"
+    assert config.val_json_name == "MMR_val.json"
+
+
+def test_gsva_eval_line_with_its_flag_names() -> None:
+    config = parse_args(["--local-rank=1", *bash_argv(GSVA_EVAL)])
+    assert config.local_rank == 1
+    assert config.version == "llava-llama-2-13b"
+    assert config.vision_pretrained == "sam_vit_h_4b8939.pth"
+    assert config.weight == "gsva-7b-ft-gres.bin" and config.precision == "fp32"
+    assert config.val_dataset == "grefcoco|unc|val" and config.lora_r == 8
+
+
+def test_cores_line_repeated_flag_last_wins() -> None:
+    config = parse_args(bash_argv(CORES_VALIDATE))
+    assert config.datasets == ("reason_seg",) and config.rates == (1.0,)
+
+
+def test_both_spellings_equals_and_space_forms_and_negations() -> None:
+    config = parse_args(["--vision_tower", "a", "--vision-tower=b", "--lr", "1e-4"])
+    assert config.vision_tower == "b" and config.lr == pytest.approx(1e-4)
+    config = parse_args(
+        [
+            "--no-gradient_checkpointing",
+            "--no-train_mask_decoder",
+            "--no-use_mm_start_end",
+            "--no-auto_resume",
+            "--no-use_expand_question_list",
+        ]
+    )
+    assert not (
+        config.gradient_checkpointing
+        or config.train_mask_decoder
+        or config.use_mm_start_end
+        or config.auto_resume
+        or config.use_expand_question_list
+    )
+    config = parse_args(["--gradient_checkpointing", "--auto_resume"])
+    assert config.gradient_checkpointing and config.auto_resume
+
+
+def test_typed_configs_follow_the_flags() -> None:
+    config = parse_args(
+        [
+            "--lora_target_modules",
+            "q_proj, k_proj,v_proj",
+            "--ce_loss_weight",
+            "0.5",
+            "--early_fusion",
+            "--precision",
+            "fp16",
+            "--explanatory",
+            "-1",
+        ]
+    )
+    model = config.model_config()
+    assert model.lora_target_modules == ("q_proj", "k_proj", "v_proj")
+    assert model.loss_weights.ce_loss_weight == 0.5 and model.early_fusion
+    assert model.precision == "fp16" and model.vision_pretrained.endswith("sam_vit_h_4b8939.pth")
+    data = config.data_config()
+    assert data.options.explanatory == -1 and data.options.prompt_style == "mmr"
+    assert data.dataset == ("sem_seg", "refer_seg", "vqa", "multi_part_reason_seg")
+
+
+def test_bad_values_are_refused() -> None:
+    for argv in (["--precision", "fp8"], ["--conv_type", "chatml"], ["--zero_stage", "1"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)

@@ -1,0 +1,284 @@
+"""Command line of train_ds.py: every flag of the LISA / MMR / GSVA scripts (same spelling and
+defaults), plus ours, parsed into one typed `TrainConfig`.
+
+This is the only place that knows LISA's string formats ("sem_seg||refer_seg", "9,3,3,1",
+"q_proj,v_proj"). Flags that default to True are `BooleanOptionalAction`, so the original bare
+switch still works and `--no-<flag>` turns it off (the originals could not). Defaults follow the
+MMR README (the M2SA recipe); the LISA and GSVA command lines parse to their own settings
+because they spell out what differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.builder import PRECISIONS, ModelConfig
+from model.losses import LossWeights
+from utils.datasets.base import SamplingOptions
+from utils.datasets.mixer import DEFAULT_FAMILY_DATA, DataConfig
+from utils.datasets.templates import PROMPT_STYLES
+
+LOGGER = logging.getLogger(__name__)
+CONV_TYPES = ("llava_v1", "llava_llama_2")
+EVAL_PROTOCOLS = ("teacher_forced", "generate")
+ZERO_STAGES = (2, 3)
+# GSVA flags accepted for command-line compatibility but without effect here
+IGNORED_FLAGS = ("no_sampling", "val_refzom", "merge_lora_path")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every train_ds.py setting; see `build_parser` for each flag's help."""
+
+    local_rank: int
+    version: str
+    vis_save_path: str
+    precision: str
+    image_size: int
+    model_max_length: int
+    lora_r: int
+    vision_tower: str
+    load_in_8bit: bool
+    load_in_4bit: bool
+    dataset: str
+    sample_rates: str
+    sem_seg_data: str
+    refer_seg_data: str
+    vqa_data: str
+    reason_seg_data: str
+    multi_part_reason_seg_data: str
+    val_dataset: str
+    val_json_name: str
+    dataset_dir: str
+    log_base_dir: str
+    exp_name: str
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    grad_accumulation_steps: int
+    val_batch_size: int
+    workers: int
+    lr: float
+    ce_loss_weight: float
+    dice_loss_weight: float
+    bce_loss_weight: float
+    lora_alpha: int
+    lora_dropout: float
+    lora_target_modules: str
+    explanatory: float
+    beta1: float
+    beta2: float
+    num_classes_per_sample: int
+    num_classes_per_question: int
+    use_expand_question_list: bool
+    prompt_style: str
+    exclude_val: bool
+    no_eval: bool
+    eval_only: bool
+    eval_steps: int
+    eval_protocol: str
+    vision_pretrained: str
+    out_dim: int
+    resume: str
+    weight: str
+    print_freq: int
+    start_epoch: int
+    gradient_checkpointing: bool
+    train_mask_decoder: bool
+    train_mm_projector: bool
+    use_mm_start_end: bool
+    auto_resume: bool
+    conv_type: str
+    early_fusion: bool
+    seed: int
+    zero_stage: int
+    offload_optimizer: bool
+    attn_implementation: str
+    skip_bad_samples: bool
+    no_sampling: bool
+    val_refzom: bool
+    merge_lora_path: str
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.log_base_dir) / self.exp_name
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return tuple(name for name in self.dataset.split("||") if name)
+
+    @property
+    def rates(self) -> tuple[float, ...]:
+        return tuple(float(rate) for rate in self.sample_rates.split(",") if rate.strip())
+
+    def family_data(self) -> dict[str, tuple[str, ...]]:
+        """`--<family>_data` split on "||" for every family of `--dataset`."""
+        return {
+            family: tuple(n for n in getattr(self, f"{family}_data", "").split("||") if n)
+            for family in self.datasets
+        }
+
+    def sampling_options(self) -> SamplingOptions:
+        return SamplingOptions(
+            num_classes_per_sample=self.num_classes_per_sample,
+            num_classes_per_question=self.num_classes_per_question,
+            use_expand_question_list=self.use_expand_question_list,
+            prompt_style=self.prompt_style,
+            explanatory=self.explanatory,
+        )
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(
+            dataset_dir=Path(self.dataset_dir),
+            dataset=self.datasets,
+            sample_rates=self.rates,
+            family_data=self.family_data(),
+            options=self.sampling_options(),
+            seed=self.seed,
+        )
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            version=self.version,
+            vision_pretrained=self.vision_pretrained,
+            precision=self.precision,
+            attn_implementation=self.attn_implementation,
+            gradient_checkpointing=self.gradient_checkpointing,
+            use_mm_start_end=self.use_mm_start_end,
+            out_dim=self.out_dim,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            lora_target_modules=tuple(
+                name.strip() for name in self.lora_target_modules.split(",") if name.strip()
+            ),
+            train_mask_decoder=self.train_mask_decoder,
+            train_mm_projector=self.train_mm_projector,
+            early_fusion=self.early_fusion,
+            loss_weights=LossWeights(
+                ce_loss_weight=self.ce_loss_weight,
+                bce_loss_weight=self.bce_loss_weight,
+                dice_loss_weight=self.dice_loss_weight,
+            ),
+        )
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--version",
+        "--mllm_model_path",
+        dest="version",
+        default="liuhaotian/llava-llama-2-13b-chat-lightning-preview",
+        help="LLaVA directory (HF format, or legacy LLaVA-v1) or a merged checkpoint",
+    )
+    add(
+        "--vision_pretrained",
+        "--segmentation_model_path",
+        dest="vision_pretrained",
+        default="./vision_pretrained/sam_vit_h_4b8939.pth",
+        help="original SAM checkpoint",
+    )
+    add(
+        "--vision-tower",
+        "--vision_tower",
+        dest="vision_tower",
+        default="openai/clip-vit-large-patch14",
+        help="CLIP tower for legacy LLaVA-v1 bases; unused when --version has its own",
+    )
+    add("--precision", default="bf16", choices=sorted(PRECISIONS))
+    add("--image_size", default=1024, type=int, help="SAM input side")
+    add("--model_max_length", default=2048, type=int)
+    add("--out_dim", default=256, type=int, help="projected [SEG] width = SAM prompt width")
+    add("--lora_r", default=8, type=int, help="0: no LoRA (LLM frozen)")
+    add("--lora_alpha", default=16, type=int)
+    add("--lora_dropout", default=0.05, type=float)
+    add("--lora_target_modules", default="q_proj,v_proj")
+    add("--conv_type", default="llava_v1", choices=CONV_TYPES)
+    add("--attn_implementation", default="sdpa", choices=("sdpa", "flash_attention_2", "eager"))
+    add("--early_fusion", action="store_true", help="M2SA early-feature fusion")
+    add("--weight", default="", help="state dict / DeepSpeed checkpoint loaded over --version")
+    for flag, help_text in (
+        ("gradient_checkpointing", "recompute LLM activations in backward"),
+        ("train_mask_decoder", "train SAM's mask decoder"),
+        ("use_mm_start_end", "wrap image tokens in <im_start>/<im_end>"),
+    ):
+        add(f"--{flag}", default=True, action=argparse.BooleanOptionalAction, help=help_text)
+    add("--train_mm_projector", action="store_true", help="also train LLaVA's projector")
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--dataset_dir", default="./dataset")
+    add("--dataset", default="sem_seg||refer_seg||vqa||multi_part_reason_seg")
+    add("--sample_rates", default="2,9,2,6")
+    for family, default in DEFAULT_FAMILY_DATA.items():
+        add(f"--{family}_data", default=default)
+    add("--val_dataset", default="ReasonSeg|val", help='"||"-joined, e.g. "grefcoco|unc|val"')
+    add("--val_json_name", default="", help="MMR / RefCOCOm annotation file")
+    add("--explanatory", default=0.1, type=float, help="-1 disables ReasonSeg explanations")
+    add("--num_classes_per_sample", default=3, type=int)
+    add("--num_classes_per_question", default=3, type=int)
+    add("--use_expand_question_list", default=True, action=argparse.BooleanOptionalAction)
+    add("--prompt_style", default="mmr", choices=PROMPT_STYLES)
+    add("--exclude_val", action="store_true", help="keep refCOCO val/test images out of training")
+    add("--skip_bad_samples", action="store_true", help="skip and count bad records at run time")
+    add("--workers", default=4, type=int)
+
+
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--local_rank", "--local-rank", dest="local_rank", default=0, type=int)
+    add("--log_base_dir", default="./runs")
+    add("--exp_name", default="m2sa")
+    add("--vis_save_path", default="./vis_output")
+    add("--epochs", default=10, type=int)
+    add("--steps_per_epoch", default=500, type=int, help="optimizer steps per epoch")
+    add("--batch_size", default=2, type=int, help="images per micro-batch per GPU")
+    add("--grad_accumulation_steps", default=10, type=int)
+    add("--val_batch_size", default=1, type=int)
+    add("--lr", default=0.0003, type=float)
+    add("--beta1", default=0.9, type=float)
+    add("--beta2", default=0.95, type=float)
+    add("--ce_loss_weight", default=1.0, type=float)
+    add("--dice_loss_weight", default=0.5, type=float)
+    add("--bce_loss_weight", default=2.0, type=float)
+    add("--no_eval", action="store_true", help="skip validation, save every epoch")
+    add("--eval_only", action="store_true")
+    add("--eval_steps", default=0, type=int, help="also validate every N steps (0: off)")
+    add("--eval_protocol", default="teacher_forced", choices=EVAL_PROTOCOLS)
+    add("--resume", default="")
+    add("--auto_resume", default=True, action=argparse.BooleanOptionalAction)
+    add("--start_epoch", default=0, type=int)
+    add("--print_freq", default=1, type=int)
+    add("--seed", default=42, type=int)
+    add("--zero_stage", default=2, type=int, choices=ZERO_STAGES)
+    add("--offload_optimizer", action="store_true", help="ZeRO optimizer state on the CPU")
+    add("--load_in_8bit", action="store_true", help="quantised LLM (GPU inference only)")
+    add("--load_in_4bit", action="store_true", help="quantised LLM (GPU inference only)")
+    for flag in ("no_sampling", "val_refzom"):
+        add(f"--{flag}", action="store_true", help=argparse.SUPPRESS)
+    add("--merge_lora_path", default="", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train or evaluate the segmenter (launch with deepspeed).",
+        allow_abbrev=False,
+    )
+    _model_flags(parser)
+    _data_flags(parser)
+    _run_flags(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse a train_ds.py command line into a TrainConfig (last of repeated flags wins)."""
+    namespace = vars(build_parser().parse_args(argv))
+    for flag in IGNORED_FLAGS:
+        if namespace[flag]:
+            LOGGER.warning("--%s is accepted for compatibility and has no effect", flag)
+    return TrainConfig(**namespace)
