@@ -1,0 +1,330 @@
+"""Samples -> token ids, labels and pixels (`process_sample`) -> batches (`collate`).
+
+Label masking works from the tokenizer's offset mapping: the template reports the character
+span of every answer (answer text + end-of-turn token) and a token is labelled exactly when its
+characters overlap such a span (or the separator space just before it, see `answer_owner`).
+Nothing assumes how many tokens BOS, separators or roles take, which is what broke the original
+code with other tokenizers. `<image>` is expanded in the text
+to one image-token id per image feature (`model.backbone.image_token_count`), so ids, labels and
+the language model's hidden states align 1:1.
+
+Too-long conversations (more tokens than `model_max_length`, counted after the image
+expansion, i.e. the length the language model sees; LISA's `model_max_length - 255` columns
+before expansion bound the same thing) are dropped whole with their masks rather than cut, so a
+`[SEG]` never loses its answer or its mask. `ProcessedSample.dropped_conversations` counts them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from model.backbone import image_token_count
+from model.batch import Batch
+from model.tokens import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, TokenIds
+from utils.conversation import DEFAULT_CONV_TYPE, Span, Template, get_template
+from utils.datasets.base import IMAGE_PLACEHOLDER, Sample
+from utils.preprocess import ImageProcessors
+
+logger = logging.getLogger(__name__)
+
+
+class AllConversationsDropped(ValueError):
+    """Every conversation of a sample is longer than `model_max_length`; draw another sample."""
+
+
+@dataclass
+class ProcessedSample:
+    """One image ready for `collate` (C conversations, k targets, S = SAM input size).
+
+    clip_pixels: float32 [3, h, w]. sam_pixels: float32 [3, S, S].
+    resized_size: (h', w') inside the SAM input. original_size: (H, W).
+    input_ids, labels: per conversation long [L_c] (labels IGNORE_INDEX outside the answers).
+    masks: uint8 [k, H, W], one per `[SEG]`/`[REJ]` of the kept conversations, in order.
+    dropped_conversations: how many too-long conversations (and their masks) were left out.
+    """
+
+    clip_pixels: torch.Tensor
+    sam_pixels: torch.Tensor
+    resized_size: tuple[int, int]
+    original_size: tuple[int, int]
+    input_ids: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    masks: torch.Tensor
+    image_path: str
+    source: str
+    dropped_conversations: int = 0
+
+
+def template_for(tokenizer: PreTrainedTokenizerBase, conv_type: str) -> Template:
+    """The `--conv_type` template with separators written as this tokenizer's BOS/EOS text."""
+    return get_template(conv_type).with_special_tokens(tokenizer.bos_token, tokenizer.eos_token)
+
+
+def expand_image(
+    rounds: Sequence[tuple[str, str | None]], token_ids: TokenIds, image_tokens: int
+) -> list[tuple[str, str | None]]:
+    """Rounds with IMAGE_PLACEHOLDER written as `image_tokens` image tokens (inside
+    `<im_start>`/`<im_end>` when the model uses them)."""
+    expansion = IMAGE_TOKEN * image_tokens
+    if token_ids.im_start is not None:
+        expansion = f"{IM_START_TOKEN}{expansion}{IM_END_TOKEN}"
+    return [(question.replace(IMAGE_PLACEHOLDER, expansion), answer) for question, answer in rounds]
+
+
+def encode(
+    text: str, tokenizer: PreTrainedTokenizerBase, token_ids: TokenIds, image_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """text -> (ids int [L], character offsets int [L, 2]), BOS added as the tokenizer adds it;
+    ValueError unless the text holds exactly one image's worth of image tokens."""
+    encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = np.asarray(encoding["input_ids"], dtype=np.int64)
+    found = int((ids == token_ids.image).sum())
+    if found != image_tokens:
+        raise ValueError(
+            f"a conversation must hold one {IMAGE_PLACEHOLDER} ({image_tokens} image tokens) but "
+            f"it encodes to {found} image tokens; its text starts {text[:200]!r}"
+        )
+    return ids, np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+
+
+def answer_owner(text: str, offsets: np.ndarray, spans: Sequence[Span]) -> np.ndarray:
+    """offsets: int [L, 2] character [start, end) per token -> int [L]: the index of the answer
+    span each token's characters overlap, -1 for tokens outside every answer.
+
+    A span also takes the whitespace before it (the template's separator): tokenizers glue that
+    space to the answer's first word ("▁Sure") or, before an added token, make it a token of its
+    own ("▁", "[SEG]") that the model must generate after "ASSISTANT:" (as LISA labels it).
+    Tokens inserted without characters (BOS at (0, 0)) count as sitting on their start character.
+    """
+    starts = offsets[:, 0]
+    ends = np.maximum(offsets[:, 1], starts + 1)
+    owner = np.full(len(offsets), -1, dtype=np.int64)
+    for index, (span_start, span_end) in enumerate(spans):
+        span_start = len(text[:span_start].rstrip())
+        owner[(starts < span_end) & (ends > span_start)] = index
+    return owner
+
+
+def tokenize_conversation(
+    rounds: Sequence[tuple[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: TokenIds,
+    image_tokens: int,
+    template: Template,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One conversation -> (input_ids long [L], labels long [L]).
+
+    IMAGE_PLACEHOLDER is expanded (`expand_image`). Labels are the ids of the answer tokens
+    (each answer ending with EOS), IGNORE_INDEX elsewhere. Raises ValueError when the image
+    tokens or an answer's EOS do not come out as the expected ids.
+    """
+    text, spans = template.render(expand_image(rounds, token_ids, image_tokens))
+    ids, offsets = encode(text, tokenizer, token_ids, image_tokens)
+    owner = answer_owner(text, offsets, spans)
+    for index, (span_start, span_end) in enumerate(spans):
+        members = np.flatnonzero(owner == index)
+        if len(members) == 0 or ids[members[-1]] != token_ids.eos:
+            raise ValueError(
+                f"the answer {text[span_start:span_end]!r} does not end with the EOS id "
+                f"{token_ids.eos} ({type(tokenizer).__name__}); its end-of-turn text must "
+                "encode to the EOS token"
+            )
+    labels = np.where(owner >= 0, ids, IGNORE_INDEX)
+    return torch.from_numpy(ids), torch.from_numpy(labels)
+
+
+def tokenize_prompt(
+    rounds: Sequence[tuple[str, str | None]],
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: TokenIds,
+    image_tokens: int,
+    template: Template,
+) -> torch.Tensor:
+    """A generation prompt (last answer None) -> input_ids long [L]; its ids are the training
+    conversation's ids up to the first label of the open answer."""
+    text = template.generation_prompt(expand_image(rounds, token_ids, image_tokens))
+    return torch.from_numpy(encode(text, tokenizer, token_ids, image_tokens)[0])
+
+
+def count_targets(input_ids: torch.Tensor, token_ids: TokenIds) -> int:
+    """Number of `[SEG]` plus `[REJ]` tokens in input_ids (any shape)."""
+    return int(((input_ids == token_ids.seg) | (input_ids == token_ids.rej)).sum())
+
+
+def keep_short_conversations(
+    encoded: list[tuple[torch.Tensor, torch.Tensor]],
+    targets: list[int],
+    model_max_length: int | None,
+) -> tuple[list[int], list[int]]:
+    """(indices of the conversations that fit, indices of their mask rows), in order.
+
+    Conversations' targets are consecutive mask rows, so each kept conversation keeps the
+    rows from its running target offset.
+    """
+    kept, rows, offset = [], [], 0
+    for index, ((ids, _), count) in enumerate(zip(encoded, targets, strict=True)):
+        if model_max_length is None or len(ids) <= model_max_length:
+            kept.append(index)
+            rows.extend(range(offset, offset + count))
+        offset += count
+    return kept, rows
+
+
+def process_sample(
+    sample: Sample,
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: TokenIds,
+    images: ImageProcessors,
+    image_tokens: int,
+    conv_type: str = DEFAULT_CONV_TYPE,
+    model_max_length: int | None = None,
+) -> ProcessedSample:
+    """Tokenize, label and transform one sample (each transform runs once for the image).
+
+    model_max_length: conversations with more tokens are dropped with their masks (None keeps
+    all, as evaluation does). Raises ValueError naming the image when the `[SEG]`/`[REJ]` count
+    differs from the number of masks, and AllConversationsDropped when nothing fits.
+    """
+    if not sample.conversations:
+        raise ValueError(f"{sample.image_path} ({sample.source}): the sample has no conversations")
+    template = template_for(tokenizer, conv_type)
+    encoded = [
+        tokenize_conversation(rounds, tokenizer, token_ids, image_tokens, template)
+        for rounds in sample.conversations
+    ]
+    targets = [count_targets(ids, token_ids) for ids, _ in encoded]
+    image_size = tuple(sample.image.shape[:2])
+    masks = sample.masks
+    if sum(targets) != masks.shape[0] or tuple(masks.shape[1:]) != image_size:
+        raise ValueError(
+            f"{sample.image_path} ({sample.source}): the answers hold {sum(targets)} "
+            f"[SEG]/[REJ] tokens but there are {masks.shape[0]} masks "
+            f"(masks {tuple(masks.shape)}, image {image_size})"
+        )
+    kept, rows = keep_short_conversations(encoded, targets, model_max_length)
+    dropped = len(encoded) - len(kept)
+    if dropped:
+        lengths = [len(ids) for ids, _ in encoded]
+        logger.debug(
+            "%s: dropped %d of %d conversations longer than model_max_length %s (lengths %s)",
+            sample.image_path,
+            dropped,
+            len(encoded),
+            model_max_length,
+            lengths,
+        )
+        if not kept:
+            raise AllConversationsDropped(
+                f"{sample.image_path} ({sample.source}): all {len(encoded)} conversations are "
+                f"longer than model_max_length {model_max_length} (token lengths {lengths}); "
+                "draw another sample or raise --model_max_length"
+            )
+    clip_pixels, sam_pixels, resized_size = images(sample.image)
+    return ProcessedSample(
+        clip_pixels=clip_pixels,
+        sam_pixels=sam_pixels,
+        resized_size=resized_size,
+        original_size=image_size,
+        input_ids=[encoded[index][0] for index in kept],
+        labels=[encoded[index][1] for index in kept],
+        masks=torch.from_numpy(np.ascontiguousarray(masks[rows], dtype=np.uint8)),
+        image_path=sample.image_path,
+        source=sample.source,
+        dropped_conversations=dropped,
+    )
+
+
+@dataclass
+class SampleProcessor:
+    """`process_sample` with its settings bound: built once, called per sample by datasets."""
+
+    tokenizer: PreTrainedTokenizerBase
+    token_ids: TokenIds
+    images: ImageProcessors
+    image_tokens: int
+    conv_type: str = DEFAULT_CONV_TYPE
+    model_max_length: int | None = None
+
+    @classmethod
+    def for_model(
+        cls,
+        model,
+        tokenizer: PreTrainedTokenizerBase,
+        llava_directory: str,
+        conv_type: str = DEFAULT_CONV_TYPE,
+        model_max_length: int | None = None,
+    ) -> SampleProcessor:
+        """Settings read from a built Segmenter (token ids, image-token count, SAM input size)
+        and its LLaVA directory (CLIP image settings)."""
+        return cls(
+            tokenizer=tokenizer,
+            token_ids=model.token_ids,
+            images=ImageProcessors.from_pretrained(llava_directory, model.sam_input_size),
+            image_tokens=image_token_count(model.llava.config),
+            conv_type=conv_type,
+            model_max_length=model_max_length,
+        )
+
+    def __call__(self, sample: Sample) -> ProcessedSample:
+        return process_sample(
+            sample,
+            self.tokenizer,
+            self.token_ids,
+            self.images,
+            self.image_tokens,
+            self.conv_type,
+            self.model_max_length,
+        )
+
+
+def collate(samples: Sequence[ProcessedSample], pad_id: int) -> Batch:
+    """Batch N processed samples with C conversations in total, right-padded to the longest L.
+
+    input_ids padded with pad_id, labels with IGNORE_INDEX; attention_mask marks each row's
+    real length (pad_id may equal a real token id, e.g. LLaMA's unk). Images are stored once,
+    and conv_image maps every conversation to its image (non-decreasing).
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    rows = [
+        (ids, labels, image)
+        for image, sample in enumerate(samples)
+        for ids, labels in zip(sample.input_ids, sample.labels, strict=True)
+    ]
+    length = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for row, (ids, row_labels, _) in enumerate(rows):
+        input_ids[row, : len(ids)] = ids
+        labels[row, : len(ids)] = row_labels
+        attention_mask[row, : len(ids)] = True
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        conv_image=torch.tensor([image for _, _, image in rows], dtype=torch.long),
+        clip_pixels=torch.stack([sample.clip_pixels for sample in samples]),
+        sam_pixels=torch.stack([sample.sam_pixels for sample in samples]),
+        resized_sizes=torch.tensor([sample.resized_size for sample in samples], dtype=torch.long),
+        original_sizes=torch.tensor([sample.original_size for sample in samples], dtype=torch.long),
+        gt_masks=[sample.masks for sample in samples],
+        image_paths=[sample.image_path for sample in samples],
+        sources=[sample.source for sample in samples],
+    )
+
+
+@dataclass(frozen=True)
+class Collator:
+    """`collate` as a picklable DataLoader `collate_fn`."""
+
+    pad_id: int
+
+    def __call__(self, samples: Sequence[ProcessedSample]) -> Batch:
+        return collate(samples, self.pad_id)

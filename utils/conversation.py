@@ -1,0 +1,155 @@
+"""Conversation templates of LLaVA (`--conv_type`): rendering rounds into the model's text.
+
+Two templates, written exactly as LLaVA writes them:
+
+- `llava_v1`: `{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>`
+- `llava_llama_2`:
+  `[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST] {a2} </s>`
+
+Rendering returns the text together with the character span of every assistant answer,
+including its end-of-turn token, so label masking can be computed from a tokenizer's offset
+mapping instead of from assumed token counts (which broke the original code on other
+tokenizers). The original MMR code picked separators with `conv_type == "llava_v1" or "chatml"`
+(always true), so llama-2 never got its own separators; here each template owns its separators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import Enum
+
+DEFAULT_CONV_TYPE = "llava_v1"
+
+Round = tuple[str, str]
+PromptRound = tuple[str, str | None]
+Span = tuple[int, int]
+
+
+class Style(Enum):
+    """How rounds are joined (LLaVA's `SeparatorStyle` members we support)."""
+
+    TWO = "two"
+    LLAMA_2 = "llama_2"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A conversation template.
+
+    sep: llava_v1 - the space after the system prompt and each question; llama_2 - the BOS
+        string that opens every round after the first.
+    sep2: the end-of-turn string written after each answer (the EOS token's text).
+    roles: (user, assistant) role names, written by the TWO style only.
+    """
+
+    name: str
+    system: str
+    roles: tuple[str, str]
+    style: Style
+    sep: str
+    sep2: str
+
+    def with_special_tokens(self, bos: str | None, eos: str) -> Template:
+        """The template with the end-of-turn (and llama_2's round-opening BOS) written as the
+        tokenizer's own token strings, so they encode to its EOS/BOS ids."""
+        if self.style is Style.LLAMA_2 and bos is not None:
+            return replace(self, sep=bos, sep2=eos)
+        return replace(self, sep2=eos)
+
+    def render(self, rounds: Sequence[Round]) -> tuple[str, list[Span]]:
+        """Render complete (question, answer) rounds.
+
+        Returns (text, spans): spans[i] = [start, end) of answer i in `text`, covering the answer
+        and its end-of-turn string (llama_2 also covers the space written before it).
+        """
+        if any(answer is None for _, answer in rounds):
+            raise ValueError("render() needs every answer; use generation_prompt() to end open")
+        return self._render(rounds)
+
+    def generation_prompt(self, rounds: Sequence[PromptRound]) -> str:
+        """Render rounds whose last answer is None, ending where the assistant starts to speak
+        ("ASSISTANT:" for llava_v1, "[/INST]" for llama_2)."""
+        if not rounds or rounds[-1][1] is not None:
+            raise ValueError("the last round of a generation prompt must have answer None")
+        if any(answer is None for _, answer in rounds[:-1]):
+            raise ValueError("only the last round of a generation prompt may lack an answer")
+        return self._render(rounds)[0]
+
+    def _render(self, rounds: Sequence[PromptRound]) -> tuple[str, list[Span]]:
+        if not rounds:
+            raise ValueError("a conversation needs at least one round")
+        if self.style is Style.TWO:
+            return self._render_two(rounds)
+        return self._render_llama_2(rounds)
+
+    def _render_two(self, rounds: Sequence[PromptRound]) -> tuple[str, list[Span]]:
+        user, assistant = self.roles
+        text, spans = self.system + self.sep, []
+        for question, answer in rounds:
+            text += f"{user}: {question}{self.sep}{assistant}:"
+            if answer is not None:
+                text += " "
+                start = len(text)
+                text += answer + self.sep2
+                spans.append((start, len(text)))
+        return text, spans
+
+    def _render_llama_2(self, rounds: Sequence[PromptRound]) -> tuple[str, list[Span]]:
+        text, spans = "", []
+        for index, (question, answer) in enumerate(rounds):
+            if index == 0:
+                question = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n{question}"
+                text += f"[INST] {question} [/INST]"
+            else:
+                text += f"{self.sep}[INST] {question} [/INST]"
+            if answer is not None:
+                text += " "
+                start = len(text)
+                text += f"{answer} {self.sep2}"
+                spans.append((start, len(text)))
+        return text, spans
+
+
+TEMPLATES = {
+    "llava_v1": Template(
+        name="llava_v1",
+        system="A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+        roles=("USER", "ASSISTANT"),
+        style=Style.TWO,
+        sep=" ",
+        sep2="</s>",
+    ),
+    "llava_llama_2": Template(
+        name="llava_llama_2",
+        system="You are a helpful language and vision assistant. You are able to understand the "
+        "visual content that the user provides, and assist the user with a variety of tasks "
+        "using natural language.",
+        roles=("USER", "ASSISTANT"),
+        style=Style.LLAMA_2,
+        sep="<s>",
+        sep2="</s>",
+    ),
+}
+
+
+def get_template(conv_type: str = DEFAULT_CONV_TYPE) -> Template:
+    """The template named by `--conv_type`; ValueError listing the known names otherwise."""
+    if conv_type not in TEMPLATES:
+        raise ValueError(f"--conv_type must be one of {sorted(TEMPLATES)}, not {conv_type!r}")
+    return TEMPLATES[conv_type]
+
+
+def render_conversation(
+    rounds: Sequence[Round], conv_type: str = DEFAULT_CONV_TYPE
+) -> tuple[str, list[Span]]:
+    """(text, answer spans) of complete rounds with the named template (see Template.render)."""
+    return get_template(conv_type).render(rounds)
+
+
+def render_generation_prompt(
+    rounds: Sequence[PromptRound], conv_type: str = DEFAULT_CONV_TYPE
+) -> str:
+    """The prompt for generating the last round's answer (its answer is None)."""
+    return get_template(conv_type).generation_prompt(rounds)
