@@ -7,6 +7,7 @@ Every bad record raises `DataError`, which names the file, the record and what w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Protocol
 
 import cv2
 import numpy as np
+from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_LABEL = 255
@@ -92,9 +94,13 @@ class Source(Protocol):
 
 
 def resolve_inside(root: str | Path, relative: str, file: str | Path, record: object) -> Path:
-    """`root / relative`, rejected (DataError) if it escapes `root` (e.g. `../` or absolute)."""
-    base = Path(root).resolve()
-    path = (base / relative).resolve()
+    """`root / relative`, rejected (DataError) if it escapes `root` (e.g. `../` or absolute).
+
+    Containment is checked on the normalised path, not the resolved one, so dataset folders
+    that are symbolic links to other disks (common for COCO images) stay usable.
+    """
+    base = Path(os.path.normpath(Path(root).absolute()))
+    path = Path(os.path.normpath(base / relative))
     if not path.is_relative_to(base):
         raise DataError(file, record, f"path {relative!r} escapes the dataset root {base}")
     return path
@@ -125,15 +131,20 @@ def read_label_map(
     file: str | Path | None = None,
     record: object = None,
 ) -> np.ndarray:
-    """Read a single-channel PNG label map [H, W] (uint8 or uint16 as stored); DataError if it is
-    missing, unreadable, or its size differs from the image's (H, W)."""
+    """Read a single-channel label map [H, W] with its stored values; DataError if it is
+    missing, unreadable, or its size differs from the image's (H, W).
+
+    PIL keeps palette PNGs (Mapillary) as class indices, where OpenCV would return colours.
+    """
     path = Path(path)
     source = file if file is not None else path
     if not path.is_file():
         raise DataError(source, record, f"label map {path} does not exist")
-    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise DataError(source, record, f"label map {path} is not a readable image")
+    try:
+        with Image.open(path) as stored:
+            label = np.asarray(stored)
+    except (OSError, ValueError) as error:
+        raise DataError(source, record, f"label map {path} is not readable: {error}") from error
     if label.ndim == 3:
         label = label[..., 0]
     if label.shape != tuple(image_shape):

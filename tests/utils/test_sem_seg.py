@@ -1,0 +1,272 @@
+"""Semantic and part segmentation sources: names in the prompts, masks equal to the annotations,
+label conventions, record checks and determinism, on tiny datasets in the real formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.utils import fixtures_sem as fx
+from utils.datasets.base import IGNORE_LABEL, DataError, SamplingOptions
+from utils.datasets.sem_seg import (
+    ADE20K_CLASSES,
+    LabelMapSource,
+    PartSource,
+    build_sem_seg_sources,
+)
+
+LISA = SamplingOptions(num_classes_per_sample=3, prompt_style="lisa", use_expand_question_list=True)
+
+
+def asked_masks(sample) -> dict[str, np.ndarray]:
+    """{asked name: its mask}; also checks one [SEG] per mask row and no [REJ]."""
+    assert fx.token_count(sample.conversations) == (len(sample.masks), 0)
+    names = [fx.asked_name(conversation[0][0]) for conversation in sample.conversations]
+    assert len(set(names)) == len(names), names
+    return dict(zip(names, sample.masks, strict=True))
+
+
+def assert_label_map_samples(source, truth: dict[str, dict[str, np.ndarray]]) -> set[str]:
+    """Every sample's masks equal the expected masks of the asked names; returns the names."""
+    seen = set()
+    for seed in fx.RNG_SEEDS:
+        sample = source.sample(np.random.default_rng(seed))
+        stem = Path(sample.image_path).stem
+        assert sample.image.shape == (fx.H, fx.W, 3) and sample.source == source.name
+        for name, mask in asked_masks(sample).items():
+            np.testing.assert_array_equal(mask, truth[stem][name], err_msg=name)
+            seen.add(name)
+    return seen
+
+
+def test_ade20k_shift_ignore_and_builtin_vocabulary(tmp_path):
+    truth = fx.write_ade20k(tmp_path)
+    source = LabelMapSource(tmp_path, LISA, "ade20k")
+    assert source.classes == list(ADE20K_CLASSES) and len(source.classes) == 150
+    assert len(source) == 2 and source.name == "sem_seg/ade20k"
+    # raw 1 -> "wall", raw 3 -> "sky"; raw 0 and 255 ignored; record "b" (all 0) never drawn
+    assert assert_label_map_samples(source, truth) == {"wall", "sky"}
+    mask = truth["a"]["wall"]
+    assert set(np.unique(mask)) == {0, 1, IGNORE_LABEL}
+
+
+def test_ade20k_vocabulary_file_wins(tmp_path):
+    truth = fx.write_ade20k(tmp_path, with_empty=False)
+    names = [f"thing {i}" for i in range(150)]
+    fx.write_json(tmp_path / "ade20k/ade20k_classes.json", names)
+    source = LabelMapSource(tmp_path, LISA, "ade20k")
+    renamed = {"a": {"thing 0": truth["a"]["wall"], "thing 2": truth["a"]["sky"]}}
+    assert assert_label_map_samples(source, renamed) == {"thing 0", "thing 2"}
+
+
+def test_cocostuff_hyphen_classes_are_ignored(tmp_path):
+    truth = fx.write_cocostuff(tmp_path)
+    (source,) = build_sem_seg_sources(tmp_path, ["cocostuff"], LISA)
+    assert source.classes == ["person", "wall-brick", "grass"]
+    assert assert_label_map_samples(source, truth) == {"person", "grass"}
+
+
+def test_mapillary_palette_read_by_index(tmp_path):
+    truth = fx.write_mapillary(tmp_path)
+    (source,) = build_sem_seg_sources(tmp_path, ["mapillary"], LISA)
+    assert assert_label_map_samples(source, truth) == {"car", "road", "sky"}
+
+
+def test_no_usable_class_raises_after_bounded_draws(tmp_path):
+    fx.write_ade20k(tmp_path)
+    (tmp_path / "ade20k/images/training/a.jpg").unlink()
+    (tmp_path / "ade20k/annotations/training/a.png").unlink()
+    source = LabelMapSource(tmp_path, LISA, "ade20k")
+    with pytest.raises(DataError, match="no labelled pixel"):
+        source.sample(np.random.default_rng(0))
+
+
+def part_names(key: tuple[str, str | None]) -> set[str]:
+    obj, part = key
+    return {obj} if part is None else {f"{obj} {part}", f"the {part} of the {obj}"}
+
+
+@pytest.mark.parametrize("dataset", ["paco_lvis", "pascal_part"])
+def test_part_names_and_masks(tmp_path, dataset):
+    writer = fx.write_paco if dataset == "paco_lvis" else fx.write_pascal_part
+    truth = next(iter(writer(tmp_path).values()))
+    by_name = {name: mask for key, mask in truth.items() for name in part_names(key)}
+    (source,) = build_sem_seg_sources(tmp_path, [dataset], LISA)
+    assert len(source) == 1 and source.name == f"sem_seg/{dataset}"
+    seen = set()
+    for seed in fx.RNG_SEEDS:
+        for name, mask in asked_masks(source.sample(np.random.default_rng(seed))).items():
+            np.testing.assert_array_equal(mask, by_name[name], err_msg=name)
+            seen.add(name)
+    # "_(...)" suffixes stripped, both part renderings drawn, two "dog" polygons unioned
+    assert seen == set(by_name)
+
+
+def test_mmr_and_gsva_styles_count_tokens(tmp_path):
+    fx.write_paco(tmp_path)
+    for style in ("mmr", "gsva"):
+        options = SamplingOptions(2, 2, prompt_style=style)
+        (source,) = build_sem_seg_sources(tmp_path, ["paco_lvis"], options)
+        for seed in range(10):
+            sample = source.sample(np.random.default_rng(seed))
+            segs, rejs = fx.token_count(sample.conversations)
+            assert segs == len(sample.masks) and rejs == 0
+            assert 1 <= len(sample.masks) <= 4  # four classes in the image, 2 x 2 drawn at most
+
+
+def test_same_seed_same_sample(tmp_path):
+    fx.write_ade20k(tmp_path)
+    fx.write_paco(tmp_path)
+    for source in build_sem_seg_sources(tmp_path, ["ade20k", "paco_lvis"], LISA):
+        first, second = (source.sample(np.random.default_rng(7)) for _ in range(2))
+        assert first.conversations == second.conversations
+        np.testing.assert_array_equal(first.masks, second.masks)
+
+
+def test_unknown_name_lists_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="partimagenet.*ade20k, cocostuff"):
+        build_sem_seg_sources(tmp_path, ["partimagenet"], LISA)
+
+
+@pytest.mark.parametrize(
+    "dataset, missing",
+    [
+        ("ade20k", "ade20k/images/training"),
+        ("cocostuff", "cocostuff/cocostuff_classes.txt"),
+        ("mapillary", "mapillary/config_v2.0.json"),
+        ("paco_lvis", "vlpart/paco/annotations/paco_lvis_v1_train.json"),
+        ("pascal_part", "vlpart/pascal_part/train.json"),
+    ],
+)
+def test_missing_index_names_expected_path(tmp_path, dataset, missing):
+    with pytest.raises(DataError, match=missing):
+        build_sem_seg_sources(tmp_path, [dataset], LISA)
+
+
+def test_malformed_and_empty_index_json(tmp_path):
+    path = tmp_path / "vlpart/pascal_part/train.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="train.json: is not valid json"):
+        PartSource(tmp_path, LISA, "pascal_part")
+    path.write_text("{}")
+    with pytest.raises(DataError, match="is empty"):
+        PartSource(tmp_path, LISA, "pascal_part")
+
+
+def test_label_map_check_finds_each_bad_record(tmp_path):
+    fx.write_ade20k(tmp_path)
+    for stem in ("c", "d", "e"):
+        fx.write_jpeg(tmp_path / f"ade20k/images/training/{stem}.jpg")
+    # c: no label map; d: label map of the wrong size; e: truncated image
+    fx.write_png(tmp_path / "ade20k/annotations/training/d.png", np.ones((fx.H, fx.W + 1)))
+    fx.write_png(tmp_path / "ade20k/annotations/training/e.png", np.ones((fx.H, fx.W)))
+    image = tmp_path / "ade20k/images/training/e.jpg"
+    image.write_bytes(image.read_bytes()[:40])
+    source = LabelMapSource(tmp_path, LISA, "ade20k")
+    shallow = [str(error) for error in source.check()]
+    assert len(shallow) == 1 and "c.png, record c: label map" in shallow[0]
+    deep = sorted(str(error) for error in source.check(deep=True))
+    assert len(deep) == 3
+    assert "record c" in deep[0] and "does not exist" in deep[0]
+    assert "record d" in deep[1] and "33x24 but its image is 32x24" in deep[1]
+    assert "record e" in deep[2] and "not a readable image" in deep[2]
+
+
+def test_label_map_sample_errors_name_file_and_record(tmp_path):
+    fx.write_cocostuff(tmp_path)
+    (tmp_path / "coco/train2017/000000000001.jpg").unlink()
+    (source,) = build_sem_seg_sources(tmp_path, ["cocostuff"], LISA)
+    with pytest.raises(DataError, match=r"000000000001.png, record 000000000001: image .*exist"):
+        source.sample(np.random.default_rng(0))
+    assert len(list(source.check())) == 1
+
+
+def test_label_value_outside_vocabulary_is_an_error(tmp_path):
+    fx.write_mapillary(tmp_path)
+    fx.write_png(tmp_path / "mapillary/training/v2.0/labels/k1.png", np.full((fx.H, fx.W), 7))
+    (source,) = build_sem_seg_sources(tmp_path, ["mapillary"], LISA)
+    with pytest.raises(DataError, match="class index 7 .* vocabulary of 3 classes"):
+        source.sample(np.random.default_rng(0))
+
+
+def test_part_check_finds_each_bad_record(tmp_path):
+    fx.write_paco(tmp_path)
+    path = tmp_path / "vlpart/paco/annotations/paco_lvis_v1_train.json"
+    data = json.loads(path.read_text())
+    good = data["images"][0]
+    data["images"] += [
+        {**good, "id": 2, "file_name": "train2017/missing.jpg"},
+        {"id": 3, "height": fx.H, "width": fx.W},
+        {**good, "id": 4, "file_name": "../../outside.jpg"},
+        {**good, "id": 5, "file_name": "train2017/corrupt.jpg"},
+    ]
+    (tmp_path / "coco/train2017/corrupt.jpg").write_bytes(b"not a jpeg")
+    bad = [[1, 1, 5, 1]], {"size": [fx.H + 1, fx.W], "counts": "abc"}, [[1, 1, 5, 1, 5, 5, 1]]
+    for ann_id, segmentation in enumerate(bad, start=101):
+        data["annotations"].append(
+            {"id": ann_id, "image_id": 1, "category_id": 1, "segmentation": segmentation}
+        )
+    data["annotations"] += [
+        {"id": 201, "image_id": 1, "category_id": 99, "segmentation": fx.polygon(0, 2, 0, 2)},
+        {"id": 202, "image_id": 77, "category_id": 1, "segmentation": fx.polygon(0, 2, 0, 2)},
+    ]
+    fx.write_json(path, data)
+    source = PartSource(tmp_path, LISA, "paco_lvis")
+    shallow = [str(error) for error in source.check()]
+    expected = [
+        "annotations[9]: has no image_id",
+        "annotation 101: polygon 0 has 2 points; at least 3",
+        "annotation 102: RLE size [25, 32] differs from the image's [24, 32]",
+        "annotation 103: polygon 0 has an odd number of coordinates (7)",
+        "annotation 201: category_id 99 is not a category",
+        "image 2: image",
+        "image 3: missing field 'file_name'",
+        "image 4: path '../../outside.jpg' escapes",
+    ]
+    assert len(shallow) == len(expected)
+    for message, part in zip(shallow, expected, strict=True):
+        assert "paco_lvis_v1_train.json, record " in message and part in message, message
+    deep = [str(error) for error in source.check(deep=True)]
+    assert len(deep) == len(expected) + 1 and "image 5: image" in deep[-1]
+    assert "not a readable image" in deep[-1]
+
+
+def test_part_sample_raises_on_bad_polygon(tmp_path):
+    fx.write_pascal_part(tmp_path)
+    path = tmp_path / "vlpart/pascal_part/train.json"
+    data = json.loads(path.read_text())
+    data["annotations"][0]["segmentation"] = [[1, 1, 4, 4]]
+    fx.write_json(path, data)
+    source = PartSource(tmp_path, LISA, "pascal_part")
+    with pytest.raises(DataError, match="train.json, record annotation 1: polygon 0 has 2"):
+        for seed in fx.RNG_SEEDS:
+            source.sample(np.random.default_rng(seed))
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """The synthetic dataset of tools/make_tiny_assets.py (sem_seg families only)."""
+    from tools.make_tiny_assets import make_tiny_assets
+
+    out = tmp_path_factory.mktemp("tiny_sem")
+    families = ["ade20k", "cocostuff", "mapillary", "paco_lvis", "pascal_part"]
+    return make_tiny_assets(out, 0, families=families, models=False) / "dataset"
+
+
+def test_tiny_assets_load_with_shape_names(tiny_dataset):
+    from utils.shapes_world import OBJECT_SHAPES, PART_NAMES
+
+    # the tiny vocabularies put fillers between the shape names, so an off-by-one reads a filler
+    allowed = set(OBJECT_SHAPES) | {"unlabeled"}  # Mapillary's own last class, kept as LISA
+    for obj, parts in PART_NAMES.items():
+        allowed |= {name for part in parts for name in part_names((obj, part))}
+    names = ["ade20k", "cocostuff", "mapillary", "paco_lvis", "pascal_part"]
+    for source in build_sem_seg_sources(tiny_dataset, names, LISA):
+        assert list(source.check(deep=True)) == [], source.name
+        for seed in range(5):
+            for name, mask in asked_masks(source.sample(np.random.default_rng(seed))).items():
+                assert name in allowed and (mask == 1).any(), (source.name, name)

@@ -1,0 +1,311 @@
+"""ReasonSeg (LISA's `reason_seg` task, `--reason_seg_data`) and its validation set.
+
+Layout: `reason_seg/<name>/<split>/<image>.jpg` beside `<image>.json` = `{text: [str], is_sentence,
+shapes: [{label, points}]}` (UTF-8, some files cp1252), and `reason_seg/<name>/explanatory/
+train.json` = `[{image, query, outputs}]`. "ReasonSeg|train_val" joins the splits train and val.
+
+Mask: shapes labelled "flag" are skipped; a label containing "ignore" paints IGNORE_LABEL, any
+other 1; polygons are drawn largest first so smaller shapes win (ties: the earlier shape in the
+file). The ignore pixels stay IGNORE_LABEL in training masks too, so the loss ignores them.
+
+Training: up to `num_classes_per_sample` of the image's texts, each its own LISA-style
+conversation with one `[SEG]` and the same mask. For an image with an explanation (unless
+`explanatory` < 0): with probability `explanatory` every answer is the explanation alone (no
+`[SEG]`, no mask); otherwise 50/50 the plain form or "text + explanatory question" answered
+"<[SEG] answer> <explanation>". Validation asks about `text[0]` only and answers "[SEG].".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from utils.datasets.base import (
+    IGNORE_LABEL,
+    DataError,
+    Sample,
+    SamplingOptions,
+    Source,
+    ValidationSample,
+    read_image,
+    stack_masks,
+)
+from utils.datasets.sem_seg import load_json
+from utils.datasets.templates import (
+    ANSWERS,
+    EXPLANATORY_QUESTIONS,
+    IMAGE_PREFIX,
+    SEG,
+    Target,
+    build_conversations,
+    choose,
+    validation_question,
+)
+
+REASON_SEG_DIR = "reason_seg"
+EXPLANATORY_JSON = "explanatory/train.json"
+# Some ReasonSeg jsons were saved in Windows-1252; LISA falls back to it too.
+ENCODINGS = ("utf-8", "cp1252")
+FLAG_LABEL = "flag"  # deprecated shapes that mean nothing
+IGNORE_MARK = "ignore"
+TARGET_VALUE = 1
+MIN_POLYGON_POINTS = 3
+VALIDATION_ANSWER = SEG + "."
+PLAIN, EXPLANATION_ONLY, EXPLAINED = "plain", "explanation_only", "explained"
+
+
+@dataclass
+class Annotation:
+    """One ReasonSeg json. polygons: (label, int32 [n, 2] (x, y) points), "flag" ones removed."""
+
+    texts: list[str]
+    is_sentence: bool
+    polygons: list[tuple[str, np.ndarray]]
+
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """ "ReasonSeg|train_val" -> ("ReasonSeg", ["train", "val"])."""
+    name, separator, splits = spec.partition("|")
+    if not (name and separator and splits):
+        raise ValueError(f"expected 'name|split[_split]' such as 'ReasonSeg|train', not {spec!r}")
+    return name, splits.split("_")
+
+
+def list_images(dataset_dir: Path, name: str, splits: list[str]) -> list[Path]:
+    """The sorted `*.jpg` of each split folder; DataError if a folder is missing or empty."""
+    images: list[Path] = []
+    for split in splits:
+        folder = dataset_dir / REASON_SEG_DIR / name / split
+        hint = f"expected {REASON_SEG_DIR}/{name}/{split}/<image>.jpg + <image>.json"
+        if not folder.is_dir():
+            raise DataError(folder, None, "directory does not exist", hint)
+        found = sorted(folder.glob("*.jpg"))
+        if not found:
+            raise DataError(folder, None, "has no *.jpg images", hint)
+        images.extend(found)
+    return images
+
+
+def polygon_points(points: object, file: Path, record: str) -> np.ndarray:
+    """int32 [n, 2] points of a polygon (n >= 3), truncated like LISA's int32 cast."""
+    if not isinstance(points, list):
+        raise DataError(file, record, "missing field 'points' (a list of [x, y])")
+    if len(points) < MIN_POLYGON_POINTS:
+        raise DataError(file, record, f"polygon has {len(points)} points; at least 3 are needed")
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = np.zeros(0)
+    if array.ndim != 2 or array.shape[1] != 2 or not np.isfinite(array).all():
+        raise DataError(file, record, "'points' is not a list of finite [x, y]")
+    return array.astype(np.int32)
+
+
+def read_annotation(path: Path, record: str) -> Annotation:
+    """Parse and validate a ReasonSeg json; DataError naming `path` and `record` if malformed."""
+    data = load_json(path, "every image needs a json of the same name", record, ENCODINGS)
+    if not isinstance(data, dict):
+        raise DataError(path, record, "expected a json object {text, is_sentence, shapes}")
+    texts, is_sentence, shapes = data.get("text"), data.get("is_sentence"), data.get("shapes")
+    if not (isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)):
+        raise DataError(path, record, "missing field 'text' (a non-empty list of strings)")
+    if not isinstance(is_sentence, bool):
+        raise DataError(path, record, "missing field 'is_sentence' (true or false)")
+    if not isinstance(shapes, list):
+        raise DataError(path, record, "missing field 'shapes' (a list)")
+    polygons = []
+    for position, shape in enumerate(shapes):
+        label = shape.get("label") if isinstance(shape, dict) else None
+        where = f"{record} shape {position}"
+        if not isinstance(label, str):
+            raise DataError(path, where, "missing field 'label'")
+        if label.lower() != FLAG_LABEL:
+            polygons.append((label, polygon_points(shape.get("points"), path, where)))
+    return Annotation(texts, is_sentence, polygons)
+
+
+def fill_polygon(mask: np.ndarray, points: np.ndarray, value: int) -> None:
+    # LISA draws the outline as well as the interior; the outline adds edge pixels that
+    # fillPoly alone leaves out for some slopes, and the ground truth must match pixel for pixel.
+    cv2.polylines(mask, [points], True, value, 1)
+    cv2.fillPoly(mask, [points], value)
+
+
+def draw_mask(polygons: list[tuple[str, np.ndarray]], shape: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W] in {0, 1, IGNORE_LABEL}, the largest polygon drawn first."""
+    areas = []
+    for _, points in polygons:
+        scratch = np.zeros(shape, np.uint8)
+        fill_polygon(scratch, points, 1)
+        areas.append(int(np.count_nonzero(scratch)))
+    mask = np.zeros(shape, np.uint8)
+    for index in np.argsort(areas, kind="stable")[::-1]:
+        label, points = polygons[index]
+        fill_polygon(mask, points, IGNORE_LABEL if IGNORE_MARK in label else TARGET_VALUE)
+    return mask
+
+
+def load_record(image_path: Path) -> tuple[np.ndarray, Annotation, np.ndarray]:
+    """(image uint8 [H, W, 3], annotation, mask uint8 [H, W]) of one ReasonSeg image."""
+    json_path = image_path.with_suffix(".json")
+    annotation = read_annotation(json_path, image_path.name)
+    image = read_image(image_path, json_path, image_path.name)
+    return image, annotation, draw_mask(annotation.polygons, image.shape[:2])
+
+
+def check_records(images: list[Path], deep: bool) -> Iterator[DataError]:
+    """One error per bad image/json pair (deep: also decode the image and draw the mask)."""
+    for path in images:
+        try:
+            if deep:
+                load_record(path)
+            else:
+                read_annotation(path.with_suffix(".json"), path.name)
+        except DataError as error:
+            yield error
+
+
+class ReasonSegSource:
+    """ReasonSeg training images of one or more splits, with optional explanations."""
+
+    def __init__(
+        self, dataset_dir: Path, options: SamplingOptions, spec: str = "ReasonSeg|train"
+    ) -> None:
+        dataset, splits = parse_spec(spec)
+        self.name, self.options = f"reason_seg/{spec}", options
+        self.images = list_images(Path(dataset_dir), dataset, splits)
+        self.explanation_file = Path(dataset_dir) / REASON_SEG_DIR / dataset / EXPLANATORY_JSON
+        self.explanations: dict[str, tuple[int, dict]] = {}
+        self.explanation_errors: list[DataError] = []
+        if options.explanatory >= 0:
+            self.read_explanations()
+
+    def read_explanations(self) -> None:
+        """Index the explanatory json by image name; malformed entries are kept for `check`."""
+        file = self.explanation_file
+        items = load_json(file, "pass --explanatory -1 to train without explanations")
+        if not isinstance(items, list):
+            raise DataError(file, None, "expected a json list of {image, query, outputs}")
+        for position, item in enumerate(items):
+            image = item.get("image") if isinstance(item, dict) else None
+            if not isinstance(image, str):
+                self.explanation_errors.append(DataError(file, position, "missing field 'image'"))
+                continue
+            self.explanations[image] = (position, item)
+
+    def explanation(self, image_name: str) -> str | None:
+        """The explanation of an image, None if it has none; DataError if its entry is bad."""
+        if image_name not in self.explanations:
+            return None
+        position, item = self.explanations[image_name]
+        if not isinstance(item.get("outputs"), str):
+            record = f"{position} ({image_name})"
+            raise DataError(self.explanation_file, record, "missing field 'outputs'")
+        return item["outputs"]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        path = self.images[int(rng.integers(len(self.images)))]
+        image, annotation, mask = load_record(path)
+        count = min(self.options.num_classes_per_sample, len(annotation.texts))
+        texts = [
+            annotation.texts[i] for i in rng.choice(len(annotation.texts), count, replace=False)
+        ]
+        outputs = self.explanation(path.name)
+        mode = explanation_mode(outputs, self.options.explanatory, rng)
+        if mode == PLAIN:
+            targets = [
+                Target(t if annotation.is_sentence else t.lower(), annotation.is_sentence, mask)
+                for t in texts
+            ]
+            conversations, masks = build_conversations(
+                targets, "lisa", rng, mask.shape, self.options.num_classes_per_sample
+            )
+        else:
+            conversations, masks = explanation_conversations(texts, mask, outputs, mode, rng)
+        return Sample(image, conversations, masks, str(path), self.name)
+
+    def check(self, deep: bool = False) -> Iterator[DataError]:
+        yield from self.explanation_errors
+        for image_name in self.explanations:
+            try:
+                self.explanation(image_name)
+            except DataError as error:
+                yield error
+        yield from check_records(self.images, deep)
+
+
+def explanation_mode(explanation: str | None, probability: float, rng: np.random.Generator) -> str:
+    """PLAIN without an explanation; else EXPLANATION_ONLY with `probability`, else 50/50
+    PLAIN or EXPLAINED (LISA's choices 2, 0 and 1)."""
+    if explanation is None:
+        return PLAIN
+    if rng.random() < probability:
+        return EXPLANATION_ONLY
+    return PLAIN if rng.random() < 0.5 else EXPLAINED
+
+
+def explanation_conversations(
+    texts: list[str], mask: np.ndarray, outputs: str, mode: str, rng: np.random.Generator
+) -> tuple[list[list[tuple[str, str]]], np.ndarray]:
+    """One conversation per text answered with the explanation `outputs`: alone and without
+    masks (EXPLANATION_ONLY), or after a `[SEG]` answer with `mask` [H, W] each (EXPLAINED)."""
+    if mode == EXPLANATION_ONLY:
+        return [[(IMAGE_PREFIX + text, outputs)] for text in texts], stack_masks([], mask.shape)
+    conversations = [
+        [
+            (
+                f"{IMAGE_PREFIX}{text} {choose(rng, EXPLANATORY_QUESTIONS)}",
+                f"{choose(rng, ANSWERS)} {outputs}",
+            )
+        ]
+        for text in texts
+    ]
+    return conversations, stack_masks([mask] * len(texts), mask.shape)
+
+
+class ReasonSegValidation:
+    """ReasonSeg validation/test images (`--val_dataset "ReasonSeg|val"` gives split "val"; "a_b"
+    joins splits): one question about `text[0]` per image."""
+
+    def __init__(
+        self, dataset_dir: str | Path, split: str = "val", dataset: str = "ReasonSeg"
+    ) -> None:
+        self.name = f"{dataset}|{split}"
+        self.images = list_images(Path(dataset_dir), *parse_spec(self.name))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> ValidationSample:
+        """Masks uint8 [1, H, W]; ignore pixels stay IGNORE_LABEL (the metrics skip them)."""
+        path = self.images[index]
+        image, annotation, mask = load_record(path)
+        text = annotation.texts[0].strip()
+        return ValidationSample(
+            image=image,
+            conversations=[
+                [(validation_question(text, annotation.is_sentence), VALIDATION_ANSWER)]
+            ],
+            masks=mask[None],
+            image_path=str(path),
+            source=f"reason_seg/{self.name}",
+            target_names=[text],
+            record_id=path.name,
+        )
+
+    def check(self, deep: bool = False) -> Iterator[DataError]:
+        yield from check_records(self.images, deep)
+
+
+def build_reason_seg_sources(
+    dataset_dir: str | Path, names: list[str], options: SamplingOptions
+) -> list[Source]:
+    """One source per `--reason_seg_data` entry ("ReasonSeg|train", "ReasonSeg|train_val")."""
+    return [ReasonSegSource(Path(dataset_dir), options, name) for name in names]

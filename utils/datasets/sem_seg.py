@@ -1,0 +1,532 @@
+"""Semantic and part segmentation sources (LISA's `sem_seg` task, `--sem_seg_data`).
+
+ADE20K, COCO-Stuff and Mapillary read per-pixel class maps; PACO-LVIS and PASCAL-Part read
+COCO-format part annotations. A sample asks about up to `targets_to_draw(...)` distinct classes
+present in its image, one `[SEG]` each (sem_seg never emits `[REJ]`); pixels the annotation
+ignores stay IGNORE_LABEL in the masks, so the loss ignores them.
+
+Label conventions (REFERENCE 4.2); after them a map holds class indices or IGNORE_LABEL:
+- ADE20K: pixel 0 ("other") -> 255, pixel v -> v - 1 (150 classes). Vocabulary:
+  `ade20k/ade20k_classes.json` (a json list of names) if present, else ADE20K_CLASSES below (the
+  SceneParsing-150 names, first synonym, as LISA's `utils/ade20k_classes.json`).
+- COCO-Stuff (stuffthingmaps): pixel v is the class with id v + 1 of `cocostuff_classes.txt`
+  ("id: name" lines from "0: unlabeled", which no pixel takes; 255 is unlabeled); classes whose
+  name contains "-" ("wall-brick", "floor-other", ...) -> 255, as LISA.
+- Mapillary v2.0: pixel = index into `config_v2.0.json` labels, names `readable` lower-cased.
+  The label PNGs are palette images, so label maps are read by index with PIL (cv2 would expand
+  the palette into colours).
+- PACO-LVIS / PASCAL-Part: category "obj" or "obj:part", each with any "_(...)" suffix
+  stripped; a part is asked as "obj part" or "the part of the obj" (50/50). One target is a
+  category name; its mask is the union of the image's annotations of that name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from utils.datasets.base import (
+    IGNORE_LABEL,
+    DataError,
+    Sample,
+    SamplingOptions,
+    Source,
+    read_image,
+    resolve_inside,
+)
+from utils.datasets.templates import Target, build_conversations, targets_to_draw
+
+# Records drawn while looking for an image with at least one usable class before giving up.
+MAX_DRAWS = 10
+
+ADE20K_CLASSES = tuple(
+    (
+        "wall, building, sky, floor, tree, ceiling, road, bed, windowpane, grass, cabinet, "
+        "sidewalk, person, earth, door, table, mountain, plant, curtain, chair, car, water, "
+        "painting, sofa, shelf, house, sea, mirror, rug, field, armchair, seat, fence, desk, "
+        "rock, wardrobe, lamp, bathtub, railing, cushion, base, box, column, signboard, "
+        "chest of drawers, counter, sand, sink, skyscraper, fireplace, refrigerator, "
+        "grandstand, path, stairs, runway, case, pool table, pillow, screen door, stairway, "
+        "river, bridge, bookcase, blind, coffee table, toilet, flower, book, hill, bench, "
+        "countertop, stove, palm, kitchen island, computer, swivel chair, boat, bar, "
+        "arcade machine, hovel, bus, towel, light, truck, tower, chandelier, awning, "
+        "streetlight, booth, television receiver, airplane, dirt track, apparel, pole, land, "
+        "bannister, escalator, ottoman, bottle, buffet, poster, stage, van, ship, fountain, "
+        "conveyer belt, canopy, washer, plaything, swimming pool, stool, barrel, basket, "
+        "waterfall, tent, bag, minibike, cradle, oven, ball, food, step, tank, trade name, "
+        "microwave, pot, animal, bicycle, lake, dishwasher, screen, blanket, sculpture, hood, "
+        "sconce, vase, traffic light, tray, ashcan, fan, pier, crt screen, plate, monitor, "
+        "bulletin board, shower, radiator, glass, clock, flag"
+    ).split(", ")
+)
+
+
+def load_json(
+    path: Path, hint: str = "", record: object = None, encodings: tuple[str, ...] = ("utf-8",)
+) -> object:
+    """Parse a json file, trying `encodings` in order; DataError naming the file if it is
+    missing, undecodable, not json, or an empty list/dict."""
+    if not path.is_file():
+        raise DataError(path, record, "file does not exist", hint)
+    raw = path.read_bytes()
+    for encoding in encodings:
+        try:
+            text = raw.decode(encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        raise DataError(path, record, f"is not text in any of {', '.join(encodings)}", hint)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(path, record, f"is not valid json ({error})", hint) from error
+    if isinstance(data, (list, dict)) and not data:
+        raise DataError(path, record, "is empty", hint)
+    return data
+
+
+def read_index_map(
+    path: Path, shape: tuple[int, int], file: str | Path, record: object
+) -> np.ndarray:
+    """A single-channel PNG label map as int64 [H, W]; palette PNGs give their indices.
+
+    DataError if it is missing, unreadable, not single-channel or not `shape` (H, W)."""
+    if not path.is_file():
+        raise DataError(file, record, f"label map {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            label = np.array(image)
+    except (OSError, ValueError) as error:
+        raise DataError(file, record, f"label map {path} is not readable ({error})") from error
+    if label.ndim != 2:
+        raise DataError(file, record, f"label map {path} has {label.shape[-1]} channels, not 1")
+    if label.shape != tuple(shape):
+        raise DataError(
+            file,
+            record,
+            f"label map {path} is {label.shape[1]}x{label.shape[0]} but its image is "
+            f"{shape[1]}x{shape[0]} (W x H)",
+        )
+    return label.astype(np.int64)
+
+
+def read_ade20k_classes(root: Path) -> list[str]:
+    path = root / "ade20k" / "ade20k_classes.json"
+    if not path.is_file():
+        return list(ADE20K_CLASSES)
+    names = load_json(path, "a json list of the 150 ADE20K class names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(path, None, "expected a json list of class names")
+    return names
+
+
+def read_cocostuff_classes(root: Path) -> list[str]:
+    """Names of ids 1.. of `cocostuff_classes.txt`, so that list index = pixel value."""
+    path = root / "cocostuff" / "cocostuff_classes.txt"
+    hint = "LISA's utils/cocostuff_classes.txt: 183 lines 'id: name' from '0: unlabeled'"
+    if not path.is_file():
+        raise DataError(path, None, "file does not exist", hint)
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    names = []
+    for number, line in enumerate(filter(None, lines)):
+        key, separator, name = line.partition(": ")
+        if not separator or key.strip() != str(number):
+            raise DataError(path, f"line {number + 1}", f"expected '{number}: name'", hint)
+        names.append(name.strip())
+    if len(names) < 2:
+        raise DataError(path, None, "has no class after '0: unlabeled'", hint)
+    return names[1:]
+
+
+def read_mapillary_classes(root: Path) -> list[str]:
+    path = root / "mapillary" / "config_v2.0.json"
+    config = load_json(
+        path, "expected Mapillary Vistas' mapillary/config_v2.0.json in --dataset_dir"
+    )
+    labels = config.get("labels") if isinstance(config, dict) else None
+    if not isinstance(labels, list) or not labels:
+        raise DataError(path, None, "missing the 'labels' list")
+    names = []
+    for index, label in enumerate(labels):
+        if not isinstance(label, dict) or not isinstance(label.get("readable"), str):
+            raise DataError(path, f"labels[{index}]", "missing the 'readable' name")
+        names.append(label["readable"].lower())
+    return names
+
+
+def ade20k_labels(raw: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Pixel 0 ("other") and 255 -> IGNORE_LABEL, v -> v - 1."""
+    label = raw - 1
+    label[(raw == 0) | (raw == IGNORE_LABEL)] = IGNORE_LABEL
+    return label
+
+
+def cocostuff_labels(raw: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Classes named "x-y" (merged or "-other" stuff) -> IGNORE_LABEL, as LISA."""
+    hyphenated = [index for index, name in enumerate(classes) if "-" in name]
+    return np.where(np.isin(raw, hyphenated), IGNORE_LABEL, raw)
+
+
+def same_labels(raw: np.ndarray, classes: list[str]) -> np.ndarray:
+    return raw
+
+
+@dataclass(frozen=True)
+class LabelMapSpec:
+    """Where one label-map dataset lives (relative to --dataset_dir) and how to read it.
+
+    `listed` ("images" or "labels") is the directory whose files define the records; the other
+    file of a record has the same stem.
+    """
+
+    images: str
+    labels: str
+    listed: str
+    read_classes: Callable[[Path], list[str]]
+    remap: Callable[[np.ndarray, list[str]], np.ndarray]
+
+
+LABEL_MAP_SPECS = {
+    "ade20k": LabelMapSpec(
+        "ade20k/images/training",
+        "ade20k/annotations/training",
+        "images",
+        read_ade20k_classes,
+        ade20k_labels,
+    ),
+    "cocostuff": LabelMapSpec(
+        "coco/train2017", "cocostuff/train2017", "labels", read_cocostuff_classes, cocostuff_labels
+    ),
+    "mapillary": LabelMapSpec(
+        "mapillary/training/images",
+        "mapillary/training/v2.0/labels",
+        "labels",
+        read_mapillary_classes,
+        same_labels,
+    ),
+}
+IMAGE_SUFFIX, LABEL_SUFFIX = ".jpg", ".png"
+
+
+class LabelMapSource:
+    """ADE20K, COCO-Stuff or Mapillary: (image, label map) pairs and a class vocabulary."""
+
+    def __init__(self, dataset_dir: Path, options: SamplingOptions, dataset: str) -> None:
+        self.name = f"sem_seg/{dataset}"
+        self.options = options
+        self.spec = LABEL_MAP_SPECS[dataset]
+        root = Path(dataset_dir)
+        self.classes = self.spec.read_classes(root)
+        self.image_dir, self.label_dir = root / self.spec.images, root / self.spec.labels
+        listed_dir = self.image_dir if self.spec.listed == "images" else self.label_dir
+        suffix = IMAGE_SUFFIX if self.spec.listed == "images" else LABEL_SUFFIX
+        if not listed_dir.is_dir():
+            hint = f"expected {self.spec.images}/*.jpg + {self.spec.labels}/*.png in --dataset_dir"
+            raise DataError(listed_dir, None, "directory does not exist", hint)
+        self.stems = sorted(path.stem for path in listed_dir.glob("*" + suffix))
+        if not self.stems:
+            raise DataError(listed_dir, None, f"has no *{suffix} files")
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def paths(self, index: int) -> tuple[Path, Path]:
+        """(image, label map) of record `index`."""
+        stem = self.stems[index]
+        return self.image_dir / (stem + IMAGE_SUFFIX), self.label_dir / (stem + LABEL_SUFFIX)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image uint8 [H, W, 3], label int64 [H, W] of class indices or IGNORE_LABEL)."""
+        image_path, label_path = self.paths(index)
+        record = self.stems[index]
+        image = read_image(image_path, label_path, record)
+        label = self.spec.remap(
+            read_index_map(label_path, image.shape[:2], label_path, record), self.classes
+        )
+        values = np.unique(label)
+        unknown = values[(values != IGNORE_LABEL) & ((values < 0) | (values >= len(self.classes)))]
+        if unknown.size:
+            raise DataError(
+                label_path,
+                record,
+                f"class index {int(unknown[0])} (after the dataset's remapping) is outside the "
+                f"vocabulary of {len(self.classes)} classes",
+            )
+        return image, label
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        for _ in range(MAX_DRAWS):
+            index = int(rng.integers(len(self.stems)))
+            image, label = self.load(index)
+            present = [int(v) for v in np.unique(label) if v != IGNORE_LABEL]
+            if present:
+                break
+        else:
+            raise DataError(self.label_dir, None, f"no labelled pixel in {MAX_DRAWS} drawn maps")
+        count = target_count(self.options)
+        chosen = rng.choice(present, size=min(count, len(present)), replace=False)
+        ignored = label == IGNORE_LABEL
+        targets = [
+            Target(self.classes[c].lower(), False, class_mask(label == c, ignored)) for c in chosen
+        ]
+        return finish_sample(image, targets, self.options, rng, self.paths(index)[0], self.name)
+
+    def check(self, deep: bool = False) -> Iterator[DataError]:
+        for index, stem in enumerate(self.stems):
+            image_path, label_path = self.paths(index)
+            try:
+                if deep:
+                    self.load(index)
+                    continue
+                for path, kind in ((image_path, "image"), (label_path, "label map")):
+                    if not path.is_file():
+                        raise DataError(label_path, stem, f"{kind} {path} does not exist")
+            except DataError as error:
+                yield error
+
+
+def class_mask(inside: np.ndarray, ignored: np.ndarray) -> np.ndarray:
+    """uint8 [H, W]: 1 inside the class, IGNORE_LABEL where the annotation ignores, else 0."""
+    mask = inside.astype(np.uint8)
+    mask[ignored] = IGNORE_LABEL
+    return mask
+
+
+def target_count(options: SamplingOptions) -> int:
+    """How many distinct classes a sample asks about at most."""
+    return targets_to_draw(
+        options.prompt_style, options.num_classes_per_sample, options.num_classes_per_question
+    )
+
+
+def finish_sample(
+    image: np.ndarray,
+    targets: list[Target],
+    options: SamplingOptions,
+    rng: np.random.Generator,
+    image_path: Path,
+    source: str,
+) -> Sample:
+    """Conversations about `targets` in the configured prompt style, as a Sample."""
+    conversations, masks = build_conversations(
+        targets,
+        options.prompt_style,
+        rng,
+        image.shape[:2],
+        options.num_classes_per_sample,
+        options.use_expand_question_list,
+    )
+    return Sample(image, conversations, masks, str(image_path), source)
+
+
+MIN_POLYGON_COORDS = 6  # three (x, y) points
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """A COCO-format part dataset: its json and the folder its `file_name`s are relative to."""
+
+    annotations: str
+    images: str
+
+
+PART_SPECS = {
+    "paco_lvis": PartSpec("vlpart/paco/annotations/paco_lvis_v1_train.json", "coco"),
+    "pascal_part": PartSpec(
+        "vlpart/pascal_part/train.json", "vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages"
+    ),
+}
+
+
+def part_name(category: str) -> tuple[str, str | None]:
+    """("obj", "part") of "obj_(x):part_(y)"; part None for an object category."""
+    pieces = [piece.split("_(")[0] for piece in category.strip().split(":")]
+    if len(pieces) > 2:
+        raise ValueError(f"category {category!r} has more than one ':'")
+    return pieces[0], pieces[1] if len(pieces) == 2 else None
+
+
+def render_name(key: tuple[str, str | None], rng: np.random.Generator) -> str:
+    """ "obj", or a part as "obj part" / "the part of the obj" (50/50, as LISA)."""
+    obj, part = key
+    if part is None:
+        return obj
+    return f"{obj} {part}" if rng.random() < 0.5 else f"the {part} of the {obj}"
+
+
+def segmentation_problem(segmentation: object, shape: tuple[int, int] | None) -> str | None:
+    """What is wrong with a COCO segmentation (polygons or RLE), or None; `shape` (H, W), when
+    known, must equal an RLE's size."""
+    if isinstance(segmentation, list) and segmentation:
+        for j, polygon in enumerate(segmentation):
+            numbers = isinstance(polygon, list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon
+            )
+            if not numbers:
+                return f"polygon {j} is not a list of numbers"
+            if len(polygon) < MIN_POLYGON_COORDS:
+                return f"polygon {j} has {len(polygon) // 2} points; at least 3 are needed"
+            if len(polygon) % 2:
+                return f"polygon {j} has an odd number of coordinates ({len(polygon)})"
+        return None
+    if isinstance(segmentation, dict) and {"size", "counts"} <= segmentation.keys():
+        if not isinstance(segmentation["counts"], (str, list)):
+            return "RLE counts is neither a string nor a list"
+        if shape is not None and list(segmentation["size"]) != list(shape):
+            return f"RLE size {segmentation['size']} differs from the image's {list(shape)} (H, W)"
+        return None
+    return "segmentation is neither a non-empty polygon list nor an RLE {size, counts}"
+
+
+def decode_segmentation(segmentation: list | dict, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W] mask of a valid COCO segmentation (polygons are merged)."""
+    height, width = shape
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = {"size": [height, width], "counts": segmentation["counts"].encode()}
+    return np.ascontiguousarray(mask_utils.decode(rle))
+
+
+def union_mask(anns: list[dict], shape: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W] union of the (valid) segmentations of `anns`."""
+    mask = np.zeros(shape, np.uint8)
+    for ann in anns:
+        mask |= decode_segmentation(ann["segmentation"], shape)
+    return mask
+
+
+def hashable_id(value: object) -> int | str | None:
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+
+
+class PartSource:
+    """PACO-LVIS or PASCAL-Part: COCO-format images, categories and annotations."""
+
+    def __init__(self, dataset_dir: Path, options: SamplingOptions, dataset: str) -> None:
+        spec = PART_SPECS[dataset]
+        self.name, self.options = f"sem_seg/{dataset}", options
+        self.file = Path(dataset_dir) / spec.annotations
+        self.image_dir = Path(dataset_dir) / spec.images
+        data = load_json(
+            self.file, f"expected the COCO-format json {spec.annotations} in --dataset_dir"
+        )
+        keys = ("images", "annotations", "categories")
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in keys):
+            raise DataError(self.file, None, f"expected a COCO json with lists {keys}")
+        self.names: dict[int | str, tuple[str, str | None]] = {}
+        for position, category in enumerate(data["categories"]):
+            try:
+                key = hashable_id(category["id"])
+                if key is None:
+                    raise TypeError(f"id {category['id']!r} is not an int or a string")
+                self.names[key] = part_name(category["name"])
+            except (TypeError, KeyError, ValueError, AttributeError) as error:
+                raise DataError(
+                    self.file, f"categories[{position}]", f"bad category ({error})"
+                ) from error
+        self.images: list = data["images"]
+        image_ids = {hashable_id(info.get("id")) for info in self.images if isinstance(info, dict)}
+        self.annotations: dict[int | str, list[dict]] = {}
+        self.orphans: list[DataError] = []
+        for position, ann in enumerate(data["annotations"]):
+            image_id = hashable_id(ann.get("image_id")) if isinstance(ann, dict) else None
+            if image_id is None or image_id not in image_ids:
+                problem = "has no image_id naming an image of the json"
+                self.orphans.append(DataError(self.file, f"annotations[{position}]", problem))
+                continue
+            self.annotations.setdefault(image_id, []).append(ann)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_path(self, index: int) -> tuple[str, Path]:
+        """(record name, image path) of image `index`; DataError if its record is malformed."""
+        info = self.images[index]
+        if not isinstance(info, dict) or hashable_id(info.get("id")) is None:
+            raise DataError(self.file, f"images[{index}]", "missing field 'id'")
+        record = f"image {info['id']}"
+        if not isinstance(info.get("file_name"), str):
+            raise DataError(self.file, record, "missing field 'file_name'")
+        return record, resolve_inside(self.image_dir, info["file_name"], self.file, record)
+
+    def annotation_problem(self, ann: dict, shape: tuple[int, int] | None) -> str | None:
+        """What is wrong with an annotation of an image of `shape` (H, W, if known), or None."""
+        if hashable_id(ann.get("category_id")) not in self.names:
+            return f"category_id {ann.get('category_id')!r} is not a category of the json"
+        return segmentation_problem(ann.get("segmentation"), shape)
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        for _ in range(MAX_DRAWS):
+            index = int(rng.integers(len(self.images)))
+            record, path = self.image_path(index)
+            anns = self.annotations.get(self.images[index]["id"], [])
+            if anns:
+                break
+        else:
+            raise DataError(self.file, None, f"no annotated image in {MAX_DRAWS} drawn images")
+        image = read_image(path, self.file, record)
+        shape = image.shape[:2]
+        groups: dict[tuple[str, str | None], list[dict]] = {}
+        for ann in anns:
+            problem = self.annotation_problem(ann, shape)
+            if problem:
+                raise DataError(self.file, f"annotation {ann.get('id')}", problem)
+            groups.setdefault(self.names[ann["category_id"]], []).append(ann)
+        keys = list(groups)
+        chosen = rng.choice(len(keys), min(target_count(self.options), len(keys)), replace=False)
+        targets = [
+            Target(render_name(keys[k], rng).lower(), False, union_mask(groups[keys[k]], shape))
+            for k in chosen
+        ]
+        return finish_sample(image, targets, self.options, rng, path, self.name)
+
+    def check(self, deep: bool = False) -> Iterator[DataError]:
+        yield from self.orphans
+        for index in range(len(self.images)):
+            yield from self.check_image(index, deep)
+
+    def check_image(self, index: int, deep: bool) -> Iterator[DataError]:
+        """Errors of image `index` and of each of its annotations (deep: decode the image)."""
+        try:
+            record, path = self.image_path(index)
+            if deep:
+                shape: tuple[int, int] | None = read_image(path, self.file, record).shape[:2]
+            elif not path.is_file():
+                raise DataError(self.file, record, f"image {path} does not exist")
+            else:
+                info = self.images[index]
+                shape = (info.get("height"), info.get("width"))
+                shape = shape if all(isinstance(v, int) for v in shape) else None
+        except DataError as error:
+            yield error
+            return
+        for ann in self.annotations.get(self.images[index]["id"], []):
+            problem = self.annotation_problem(ann, shape)
+            if problem:
+                yield DataError(self.file, f"annotation {ann.get('id')}", problem)
+
+
+def build_sem_seg_sources(
+    dataset_dir: str | Path, names: list[str], options: SamplingOptions
+) -> list[Source]:
+    """One source per `--sem_seg_data` name ("ade20k||cocostuff||..." split on "||")."""
+    sources: list[Source] = []
+    known = [*LABEL_MAP_SPECS, *PART_SPECS]
+    for name in names:
+        if name in LABEL_MAP_SPECS:
+            sources.append(LabelMapSource(Path(dataset_dir), options, name))
+        elif name in PART_SPECS:
+            sources.append(PartSource(Path(dataset_dir), options, name))
+        else:
+            raise ValueError(f"unknown --sem_seg_data dataset {name!r}; known: {', '.join(known)}")
+    return sources
