@@ -79,9 +79,8 @@ def examine_validation(
 
     reports = []
     for entry in parse_val_datasets(val_dataset):
-        label = "|".join(entry) if isinstance(entry, tuple) else str(entry)
         reports += examine(
-            label, lambda e=entry: [build_validation_set(dataset_dir, e, val_json_name)], deep
+            str(entry), lambda e=entry: [build_validation_set(dataset_dir, e, val_json_name)], deep
         )
     return reports
 

@@ -1,0 +1,247 @@
+"""Referring-segmentation training sources: prompts, masks (polygon, RLE, union, no-target),
+sampling, determinism, `--exclude_val`, factories and the bad-record checks."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.utils import fixtures_refer as fx
+from utils.datasets.base import DataError, SamplingOptions
+from utils.datasets.refer_seg import ReferSegSource, build_refer_seg_sources
+from utils.datasets.templates import REJ, SEG
+
+LISA = SamplingOptions(
+    num_classes_per_sample=3, prompt_style="lisa", use_expand_question_list=False
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fx.tiny_dataset_dir(tmp_path_factory)
+
+
+def sentence_of(question: str, sentences: list[str]) -> str:
+    """The one expression of `sentences` that the question contains (longest match wins)."""
+    found = [s for s in sentences if s in question]
+    assert found, question
+    return max(found, key=len)
+
+
+def test_lisa_samples_name_expressions_and_masks_match(tmp_path: Path) -> None:
+    fx.write_refer(tmp_path)
+    source = ReferSegSource(tmp_path, LISA, "refcoco")
+    assert source.name == "refer_seg/refcoco" and len(source) == 2  # train images 1 and 2
+    seen = set()
+    for seed in range(12):
+        sample = source.sample(np.random.default_rng(seed))
+        assert sample.image.shape == (fx.H, fx.W, 3) and sample.masks.dtype == np.uint8
+        assert len(sample.conversations) == len(sample.masks)
+        sentences = [
+            sentence_of(c[0][0], list(fx.REFCOCO_TRAIN_SENTENCES)) for c in sample.conversations
+        ]
+        assert len(set(sentences)) == len(sentences)  # drawn without replacement
+        for conversation, sentence, mask in zip(
+            sample.conversations, sentences, sample.masks, strict=True
+        ):
+            question, answer = conversation[0]
+            assert question.startswith("<image>\n") and answer.count(SEG) == 1
+            assert np.array_equal(mask, fx.ANN_MASKS[fx.REFCOCO_TRAIN_SENTENCES[sentence]])
+            seen.add(sentence)
+    assert seen == set(fx.REFCOCO_TRAIN_SENTENCES)  # polygon, RLE and two-polygon anns all used
+
+
+def test_image_with_three_sentences_gives_all_three(tmp_path: Path) -> None:
+    fx.write_refer(tmp_path)
+    source = ReferSegSource(tmp_path, LISA, "refcoco")
+    source.image_ids = [1]
+    sample = source.sample(np.random.default_rng(0))
+    questions = " ".join(c[0][0] for c in sample.conversations)
+    assert all(s in questions for s in ("the red box", "left box", "round blob"))
+
+
+def test_same_seed_same_sample(tmp_path: Path) -> None:
+    fx.write_refer(tmp_path)
+    source = ReferSegSource(tmp_path, SamplingOptions(prompt_style="mmr"), "refcoco")
+    first, second = (source.sample(np.random.default_rng(7)) for _ in range(2))
+    assert first.conversations == second.conversations
+    assert np.array_equal(first.masks, second.masks) and first.image_path == second.image_path
+
+
+def test_grefcoco_union_and_no_target(tmp_path: Path) -> None:
+    fx.write_refer(tmp_path, "grefcoco", fx.grefcoco_refs(), "grefs(unc).json")
+    options = SamplingOptions(num_classes_per_sample=5, prompt_style="gsva")
+    source = build_refer_seg_sources(tmp_path, ["grefcoco"], options)[0]
+    source.image_ids = [1]
+    sample = source.sample(np.random.default_rng(0))
+    ((question, answer),) = sample.conversations[0]
+    assert "both things" in question and "the purple cat" in question
+    assert answer.count(SEG) + answer.count(REJ) == len(sample.masks) == 2
+    # each token follows its own expression: split the answer after every token
+    pieces = re.findall(r"(.*?)\[(SEG|REJ)\]", answer)
+    expected = {
+        "both things": ("SEG", fx.ANN_MASKS[11] | fx.ANN_MASKS[12]),
+        "the purple cat": ("REJ", np.zeros((fx.H, fx.W), np.uint8)),
+    }
+    for (text, token), mask in zip(pieces, sample.masks, strict=True):
+        name = next(n for n in expected if n in text)
+        assert token == expected[name][0] and np.array_equal(mask, expected[name][1])
+
+
+def test_gsva_style_redraws_all_reject_samples(tmp_path: Path) -> None:
+    refs = [fx.ref(1, 1, [-1], "train", ["nothing"]), fx.ref(2, 2, [21], "train", ["parts"])]
+    fx.write_refer(tmp_path, "grefcoco", refs, "grefs(unc).p")
+    source = ReferSegSource(tmp_path, SamplingOptions(prompt_style="gsva"), "grefcoco")
+    for seed in range(6):
+        assert SEG in source.sample(np.random.default_rng(seed)).conversations[0][0][1]
+
+
+def test_exclude_val_drops_heldout_images(tmp_path: Path) -> None:
+    fx.write_refer(tmp_path)
+    fx.write_refer(tmp_path, "refcocog", refs_name="refs(umd).p")
+    assert [len(s) for s in build_refer_seg_sources(tmp_path, "refcoco||refcocog", LISA)] == [2, 2]
+    sources = build_refer_seg_sources(tmp_path, ["refcoco", "refcocog"], LISA, exclude_val=True)
+    assert [s.image_ids for s in sources] == [[1], [1]]  # image 2 has a testB ref
+
+
+def test_factory_names_and_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="refclef, refcoco, refcoco\\+, refcocog, grefcoco"):
+        build_refer_seg_sources(tmp_path, ["refcoco", "refcocoX"], LISA)
+    fx.write_refer(tmp_path, "refcocog", refs_name="refs(unc).p")  # wrong split file for umd
+    with pytest.raises(DataError, match=r"refs\(umd\)\.p"):
+        build_refer_seg_sources(tmp_path, ["refcocog"], LISA)
+    fx.write_refer(tmp_path, "refclef", images=False)
+    fx.write_images(tmp_path, "refer_seg/images/saiapr_tc-12")
+    sample = build_refer_seg_sources(tmp_path, ["refclef"], LISA)[0].sample(
+        np.random.default_rng(0)
+    )
+    assert "refer_seg/images/saiapr_tc-12/" in sample.image_path
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"not a pickle", "cannot be read"),
+        (pickle.dumps([]), "holds no refs"),
+        (pickle.dumps({"a": 1}), "expected a list"),
+    ],
+)
+def test_unreadable_refs_raise(tmp_path: Path, content: bytes, problem: str) -> None:
+    directory = fx.write_refer(tmp_path)
+    (directory / "refs(unc).p").write_bytes(content)
+    with pytest.raises(DataError, match=problem) as error:
+        ReferSegSource(tmp_path, LISA, "refcoco")
+    assert error.value.file.endswith("refs(unc).p")
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [("{broken", "not valid JSON"), (json.dumps({"images": [], "annotations": []}), "no images")],
+)
+def test_bad_instances_raise(tmp_path: Path, content: str, problem: str) -> None:
+    directory = fx.write_refer(tmp_path)
+    (directory / "instances.json").write_text(content)
+    with pytest.raises(DataError, match=problem) as error:
+        ReferSegSource(tmp_path, LISA, "refcoco")
+    assert error.value.file.endswith("instances.json")
+
+
+def test_missing_files_name_the_expected_path(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"refer_seg/refcoco/refs\(unc\)\.p"):
+        ReferSegSource(tmp_path, LISA, "refcoco")
+
+
+def bad_dataset(tmp_path: Path) -> Path:
+    """The refcoco fixture plus one bad training ref of every kind."""
+    extra_images = [
+        {"id": 4, "file_name": "COCO_missing.jpg", "height": fx.H, "width": fx.W},
+        {"id": 5, "file_name": "../../../../escape.jpg", "height": fx.H, "width": fx.W},
+    ]
+    extra_anns = [
+        {"id": 41, "image_id": 1, "segmentation": [[1, 1, 5, 1]]},
+        {"id": 42, "image_id": 1, "segmentation": {"size": [fx.H + 1, fx.W], "counts": "abc"}},
+    ]
+    bad_refs = [
+        fx.ref(900, 4, 11, "train", ["no image"]),
+        fx.ref(901, 5, 11, "train", ["escaping"]),
+        fx.ref(902, 1, 41, "train", ["two points"]),
+        fx.ref(903, 1, 42, "train", ["wrong size"]),
+        fx.ref(904, 1, 999, "train", ["absent ann"]),
+        {k: v for k, v in fx.ref(905, 1, 11, "train", ["no split"]).items() if k != "split"},
+    ]
+    fx.write_refer(
+        tmp_path,
+        refs=fx.refcoco_refs() + bad_refs,
+        instances_json=fx.instances(extra_anns, extra_images),
+    )
+    return tmp_path
+
+
+def test_check_reports_every_bad_record(tmp_path: Path) -> None:
+    source = ReferSegSource(bad_dataset(tmp_path), LISA, "refcoco")
+    problems = [str(error) for error in source.check()]
+    refs, instances = "refs(unc).p", "instances.json"
+    expected = {
+        "ref_id 900": (refs, "does not exist"),
+        "ref_id 901": (refs, "escapes the dataset root"),
+        "ref_id 902, annotation id 41": (instances, "polygon 0 has 4 coordinates"),
+        "ref_id 903, annotation id 42": (instances, f"RLE size [{fx.H + 1}, {fx.W}] differs"),
+        "ref_id 904": (refs, "ann_id 999 is not in instances.json"),
+        "ref_id 905": (refs, "missing required field(s) ['split']"),
+    }
+    assert len(problems) == len(expected), problems
+    for record, (file, problem) in expected.items():
+        hits = [p for p in problems if f"{file}, record {record}: " in p and problem in p]
+        assert len(hits) == 1, (record, problems)
+
+
+def test_deep_check_reports_undecodable_image(tmp_path: Path) -> None:
+    fx.write_refer(tmp_path)
+    assert list(ReferSegSource(tmp_path, LISA, "refcoco").check(deep=True)) == []
+    (tmp_path / fx.TRAIN2014 / fx.coco_name(2)).write_bytes(b"not an image")
+    source = ReferSegSource(tmp_path, LISA, "refcoco")
+    assert list(source.check()) == []
+    (problem,) = source.check(deep=True)
+    assert "ref_id 200" in str(problem) and "not a readable image" in str(problem)
+
+
+def test_sample_raises_on_bad_record(tmp_path: Path) -> None:
+    source = ReferSegSource(bad_dataset(tmp_path), LISA, "refcoco")
+    for record, message in [(903, "RLE size"), (904, "ann_id 999"), (900, "does not exist")]:
+        image_id = {903: 1, 904: 1, 900: 4}[record]
+        source.image_ids = [image_id]
+        source.refs_by_image[image_id] = [r for r in source.index.refs if r.ref_id == record]
+        with pytest.raises(DataError, match=message) as error:
+            source.sample(np.random.default_rng(0))
+        assert f"ref_id {record}" in str(error.value)
+
+
+def test_sample_rejects_image_of_another_size(tmp_path: Path) -> None:
+    fx.write_refer(tmp_path)
+    fx.write_image(tmp_path / fx.TRAIN2014 / fx.coco_name(2), shape=(fx.H, fx.W + 1))
+    source = ReferSegSource(tmp_path, LISA, "refcoco")
+    source.image_ids = [2]
+    with pytest.raises(DataError, match=f"is {fx.W + 1}x{fx.H} but instances.json says"):
+        source.sample(np.random.default_rng(0))
+    (problem,) = source.check(deep=True)
+    assert "record ref_id 200" in str(problem)
+
+
+@pytest.mark.parametrize("name", ["refclef", "refcoco", "refcoco+", "refcocog", "grefcoco"])
+def test_tiny_assets_sources(tiny_dataset: Path, name: str) -> None:
+    style = "gsva" if name == "grefcoco" else "lisa"
+    options = SamplingOptions(num_classes_per_sample=3, prompt_style=style)
+    (source,) = build_refer_seg_sources(tiny_dataset, [name], options)
+    assert len(source) > 0 and list(source.check(deep=True)) == []
+    for seed in range(6):
+        sample = source.sample(np.random.default_rng(seed))
+        tokens = fx.answer_tokens(sample.conversations)
+        assert len(tokens) == len(sample.masks) > 0
+        assert sample.masks.shape[1:] == sample.image.shape[:2]
+        for token, mask in zip(tokens, sample.masks, strict=True):
+            assert mask.any() == (token == SEG)

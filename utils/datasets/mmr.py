@@ -1,0 +1,279 @@
+"""MMR (multi-target, object- and part-level reasoning segmentation): training and validation.
+
+Files: `MMR/MMR_{train,val,test_obj_only,test_part_only,test_mixed}.json` under `--dataset_dir`;
+images `refer_seg/images/mscoco/images/<file_name>` (file names start with "train2017/" or
+"val2017/"). A record is one image with `questions[k]`, `answers[k]` (the annotations answering
+question k, each a compressed RLE) and `text_answers[k]` (with one `{seg}` per answer).
+
+Question k, its text answer and its masks always use the same index k (the original sampled
+question indices but not the answers). A question whose `{seg}` count differs from
+`len(answers[k])` is a bad record: `check` reports it and `sample`/`__getitem__` raise DataError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from utils.datasets.base import (
+    DataError,
+    Sample,
+    SamplingOptions,
+    ValidationSample,
+    read_image,
+    resolve_inside,
+    stack_masks,
+)
+from utils.datasets.refer import decode_segmentation, read_json, segmentation_problems
+from utils.datasets.templates import SEG, question, validation_question
+
+MMR_DIR = "MMR"
+MMR_IMAGES = "refer_seg/images/mscoco/images"
+MMR_TRAIN_JSON = "MMR_train.json"
+MMR_VAL_JSON = "MMR_val.json"
+SOURCE_NAME = "multi_part_reason_seg/MMR"
+SEG_PLACEHOLDER = "{seg}"
+REQUIRED_FIELDS = ("file_name", "questions", "answers", "text_answers")
+
+
+@dataclass(frozen=True)
+class MMRQuestion:
+    """Question k of a record: its text, its answer with `[SEG]`s, one annotation per `[SEG]`."""
+
+    index: int
+    text: str
+    answer: str
+    annotations: tuple[dict, ...]
+
+
+def record_label(position: int, record: object) -> str:
+    if isinstance(record, dict) and "image_id" in record:
+        return f"#{position} (image_id {record['image_id']})"
+    return f"#{position}"
+
+
+def load_mmr_records(path: Path) -> list:
+    """The records of one MMR json; DataError when missing, malformed or empty."""
+    records = read_json(path, f"expected <dataset_dir>/{MMR_DIR}/{path.name} (MMR annotations)")
+    if not isinstance(records, list) or not records:
+        raise DataError(path, None, "expected a non-empty JSON list of image records")
+    return records
+
+
+def parse_questions(record: object, file: Path, label: str) -> list[MMRQuestion]:
+    """The questions of a record with their answers, same index k; DataError on the first fault."""
+    if not isinstance(record, dict):
+        raise DataError(file, label, "is not a JSON object")
+    missing = [key for key in REQUIRED_FIELDS if key not in record]
+    if missing:
+        raise DataError(file, label, f"missing required field(s) {missing}")
+    questions, answers, texts = record["questions"], record["answers"], record["text_answers"]
+    if not (isinstance(questions, list) and isinstance(answers, list) and isinstance(texts, list)):
+        raise DataError(file, label, "questions, answers and text_answers must be lists")
+    if not len(questions) == len(answers) == len(texts) > 0:
+        raise DataError(
+            file,
+            label,
+            f"{len(questions)} questions, {len(answers)} answers and "
+            f"{len(texts)} text_answers (expected equal, non-zero counts)",
+        )
+    if not all(isinstance(item, str) for item in questions + texts):
+        raise DataError(file, label, "questions and text_answers must be strings")
+    parsed = []
+    for k, (text, anns, answer) in enumerate(zip(questions, answers, texts, strict=True)):
+        if not isinstance(anns, list) or not all(
+            isinstance(a, dict) and "segmentation" in a for a in anns
+        ):
+            raise DataError(
+                file, label, f"answers[{k}] is not a list of annotations with 'segmentation'"
+            )
+        placeholders = answer.count(SEG_PLACEHOLDER)
+        if placeholders != len(anns):
+            raise DataError(
+                file,
+                label,
+                f"text_answers[{k}] has {placeholders} {SEG_PLACEHOLDER}"
+                f" but answers[{k}] has {len(anns)} annotations",
+            )
+        parsed.append(
+            MMRQuestion(k, text.strip(), answer.replace(SEG_PLACEHOLDER, SEG), tuple(anns))
+        )
+    return parsed
+
+
+class MMRRecords:
+    """The records of one MMR json, with per-record questions, images and masks."""
+
+    def __init__(self, dataset_dir: Path, json_name: str) -> None:
+        self.dataset_dir = Path(dataset_dir)
+        mmr_dir = self.dataset_dir / MMR_DIR
+        self.file = resolve_inside(mmr_dir, json_name, mmr_dir, json_name)
+        self.records = load_mmr_records(self.file)
+        self.image_root = self.dataset_dir / MMR_IMAGES
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def questions(self, position: int) -> tuple[str, list[MMRQuestion]]:
+        """(record label, parsed questions) of record `position`."""
+        label = record_label(position, self.records[position])
+        return label, parse_questions(self.records[position], self.file, label)
+
+    def image(self, position: int, label: str) -> tuple[np.ndarray, Path]:
+        path = resolve_inside(
+            self.image_root, self.records[position]["file_name"], self.file, label
+        )
+        return read_image(path, self.file, label), path
+
+    def masks(self, chosen: list[MMRQuestion], shape: tuple[int, int], label: str) -> np.ndarray:
+        """uint8 [sum of answers, H, W]: each chosen question's answers in order, not merged."""
+        decoded = [
+            decode_segmentation(ann["segmentation"], shape, self.file, f"{label}, {where}")
+            for q in chosen
+            for where, ann in _answer_labels(q)
+        ]
+        return stack_masks(decoded, shape)
+
+    def check(self, deep: bool = False) -> Iterator[DataError]:
+        """Every bad record (fields, `{seg}` counts, RLE sizes, images), without raising."""
+        for position, record in enumerate(self.records):
+            label = record_label(position, record)
+            try:
+                parsed = parse_questions(record, self.file, label)
+            except DataError as error:
+                yield error
+                continue
+            shape = _declared_shape(record)
+            try:
+                image = self._checked_image(position, label, deep)
+                shape = image.shape[:2] if image is not None else shape
+            except DataError as error:
+                yield error
+            if shape is None:  # no size to compare the RLEs with
+                continue
+            for q in parsed:
+                for where, ann in _answer_labels(q):
+                    for problem in segmentation_problems(ann["segmentation"], shape):
+                        yield DataError(self.file, f"{label}, {where}", problem)
+
+    def _checked_image(self, position: int, label: str, deep: bool) -> np.ndarray | None:
+        """The image when `deep`, else None after checking that it exists."""
+        if deep:
+            return self.image(position, label)[0]
+        path = resolve_inside(
+            self.image_root, self.records[position]["file_name"], self.file, label
+        )
+        if not path.is_file():
+            raise DataError(self.file, label, f"image {path} does not exist")
+        return None
+
+
+def _answer_labels(q: MMRQuestion) -> list[tuple[str, dict]]:
+    """("answers[k][j]", annotation) for each annotation answering question k."""
+    return [(f"answers[{q.index}][{j}]", ann) for j, ann in enumerate(q.annotations)]
+
+
+def _declared_shape(record: dict) -> tuple[int, int] | None:
+    if isinstance(record.get("height"), int) and isinstance(record.get("width"), int):
+        return record["height"], record["width"]
+    return None
+
+
+class MMRSource:
+    """MMR training source: per image up to `num_classes_per_sample` questions (distinct indices),
+    each its own conversation: long template with the question, answer `text_answers[k]`."""
+
+    def __init__(
+        self, dataset_dir: Path, options: SamplingOptions, json_name: str = MMR_TRAIN_JSON
+    ) -> None:
+        self.name = SOURCE_NAME
+        self.options = options
+        self.data = MMRRecords(dataset_dir, json_name)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        """One image, its drawn questions as conversations; masks uint8 [#[SEG], H, W]."""
+        position = int(rng.integers(len(self.data)))
+        label, parsed = self.data.questions(position)
+        count = min(len(parsed), self.options.num_classes_per_sample)
+        chosen = [parsed[int(k)] for k in rng.choice(len(parsed), size=count, replace=False)]
+        image, path = self.data.image(position, label)
+        conversations = [
+            [(question([q.text], True, rng, self.options.use_expand_question_list), q.answer)]
+            for q in chosen
+        ]
+        masks = self.data.masks(chosen, image.shape[:2], label)
+        return Sample(image, conversations, masks, str(path), self.name)
+
+    def check(self, deep: bool = False) -> Iterator[DataError]:
+        yield from self.data.check(deep)
+
+
+def build_mmr_source(
+    dataset_dir: Path, options: SamplingOptions, json_name: str = MMR_TRAIN_JSON
+) -> MMRSource:
+    """The `multi_part_reason_seg` training source of `MMR/<json_name>`."""
+    return MMRSource(Path(dataset_dir), options, json_name)
+
+
+def build_mmr_sources(
+    dataset_dir: Path, names: Sequence[str], options: SamplingOptions
+) -> list[MMRSource]:
+    """The mixer's factory: one source per name, a json file under `MMR/` ("MMR" alone means
+    MMR_train.json); ValueError naming the accepted forms otherwise."""
+    sources = []
+    for name in names or [MMR_TRAIN_JSON]:
+        json_name = MMR_TRAIN_JSON if name == MMR_DIR else name
+        if not json_name.endswith(".json"):
+            raise ValueError(
+                f"unknown multi_part_reason_seg data {name!r}; expected {MMR_DIR!r} "
+                f"or a json file name under {MMR_DIR}/ such as {MMR_TRAIN_JSON!r}"
+            )
+        sources.append(build_mmr_source(dataset_dir, options, json_name))
+    return sources
+
+
+def validation_answer(answer: str) -> str:
+    """The answer with a final "." (as MMR's validation), not doubled."""
+    return answer if answer.endswith(".") else answer + "."
+
+
+class MMRValidation:
+    """MMR validation (`MultiPartReasonSeg|<split>` + `--val_json_name`): per image record, each
+    question its own teacher-forced conversation; one target per `[SEG]`, in order."""
+
+    def __init__(
+        self, dataset_dir: Path, json_name: str = MMR_VAL_JSON, split: str = "val"
+    ) -> None:
+        self.data = MMRRecords(dataset_dir, json_name)
+        self.name = f"MultiPartReasonSeg|{split} ({json_name})"
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, position: int) -> ValidationSample:
+        label, parsed = self.data.questions(position)
+        image, path = self.data.image(position, label)
+        conversations = [
+            [(validation_question(q.text, is_sentence=True), validation_answer(q.answer))]
+            for q in parsed
+        ]
+        names = [str(ann.get("category_name", q.text)) for q in parsed for ann in q.annotations]
+        record = self.data.records[position]
+        return ValidationSample(
+            image,
+            conversations,
+            self.data.masks(parsed, image.shape[:2], label),
+            str(path),
+            SOURCE_NAME,
+            target_names=names,
+            record_id=str(record.get("image_id", record["file_name"])),
+        )
+
+    def check(self, deep: bool = False) -> Iterator[DataError]:
+        yield from self.data.check(deep)

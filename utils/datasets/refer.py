@@ -1,0 +1,363 @@
+"""Reader of REFER-format referring datasets (refCLEF, refCOCO, refCOCO+, refCOCOg, gRefCOCO):
+a refs file (pickle or json list of refs) plus a COCO-style `instances.json`.
+
+Shared by the training sources (`utils.datasets.refer_seg`) and the validation sets
+(`utils.datasets.validation`); `decode_segmentation` is also used by MMR. Opening an index reads
+only the annotation files; images and masks are decoded on demand. Everything lives under
+`<dataset_dir>/refer_seg/` (the layout training uses; LISA's validation looked directly under
+`<dataset_dir>`, which we do not copy).
+
+The refs pickle files are Python pickles: only open files from a source you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+from utils.datasets.base import DataError, read_image, resolve_inside
+
+REFER_ROOT = "refer_seg"
+COCO_TRAIN2014 = "refer_seg/images/mscoco/images/train2014"
+SAIAPR_IMAGES = "refer_seg/images/saiapr_tc-12"
+# A polygon needs 3 points (x, y pairs) to enclose any area; COCO drops shorter ones.
+MIN_POLYGON_COORDS = 6
+# gRefCOCO writes the empty target as ann_id [-1] (RefZOM as []).
+NO_TARGET_ANN_ID = -1
+TRAIN_SPLIT = "train"
+
+# dataset -> (default splitBy, image folder relative to --dataset_dir)
+REFER_DATASETS: dict[str, tuple[str, str]] = {
+    "refclef": ("unc", SAIAPR_IMAGES),
+    "refcoco": ("unc", COCO_TRAIN2014),
+    "refcoco+": ("unc", COCO_TRAIN2014),
+    "refcocog": ("umd", COCO_TRAIN2014),
+    "grefcoco": ("unc", COCO_TRAIN2014),
+}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One referring record: every sentence refers to the union of `ann_ids` (empty: no target)."""
+
+    ref_id: int | str
+    image_id: int
+    ann_ids: tuple[int, ...]
+    split: str
+    sentences: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"ref_id {self.ref_id}"
+
+
+def refs_file_candidates(dataset: str, split_by: str) -> list[str]:
+    """File names a dataset's refs may have, in order of preference."""
+    if dataset == "grefcoco":
+        return [f"grefs({split_by}).json", f"grefs({split_by}).p"]
+    return [f"refs({split_by}).p"]
+
+
+def _load_refs(path: Path) -> list:
+    try:
+        if path.suffix == ".json":
+            refs = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            with path.open("rb") as handle:
+                refs = pickle.load(handle)
+    # unpickling a damaged file can raise almost any exception type
+    except Exception as error:
+        raise DataError(path, None, f"cannot be read: {error}", "re-download it") from error
+    if not isinstance(refs, list):
+        raise DataError(path, None, f"holds a {type(refs).__name__}, expected a list of refs")
+    if not refs:
+        raise DataError(path, None, "holds no refs", "the file is empty; re-download it")
+    return refs
+
+
+def read_json(path: Path, hint: str) -> object:
+    """A JSON file's content; DataError with `hint` when it is missing or not valid JSON."""
+    if not path.is_file():
+        raise DataError(path, None, "does not exist", hint)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(path, None, f"is not valid JSON: {error}", hint) from error
+
+
+def _load_instances(path: Path) -> dict:
+    instances = read_json(path, f"expected the COCO instances file {path}")
+    keys = ("images", "annotations")
+    if not isinstance(instances, dict) or not all(
+        isinstance(instances.get(key), list) for key in keys
+    ):
+        raise DataError(path, None, "expected a JSON object with 'images' and 'annotations' lists")
+    if not instances["images"] or not instances["annotations"]:
+        raise DataError(path, None, "has no images or no annotations", "re-download it")
+    return instances
+
+
+def _ann_ids(raw: dict, file: Path, label: str) -> tuple[int, ...]:
+    """`ann_id` as a tuple: int -> (id,); gRefCOCO list; [-1], [] or no_target -> ()."""
+    ann_id = raw["ann_id"]
+    ids = list(ann_id) if isinstance(ann_id, list | tuple) else [ann_id]
+    if raw.get("no_target") or ids == [NO_TARGET_ANN_ID]:
+        return ()
+    if not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise DataError(file, label, f"ann_id {ann_id!r} is not an annotation id or a list of them")
+    return tuple(ids)
+
+
+def parse_ref(raw: object, position: int, file: Path) -> Ref:
+    """One raw ref as a `Ref`; DataError naming the missing or malformed field."""
+    if not isinstance(raw, dict):
+        raise DataError(file, f"refs[{position}]", "is not a dict")
+    label = f"ref_id {raw['ref_id']}" if "ref_id" in raw else f"refs[{position}]"
+    missing = [
+        key for key in ("ref_id", "image_id", "ann_id", "split", "sentences") if key not in raw
+    ]
+    if missing:
+        raise DataError(file, label, f"missing required field(s) {missing}")
+    sentences = raw["sentences"]
+    if not isinstance(sentences, list) or not sentences:
+        raise DataError(file, label, "'sentences' is not a non-empty list")
+    if not all(isinstance(s, dict) and isinstance(s.get("sent"), str) for s in sentences):
+        raise DataError(file, label, "a sentence lacks its 'sent' string")
+    return Ref(
+        raw["ref_id"],
+        raw["image_id"],
+        _ann_ids(raw, file, label),
+        str(raw["split"]),
+        tuple(s["sent"] for s in sentences),
+    )
+
+
+def _polygon_problems(segmentation: list) -> list[str]:
+    return [
+        f"polygon {i} has {len(p)} coordinates (needs an even number >= {MIN_POLYGON_COORDS})"
+        for i, p in enumerate(segmentation)
+        if len(p) < MIN_POLYGON_COORDS or len(p) % 2
+    ]
+
+
+def segmentation_problems(segmentation: object, shape: tuple[int, int]) -> list[str]:
+    """Everything wrong with a COCO segmentation for an image of `shape` (H, W); [] if none.
+
+    Degenerate polygon parts are listed although `decode_segmentation` only drops them.
+    """
+    if isinstance(segmentation, dict):
+        segmentation = [segmentation]
+    if not isinstance(segmentation, list) or not segmentation:
+        return ["segmentation is empty or neither polygons nor RLE"]
+    if all(isinstance(part, list) for part in segmentation):
+        return _polygon_problems(segmentation)
+    problems = []
+    for part in segmentation:
+        if not isinstance(part, dict) or "size" not in part or "counts" not in part:
+            problems.append("RLE part lacks 'size' or 'counts'")
+        elif list(part["size"]) != list(shape):
+            problems.append(
+                f"RLE size {list(part['size'])} differs from the image's [H, W] {list(shape)}"
+            )
+    return problems
+
+
+def decode_segmentation(
+    segmentation: object, shape: tuple[int, int], file: str | Path, record: object
+) -> np.ndarray:
+    """A COCO segmentation (polygons, RLE or a list of RLEs) as a binary uint8 [H, W] mask.
+
+    Components are summed then binarised. Polygon parts with fewer than 3 points are dropped (as
+    COCO tools do); DataError if nothing valid is left or an RLE's size differs from `shape`.
+    """
+    problems = segmentation_problems(segmentation, shape)
+    is_polygons = isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation)
+    if is_polygons and problems:
+        segmentation = [p for p in segmentation if len(p) >= MIN_POLYGON_COORDS and len(p) % 2 == 0]
+        if not segmentation:
+            raise DataError(file, record, "; ".join(problems))
+    elif problems:
+        raise DataError(file, record, "; ".join(problems))
+    height, width = shape
+    parts = segmentation if isinstance(segmentation, list) else [segmentation]
+    try:
+        if is_polygons:
+            rles = coco_mask.frPyObjects(parts, height, width)
+        else:
+            rles = [_compressed(part, height, width) for part in parts]
+        decoded = coco_mask.decode(rles)
+    # pycocotools raises bare Exceptions for malformed input (e.g. non-numeric coordinates)
+    except Exception as error:
+        raise DataError(file, record, f"segmentation cannot be decoded: {error}") from error
+    return (decoded.reshape(height, width, -1).sum(axis=2) > 0).astype(np.uint8)
+
+
+def _compressed(rle: dict, height: int, width: int) -> dict:
+    """An RLE with bytes counts (json stores str; uncompressed RLE stores a list)."""
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        return coco_mask.frPyObjects(rle, height, width)
+    return {
+        "size": [height, width],
+        "counts": counts.encode() if isinstance(counts, str) else counts,
+    }
+
+
+class ReferIndex:
+    """The refs and instances of one referring dataset, indexed by image and annotation id.
+
+    refs: every well-formed ref (all splits); problems: DataErrors for records that could not be
+    indexed (reported by `check`, raised by nothing else).
+    """
+
+    def __init__(self, refs_file: Path, instances_file: Path, image_dir: Path) -> None:
+        if not refs_file.is_file():
+            raise DataError(
+                refs_file, None, "does not exist", f"expected the refs file {refs_file}"
+            )
+        self.refs_file, self.instances_file, self.image_dir = refs_file, instances_file, image_dir
+        raw_refs = _load_refs(refs_file)
+        instances = _load_instances(instances_file)
+        self.problems: list[DataError] = []
+        self.images = self._by_id(instances["images"], ("id", "file_name", "height", "width"))
+        self.annotations = self._by_id(instances["annotations"], ("id", "segmentation"))
+        self.refs: list[Ref] = []
+        for position, raw in enumerate(raw_refs):
+            try:
+                self.refs.append(parse_ref(raw, position, refs_file))
+            except DataError as error:
+                self.problems.append(error)
+
+    def _by_id(self, entries: list, required: tuple[str, ...]) -> dict[int, dict]:
+        table = {}
+        for position, entry in enumerate(entries):
+            if isinstance(entry, dict) and all(key in entry for key in required):
+                table[entry["id"]] = entry
+            else:
+                self.problems.append(
+                    DataError(self.instances_file, f"entry {position}", f"lacks one of {required}")
+                )
+        return table
+
+    def refs_by_image(self, split: str) -> dict[int, list[Ref]]:
+        """Refs of `split` grouped by image id, in file order."""
+        grouped: dict[int, list[Ref]] = {}
+        for ref in self.refs:
+            if ref.split == split:
+                grouped.setdefault(ref.image_id, []).append(ref)
+        return grouped
+
+    def splits(self) -> list[str]:
+        return sorted({ref.split for ref in self.refs})
+
+    def image_shape(self, image_id: int, record: object) -> tuple[int, int]:
+        if image_id not in self.images:
+            raise DataError(self.refs_file, record, f"image_id {image_id} is not in instances.json")
+        info = self.images[image_id]
+        return int(info["height"]), int(info["width"])
+
+    def image_path(self, image_id: int, record: object) -> Path:
+        self.image_shape(image_id, record)
+        return resolve_inside(
+            self.image_dir, self.images[image_id]["file_name"], self.refs_file, record
+        )
+
+    def read_image(self, image_id: int, record: object) -> tuple[np.ndarray, Path]:
+        """uint8 RGB [H, W, 3] and its path; DataError if its size differs from instances.json."""
+        path = self.image_path(image_id, record)
+        image = read_image(path, self.refs_file, record)
+        shape = self.image_shape(image_id, record)
+        if image.shape[:2] != shape:
+            raise DataError(
+                self.refs_file,
+                record,
+                f"image {path} is {image.shape[1]}x"
+                f"{image.shape[0]} but instances.json says {shape[1]}x{shape[0]}",
+            )
+        return image, path
+
+    def ref_mask(self, ref: Ref) -> np.ndarray | None:
+        """uint8 [H, W] union of the ref's annotations; None for a no-target ref."""
+        if not ref.ann_ids:
+            return None
+        shape = self.image_shape(ref.image_id, ref.label)
+        union = np.zeros(shape, np.uint8)
+        for ann_id in ref.ann_ids:
+            if ann_id not in self.annotations:
+                raise DataError(
+                    self.refs_file,
+                    ref.label,
+                    f"ann_id {ann_id} is not in {self.instances_file.name}",
+                )
+            record = f"{ref.label}, annotation id {ann_id}"
+            segmentation = self.annotations[ann_id]["segmentation"]
+            union |= decode_segmentation(segmentation, shape, self.instances_file, record)
+        return union
+
+    def check(self, split: str | None, deep: bool = False) -> Iterator[DataError]:
+        """Every bad record of `split` (None: all splits), plus the records not indexed."""
+        yield from self.problems
+        seen_images: set[int] = set()
+        for ref in self.refs:
+            if split is None or ref.split == split:
+                yield from self._check_ref(ref, seen_images, deep)
+
+    def _check_ref(self, ref: Ref, seen_images: set[int], deep: bool) -> Iterator[DataError]:
+        try:
+            shape = self.image_shape(ref.image_id, ref.label)
+            if ref.image_id not in seen_images:
+                seen_images.add(ref.image_id)
+                path = self.image_path(ref.image_id, ref.label)
+                if deep:
+                    self.read_image(ref.image_id, ref.label)
+                elif not path.is_file():
+                    yield DataError(self.refs_file, ref.label, f"image {path} does not exist")
+        except DataError as error:
+            yield error
+            if ref.image_id not in self.images:  # without its size no mask can be checked
+                return
+        for ann_id in ref.ann_ids:
+            yield from self._check_annotation(ref, ann_id, shape, deep)
+
+    def _check_annotation(
+        self, ref: Ref, ann_id: int, shape: tuple[int, int], deep: bool
+    ) -> Iterator[DataError]:
+        if ann_id not in self.annotations:
+            message = f"ann_id {ann_id} is not in {self.instances_file.name}"
+            yield DataError(self.refs_file, ref.label, message)
+            return
+        segmentation = self.annotations[ann_id]["segmentation"]
+        record = f"{ref.label}, annotation id {ann_id}"
+        problems = segmentation_problems(segmentation, shape)
+        yield from (DataError(self.instances_file, record, problem) for problem in problems)
+        if deep and not problems:
+            try:
+                decode_segmentation(segmentation, shape, self.instances_file, record)
+            except DataError as error:
+                yield error
+
+
+def open_refer_index(dataset_dir: str | Path, dataset: str, split_by: str = "") -> ReferIndex:
+    """The index of `refer_seg/<dataset>/` with its default splitBy unless `split_by` is given.
+
+    Raises ValueError for an unknown dataset, DataError naming the expected files when missing.
+    """
+    if dataset not in REFER_DATASETS:
+        raise ValueError(f"unknown referring dataset {dataset!r}; known: {sorted(REFER_DATASETS)}")
+    default_split_by, image_dir = REFER_DATASETS[dataset]
+    directory = Path(dataset_dir) / REFER_ROOT / dataset
+    candidates = [
+        directory / name for name in refs_file_candidates(dataset, split_by or default_split_by)
+    ]
+    refs_file = next((path for path in candidates if path.is_file()), None)
+    if refs_file is None:
+        names = " or ".join(path.name for path in candidates)
+        hint = f"expected {names} beside instances.json in <dataset_dir>/{REFER_ROOT}/{dataset}/"
+        raise DataError(candidates[0], None, "does not exist", hint)
+    return ReferIndex(refs_file, directory / "instances.json", Path(dataset_dir) / image_dir)
