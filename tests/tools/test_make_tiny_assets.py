@@ -1,0 +1,376 @@
+"""tools/make_tiny_assets.py: every family in its real layout and format, deterministic, and
+truthful (texts name what the masks cover, absent targets are absent, distractors exist)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from tools.make_tiny_assets import ROOT, make_tiny_assets, parse_image_size
+from tools.tiny_assets.common import AssetOptions, Context
+from tools.tiny_assets.parts import PASCAL_IMAGE_DIR
+from tools.tiny_assets.refer import train2014_scenes
+from utils.shapes_world import COLOURS, OBJECT_SHAPES, PALETTE, rasterize
+
+MMR_SPLITS = ("train", "val", "test_obj_only", "test_part_only", "test_mixed")
+REFER = "refer_seg"
+EXPECTED = [
+    "ade20k/images/training/*.jpg",
+    "ade20k/annotations/training/*.png",
+    "ade20k/ade20k_classes.json",
+    "cocostuff/train2017/*.png",
+    "cocostuff/cocostuff_classes.txt",
+    "coco/train2017/*.jpg",
+    "mapillary/config_v2.0.json",
+    "mapillary/training/v2.0/labels/*.png",
+    "mapillary/training/images/*.jpg",
+    "vlpart/paco/annotations/paco_lvis_v1_train.json",
+    "vlpart/pascal_part/train.json",
+    f"{PASCAL_IMAGE_DIR}/*.jpg",
+    *[f"{REFER}/{d}/refs(unc).p" for d in ("refcoco", "refcoco+", "refclef")],
+    f"{REFER}/refcocog/refs(umd).p",
+    *[f"{REFER}/{d}/instances.json" for d in ("refcoco", "refcoco+", "refcocog", "refclef")],
+    f"{REFER}/grefcoco/grefs(unc).json",
+    f"{REFER}/grefcoco/grefs(unc).p",
+    f"{REFER}/grefcoco/instances.json",
+    f"{REFER}/images/mscoco/images/train2014/COCO_train2014_*.jpg",
+    f"{REFER}/images/saiapr_tc-12/*/images/*.jpg",
+    *[f"MMR/MMR_{split}.json" for split in MMR_SPLITS],
+    f"{REFER}/images/mscoco/images/train2017/*.jpg",
+    f"{REFER}/images/mscoco/images/val2017/*.jpg",
+    *[f"{REFER}/RefCOCOm/annotations/refcocom_{s}.json" for s in ("val", "testA", "testB")],
+    f"{REFER}/RefCOCOm/masks/*.png",
+    *[f"reason_seg/ReasonSeg/{s}/*.{e}" for s in ("train", "val", "test") for e in ("jpg", "json")],
+    "reason_seg/ReasonSeg/explanatory/train.json",
+    "llava_dataset/llava_instruct_150k.json",
+]
+REF_KEYS = {"ref_id", "image_id", "ann_id", "category_id", "split", "file_name", "sent_ids",
+            "sentences"}  # fmt: skip
+SENTENCE_KEYS = {"sent", "raw", "sent_id", "tokens"}
+MMR_KEYS = {"file_name", "height", "width", "image_id", "coco_url", "not_exhaustive_category_ids",
+            "neg_category_ids", "questions", "annotations", "answers", "text_answers",
+            "raw_answers"}  # fmt: skip
+MMR_ANN_KEYS = {"bbox", "segmentation", "image_id", "category_name", "category_id",
+                "sorted_category_id"}  # fmt: skip
+PALETTE_RGB = np.array(list(PALETTE.values()), dtype=np.float32)
+MAX_UNION_IOU = 0.6
+MIN_DISTRACTOR_SHARE = 0.7
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """Defaults (with the tiny models), and the seconds the dataset alone took."""
+    out = tmp_path_factory.mktemp("tiny_assets")
+    start = time.perf_counter()
+    make_tiny_assets(out / "data_only", seed=0, models=False)
+    seconds = time.perf_counter() - start
+    make_tiny_assets(out, seed=0)
+    return out, seconds
+
+
+@pytest.fixture(scope="module")
+def root(assets: tuple[Path, float]) -> Path:
+    return assets[0] / "dataset"
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def dominant_colour(image: np.ndarray, mask: np.ndarray) -> str:
+    """The palette colour nearest to most of the masked pixels."""
+    pixels = image[mask.astype(bool)].astype(np.float32)
+    nearest = np.linalg.norm(pixels[:, None] - PALETTE_RGB[None], axis=-1).argmin(axis=1)
+    return COLOURS[np.bincount(nearest, minlength=len(COLOURS)).argmax()]
+
+
+def named_colour(text: str) -> str | None:
+    return next((w for w in text.split() if w in COLOURS), None)
+
+
+def file_bytes(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def load_refs(root: Path, dataset: str) -> list[dict]:
+    name = "refs(umd).p" if dataset == "refcocog" else "refs(unc).p"
+    with open(root / REFER / dataset / name, "rb") as handle:
+        return pickle.load(handle)
+
+
+def test_writes_every_reference_path_quickly(assets: tuple[Path, float], root: Path) -> None:
+    out, seconds = assets
+    missing = [pattern for pattern in EXPECTED if not list(root.glob(pattern))]
+    assert not missing
+    assert (out / "llava_tiny" / "config.json").is_file()
+    assert (out / "vision_pretrained" / "sam_tiny.pth").is_file()
+    assert seconds < 15, f"the default dataset took {seconds:.1f} s"
+
+
+def test_same_seed_same_bytes_other_seed_differs(assets, tmp_path: Path) -> None:
+    first = file_bytes(assets[0] / "data_only" / "dataset")
+    again = file_bytes(make_tiny_assets(tmp_path / "again", seed=0, models=False) / "dataset")
+    other = file_bytes(make_tiny_assets(tmp_path / "other", seed=1, models=False) / "dataset")
+    assert first == again
+    assert first.keys() == file_bytes(assets[0] / "dataset").keys()
+    changed = [name for name in first if other.get(name) != first[name]]
+    assert any(name.endswith(".p") for name in changed)
+    assert any(name.endswith(".jpg") for name in changed)
+    assert any(name.endswith(".png") for name in changed)
+
+
+def test_refer_pickles_have_the_exact_keys(root: Path) -> None:
+    for dataset in ("refcoco", "refcoco+", "refcocog", "refclef"):
+        refs = load_refs(root, dataset)
+        splits = {"train", "val", "test"} if dataset == "refcocog" else {
+            "train", "val", "testA", "testB"}  # fmt: skip
+        assert {r["split"] for r in refs} == splits
+        for ref in refs:
+            assert set(ref) == REF_KEYS and isinstance(ref["ann_id"], int)
+            assert ref["sent_ids"] == [s["sent_id"] for s in ref["sentences"]]
+            assert all(set(s) == SENTENCE_KEYS for s in ref["sentences"])
+            assert all(s["tokens"] == s["sent"].split() for s in ref["sentences"])
+
+
+def test_instances_decode_to_the_scene_masks(root: Path) -> None:
+    coco = COCO(str(root / REFER / "refcoco" / "instances.json"))
+    scenes = train2014_scenes(Context(root, AssetOptions(), seed=0))
+    kinds = set()
+    for image_id, scene in zip(sorted(coco.getImgIds()), scenes, strict=True):
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        assert len(anns) == len(scene.objects)
+        for ann, obj in zip(anns, scene.objects, strict=True):
+            kinds.add(type(ann["segmentation"]).__name__)
+            assert np.array_equal(coco.annToMask(ann).astype(bool), obj.mask)
+            assert coco.loadCats(ann["category_id"])[0]["name"] == obj.shape
+    assert kinds == {"list", "dict"}
+    for dataset in ("refcoco+", "refcocog", "grefcoco"):
+        assert (root / REFER / dataset / "instances.json").read_bytes() == (
+            root / REFER / "refcoco" / "instances.json"
+        ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("path", "counts_type"),
+    [
+        ("vlpart/paco/annotations/paco_lvis_v1_train.json", str),
+        ("vlpart/pascal_part/train.json", list),
+    ],
+)
+def test_part_datasets_decode_with_pycocotools(root: Path, path: str, counts_type: type) -> None:
+    coco = COCO(str(root / path))
+    names = [c["name"] for c in coco.loadCats(coco.getCatIds())]
+    assert any(":" in name for name in names)
+    if "pascal" in path:
+        assert all(len(name.split(":")) == 2 for name in names)
+    else:
+        assert "car_(automobile):wheel" in names and "house" in names
+    rle_counts = set()
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        image = coco.loadImgs(ann["image_id"])[0]
+        assert coco.annToMask(ann).shape == (image["height"], image["width"])
+        assert coco.annToMask(ann).sum() == ann["area"] > 0
+        if isinstance(ann["segmentation"], dict):
+            rle_counts.add(type(ann["segmentation"]["counts"]))
+    assert rle_counts == {counts_type}
+
+
+def test_grefcoco_lists_no_target_and_multi_target(root: Path) -> None:
+    base = root / REFER / "grefcoco"
+    refs = json.loads((base / "grefs(unc).json").read_text())
+    with open(base / "grefs(unc).p", "rb") as handle:
+        assert pickle.load(handle) == refs
+    coco = COCO(str(base / "instances.json"))
+    assert {r["split"] for r in refs} == {"train", "val", "testA", "testB"}
+    assert any(len(r["ann_id"]) > 1 for r in refs)
+    empty = [r for r in refs if r["no_target"]]
+    assert empty and all(r["ann_id"] == [-1] == r["category_id"] for r in empty)
+    for ref in empty:
+        colour, shape = ref["sentences"][0]["sent"].split()[-2:]
+        image = read_rgb(
+            root
+            / REFER
+            / "images/mscoco/images/train2014"
+            / coco.imgs[ref["image_id"]]["file_name"]
+        )
+        same_shape = [
+            a
+            for a in coco.imgToAnns[ref["image_id"]]
+            if coco.cats[a["category_id"]]["name"] == shape
+        ]
+        assert all(dominant_colour(image, coco.annToMask(a)) != colour for a in same_shape)
+
+
+def test_refer_texts_name_the_masked_pixels_and_distractors_exist(root: Path) -> None:
+    coco = COCO(str(root / REFER / "refcoco" / "instances.json"))
+    images = root / REFER / "images/mscoco/images/train2014"
+    ious, shares, checked = [], [], 0
+    for ref in [r for r in load_refs(root, "refcoco") if r["split"] == "val"]:
+        image = read_rgb(images / coco.imgs[ref["image_id"]]["file_name"])
+        anns = coco.imgToAnns[ref["image_id"]]
+        target = coco.annToMask(coco.anns[ref["ann_id"]]).astype(bool)
+        kinds = {
+            a["id"]: (
+                coco.cats[a["category_id"]]["name"],
+                dominant_colour(image, coco.annToMask(a)),
+            )
+            for a in anns
+        }
+        for sentence in ref["sentences"]:
+            if named_colour(sentence["sent"]):
+                assert named_colour(sentence["sent"]) == kinds[ref["ann_id"]][1]
+                checked += 1
+        union = np.logical_or.reduce([coco.annToMask(a).astype(bool) for a in anns])
+        ious.append(target.sum() / union.sum())
+        if len(anns) > 1:
+            shape, colour = kinds[ref["ann_id"]]
+            others = [k for i, k in kinds.items() if i != ref["ann_id"]]
+            shares.append(any(s == shape or c == colour for s, c in others))
+            assert (shape, colour) not in others  # every object is named uniquely
+    assert checked > 10
+    assert np.mean(ious) < MAX_UNION_IOU
+    assert np.mean(shares) >= MIN_DISTRACTOR_SHARE
+
+
+def test_mmr_records_placeholders_and_rle(root: Path) -> None:
+    for split in MMR_SPLITS:
+        records = json.loads((root / "MMR" / f"MMR_{split}.json").read_text())
+        assert records
+        for record in records:
+            assert set(record) == MMR_KEYS
+            folder = "train2017/" if split == "train" else "val2017/"
+            assert record["file_name"].startswith(folder)
+            image = read_rgb(root / REFER / "images/mscoco/images" / record["file_name"])
+            assert image.shape[:2] == (record["height"], record["width"])
+            assert len(record["questions"]) == len(record["answers"]) == len(record["text_answers"])
+            for answers, text in zip(record["answers"], record["text_answers"], strict=True):
+                assert text.count("{seg}") == len(answers) > 0
+                assert text.count("{") == text.count("}") == len(answers)
+                names = {a["category_name"] for a in answers}
+                parts = {":" in name for name in names}
+                assert parts == {
+                    "test_obj_only": {False},
+                    "test_part_only": {True},
+                    "test_mixed": {False, True},
+                }.get(split, parts)
+                for piece, ann in zip(text.split("{seg}"), answers, strict=False):
+                    assert set(ann) == MMR_ANN_KEYS
+                    segmentation = ann["segmentation"]
+                    assert isinstance(segmentation["counts"], str)
+                    mask = mask_utils.decode(segmentation)
+                    assert (
+                        list(mask.shape)
+                        == segmentation["size"]
+                        == [record["height"], record["width"]]
+                    )
+                    words = piece.split()
+                    obj, _, part = ann["category_name"].partition(":")
+                    assert obj in words and (not part or part in words)
+                    if not part:  # "the red circle {seg}": the colour before the shape
+                        assert words[words.index(obj) - 1] == dominant_colour(image, mask)
+
+
+def test_reason_seg_jsons_and_explanations(root: Path) -> None:
+    base = root / "reason_seg" / "ReasonSeg"
+    labels, sentences = set(), set()
+    for path in sorted(base.glob("*/*.json")):
+        if path.parent.name == "explanatory":
+            continue
+        data = json.loads(path.read_text())
+        image = read_rgb(path.with_suffix(".jpg"))
+        assert (data["imageHeight"], data["imageWidth"]) == image.shape[:2]
+        assert 1 <= len(data["text"]) <= 5 and all(isinstance(t, str) for t in data["text"])
+        sentences.add(data["is_sentence"])
+        labels |= {s["label"] for s in data["shapes"]}
+        targets = [sum(s["points"], []) for s in data["shapes"] if s["label"] == "target"]
+        mask = rasterize(targets, *image.shape[:2])
+        if not data["is_sentence"]:
+            assert named_colour(data["text"][0]) == dominant_colour(image, mask)
+    assert labels == {"target", "ignore", "flag"} and sentences == {True, False}
+    explanatory = json.loads((base / "explanatory" / "train.json").read_text())
+    assert explanatory and all(set(e) == {"image", "query", "outputs"} for e in explanatory)
+    assert all((base / "train" / e["image"]).is_file() for e in explanatory)
+
+
+def test_semantic_label_maps_and_vocabularies(root: Path) -> None:
+    ade = json.loads((root / "ade20k" / "ade20k_classes.json").read_text())
+    assert len(ade) == 150 and set(OBJECT_SHAPES) <= set(ade)
+    for label_path in (root / "ade20k/annotations/training").glob("*.png"):
+        label = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
+        image = read_rgb(root / "ade20k/images/training" / f"{label_path.stem}.jpg")
+        assert label.dtype == np.uint8 and label.shape == image.shape[:2]
+        values = set(np.unique(label).tolist())
+        assert 0 in values and {ade[v - 1] for v in values - {0}} <= set(OBJECT_SHAPES)
+    lines = (root / "cocostuff" / "cocostuff_classes.txt").read_text().splitlines()
+    assert len(lines) == 183 and lines[0] == "0: unlabeled"
+    assert all(re.fullmatch(rf"{i}: \S.*", line) for i, line in enumerate(lines))
+    stuff = [line.split(": ", 1)[1] for line in lines[1:]]
+    for label_path in (root / "cocostuff" / "train2017").glob("*.png"):
+        label = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
+        assert label.shape == read_rgb(root / "coco/train2017" / f"{label_path.stem}.jpg").shape[:2]
+        names = {stuff[v] for v in np.unique(label).tolist() if v != 255}
+        assert {n for n in names if "-" not in n} <= set(OBJECT_SHAPES) and any(
+            "-" in n for n in names
+        )
+    config = json.loads((root / "mapillary" / "config_v2.0.json").read_text())
+    readable = [label["readable"].lower() for label in config["labels"]]
+    for label_path in (root / "mapillary/training/v2.0/labels").glob("*.png"):
+        label = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
+        assert (
+            label.shape
+            == read_rgb(root / "mapillary/training/images" / f"{label_path.stem}.jpg").shape[:2]
+        )
+        assert {readable[v] for v in np.unique(label).tolist()} <= set(OBJECT_SHAPES) | {
+            "unlabeled"
+        }
+
+
+def test_vqa_and_refcocom_records(root: Path) -> None:
+    records = json.loads((root / "llava_dataset" / "llava_instruct_150k.json").read_text())
+    for record in records:
+        assert set(record) == {"id", "image", "conversations"}
+        assert (root / "coco" / "train2017" / record["image"]).is_file()
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].count("<image>") == 1
+    base = root / REFER / "RefCOCOm"
+    for split in ("val", "testA", "testB"):
+        for entry in json.loads((base / "annotations" / f"refcocom_{split}.json").read_text()):
+            assert entry["sentences_num"] == len(entry["sentences"]) > 0
+            mask = cv2.imread(
+                str(base / "masks" / f"{entry['segment_id']}.png"), cv2.IMREAD_UNCHANGED
+            )
+            assert set(np.unique(mask).tolist()) == {0, 255}
+            image = read_rgb(root / REFER / "images/mscoco/images/train2014" / entry["img_name"])
+            assert mask.shape == image.shape[:2]
+
+
+def test_parse_image_size() -> None:
+    assert parse_image_size("96") == (96, 96)
+    assert parse_image_size("640x480") == (640, 480)
+    with pytest.raises(Exception, match="WxH"):
+        parse_image_size("big")
+
+
+def test_cli_writes_640x480(tmp_path: Path) -> None:
+    script = ROOT / "tools" / "make_tiny_assets.py"
+    command = [sys.executable, str(script), "--out", str(tmp_path), "--image_size", "640x480",
+               "--images_per_split", "1", "--no-models"]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    images = list((tmp_path / "dataset").rglob("*.jpg"))
+    assert len(images) > 20
+    assert all(cv2.imread(str(p)).shape == (480, 640, 3) for p in images)
+    assert not (tmp_path / "llava_tiny").exists()

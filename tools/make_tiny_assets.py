@@ -1,0 +1,191 @@
+"""Write a tiny synthetic dataset in every family's real layout, plus the tiny models.
+
+    python tools/make_tiny_assets.py --out DIR [--seed 0] [--image_size 96x72]
+        [--images_per_split 8] [--min_objects 2] [--max_objects 5] [--size_jitter 0]
+        [--families ade20k,refer_seg,...] [--no-models]
+
+writes `DIR/dataset/` (a `--dataset_dir`), `DIR/llava_tiny/` (a `--version`) and
+`DIR/vision_pretrained/sam_tiny.pth` (a `--vision_pretrained`). Images show coloured shapes
+(`utils.shapes_world`); every annotation is derived from the same scene objects, so texts and
+masks agree. The same seed and flags give the same bytes (JSON, pickles, PNG and JPEG).
+Files already under DIR are overwritten, never deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the project's packages importable
+    sys.path.insert(0, str(ROOT))
+
+from tools.tiny_assets.common import AssetOptions, Context, write_jpeg  # noqa: E402
+from tools.tiny_assets.grefcoco import write_grefcoco, write_refcocom  # noqa: E402
+from tools.tiny_assets.mmr import write_mmr  # noqa: E402
+from tools.tiny_assets.parts import coco_file_name, write_paco, write_pascal_part  # noqa: E402
+from tools.tiny_assets.reason_seg import write_reason_seg  # noqa: E402
+from tools.tiny_assets.refer import train2014_pool, write_refer_family  # noqa: E402
+from tools.tiny_assets.semantic import write_ade20k, write_cocostuff, write_mapillary  # noqa: E402
+from tools.tiny_assets.vqa import write_vqa  # noqa: E402
+
+FAMILIES = (
+    "ade20k",
+    "cocostuff",
+    "mapillary",
+    "paco_lvis",
+    "pascal_part",
+    "refer_seg",
+    "grefcoco",
+    "refcocom",
+    "mmr",
+    "reason_seg",
+    "vqa",
+)
+COCO2017_FAMILIES = {"cocostuff", "vqa"}
+TRAIN2014_FAMILIES = {"refer_seg", "grefcoco", "refcocom"}
+COCO2017_FIRST_ID = 200001
+DEFAULT_IMAGE_SIZE = (96, 72)
+
+
+def write_coco2017(ctx: Context, families: set[str]) -> None:
+    """COCO 2017 images shared by COCO-Stuff and the VQA records, then those families."""
+    scenes = ctx.scenes("coco train2017", ctx.options.images_per_split)
+    image_ids = [COCO2017_FIRST_ID + offset for offset in range(len(scenes))]
+    for scene, image_id in zip(scenes, image_ids, strict=True):
+        write_jpeg(ctx.root / "coco" / "train2017" / coco_file_name(image_id), scene.image)
+    if "cocostuff" in families:
+        write_cocostuff(ctx, scenes, image_ids)
+    if "vqa" in families:
+        write_vqa(ctx, scenes, image_ids)
+
+
+def write_train2014(ctx: Context, families: set[str]) -> None:
+    """The COCO train2014 pool, then the referring families that share it."""
+    pool = train2014_pool(ctx)
+    if "refer_seg" in families:
+        write_refer_family(ctx, pool)
+    if "grefcoco" in families:
+        write_grefcoco(ctx, pool)
+    if "refcocom" in families:
+        write_refcocom(ctx, pool)
+
+
+SINGLE_WRITERS = {
+    "ade20k": write_ade20k,
+    "mapillary": write_mapillary,
+    "paco_lvis": write_paco,
+    "pascal_part": write_pascal_part,
+    "mmr": write_mmr,
+    "reason_seg": write_reason_seg,
+}
+
+
+def make_tiny_assets(
+    out: str | Path,
+    seed: int = 0,
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    images_per_split: int = 8,
+    min_objects: int = 2,
+    max_objects: int = 5,
+    size_jitter: float = 0.0,
+    families: Sequence[str] = FAMILIES,
+    models: bool = True,
+) -> Path:
+    """Write `out/dataset/` (the chosen families), and unless `models` is False the tiny
+    LLaVA (`out/llava_tiny/`) and SAM (`out/vision_pretrained/sam_tiny.pth`). Returns `out`.
+
+    image_size: (W, H). images_per_split: images per split of each family (per source for
+    single-split families). size_jitter: each image shrinks by up to this fraction per side.
+    """
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"need 1 <= min_objects ({min_objects}) <= max_objects ({max_objects})")
+    out = Path(out)
+    width, height = image_size
+    options = AssetOptions(width, height, images_per_split, min_objects, max_objects, size_jitter)
+    ctx = Context(out / "dataset", options, seed)
+    chosen = set(families)
+    for name, writer in SINGLE_WRITERS.items():
+        if name in chosen:
+            writer(ctx)
+    if chosen & COCO2017_FAMILIES:
+        write_coco2017(ctx, chosen)
+    if chosen & TRAIN2014_FAMILIES:
+        write_train2014(ctx, chosen)
+    if models:
+        # heavy imports (torch, transformers) only when the models are wanted
+        from model.tiny import write_tiny_llava, write_tiny_sam
+
+        write_tiny_llava(out / "llava_tiny", seed)
+        write_tiny_sam(out / "vision_pretrained" / "sam_tiny.pth", seed)
+    return out
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'96' -> (96, 96); '640x480' -> (640, 480) as (W, H)."""
+    try:
+        sides = [int(side) for side in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) == 1:
+        sides *= 2
+    if len(sides) != 2 or min(sides) <= 0:
+        raise argparse.ArgumentTypeError(f"--image_size takes N or WxH, not {text!r}")
+    return sides[0], sides[1]
+
+
+def parse_families(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--image_size", type=parse_image_size, default=DEFAULT_IMAGE_SIZE, help="N or WxH"
+    )
+    parser.add_argument("--images_per_split", type=int, default=8)
+    parser.add_argument("--min_objects", type=int, default=2)
+    parser.add_argument("--max_objects", type=int, default=5)
+    parser.add_argument(
+        "--size_jitter", type=float, default=0.0, help="shrink each side by up to this fraction"
+    )
+    parser.add_argument(
+        "--families", type=parse_families, default=list(FAMILIES), help=",".join(FAMILIES)
+    )
+    parser.add_argument(
+        "--models",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write llava_tiny/ and vision_pretrained/sam_tiny.pth",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    out = make_tiny_assets(
+        args.out,
+        args.seed,
+        args.image_size,
+        args.images_per_split,
+        args.min_objects,
+        args.max_objects,
+        args.size_jitter,
+        args.families,
+        args.models,
+    )
+    files = sum(1 for path in out.rglob("*") if path.is_file())
+    print(f"wrote {files} files under {out} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
