@@ -3,7 +3,8 @@
 
 Says, for each requested source, whether its files are where the loaders look, how many records
 it holds, and every unreadable or inconsistent record with its file and record. Exits 1 when a
-requested source is unusable or holds bad records, 0 when everything is clean.
+requested source is unusable or holds bad records (errors), 0 when it is clean or has only
+warnings (e.g. a degenerate polygon part that is left out of its mask).
 """
 
 from __future__ import annotations

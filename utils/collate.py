@@ -28,13 +28,13 @@ from model.backbone import image_token_count
 from model.batch import Batch
 from model.tokens import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, TokenIds
 from utils.conversation import DEFAULT_CONV_TYPE, Span, Template, get_template
-from utils.datasets.base import IMAGE_PLACEHOLDER, Sample
+from utils.datasets.base import IMAGE_PLACEHOLDER, Sample, UnusableSample
 from utils.preprocess import ImageProcessors
 
 logger = logging.getLogger(__name__)
 
 
-class AllConversationsDropped(ValueError):
+class AllConversationsDropped(UnusableSample):
     """Every conversation of a sample is longer than `model_max_length`; draw another sample."""
 
 

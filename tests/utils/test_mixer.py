@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from utils.datasets.base import Sample
+from utils.datasets.base import Sample, UnusableSample
 from utils.datasets.mixer import HybridDataset, check_rates, family_factory
 
 
@@ -58,7 +58,9 @@ def test_empirical_mix_matches_the_rates() -> None:
     for family, share in shares.items():
         assert share == pytest.approx(expected[family], abs=0.02), family
     # sub-datasets of a family are picked uniformly
-    assert counts["ade20k"] / (counts["ade20k"] + counts["cocostuff"]) == pytest.approx(0.5, abs=0.04)
+    assert counts["ade20k"] / (counts["ade20k"] + counts["cocostuff"]) == pytest.approx(
+        0.5, abs=0.04
+    )
 
 
 def test_items_depend_only_on_seed_epoch_and_index() -> None:
@@ -82,7 +84,7 @@ def test_unusable_samples_are_redrawn_deterministically() -> None:
     def process(sample: Sample):
         if sample.source == "ade20k":
             rejected.append(sample.image_path)
-            return None
+            raise UnusableSample(f"{sample.image_path}: too long")
         return sample.image_path
 
     dataset = HybridDataset(

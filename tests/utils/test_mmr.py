@@ -124,7 +124,7 @@ def test_sample_raises_on_seg_count_mismatch(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "problem"),
-    [(None, "does not exist"), ("[", "not valid JSON"), ("[]", "non-empty JSON list")],
+    [(None, "does not exist"), ("[", "not valid json"), ("[]", "non-empty JSON list")],
 )
 def test_unusable_json_raises(tmp_path: Path, content: str | None, problem: str) -> None:
     if content is not None:

@@ -141,7 +141,7 @@ def test_unreadable_refs_raise(tmp_path: Path, content: bytes, problem: str) -> 
 
 @pytest.mark.parametrize(
     ("content", "problem"),
-    [("{broken", "not valid JSON"), (json.dumps({"images": [], "annotations": []}), "no images")],
+    [("{broken", "not valid json"), (json.dumps({"images": [], "annotations": []}), "no images")],
 )
 def test_bad_instances_raise(tmp_path: Path, content: str, problem: str) -> None:
     directory = fx.write_refer(tmp_path)
@@ -189,7 +189,7 @@ def test_check_reports_every_bad_record(tmp_path: Path) -> None:
     expected = {
         "ref_id 900": (refs, "does not exist"),
         "ref_id 901": (refs, "escapes the dataset root"),
-        "ref_id 902, annotation id 41": (instances, "polygon 0 has 4 coordinates"),
+        "ref_id 902, annotation id 41": (instances, "polygon 0 has 2 points"),
         "ref_id 903, annotation id 42": (instances, f"RLE size [{fx.H + 1}, {fx.W}] differs"),
         "ref_id 904": (refs, "ann_id 999 is not in instances.json"),
         "ref_id 905": (refs, "missing required field(s) ['split']"),
@@ -198,6 +198,18 @@ def test_check_reports_every_bad_record(tmp_path: Path) -> None:
     for record, (file, problem) in expected.items():
         hits = [p for p in problems if f"{file}, record {record}: " in p and problem in p]
         assert len(hits) == 1, (record, problems)
+
+
+def test_degenerate_polygon_part_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    segmentation = [fx.box_polygon(2, 10, 3, 12), [1, 1, 5, 1]]
+    extra = [{"id": 43, "image_id": 3, "segmentation": segmentation}]
+    refs = [fx.ref(906, 3, 43, "train", ["the box and a sliver"])]
+    fx.write_refer(tmp_path, refs=refs, instances_json=fx.instances(extra))
+    source = ReferSegSource(tmp_path, LISA, "refcoco")
+    (warning,) = source.check(deep=True)
+    assert not warning.fatal and "ref_id 906, annotation id 43: polygon 1 has 2" in str(warning)
+    sample = source.sample(np.random.default_rng(0))
+    assert np.array_equal(sample.masks, fx.ANN_MASKS[11][None])
 
 
 def test_deep_check_reports_undecodable_image(tmp_path: Path) -> None:

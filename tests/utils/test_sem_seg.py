@@ -8,15 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.utils import fixtures_sem as fx
 from utils.datasets.base import IGNORE_LABEL, DataError, SamplingOptions
-from utils.datasets.sem_seg import (
-    ADE20K_CLASSES,
-    LabelMapSource,
-    PartSource,
-    build_sem_seg_sources,
-)
+from utils.datasets.parts import PartSource
+from utils.datasets.sem_seg import ADE20K_CLASSES, LabelMapSource, build_sem_seg_sources
 
 LISA = SamplingOptions(num_classes_per_sample=3, prompt_style="lisa", use_expand_question_list=True)
 
@@ -270,3 +267,30 @@ def test_tiny_assets_load_with_shape_names(tiny_dataset):
         for seed in range(5):
             for name, mask in asked_masks(source.sample(np.random.default_rng(seed))).items():
                 assert name in allowed and (mask == 1).any(), (source.name, name)
+
+
+def test_part_degenerate_polygon_part_is_dropped_and_warned(tmp_path):
+    truth = next(iter(fx.write_pascal_part(tmp_path).values()))
+    path = tmp_path / "vlpart/pascal_part/train.json"
+    data = json.loads(path.read_text())
+    data["annotations"][0]["segmentation"].append([1, 1, 4, 4])  # two points beside the head
+    fx.write_json(path, data)
+    source = PartSource(tmp_path, LISA, "pascal_part")
+    (warning,) = source.check(deep=True)
+    assert not warning.fatal and "record annotation 1: polygon 1 has 2 points" in str(warning)
+    head = {name: truth[("dog", "head")] for name in part_names(("dog", "head"))}
+    for seed in fx.RNG_SEEDS:
+        for name, mask in asked_masks(source.sample(np.random.default_rng(seed))).items():
+            if name in head:
+                np.testing.assert_array_equal(mask, head[name], err_msg=name)
+
+
+def test_multi_channel_label_map_is_an_error(tmp_path):
+    fx.write_ade20k(tmp_path, with_empty=False)
+    rgb = np.zeros((fx.H, fx.W, 3), np.uint8)
+    Image.fromarray(rgb, mode="RGB").save(tmp_path / "ade20k/annotations/training/a.png")
+    source = LabelMapSource(tmp_path, LISA, "ade20k")
+    with pytest.raises(DataError, match="a.png, record a: label map .* has 3 channels, not 1"):
+        source.sample(np.random.default_rng(0))
+    (error,) = source.check(deep=True)
+    assert "has 3 channels" in str(error)

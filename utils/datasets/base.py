@@ -7,6 +7,7 @@ Every bad record raises `DataError`, which names the file, the record and what w
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,12 +23,30 @@ IGNORE_LABEL = 255
 
 
 class DataError(ValueError):
-    """A bad input record: `file`, `record` (an index, id or name) and what was expected."""
+    """A bad input record: `file`, `record` (an index, id or name) and what was expected.
 
-    def __init__(self, file: str | Path, record: object, problem: str, hint: str = "") -> None:
+    fatal: False for a finding a source's `check` reports but the loaders work around (e.g. a
+    degenerate polygon part left out of its mask); the dataset doctor lists it as a warning.
+    """
+
+    def __init__(
+        self,
+        file: str | Path,
+        record: object,
+        problem: str,
+        hint: str = "",
+        *,
+        fatal: bool = True,
+    ) -> None:
         self.file, self.record, self.problem, self.hint = str(file), record, problem, hint
+        self.fatal = fatal
         where = f"{file}" + (f", record {record}" if record is not None else "")
         super().__init__(f"{where}: {problem}" + (f" ({hint})" if hint else ""))
+
+
+class UnusableSample(ValueError):
+    """A well-formed sample that cannot be used as drawn (e.g. every conversation is longer than
+    `--model_max_length`); the mixer draws another one instead."""
 
 
 @dataclass
@@ -125,16 +144,52 @@ def read_image(
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def check_image(path: Path, file: str | Path, record: object, deep: bool) -> np.ndarray | None:
+    """A source check's look at an image: decoded when `deep` (DataError if unreadable), else
+    None once it is known to exist (DataError if it does not)."""
+    if deep:
+        return read_image(path, file, record)
+    if not path.is_file():
+        raise DataError(file, record, f"image {path} does not exist")
+    return None
+
+
+def read_json(
+    path: Path, hint: str = "", record: object = None, encodings: tuple[str, ...] = ("utf-8",)
+) -> object:
+    """Parse a json file, trying `encodings` in order; DataError naming the file (with `hint`)
+    if it is missing, undecodable, not json, or an empty list/dict."""
+    if not path.is_file():
+        raise DataError(path, record, "file does not exist", hint)
+    raw = path.read_bytes()
+    for encoding in encodings:
+        try:
+            text = raw.decode(encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        raise DataError(path, record, f"is not text in any of {', '.join(encodings)}", hint)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(path, record, f"is not valid json ({error})", hint) from error
+    if isinstance(data, (list, dict)) and not data:
+        raise DataError(path, record, "is empty", hint)
+    return data
+
+
 def read_label_map(
     path: str | Path,
     image_shape: tuple[int, int],
     file: str | Path | None = None,
     record: object = None,
 ) -> np.ndarray:
-    """Read a single-channel label map [H, W] with its stored values; DataError if it is
-    missing, unreadable, or its size differs from the image's (H, W).
+    """A single-channel PNG label map as int64 [H, W] of its stored values; DataError if it is
+    missing, unreadable, not single-channel, or its size differs from the image's (H, W).
 
     PIL keeps palette PNGs (Mapillary) as class indices, where OpenCV would return colours.
+    `file`/`record` name the annotation that referred to the map (defaults to the map).
     """
     path = Path(path)
     source = file if file is not None else path
@@ -142,11 +197,11 @@ def read_label_map(
         raise DataError(source, record, f"label map {path} does not exist")
     try:
         with Image.open(path) as stored:
-            label = np.asarray(stored)
+            label = np.array(stored)
     except (OSError, ValueError) as error:
-        raise DataError(source, record, f"label map {path} is not readable: {error}") from error
-    if label.ndim == 3:
-        label = label[..., 0]
+        raise DataError(source, record, f"label map {path} is not readable ({error})") from error
+    if label.ndim != 2:
+        raise DataError(source, record, f"label map {path} has {label.shape[-1]} channels, not 1")
     if label.shape != tuple(image_shape):
         raise DataError(
             source,
@@ -154,7 +209,7 @@ def read_label_map(
             f"label map {path} is {label.shape[1]}x{label.shape[0]} but its image is "
             f"{image_shape[1]}x{image_shape[0]} (W x H)",
         )
-    return label
+    return label.astype(np.int64)
 
 
 def stack_masks(masks: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:

@@ -1,6 +1,10 @@
 """The dataset doctor: for each requested source, whether its files are where the loaders look,
 how many records it holds, and every unreadable or inconsistent record, with file and record.
 
+Findings are errors (the loaders would raise on the record; the source is not usable) or
+warnings (`DataError.fatal` False: the loaders work around them, e.g. a degenerate polygon part
+left out of its mask); warnings are listed but do not make a source unusable.
+
 `tools/check_dataset.py` prints the report; training start runs the same checks (not deep) on
 the sources it uses and stops with the same messages instead of failing hours later.
 """
@@ -19,16 +23,25 @@ MAX_LISTED_PROBLEMS = 20
 
 @dataclass
 class SourceReport:
-    """The doctor's finding for one source: `fatal` when it cannot be opened at all."""
+    """The doctor's finding for one source: `failure` when it cannot be opened at all, else its
+    record count, its `errors` (fatal findings: the loaders would raise on those records) and
+    its `warnings` (non-fatal findings the loaders work around, e.g. dropped polygon parts)."""
 
     name: str
     records: int = 0
-    problems: list[DataError] = field(default_factory=list)
-    fatal: Exception | None = None
+    errors: list[DataError] = field(default_factory=list)
+    warnings: list[DataError] = field(default_factory=list)
+    failure: Exception | None = None
 
     @property
     def usable(self) -> bool:
-        return self.fatal is None and self.records > 0 and not self.problems
+        """Opened, not empty and without errors; warnings do not count."""
+        return self.failure is None and self.records > 0 and not self.errors
+
+    def add(self, findings: Iterable[DataError]) -> None:
+        """File each finding of a source's `check` as an error or a warning."""
+        for finding in findings:
+            (self.errors if finding.fatal else self.warnings).append(finding)
 
 
 def examine(name: str, open_source: Callable[[], Iterable], deep: bool) -> list[SourceReport]:
@@ -36,13 +49,13 @@ def examine(name: str, open_source: Callable[[], Iterable], deep: bool) -> list[
     try:
         sources = list(open_source())
     except (DataError, ValueError, OSError) as error:
-        return [SourceReport(name=name, fatal=error)]
+        return [SourceReport(name=name, failure=error)]
     reports = []
     for source in sources:
         report = SourceReport(name=getattr(source, "name", name), records=len(source))
-        report.problems.extend(source.check(deep=deep))
+        report.add(source.check(deep=deep))
         if report.records == 0:
-            report.fatal = DataError(name, None, "holds no records")
+            report.failure = DataError(name, None, "holds no records")
         reports.append(report)
     return reports
 
@@ -60,10 +73,10 @@ def examine_training(
         try:
             factory = family_factory(family)
         except ValueError as error:
-            reports.append(SourceReport(name=family, fatal=error))
+            reports.append(SourceReport(name=family, failure=error))
             continue
         if not names:
-            reports.append(SourceReport(name=family, fatal=ValueError("no sub-dataset named")))
+            reports.append(SourceReport(name=family, failure=ValueError("no sub-dataset named")))
         for name in names:
             reports += examine(
                 f"{family}/{name}", lambda f=factory, n=name: f(dataset_dir, [n], options), deep
@@ -86,24 +99,34 @@ def examine_validation(
 
 
 def format_report(reports: list[SourceReport], max_listed: int = MAX_LISTED_PROBLEMS) -> str:
-    """A human-readable report: one status line per source, then its problems."""
+    """A human-readable report: one status line per source with its error and warning counts,
+    then up to `max_listed` of its errors and of its warnings, each marked as such."""
     lines = []
     for report in reports:
-        if report.fatal is not None:
-            lines.append(f"[UNUSABLE] {report.name}: {report.fatal}")
+        if report.failure is not None:
+            lines.append(f"[UNUSABLE] {report.name}: {report.failure}")
             continue
         status = "OK" if report.usable else "BAD"
         lines.append(
-            f"[{status}] {report.name}: {report.records} records, {len(report.problems)} bad"
+            f"[{status}] {report.name}: {report.records} records, {len(report.errors)} errors, "
+            f"{len(report.warnings)} warnings"
         )
-        lines += [f"    {problem}" for problem in report.problems[:max_listed]]
-        if len(report.problems) > max_listed:
-            lines.append(f"    ... and {len(report.problems) - max_listed} more")
+        lines += _listed(report.errors, "error", max_listed)
+        lines += _listed(report.warnings, "warning", max_listed)
     return "\n".join(lines)
 
 
+def _listed(findings: list[DataError], kind: str, max_listed: int) -> list[str]:
+    """Indented "kind: finding" lines for the first `max_listed` findings, then how many more."""
+    lines = [f"    {kind}: {finding}" for finding in findings[:max_listed]]
+    if len(findings) > max_listed:
+        lines.append(f"    ... and {len(findings) - max_listed} more {kind}s")
+    return lines
+
+
 def raise_if_unusable(reports: list[SourceReport]) -> None:
-    """Stop (training start) with the doctor's messages when any source is not clean."""
+    """Stop (training start) with the doctor's messages when any source is unusable (warnings
+    alone do not stop it)."""
     bad = [report for report in reports if not report.usable]
     if bad:
         raise DataError(

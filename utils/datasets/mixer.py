@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from utils.datasets.base import DataError, Sample, SamplingOptions, Source
+from utils.datasets.base import DataError, Sample, SamplingOptions, Source, UnusableSample
 
 LOGGER = logging.getLogger(__name__)
 # family name -> (module, factory); factory(dataset_dir, names, options) -> list[Source]
@@ -91,8 +91,8 @@ def build_sources(config: DataConfig) -> list[tuple[str, list[Source]]]:
 class HybridDataset(Dataset):
     """`length` items per epoch, each drawn from the weighted mix.
 
-    process: optional Sample -> item transform (tokenization, pixels); returning None means the
-    sample was unusable (e.g. every conversation longer than the limit), so another is drawn.
+    process: optional Sample -> item transform (tokenization, pixels); when it raises
+    UnusableSample (e.g. every conversation longer than the limit), another sample is drawn.
     """
 
     def __init__(
@@ -101,7 +101,7 @@ class HybridDataset(Dataset):
         rates: Sequence[float],
         length: int,
         seed: int = 0,
-        process: Callable[[Sample], object | None] | None = None,
+        process: Callable[[Sample], object] | None = None,
     ) -> None:
         self.families = families
         self.probabilities = check_rates([name for name, _ in families], rates)
@@ -130,10 +130,10 @@ class HybridDataset(Dataset):
         rng = self.generator(index)
         for _ in range(MAX_DRAWS):
             sample = self.draw(rng)
-            item = self.process(sample) if self.process is not None else sample
-            if item is not None:
-                return item
-            LOGGER.info(
-                "drew another sample: %s (%s) was unusable", sample.image_path, sample.source
-            )
+            if self.process is None:
+                return sample
+            try:
+                return self.process(sample)
+            except UnusableSample as reason:
+                LOGGER.info("drew another sample: %s", reason)
         raise RuntimeError(f"{MAX_DRAWS} draws in a row gave unusable samples (item {index})")

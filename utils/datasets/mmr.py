@@ -23,11 +23,13 @@ from utils.datasets.base import (
     Sample,
     SamplingOptions,
     ValidationSample,
+    check_image,
     read_image,
+    read_json,
     resolve_inside,
     stack_masks,
 )
-from utils.datasets.refer import decode_segmentation, read_json, segmentation_problems
+from utils.datasets.coco import check_segmentation, decode_segmentation
 from utils.datasets.templates import SEG, question, validation_question
 
 MMR_DIR = "MMR"
@@ -37,6 +39,7 @@ MMR_VAL_JSON = "MMR_val.json"
 SOURCE_NAME = "multi_part_reason_seg/MMR"
 SEG_PLACEHOLDER = "{seg}"
 REQUIRED_FIELDS = ("file_name", "questions", "answers", "text_answers")
+RECORDS_DESCRIPTION = "non-empty JSON list of image records (MMR annotations)"
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,10 @@ def record_label(position: int, record: object) -> str:
 
 def load_mmr_records(path: Path) -> list:
     """The records of one MMR json; DataError when missing, malformed or empty."""
-    records = read_json(path, f"expected <dataset_dir>/{MMR_DIR}/{path.name} (MMR annotations)")
-    if not isinstance(records, list) or not records:
-        raise DataError(path, None, "expected a non-empty JSON list of image records")
+    expected = f"expected <dataset_dir>/{MMR_DIR}/{path.name}, a {RECORDS_DESCRIPTION}"
+    records = read_json(path, expected)
+    if not isinstance(records, list):
+        raise DataError(path, None, f"expected a {RECORDS_DESCRIPTION}")
     return records
 
 
@@ -122,10 +126,14 @@ class MMRRecords:
         label = record_label(position, self.records[position])
         return label, parse_questions(self.records[position], self.file, label)
 
-    def image(self, position: int, label: str) -> tuple[np.ndarray, Path]:
-        path = resolve_inside(
+    def image_path(self, position: int, label: str) -> Path:
+        """The image of record `position`; DataError if its file name escapes the image root."""
+        return resolve_inside(
             self.image_root, self.records[position]["file_name"], self.file, label
         )
+
+    def image(self, position: int, label: str) -> tuple[np.ndarray, Path]:
+        path = self.image_path(position, label)
         return read_image(path, self.file, label), path
 
     def masks(self, chosen: list[MMRQuestion], shape: tuple[int, int], label: str) -> np.ndarray:
@@ -148,27 +156,15 @@ class MMRRecords:
                 continue
             shape = _declared_shape(record)
             try:
-                image = self._checked_image(position, label, deep)
+                image = check_image(self.image_path(position, label), self.file, label, deep)
                 shape = image.shape[:2] if image is not None else shape
             except DataError as error:
                 yield error
-            if shape is None:  # no size to compare the RLEs with
-                continue
             for q in parsed:
                 for where, ann in _answer_labels(q):
-                    for problem in segmentation_problems(ann["segmentation"], shape):
-                        yield DataError(self.file, f"{label}, {where}", problem)
-
-    def _checked_image(self, position: int, label: str, deep: bool) -> np.ndarray | None:
-        """The image when `deep`, else None after checking that it exists."""
-        if deep:
-            return self.image(position, label)[0]
-        path = resolve_inside(
-            self.image_root, self.records[position]["file_name"], self.file, label
-        )
-        if not path.is_file():
-            raise DataError(self.file, label, f"image {path} does not exist")
-        return None
+                    yield from check_segmentation(
+                        ann["segmentation"], shape, self.file, f"{label}, {where}", deep
+                    )
 
 
 def _answer_labels(q: MMRQuestion) -> list[tuple[str, dict]]:

@@ -32,9 +32,9 @@ from utils.datasets.base import (
     Source,
     ValidationSample,
     read_image,
+    read_json,
     stack_masks,
 )
-from utils.datasets.sem_seg import load_json
 from utils.datasets.templates import (
     ANSWERS,
     EXPLANATORY_QUESTIONS,
@@ -107,7 +107,7 @@ def polygon_points(points: object, file: Path, record: str) -> np.ndarray:
 
 def read_annotation(path: Path, record: str) -> Annotation:
     """Parse and validate a ReasonSeg json; DataError naming `path` and `record` if malformed."""
-    data = load_json(path, "every image needs a json of the same name", record, ENCODINGS)
+    data = read_json(path, "every image needs a json of the same name", record, ENCODINGS)
     if not isinstance(data, dict):
         raise DataError(path, record, "expected a json object {text, is_sentence, shapes}")
     texts, is_sentence, shapes = data.get("text"), data.get("is_sentence"), data.get("shapes")
@@ -187,7 +187,7 @@ class ReasonSegSource:
     def read_explanations(self) -> None:
         """Index the explanatory json by image name; malformed entries are kept for `check`."""
         file = self.explanation_file
-        items = load_json(file, "pass --explanatory -1 to train without explanations")
+        items = read_json(file, "pass --explanatory -1 to train without explanations")
         if not isinstance(items, list):
             raise DataError(file, None, "expected a json list of {image, query, outputs}")
         for position, item in enumerate(items):

@@ -2,7 +2,7 @@
 a refs file (pickle or json list of refs) plus a COCO-style `instances.json`.
 
 Shared by the training sources (`utils.datasets.refer_seg`) and the validation sets
-(`utils.datasets.validation`); `decode_segmentation` is also used by MMR. Opening an index reads
+(`utils.datasets.validation`); masks are decoded by `utils.datasets.coco`. Opening an index reads
 only the annotation files; images and masks are decoded on demand. Everything lives under
 `<dataset_dir>/refer_seg/` (the layout training uses; LISA's validation looked directly under
 `<dataset_dir>`, which we do not copy).
@@ -12,25 +12,23 @@ The refs pickle files are Python pickles: only open files from a source you trus
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as coco_mask
 
-from utils.datasets.base import DataError, read_image, resolve_inside
+from utils.datasets.base import DataError, read_image, read_json, resolve_inside
+from utils.datasets.coco import check_segmentation, decode_segmentation
 
 REFER_ROOT = "refer_seg"
 COCO_TRAIN2014 = "refer_seg/images/mscoco/images/train2014"
 SAIAPR_IMAGES = "refer_seg/images/saiapr_tc-12"
-# A polygon needs 3 points (x, y pairs) to enclose any area; COCO drops shorter ones.
-MIN_POLYGON_COORDS = 6
 # gRefCOCO writes the empty target as ann_id [-1] (RefZOM as []).
 NO_TARGET_ANN_ID = -1
 TRAIN_SPLIT = "train"
+REDOWNLOAD = "re-download it"
 
 # dataset -> (default splitBy, image folder relative to --dataset_dir)
 REFER_DATASETS: dict[str, tuple[str, str]] = {
@@ -64,31 +62,22 @@ def refs_file_candidates(dataset: str, split_by: str) -> list[str]:
     return [f"refs({split_by}).p"]
 
 
-def _load_refs(path: Path) -> list:
+def _unpickle(path: Path) -> object:
     try:
-        if path.suffix == ".json":
-            refs = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            with path.open("rb") as handle:
-                refs = pickle.load(handle)
+        with path.open("rb") as handle:
+            return pickle.load(handle)
     # unpickling a damaged file can raise almost any exception type
     except Exception as error:
-        raise DataError(path, None, f"cannot be read: {error}", "re-download it") from error
+        raise DataError(path, None, f"cannot be read: {error}", REDOWNLOAD) from error
+
+
+def _load_refs(path: Path) -> list:
+    refs = read_json(path, REDOWNLOAD) if path.suffix == ".json" else _unpickle(path)
     if not isinstance(refs, list):
         raise DataError(path, None, f"holds a {type(refs).__name__}, expected a list of refs")
     if not refs:
-        raise DataError(path, None, "holds no refs", "the file is empty; re-download it")
+        raise DataError(path, None, "holds no refs", "the file is empty; " + REDOWNLOAD)
     return refs
-
-
-def read_json(path: Path, hint: str) -> object:
-    """A JSON file's content; DataError with `hint` when it is missing or not valid JSON."""
-    if not path.is_file():
-        raise DataError(path, None, "does not exist", hint)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise DataError(path, None, f"is not valid JSON: {error}", hint) from error
 
 
 def _load_instances(path: Path) -> dict:
@@ -99,7 +88,7 @@ def _load_instances(path: Path) -> dict:
     ):
         raise DataError(path, None, "expected a JSON object with 'images' and 'annotations' lists")
     if not instances["images"] or not instances["annotations"]:
-        raise DataError(path, None, "has no images or no annotations", "re-download it")
+        raise DataError(path, None, "has no images or no annotations", REDOWNLOAD)
     return instances
 
 
@@ -136,77 +125,6 @@ def parse_ref(raw: object, position: int, file: Path) -> Ref:
         str(raw["split"]),
         tuple(s["sent"] for s in sentences),
     )
-
-
-def _polygon_problems(segmentation: list) -> list[str]:
-    return [
-        f"polygon {i} has {len(p)} coordinates (needs an even number >= {MIN_POLYGON_COORDS})"
-        for i, p in enumerate(segmentation)
-        if len(p) < MIN_POLYGON_COORDS or len(p) % 2
-    ]
-
-
-def segmentation_problems(segmentation: object, shape: tuple[int, int]) -> list[str]:
-    """Everything wrong with a COCO segmentation for an image of `shape` (H, W); [] if none.
-
-    Degenerate polygon parts are listed although `decode_segmentation` only drops them.
-    """
-    if isinstance(segmentation, dict):
-        segmentation = [segmentation]
-    if not isinstance(segmentation, list) or not segmentation:
-        return ["segmentation is empty or neither polygons nor RLE"]
-    if all(isinstance(part, list) for part in segmentation):
-        return _polygon_problems(segmentation)
-    problems = []
-    for part in segmentation:
-        if not isinstance(part, dict) or "size" not in part or "counts" not in part:
-            problems.append("RLE part lacks 'size' or 'counts'")
-        elif list(part["size"]) != list(shape):
-            problems.append(
-                f"RLE size {list(part['size'])} differs from the image's [H, W] {list(shape)}"
-            )
-    return problems
-
-
-def decode_segmentation(
-    segmentation: object, shape: tuple[int, int], file: str | Path, record: object
-) -> np.ndarray:
-    """A COCO segmentation (polygons, RLE or a list of RLEs) as a binary uint8 [H, W] mask.
-
-    Components are summed then binarised. Polygon parts with fewer than 3 points are dropped (as
-    COCO tools do); DataError if nothing valid is left or an RLE's size differs from `shape`.
-    """
-    problems = segmentation_problems(segmentation, shape)
-    is_polygons = isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation)
-    if is_polygons and problems:
-        segmentation = [p for p in segmentation if len(p) >= MIN_POLYGON_COORDS and len(p) % 2 == 0]
-        if not segmentation:
-            raise DataError(file, record, "; ".join(problems))
-    elif problems:
-        raise DataError(file, record, "; ".join(problems))
-    height, width = shape
-    parts = segmentation if isinstance(segmentation, list) else [segmentation]
-    try:
-        if is_polygons:
-            rles = coco_mask.frPyObjects(parts, height, width)
-        else:
-            rles = [_compressed(part, height, width) for part in parts]
-        decoded = coco_mask.decode(rles)
-    # pycocotools raises bare Exceptions for malformed input (e.g. non-numeric coordinates)
-    except Exception as error:
-        raise DataError(file, record, f"segmentation cannot be decoded: {error}") from error
-    return (decoded.reshape(height, width, -1).sum(axis=2) > 0).astype(np.uint8)
-
-
-def _compressed(rle: dict, height: int, width: int) -> dict:
-    """An RLE with bytes counts (json stores str; uncompressed RLE stores a list)."""
-    counts = rle["counts"]
-    if isinstance(counts, list):
-        return coco_mask.frPyObjects(rle, height, width)
-    return {
-        "size": [height, width],
-        "counts": counts.encode() if isinstance(counts, str) else counts,
-    }
 
 
 class ReferIndex:
@@ -246,11 +164,19 @@ class ReferIndex:
         return table
 
     def refs_by_image(self, split: str) -> dict[int, list[Ref]]:
-        """Refs of `split` grouped by image id, in file order."""
+        """Refs of `split` grouped by image id, in file order; DataError listing the splits
+        found if `split` has no ref."""
         grouped: dict[int, list[Ref]] = {}
         for ref in self.refs:
             if ref.split == split:
                 grouped.setdefault(ref.image_id, []).append(ref)
+        if not grouped:
+            raise DataError(
+                self.refs_file,
+                None,
+                f"has no refs in split {split!r}",
+                f"splits found: {self.splits()}",
+            )
         return grouped
 
     def splits(self) -> list[str]:
@@ -334,13 +260,7 @@ class ReferIndex:
             return
         segmentation = self.annotations[ann_id]["segmentation"]
         record = f"{ref.label}, annotation id {ann_id}"
-        problems = segmentation_problems(segmentation, shape)
-        yield from (DataError(self.instances_file, record, problem) for problem in problems)
-        if deep and not problems:
-            try:
-                decode_segmentation(segmentation, shape, self.instances_file, record)
-            except DataError as error:
-                yield error
+        yield from check_segmentation(segmentation, shape, self.instances_file, record, deep)
 
 
 def open_refer_index(dataset_dir: str | Path, dataset: str, split_by: str = "") -> ReferIndex:

@@ -21,7 +21,8 @@ import numpy as np
 
 from utils.datasets.base import DataError, Sample, SamplingOptions
 from utils.datasets.refer import REFER_DATASETS, TRAIN_SPLIT, Ref, open_refer_index
-from utils.datasets.templates import Target, build_conversations, targets_to_draw
+from utils.datasets.sem_seg import finish_sample, target_count
+from utils.datasets.templates import Target
 
 FAMILY = "refer_seg"
 # GSVA redraws samples whose every target is absent; bound the redraws so a dataset of only
@@ -39,13 +40,6 @@ class ReferSegSource:
         self.options = options
         self.index = open_refer_index(dataset_dir, dataset)
         self.refs_by_image = self.index.refs_by_image(TRAIN_SPLIT)
-        if not self.refs_by_image:
-            raise DataError(
-                self.index.refs_file,
-                None,
-                f"has no refs in split {TRAIN_SPLIT!r}",
-                f"splits found: {self.index.splits()}",
-            )
         self.image_ids = list(self.refs_by_image)
 
     def __len__(self) -> int:
@@ -68,15 +62,7 @@ class ReferSegSource:
     def _draw(self, rng: np.random.Generator) -> tuple[int, list[tuple[str, Ref]]]:
         image_id = self.image_ids[int(rng.integers(len(self.image_ids)))]
         pairs = [(sent, ref) for ref in self.refs_by_image[image_id] for sent in ref.sentences]
-        options = self.options
-        count = min(
-            len(pairs),
-            targets_to_draw(
-                options.prompt_style,
-                options.num_classes_per_sample,
-                options.num_classes_per_question,
-            ),
-        )
+        count = min(len(pairs), target_count(self.options))
         chosen = rng.choice(len(pairs), size=count, replace=False)
         return image_id, [pairs[int(i)] for i in chosen]
 
@@ -94,15 +80,7 @@ class ReferSegSource:
             if ref.ref_id not in masks:
                 masks[ref.ref_id] = self.index.ref_mask(ref)
             targets.append(Target(sent.strip().lower(), False, masks[ref.ref_id]))
-        conversations, stacked = build_conversations(
-            targets,
-            self.options.prompt_style,
-            rng,
-            image.shape[:2],
-            self.options.num_classes_per_sample,
-            self.options.use_expand_question_list,
-        )
-        return Sample(image, conversations, stacked, str(path), self.name)
+        return finish_sample(image, targets, self.options, rng, path, self.name)
 
     def check(self, deep: bool = False) -> Iterator[DataError]:
         """Every bad training record (see `ReferIndex.check`), without raising."""

@@ -1,9 +1,11 @@
 """Semantic and part segmentation sources (LISA's `sem_seg` task, `--sem_seg_data`).
 
-ADE20K, COCO-Stuff and Mapillary read per-pixel class maps; PACO-LVIS and PASCAL-Part read
-COCO-format part annotations. A sample asks about up to `targets_to_draw(...)` distinct classes
-present in its image, one `[SEG]` each (sem_seg never emits `[REJ]`); pixels the annotation
-ignores stay IGNORE_LABEL in the masks, so the loss ignores them.
+ADE20K, COCO-Stuff and Mapillary read per-pixel class maps (here); PACO-LVIS and PASCAL-Part
+read COCO-format part annotations (`utils.datasets.parts`, built by `build_sem_seg_sources` too).
+A sample asks about up to `targets_to_draw(...)` distinct classes present in its image, one
+`[SEG]` each (sem_seg never emits `[REJ]`); pixels the annotation ignores stay IGNORE_LABEL in
+the masks, so the loss ignores them. `target_count` and `finish_sample` are shared with the part
+and referring sources.
 
 Label conventions (REFERENCE 4.2); after them a map holds class indices or IGNORE_LABEL:
 - ADE20K: pixel 0 ("other") -> 255, pixel v -> v - 1 (150 classes). Vocabulary:
@@ -15,21 +17,16 @@ Label conventions (REFERENCE 4.2); after them a map holds class indices or IGNOR
 - Mapillary v2.0: pixel = index into `config_v2.0.json` labels, names `readable` lower-cased.
   The label PNGs are palette images, so label maps are read by index with PIL (cv2 would expand
   the palette into colours).
-- PACO-LVIS / PASCAL-Part: category "obj" or "obj:part", each with any "_(...)" suffix
-  stripped; a part is asked as "obj part" or "the part of the obj" (50/50). One target is a
-  category name; its mask is the union of the image's annotations of that name.
+- PACO-LVIS / PASCAL-Part: see `utils.datasets.parts`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from pycocotools import mask as mask_utils
 
 from utils.datasets.base import (
     IGNORE_LABEL,
@@ -38,7 +35,8 @@ from utils.datasets.base import (
     SamplingOptions,
     Source,
     read_image,
-    resolve_inside,
+    read_json,
+    read_label_map,
 )
 from utils.datasets.templates import Target, build_conversations, targets_to_draw
 
@@ -67,61 +65,11 @@ ADE20K_CLASSES = tuple(
 )
 
 
-def load_json(
-    path: Path, hint: str = "", record: object = None, encodings: tuple[str, ...] = ("utf-8",)
-) -> object:
-    """Parse a json file, trying `encodings` in order; DataError naming the file if it is
-    missing, undecodable, not json, or an empty list/dict."""
-    if not path.is_file():
-        raise DataError(path, record, "file does not exist", hint)
-    raw = path.read_bytes()
-    for encoding in encodings:
-        try:
-            text = raw.decode(encoding)
-            break
-        except UnicodeDecodeError:
-            continue
-    else:
-        raise DataError(path, record, f"is not text in any of {', '.join(encodings)}", hint)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(path, record, f"is not valid json ({error})", hint) from error
-    if isinstance(data, (list, dict)) and not data:
-        raise DataError(path, record, "is empty", hint)
-    return data
-
-
-def read_index_map(
-    path: Path, shape: tuple[int, int], file: str | Path, record: object
-) -> np.ndarray:
-    """A single-channel PNG label map as int64 [H, W]; palette PNGs give their indices.
-
-    DataError if it is missing, unreadable, not single-channel or not `shape` (H, W)."""
-    if not path.is_file():
-        raise DataError(file, record, f"label map {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            label = np.array(image)
-    except (OSError, ValueError) as error:
-        raise DataError(file, record, f"label map {path} is not readable ({error})") from error
-    if label.ndim != 2:
-        raise DataError(file, record, f"label map {path} has {label.shape[-1]} channels, not 1")
-    if label.shape != tuple(shape):
-        raise DataError(
-            file,
-            record,
-            f"label map {path} is {label.shape[1]}x{label.shape[0]} but its image is "
-            f"{shape[1]}x{shape[0]} (W x H)",
-        )
-    return label.astype(np.int64)
-
-
 def read_ade20k_classes(root: Path) -> list[str]:
     path = root / "ade20k" / "ade20k_classes.json"
     if not path.is_file():
         return list(ADE20K_CLASSES)
-    names = load_json(path, "a json list of the 150 ADE20K class names")
+    names = read_json(path, "a json list of the 150 ADE20K class names")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(path, None, "expected a json list of class names")
     return names
@@ -147,7 +95,7 @@ def read_cocostuff_classes(root: Path) -> list[str]:
 
 def read_mapillary_classes(root: Path) -> list[str]:
     path = root / "mapillary" / "config_v2.0.json"
-    config = load_json(
+    config = read_json(
         path, "expected Mapillary Vistas' mapillary/config_v2.0.json in --dataset_dir"
     )
     labels = config.get("labels") if isinstance(config, dict) else None
@@ -248,7 +196,7 @@ class LabelMapSource:
         record = self.stems[index]
         image = read_image(image_path, label_path, record)
         label = self.spec.remap(
-            read_index_map(label_path, image.shape[:2], label_path, record), self.classes
+            read_label_map(label_path, image.shape[:2], label_path, record), self.classes
         )
         values = np.unique(label)
         unknown = values[(values != IGNORE_LABEL) & ((values < 0) | (values >= len(self.classes)))]
@@ -326,200 +274,13 @@ def finish_sample(
     return Sample(image, conversations, masks, str(image_path), source)
 
 
-MIN_POLYGON_COORDS = 6  # three (x, y) points
-
-
-@dataclass(frozen=True)
-class PartSpec:
-    """A COCO-format part dataset: its json and the folder its `file_name`s are relative to."""
-
-    annotations: str
-    images: str
-
-
-PART_SPECS = {
-    "paco_lvis": PartSpec("vlpart/paco/annotations/paco_lvis_v1_train.json", "coco"),
-    "pascal_part": PartSpec(
-        "vlpart/pascal_part/train.json", "vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages"
-    ),
-}
-
-
-def part_name(category: str) -> tuple[str, str | None]:
-    """("obj", "part") of "obj_(x):part_(y)"; part None for an object category."""
-    pieces = [piece.split("_(")[0] for piece in category.strip().split(":")]
-    if len(pieces) > 2:
-        raise ValueError(f"category {category!r} has more than one ':'")
-    return pieces[0], pieces[1] if len(pieces) == 2 else None
-
-
-def render_name(key: tuple[str, str | None], rng: np.random.Generator) -> str:
-    """ "obj", or a part as "obj part" / "the part of the obj" (50/50, as LISA)."""
-    obj, part = key
-    if part is None:
-        return obj
-    return f"{obj} {part}" if rng.random() < 0.5 else f"the {part} of the {obj}"
-
-
-def segmentation_problem(segmentation: object, shape: tuple[int, int] | None) -> str | None:
-    """What is wrong with a COCO segmentation (polygons or RLE), or None; `shape` (H, W), when
-    known, must equal an RLE's size."""
-    if isinstance(segmentation, list) and segmentation:
-        for j, polygon in enumerate(segmentation):
-            numbers = isinstance(polygon, list) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon
-            )
-            if not numbers:
-                return f"polygon {j} is not a list of numbers"
-            if len(polygon) < MIN_POLYGON_COORDS:
-                return f"polygon {j} has {len(polygon) // 2} points; at least 3 are needed"
-            if len(polygon) % 2:
-                return f"polygon {j} has an odd number of coordinates ({len(polygon)})"
-        return None
-    if isinstance(segmentation, dict) and {"size", "counts"} <= segmentation.keys():
-        if not isinstance(segmentation["counts"], (str, list)):
-            return "RLE counts is neither a string nor a list"
-        if shape is not None and list(segmentation["size"]) != list(shape):
-            return f"RLE size {segmentation['size']} differs from the image's {list(shape)} (H, W)"
-        return None
-    return "segmentation is neither a non-empty polygon list nor an RLE {size, counts}"
-
-
-def decode_segmentation(segmentation: list | dict, shape: tuple[int, int]) -> np.ndarray:
-    """uint8 [H, W] mask of a valid COCO segmentation (polygons are merged)."""
-    height, width = shape
-    if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation["counts"], list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = {"size": [height, width], "counts": segmentation["counts"].encode()}
-    return np.ascontiguousarray(mask_utils.decode(rle))
-
-
-def union_mask(anns: list[dict], shape: tuple[int, int]) -> np.ndarray:
-    """uint8 [H, W] union of the (valid) segmentations of `anns`."""
-    mask = np.zeros(shape, np.uint8)
-    for ann in anns:
-        mask |= decode_segmentation(ann["segmentation"], shape)
-    return mask
-
-
-def hashable_id(value: object) -> int | str | None:
-    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
-
-
-class PartSource:
-    """PACO-LVIS or PASCAL-Part: COCO-format images, categories and annotations."""
-
-    def __init__(self, dataset_dir: Path, options: SamplingOptions, dataset: str) -> None:
-        spec = PART_SPECS[dataset]
-        self.name, self.options = f"sem_seg/{dataset}", options
-        self.file = Path(dataset_dir) / spec.annotations
-        self.image_dir = Path(dataset_dir) / spec.images
-        data = load_json(
-            self.file, f"expected the COCO-format json {spec.annotations} in --dataset_dir"
-        )
-        keys = ("images", "annotations", "categories")
-        if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in keys):
-            raise DataError(self.file, None, f"expected a COCO json with lists {keys}")
-        self.names: dict[int | str, tuple[str, str | None]] = {}
-        for position, category in enumerate(data["categories"]):
-            try:
-                key = hashable_id(category["id"])
-                if key is None:
-                    raise TypeError(f"id {category['id']!r} is not an int or a string")
-                self.names[key] = part_name(category["name"])
-            except (TypeError, KeyError, ValueError, AttributeError) as error:
-                raise DataError(
-                    self.file, f"categories[{position}]", f"bad category ({error})"
-                ) from error
-        self.images: list = data["images"]
-        image_ids = {hashable_id(info.get("id")) for info in self.images if isinstance(info, dict)}
-        self.annotations: dict[int | str, list[dict]] = {}
-        self.orphans: list[DataError] = []
-        for position, ann in enumerate(data["annotations"]):
-            image_id = hashable_id(ann.get("image_id")) if isinstance(ann, dict) else None
-            if image_id is None or image_id not in image_ids:
-                problem = "has no image_id naming an image of the json"
-                self.orphans.append(DataError(self.file, f"annotations[{position}]", problem))
-                continue
-            self.annotations.setdefault(image_id, []).append(ann)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def image_path(self, index: int) -> tuple[str, Path]:
-        """(record name, image path) of image `index`; DataError if its record is malformed."""
-        info = self.images[index]
-        if not isinstance(info, dict) or hashable_id(info.get("id")) is None:
-            raise DataError(self.file, f"images[{index}]", "missing field 'id'")
-        record = f"image {info['id']}"
-        if not isinstance(info.get("file_name"), str):
-            raise DataError(self.file, record, "missing field 'file_name'")
-        return record, resolve_inside(self.image_dir, info["file_name"], self.file, record)
-
-    def annotation_problem(self, ann: dict, shape: tuple[int, int] | None) -> str | None:
-        """What is wrong with an annotation of an image of `shape` (H, W, if known), or None."""
-        if hashable_id(ann.get("category_id")) not in self.names:
-            return f"category_id {ann.get('category_id')!r} is not a category of the json"
-        return segmentation_problem(ann.get("segmentation"), shape)
-
-    def sample(self, rng: np.random.Generator) -> Sample:
-        for _ in range(MAX_DRAWS):
-            index = int(rng.integers(len(self.images)))
-            record, path = self.image_path(index)
-            anns = self.annotations.get(self.images[index]["id"], [])
-            if anns:
-                break
-        else:
-            raise DataError(self.file, None, f"no annotated image in {MAX_DRAWS} drawn images")
-        image = read_image(path, self.file, record)
-        shape = image.shape[:2]
-        groups: dict[tuple[str, str | None], list[dict]] = {}
-        for ann in anns:
-            problem = self.annotation_problem(ann, shape)
-            if problem:
-                raise DataError(self.file, f"annotation {ann.get('id')}", problem)
-            groups.setdefault(self.names[ann["category_id"]], []).append(ann)
-        keys = list(groups)
-        chosen = rng.choice(len(keys), min(target_count(self.options), len(keys)), replace=False)
-        targets = [
-            Target(render_name(keys[k], rng).lower(), False, union_mask(groups[keys[k]], shape))
-            for k in chosen
-        ]
-        return finish_sample(image, targets, self.options, rng, path, self.name)
-
-    def check(self, deep: bool = False) -> Iterator[DataError]:
-        yield from self.orphans
-        for index in range(len(self.images)):
-            yield from self.check_image(index, deep)
-
-    def check_image(self, index: int, deep: bool) -> Iterator[DataError]:
-        """Errors of image `index` and of each of its annotations (deep: decode the image)."""
-        try:
-            record, path = self.image_path(index)
-            if deep:
-                shape: tuple[int, int] | None = read_image(path, self.file, record).shape[:2]
-            elif not path.is_file():
-                raise DataError(self.file, record, f"image {path} does not exist")
-            else:
-                info = self.images[index]
-                shape = (info.get("height"), info.get("width"))
-                shape = shape if all(isinstance(v, int) for v in shape) else None
-        except DataError as error:
-            yield error
-            return
-        for ann in self.annotations.get(self.images[index]["id"], []):
-            problem = self.annotation_problem(ann, shape)
-            if problem:
-                yield DataError(self.file, f"annotation {ann.get('id')}", problem)
-
-
 def build_sem_seg_sources(
     dataset_dir: str | Path, names: list[str], options: SamplingOptions
 ) -> list[Source]:
     """One source per `--sem_seg_data` name ("ade20k||cocostuff||..." split on "||")."""
+    # deferred: utils.datasets.parts imports this module's sampling helpers
+    from utils.datasets.parts import PART_SPECS, PartSource
+
     sources: list[Source] = []
     known = [*LABEL_MAP_SPECS, *PART_SPECS]
     for name in names:

@@ -19,11 +19,12 @@ from utils.datasets.base import (
     Sample,
     SamplingOptions,
     Source,
+    check_image,
     read_image,
+    read_json,
     resolve_inside,
     stack_masks,
 )
-from utils.datasets.sem_seg import load_json
 from utils.datasets.templates import IMAGE_PREFIX
 
 VQA_DIR = "llava_dataset"
@@ -70,7 +71,7 @@ class VqaSource:
         self.file = Path(dataset_dir) / VQA_DIR / f"{dataset}.json"
         self.image_dir = Path(dataset_dir) / VQA_IMAGE_DIR
         hint = f"--vqa_data {dataset} reads {VQA_DIR}/{dataset}.json under --dataset_dir"
-        records = load_json(self.file, hint)
+        records = read_json(self.file, hint)
         if not isinstance(records, list):
             raise DataError(self.file, None, "expected a json list of dialogues", hint)
         self.records: list = records
@@ -96,10 +97,7 @@ class VqaSource:
         for index in range(len(self.records)):
             try:
                 name, path, _ = self.load(index)
-                if deep:
-                    read_image(path, self.file, name)
-                elif not path.is_file():
-                    raise DataError(self.file, name, f"image {path} does not exist")
+                check_image(path, self.file, name, deep)
             except DataError as error:
                 yield error
 
