@@ -12,6 +12,7 @@ sample is that of a real run. Target: >= 20 samples/s per CPU core for every sou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -154,6 +155,13 @@ def rss_of_children() -> float:
 
 def main() -> None:
     args = parse_args()
+    # libraries (DeepSpeed's accelerator probe) print to stdout; keep stdout for the JSON alone
+    with contextlib.redirect_stdout(sys.stderr):
+        results = measure(args)
+    print(json.dumps(results, indent=2))
+
+
+def measure(args: argparse.Namespace) -> dict:
     width, height = (int(v) for v in args.image_size.split("x"))
     with tempfile.TemporaryDirectory() as scratch:
         assets = args.assets or make_tiny_assets(
@@ -174,7 +182,7 @@ def main() -> None:
                 assets, processor, args.memory_samples, args.batch_size
             )
         results["cpu_cores"] = psutil.cpu_count()
-    print(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

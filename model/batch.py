@@ -30,6 +30,8 @@ class Batch:
         inference.
     image_paths: per image, the file it came from (named in error messages).
     sources: per image, the dataset it came from (logging).
+    dropped_conversations: conversations left out of this batch for exceeding
+        `--model_max_length` (with their masks), for the training log.
     """
 
     input_ids: torch.Tensor
@@ -43,6 +45,7 @@ class Batch:
     gt_masks: list[torch.Tensor] | None = None
     image_paths: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    dropped_conversations: int = 0
 
     @property
     def num_images(self) -> int:

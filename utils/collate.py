@@ -317,6 +317,7 @@ def collate(samples: Sequence[ProcessedSample], pad_id: int) -> Batch:
         gt_masks=[sample.masks for sample in samples],
         image_paths=[sample.image_path for sample in samples],
         sources=[sample.source for sample in samples],
+        dropped_conversations=sum(sample.dropped_conversations for sample in samples),
     )
 
 

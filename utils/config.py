@@ -128,6 +128,7 @@ class TrainConfig:
             use_expand_question_list=self.use_expand_question_list,
             prompt_style=self.prompt_style,
             explanatory=self.explanatory,
+            exclude_val=self.exclude_val,
         )
 
     def data_config(self) -> DataConfig:

@@ -198,6 +198,8 @@ def test_too_long_conversations_are_dropped_with_their_masks(processor) -> None:
     assert kept.dropped_conversations == 1
     assert [len(ids) for ids in kept.input_ids] == [lengths[0], lengths[2]]
     assert torch.equal(kept.masks, torch.from_numpy(sample.masks[[0, 1, 4]]))
+    other = processor(make_sample((20, 30), [[SEGMENT[0]]], num_masks=2, seed=1))
+    assert collate([kept, other], processor.token_ids.pad).dropped_conversations == 1
     with pytest.raises(AllConversationsDropped, match=r"img_0\.jpg.*all 3 conversations"):
         replace(processor, model_max_length=min(lengths) - 1)(sample)
 

@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 
 from tests.utils import fixtures_sem as fx
+from tools.make_tiny_assets import make_tiny_assets
 from utils.datasets.base import DataError, SamplingOptions
 from utils.datasets.doctor import (
     SourceReport,
+    check_training_data,
     examine_training,
     format_report,
     raise_if_unusable,
 )
+from utils.datasets.mixer import DataConfig
 
 PASCAL_JSON = "vlpart/pascal_part/train.json"
 DEGENERATE_PART = [1, 1, 4, 4]  # two points: left out of the mask
@@ -140,3 +143,27 @@ def test_report_lists_at_most_max_listed_of_each_kind() -> None:
         "    warning: f, record 1: odd",
         "    ... and 2 more warnings",
     ]
+
+
+def test_training_start_check_passes_on_clean_data_and_names_a_missing_image(tmp_path) -> None:
+    out = make_tiny_assets(tmp_path, seed=0, models=False)
+    config = DataConfig(
+        dataset_dir=out / "dataset",
+        dataset=("refer_seg", "multi_part_reason_seg"),
+        sample_rates=(1, 1),
+        family_data={"refer_seg": ("refcoco", "grefcoco"), "multi_part_reason_seg": ("MMR",)},
+    )
+    reports = check_training_data(config)
+    assert [r.name for r in reports] == [
+        "refer_seg/refcoco",
+        "refer_seg/grefcoco",
+        "multi_part_reason_seg/MMR",
+    ]
+    assert all(r.usable and r.records > 0 for r in reports)
+    images = sorted((out / "dataset/refer_seg/images/mscoco/images/train2017").glob("*.jpg"))
+    images[0].unlink()
+    with pytest.raises(DataError) as error:
+        check_training_data(config)
+    message = str(error.value)
+    assert "multi_part_reason_seg/MMR" in message and images[0].name in message
+    assert "refer_seg/refcoco" not in message

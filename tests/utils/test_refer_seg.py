@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,9 @@ def test_exclude_val_drops_heldout_images(tmp_path: Path) -> None:
     fx.write_refer(tmp_path)
     fx.write_refer(tmp_path, "refcocog", refs_name="refs(umd).p")
     assert [len(s) for s in build_refer_seg_sources(tmp_path, "refcoco||refcocog", LISA)] == [2, 2]
-    sources = build_refer_seg_sources(tmp_path, ["refcoco", "refcocog"], LISA, exclude_val=True)
+    sources = build_refer_seg_sources(
+        tmp_path, ["refcoco", "refcocog"], replace(LISA, exclude_val=True)
+    )
     assert [s.image_ids for s in sources] == [[1], [1]]  # image 2 has a testB ref
 
 

@@ -90,6 +90,7 @@ class SamplingOptions:
     use_expand_question_list: draw questions from the expanded template lists.
     prompt_style: "lisa" | "mmr" | "gsva" (see utils.datasets.templates).
     explanatory: probability of ReasonSeg's explanation-only answer; -1 disables.
+    exclude_val: keep the refCOCO-family val/test images out of training.
     """
 
     num_classes_per_sample: int = 3
@@ -97,6 +98,7 @@ class SamplingOptions:
     use_expand_question_list: bool = True
     prompt_style: str = "mmr"
     explanatory: float = 0.1
+    exclude_val: bool = False
 
 
 class Source(Protocol):

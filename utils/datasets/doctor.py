@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.datasets.base import DataError, SamplingOptions
-from utils.datasets.mixer import family_factory
+from utils.datasets.mixer import DataConfig, family_factory
 
 MAX_LISTED_PROBLEMS = 20
 
@@ -135,3 +135,12 @@ def raise_if_unusable(reports: list[SourceReport]) -> None:
             "some requested data is missing or broken:\n" + format_report(bad),
             "run tools/check_dataset.py for the full report",
         )
+
+
+def check_training_data(config: DataConfig) -> list[SourceReport]:
+    """Training start: the doctor's cheap checks (no image decoding) on every source of the mix;
+    raises DataError with the doctor's messages when one is unusable, returns the reports."""
+    family_data = {family: list(config.family_data.get(family, ())) for family in config.dataset}
+    reports = examine_training(Path(config.dataset_dir), family_data, config.options, deep=False)
+    raise_if_unusable(reports)
+    return reports

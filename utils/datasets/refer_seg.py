@@ -91,12 +91,11 @@ def build_refer_seg_sources(
     dataset_dir: Path,
     names: Sequence[str] | str,
     options: SamplingOptions,
-    exclude_val: bool = False,
 ) -> list[ReferSegSource]:
     """One source per `--refer_seg_data` name ("refclef||refcoco" or a list of names).
 
-    exclude_val: drop training images that any of the built datasets sharing the same image
-    collection uses for val/test (the paper's protocol; LISA's flag did nothing).
+    options.exclude_val: drop training images that any of the built datasets sharing the same
+    image collection uses for val/test (the paper's protocol; LISA's flag did nothing).
     """
     if isinstance(names, str):
         names = [name for name in names.split("||") if name]
@@ -106,7 +105,7 @@ def build_refer_seg_sources(
             f"unknown --refer_seg_data name(s) {unknown}; known: {', '.join(REFER_DATASETS)}"
         )
     sources = [ReferSegSource(Path(dataset_dir), options, name) for name in names]
-    if exclude_val:
+    if options.exclude_val:
         _exclude_heldout(sources)
     return sources
 
