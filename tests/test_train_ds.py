@@ -1,0 +1,151 @@
+"""train_ds.py end to end on the tiny assets: a one-process run and its outputs, --eval_only
+on the checkpoint reproducing the in-training validation, and (slow tier) the real DeepSpeed
+launcher on two CPU ranks with the MMR README's flags, ZeRO-2 and ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.make_tiny_assets import make_tiny_assets
+
+ROOT = Path(__file__).resolve().parents[1]
+VAL_DATASETS = "grefcoco|unc|val||MultiPartReasonSeg|val"
+
+
+def tiny_flags(assets: Path, runs: Path, exp_name: str) -> list[str]:
+    return [
+        f"--version={assets / 'llava_tiny'}",
+        f"--vision_pretrained={assets / 'vision_pretrained' / 'sam_tiny.pth'}",
+        f"--dataset_dir={assets / 'dataset'}",
+        f"--log_base_dir={runs}",
+        f"--exp_name={exp_name}",
+        "--refer_seg_data=refcoco||grefcoco",
+        f"--val_dataset={VAL_DATASETS}",
+        "--val_json_name=MMR_val.json",
+        "--precision=fp32",
+        "--out_dim=32",
+        "--lora_r=4",
+        "--workers=0",
+        "--no-gradient_checkpointing",
+        "--lr=0.001",
+    ]
+
+
+def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir)).Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    return make_tiny_assets(tmp_path_factory.mktemp("train_ds"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    flags = tiny_flags(assets, runs, "tiny") + [
+        "--dataset=sem_seg||refer_seg||vqa||reason_seg||multi_part_reason_seg",
+        "--sample_rates=1,3,1,1,3",
+        "--batch_size=2",
+        "--grad_accumulation_steps=2",
+        "--epochs=2",
+        "--steps_per_epoch=3",
+    ]
+    run([sys.executable, "train_ds.py", *flags])
+    return runs / "tiny"
+
+
+def test_one_process_run_writes_every_output(trained: Path) -> None:
+    for name in ("config.json", "token_ids.json", "versions.json", "tokenizer/tokenizer.json"):
+        assert (trained / name).is_file(), name
+    config = json.loads((trained / "config.json").read_text())
+    assert config["steps_per_epoch"] == 3 and config["lora_r"] == 4
+    checkpoint = trained / "ckpt_model"
+    assert (checkpoint / "latest").read_text().strip() == "global_step6"
+    assert (checkpoint / "zero_to_fp32.py").is_file() and (checkpoint / "global_step6").is_dir()
+    lines = (trained / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["global_step"] for line in lines] == [3, 6]
+    results = json.loads(lines[-1])["results"]
+    assert set(results) == {"grefcoco|unc|val", "MultiPartReasonSeg|val:MMR_val.json"}
+    assert {"giou", "ciou", "n_acc", "t_acc"} <= set(results["grefcoco|unc|val"])
+    losses = scalars(trained, "train/loss")
+    assert [step for step, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(value) for _, value in losses)
+    assert [step for step, _ in scalars(trained, "val/giou")] == [3, 6]
+    assert (
+        len(list(trained.glob("eval_*.json"))) == 2 and len(list(trained.glob("eval_*.jsonl"))) == 2
+    )
+
+
+def test_eval_only_on_the_checkpoint_reproduces_the_in_training_validation(
+    assets, trained: Path, tmp_path
+) -> None:
+    flags = tiny_flags(assets, tmp_path, "eval") + [
+        f"--weight={trained / 'ckpt_model'}",
+        "--eval_only",
+    ]
+    result = run([sys.executable, "train_ds.py", *flags])
+    assert "giou:" in result.stdout
+    in_training = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])["results"]
+    for name, summary in in_training.items():
+        safe = next((tmp_path / "eval").glob(f"eval_{name.split('|')[0]}*.json"))
+        evaluated = json.loads(safe.read_text())["summary"]
+        for metric, value in summary.items():
+            if value is None:
+                assert evaluated[metric] is None
+            else:
+                assert evaluated[metric] == pytest.approx(value, abs=1e-6), (name, metric)
+    assert not (tmp_path / "eval" / "ckpt_model").exists()
+
+
+MMR_README_FLAGS = [
+    "--dataset=sem_seg||refer_seg||vqa||multi_part_reason_seg",
+    "--vision-tower=openai/clip-vit-large-patch14",
+    "--batch_size=2",
+    "--num_classes_per_sample=3",
+    "--num_classes_per_question=3",
+    "--use_expand_question_list",
+    "--model_max_length",
+    "2048",
+    "--sample_rates=2,9,2,6",
+    "--val_dataset=MultiPartReasonSeg|val",
+    "--val_json_name=MMR_val.json",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_launcher_on_two_cpu_ranks(assets, tmp_path, zero_stage: int) -> None:
+    flags = (
+        tiny_flags(assets, tmp_path, "M2SA")
+        + MMR_README_FLAGS
+        + [
+            "--grad_accumulation_steps=1",
+            "--epochs=2",
+            "--steps_per_epoch=4",
+            f"--zero_stage={zero_stage}",
+        ]
+    )
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    run([str(deepspeed), "--num_gpus", "2", "--master_port", "29561", "train_ds.py", *flags], 900)
+    run_dir = tmp_path / "M2SA"
+    assert (run_dir / "ckpt_model" / "latest").read_text().strip() == "global_step8"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    losses = [value for _, value in scalars(run_dir, "train/loss")]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses

@@ -1,0 +1,156 @@
+"""Train or evaluate the segmenter: `deepspeed [--num_gpus N] train_ds.py [flags]`.
+
+The recipe: parse flags into a TrainConfig, build the model and data, run the visible loop,
+validate every epoch, save a checkpoint. Plain `python train_ds.py ...` runs one process. With
+`--eval_only` it evaluates `--version` on every `--val_dataset` entry and exits (no training
+data, no optimizer, no resume). Outputs go to `<log_base_dir>/<exp_name>/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from utils.evaluation import build_validation_jobs, evaluate, write_eval_outputs
+
+from model.builder import build_segmenter
+from utils.collate import SampleProcessor
+from utils.config import TrainConfig, parse_args
+from utils.datasets.doctor import check_training_data
+from utils.datasets.mixer import HybridDataset, build_sources
+from utils.engine import (
+    checkpoint_directory,
+    checkpoint_tag,
+    find_resume_directory,
+    init_engine,
+    load_checkpoint,
+    samples_per_epoch,
+    save_checkpoint,
+)
+from utils.metrics import format_table
+from utils.training import (
+    RunLogger,
+    describe_run,
+    init_distributed,
+    seed_everything,
+    train_epoch,
+    training_loader,
+)
+from utils.weights import load_weights
+
+LOGGER = logging.getLogger("train_ds")
+SCORE_METRIC = "giou"
+
+
+def validate(model, jobs, processor, config: TrainConfig, rank: int, world: int) -> dict:
+    """Evaluate every validation set; rank 0 writes eval_<set>.json/.jsonl and the table."""
+    device, dtype = get_accelerator().current_device_name(), config.model_config().dtype
+    summaries = {}
+    for job in jobs:
+        result = evaluate(
+            model,
+            job,
+            processor,
+            device=device,
+            dtype=dtype,
+            rank=rank,
+            world_size=world,
+            batch_size=config.val_batch_size,
+            progress=rank == 0,
+        )
+        summaries[result.name] = result.summary
+        if rank == 0:
+            write_eval_outputs(config.log_dir, result)
+    if rank == 0:
+        print(format_table(summaries), flush=True)
+    return summaries
+
+
+def evaluate_only(model, jobs, processor, config: TrainConfig, rank: int, world: int) -> dict:
+    """`--eval_only`: the model as loaded, on every validation set; prints `giou: x, ciou: y`."""
+    model.to(get_accelerator().current_device_name(), config.model_config().dtype)
+    summaries = validate(model, jobs, processor, config, rank, world)
+    if rank == 0 and summaries:
+        first = next(iter(summaries.values()))
+        print(f"giou: {first.get('giou')}, ciou: {first.get('ciou')}", flush=True)
+    return summaries
+
+
+def train(model, tokenizer, jobs, processor, config: TrainConfig, rank: int, world: int):
+    """The training loop: epochs of `steps_per_epoch` optimizer steps, validation, checkpoints."""
+    data = config.data_config()
+    check_training_data(data)
+    dataset = HybridDataset(
+        build_sources(data),
+        data.sample_rates,
+        samples_per_epoch(config, world),
+        data.seed,
+        process=processor,
+    )
+    engine = init_engine(model, config, world)
+    resume = find_resume_directory(config)
+    state = (load_checkpoint(engine, resume) if resume else None) or {}
+    start_epoch, best = state.get("epoch", config.start_epoch - 1) + 1, state.get("best_score")
+    logger = RunLogger(config.log_dir, rank)
+    device, dtype = get_accelerator().current_device_name(), config.model_config().dtype
+    history = []
+    for epoch in range(start_epoch, config.epochs):
+        dataset.set_epoch(epoch)
+        loader = training_loader(dataset, config, rank, world, model.token_ids.pad)
+        history += train_epoch(
+            engine,
+            loader,
+            device=device,
+            dtype=dtype,
+            logger=logger,
+            epoch=epoch,
+            progress=rank == 0,
+        )
+        summaries = {} if config.no_eval else validate(model, jobs, processor, config, rank, world)
+        logger.validation(engine.global_steps, epoch, summaries)
+        score = next(iter(summaries.values())).get(SCORE_METRIC) if summaries else None
+        best = score if score is not None and (best is None or score > best) else best
+        save_checkpoint(
+            engine,
+            checkpoint_directory(config),
+            checkpoint_tag(engine.global_steps),
+            {"epoch": epoch, "global_step": engine.global_steps, "best_score": best},
+            score=score,
+        )
+    logger.close()
+    return history
+
+
+def main(argv: list[str] | None = None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = parse_args(argv)
+    rank, world = init_distributed()
+    seed_everything(config.seed)
+    model, tokenizer = build_segmenter(config.model_config())
+    if config.weight:
+        load_weights(model, config.weight)
+    processor = SampleProcessor.for_model(
+        model, tokenizer, config.version, config.conv_type, config.model_max_length
+    )
+    eval_processor = SampleProcessor.for_model(model, tokenizer, config.version, config.conv_type)
+    if rank == 0:
+        describe_run(config.log_dir, config, model.token_ids, tokenizer)
+        LOGGER.info("configuration: %s", config)
+    needs_validation = config.eval_only or not config.no_eval
+    jobs = (
+        build_validation_jobs(config.dataset_dir, config.val_dataset, config.val_json_name)
+        if needs_validation
+        else []
+    )
+    if config.eval_only:
+        result = evaluate_only(model, jobs, eval_processor, config, rank, world)
+    else:
+        result = train(model, tokenizer, jobs, processor, config, rank, world)
+    dist.barrier()
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,309 @@
+"""Validation: teacher-forced evaluation of a segmenter on the `--val_dataset` sets, sharded over
+ranks, with one summary per set and one JSONL record per target.
+
+Protocol (LISA / MMR / GSVA, all teacher-forced): each sample's ground-truth answer is in the
+input, every `[SEG]`/`[REJ]` target gets the mask its hidden state decodes, and `utils.metrics`
+scores it. gRefCOCO follows GSVA (REFERENCE.md section 2.6): the present/absent decisions come
+from pass 1 (argmax of the logits before each target, `predicted_present`); then, only for
+batches whose input holds a `[REJ]`, every `[REJ]` id is replaced by `[SEG]` and the batch is run
+again, and the masks of that pass 2 are scored. Without pass 2 a `[REJ]` target has no decoded
+mask, so an absent target wrongly called present would add nothing to cIoU's union.
+
+Sharding: rank r evaluates `shard_indices(n, r, world_size)` (no padding duplicates; shards may
+be unequal or empty). `reduce()` and `gather_records` are collectives: every rank reaches them
+once per set, whatever its shard. Conversations are never dropped for length here (evaluation
+does not truncate), so every target of the set is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from model.batch import Batch
+from model.tokens import TokenIds
+from utils.collate import ProcessedSample, SampleProcessor, collate
+from utils.datasets.base import ValidationSample
+from utils.datasets.mmr import MMR_VAL_JSON
+from utils.datasets.validation import (
+    ValEntry,
+    ValidationSet,
+    build_validation_set,
+    parse_val_datasets,
+)
+from utils.metrics import (
+    Accumulator,
+    GresAccumulator,
+    accumulator_for,
+    gather_records,
+    predicted_present,
+    shard_indices,
+    target_stats,
+)
+
+# Sets whose annotation file is chosen by --val_json_name (-> "<entry>:<json name>").
+JSON_NAMED_SETS = {"MultiPartReasonSeg": MMR_VAL_JSON, "RefCOCOm": ""}
+JSON_NAME_SEPARATOR = ":"
+OUTPUT_PREFIX = "eval_"
+UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._+-]+")
+JSON_SUFFIX = ".json"
+
+
+@dataclass
+class ValidationJob:
+    """One validation set to evaluate: its report name, parsed entry and built dataset.
+
+    name: `str(entry)`, plus ":<json name>" for sets read from `--val_json_name` (MMR, RefCOCOm),
+        so several annotation files of one split are reported separately.
+    metric: the key `accumulator_for` picks the accumulator with ("grefcoco" -> GSVA's).
+    """
+
+    name: str
+    entry: ValEntry
+    dataset: ValidationSet
+
+    @property
+    def metric(self) -> str:
+        return self.entry.dataset
+
+    def new_accumulator(self, device: torch.device | str | None = None) -> Accumulator:
+        """A fresh accumulator of this set's kind (sums on `device`)."""
+        return accumulator_for(self.metric, device)
+
+
+@dataclass
+class EvalResult:
+    """The outcome of `evaluate` for one set.
+
+    summary: the accumulator's reduced summary (gIoU, cIoU, ..., fractions in [0, 1] or None;
+        "targets" is a count). records: one dict per target (`utils.metrics.RECORD_KEYS`), every
+        rank's, rank by rank. samples: images in the set. seconds: wall time of this rank.
+    """
+
+    name: str
+    summary: dict[str, float | None]
+    records: list[dict[str, Any]]
+    seconds: float
+    samples: int = 0
+
+
+def job_name(entry: ValEntry, val_json_name: str = "") -> str:
+    """The report name of a set, e.g. "grefcoco|unc|val", "MultiPartReasonSeg|val:MMR_val.json"."""
+    if entry.dataset not in JSON_NAMED_SETS:
+        return str(entry)
+    json_name = val_json_name or JSON_NAMED_SETS[entry.dataset]
+    return f"{entry}{JSON_NAME_SEPARATOR}{json_name}" if json_name else str(entry)
+
+
+def build_validation_jobs(
+    dataset_dir: str | Path, val_dataset: str, val_json_name: str = ""
+) -> list[ValidationJob]:
+    """One job per `--val_dataset` entry ("||"-joined), datasets built (their files are read)."""
+    return [
+        ValidationJob(
+            job_name(entry, val_json_name),
+            entry,
+            build_validation_set(Path(dataset_dir), entry, val_json_name),
+        )
+        for entry in parse_val_datasets(val_dataset)
+    ]
+
+
+@dataclass
+class _Item:
+    """One processed validation image and what its records need."""
+
+    processed: ProcessedSample
+    record_id: str
+    target_names: list[str]
+
+
+class _ShardSamples(Dataset):
+    """A rank's shard of a validation set, read and processed per item (DataLoader workers)."""
+
+    def __init__(
+        self, dataset: ValidationSet, indices: Sequence[int], processor: SampleProcessor
+    ) -> None:
+        self.dataset, self.indices, self.processor = dataset, list(indices), processor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> _Item:
+        sample: ValidationSample = self.dataset[self.indices[position]]
+        processed = self.processor(sample)
+        if len(sample.target_names) != processed.masks.shape[0]:
+            raise ValueError(
+                f"{sample.image_path} (record {sample.record_id}): {len(sample.target_names)} "
+                f"target names for {processed.masks.shape[0]} masks"
+            )
+        return _Item(processed, sample.record_id, list(sample.target_names))
+
+
+@dataclass(frozen=True)
+class _ItemCollator:
+    """Picklable collate_fn: (Batch, items) for a list of `_Item`s."""
+
+    pad_id: int
+
+    def __call__(self, items: list[_Item]) -> tuple[Batch, list[_Item]]:
+        return collate([item.processed for item in items], self.pad_id), items
+
+
+def reject_as_segment(input_ids: torch.Tensor, token_ids: TokenIds) -> torch.Tensor:
+    """input_ids long [C, L] with every `[REJ]` id replaced by the `[SEG]` id (GSVA pass 2)."""
+    return input_ids.masked_fill(input_ids == token_ids.rej, token_ids.seg)
+
+
+def decode_batch(
+    model: nn.Module, batch: Batch, token_ids: TokenIds, second_pass: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(decisions, masks) per image: bool [k_i] from pass 1 and float32 [k_i, H_i, W_i] logits.
+
+    With `second_pass` and a `[REJ]` in the input, the masks come from a rerun with `[REJ]`
+    written as `[SEG]`; labels and GT masks are dropped there (no loss is needed, and the
+    targets, hence the mask counts, are the same as in pass 1).
+    """
+    output = model(batch)
+    decisions = predicted_present(batch, output, token_ids)
+    masks = output.pred_masks
+    if second_pass and bool((batch.input_ids == token_ids.rej).any()):
+        rerun = replace(
+            batch,
+            input_ids=reject_as_segment(batch.input_ids, token_ids),
+            labels=None,
+            gt_masks=None,
+        )
+        masks = model(rerun).pred_masks
+    return decisions, masks
+
+
+def _score_batch(
+    accumulator: Accumulator,
+    batch: Batch,
+    items: list[_Item],
+    decisions: list[torch.Tensor],
+    masks: list[torch.Tensor],
+) -> None:
+    """Add each image's targets to the accumulator (GT masks already on the model's device)."""
+    for item, gt, present, pred in zip(items, batch.gt_masks, decisions, masks, strict=True):
+        stats = target_stats(pred.float(), gt)
+        if isinstance(accumulator, GresAccumulator):
+            accumulator.update(stats, present, item.record_id, item.target_names)
+        else:
+            accumulator.update(stats, item.record_id, item.target_names, present)
+
+
+def _training_modes(model: nn.Module) -> dict[nn.Module, bool]:
+    """Each submodule's training flag: frozen parts may sit in eval mode while the rest trains,
+    so a plain `model.train(was_training)` afterwards would not restore them."""
+    return {module: module.training for module in model.modules()}
+
+
+def _restore_training_modes(modes: dict[nn.Module, bool]) -> None:
+    for module, training in modes.items():
+        module.training = training
+
+
+def _progress_bar(total: int, name: str, enabled: bool):
+    """A tqdm bar over images (imported only when shown)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"eval {name}", unit="img", dynamic_ncols=True)
+
+
+def evaluate(
+    model: nn.Module,
+    job: ValidationJob,
+    processor: SampleProcessor,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+    rank: int,
+    world_size: int,
+    batch_size: int = 1,
+    progress: bool = False,
+    num_workers: int = 0,
+) -> EvalResult:
+    """Evaluate `model` (a Segmenter or an engine wrapping one) on this rank's shard of `job`.
+
+    Batches of `batch_size` images are collated into one Batch, moved to `device` with floating
+    pixels cast to `dtype`, and run under `torch.no_grad()` in eval mode (every submodule's
+    previous training mode is restored). `num_workers`: DataLoader workers that read and
+    process images. Collective: every rank of the process group calls it for the same job.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    start = time.perf_counter()
+    # Evaluation never drops a too-long conversation: each target must be scored once.
+    processor = replace(processor, model_max_length=None)
+    token_ids = processor.token_ids
+    indices = shard_indices(len(job.dataset), rank, world_size)
+    loader = DataLoader(
+        _ShardSamples(job.dataset, indices, processor),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_ItemCollator(token_ids.pad),
+    )
+    accumulator = job.new_accumulator(device)
+    second_pass = isinstance(accumulator, GresAccumulator)
+    bar = _progress_bar(len(indices), job.name, progress and rank == 0)
+    modes = _training_modes(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch, items in loader:
+                batch = batch.to(device, dtype)
+                decisions, masks = decode_batch(model, batch, token_ids, second_pass)
+                _score_batch(accumulator, batch, items, decisions, masks)
+                if bar is not None:
+                    bar.update(len(items))
+    finally:
+        _restore_training_modes(modes)
+        if bar is not None:
+            bar.close()
+    accumulator.reduce()
+    records = gather_records(accumulator.records)
+    return EvalResult(
+        job.name, accumulator.summary(), records, time.perf_counter() - start, len(job.dataset)
+    )
+
+
+def safe_name(name: str) -> str:
+    """A file-name stem for a set name: "MultiPartReasonSeg|val:MMR_val.json" ->
+    "MultiPartReasonSeg_val_MMR_val" ("|", ":", spaces, slashes... become "_")."""
+    stem = name.removesuffix(JSON_SUFFIX)
+    return UNSAFE_CHARACTERS.sub("_", stem).strip("_") or "unnamed"
+
+
+def write_eval_outputs(directory: str | Path, result: EvalResult) -> tuple[Path, Path]:
+    """Write `eval_<safe name>.json` (name, summary, counts, seconds) and `eval_<safe name>.jsonl`
+    (one record per target) under `directory`; returns both paths. Call it on rank 0 only."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = OUTPUT_PREFIX + safe_name(result.name)
+    summary_path, records_path = directory / f"{stem}.json", directory / f"{stem}.jsonl"
+    summary = {
+        "name": result.name,
+        "summary": result.summary,
+        "samples": result.samples,
+        "records": len(result.records),
+        "seconds": result.seconds,
+    }
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    with records_path.open("w") as handle:
+        for record in result.records:
+            handle.write(json.dumps(record) + "\n")
+    return summary_path, records_path
