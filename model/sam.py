@@ -517,6 +517,35 @@ def no_mask_dense_embedding(sam: SamModel) -> Tensor:
     return sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(-1, -1, grid, grid)
 
 
+def decode_prompt_grid(
+    sam: SamModel, image_embeddings: Tensor, prompts: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One mask-decoder call for K prompts on each of B images (differentiable).
+
+    image_embeddings [B,D,g,g], prompts [B,K,D] -> (low-res mask logits [B,K,4g,4g], predicted
+    IoU [B,K]); single-mask output, no mask prompt. Every (image, prompt) pair is decoded
+    independently, so padding prompts do not change the others' masks.
+    """
+    if image_embeddings.dim() != 4 or prompts.dim() != 3 or len(prompts) != len(image_embeddings):
+        raise ValueError(
+            f"expected image embeddings [B,D,g,g] and prompts [B,K,D], got "
+            f"{tuple(image_embeddings.shape)} and {tuple(prompts.shape)}"
+        )
+    decoder = sam.mask_decoder
+    # Prompts come from the language model, possibly in another dtype than the decoder.
+    dtype = decoder.iou_token.weight.dtype
+    positional = dense_positional_embedding(sam).to(dtype)
+    masks, iou = decoder(
+        image_embeddings=image_embeddings.to(dtype),
+        image_positional_embeddings=positional.expand(len(image_embeddings), -1, -1, -1),
+        # [B images, K prompt sets, 1 token each, D]
+        sparse_prompt_embeddings=prompts.to(dtype)[:, :, None, :],
+        dense_prompt_embeddings=no_mask_dense_embedding(sam).to(dtype),
+        multimask_output=False,
+    )
+    return masks[:, :, 0], iou[:, :, 0]
+
+
 def decode_masks_with_scores(
     sam: SamModel, image_embedding: Tensor, prompts: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -532,18 +561,8 @@ def decode_masks_with_scores(
             f"expected one image embedding and [k,D] prompts, got "
             f"{tuple(image_embedding.shape)} and {tuple(prompts.shape)}"
         )
-    decoder = sam.mask_decoder
-    # Prompts come from the language model, possibly in another dtype than the decoder.
-    dtype = decoder.iou_token.weight.dtype
-    masks, iou = decoder(
-        image_embeddings=image_embedding.to(dtype),
-        image_positional_embeddings=dense_positional_embedding(sam).to(dtype),
-        # [1 image, k prompt sets, 1 token each, D]
-        sparse_prompt_embeddings=prompts.to(dtype)[None, :, None, :],
-        dense_prompt_embeddings=no_mask_dense_embedding(sam).to(dtype),
-        multimask_output=False,
-    )
-    return masks[0, :, 0], iou[0, :, 0]
+    masks, iou = decode_prompt_grid(sam, image_embedding, prompts[None])
+    return masks[0], iou[0]
 
 
 def decode_masks(sam: SamModel, image_embedding: Tensor, prompts: Tensor) -> Tensor:

@@ -7,10 +7,12 @@ projected to the prompt width, prompts a SAM mask decoder.
 2. `encode_images`: SAM image embeddings once per image (frozen encoder), plus the M2SA
    early-feature fusion when enabled.
 3. `language_model`: CLIP once per image, the LLM over every conversation -> hidden states, logits.
-4. `decode_targets`: project each target's hidden state; all `[SEG]` prompts of one image go
+4. `decode_targets`: project each target's hidden state; the `[SEG]` prompts of all images go
    through one mask-decoder call; masks are post-processed to the original image size.
-   A `[REJ]` gets an empty mask and no decoder call.
+   A `[REJ]` gets an empty mask and no decoder work.
 5. `losses`: CE on the answer tokens, BCE + Dice on `[SEG]` masks only.
+The graph is static: the projector and the mask decoder run exactly once per batch (see
+`decode_targets`), which ZeRO-3 on several ranks requires.
 
 `[REJ]` and the mask losses: `[REJ]` rows are left out of both the mask-loss sum and the mask
 count, so a batch's mask loss is the mean over its real masks and `[REJ]` is learned through the
@@ -29,7 +31,7 @@ from torch import nn
 from model.backbone import image_features, language_model_hidden_states
 from model.batch import Batch
 from model.losses import LossWeights, causal_lm_loss, mask_losses
-from model.sam import EarlyFusion, decode_masks, encode_images, postprocess_masks
+from model.sam import EarlyFusion, decode_prompt_grid, encode_images, postprocess_masks
 from model.tokens import TokenIds, predictor_mask
 
 # Logit written for a `[REJ]` target's mask: sigmoid ~ 0 and binarises to empty, yet finite.
@@ -119,9 +121,17 @@ class Segmenter(nn.Module):
         targets = self.find_targets(batch)
         image_embeddings = self.encode_images(batch.sam_pixels)
         hidden, logits = self.language_model(batch)
-        prompts = self.text_hidden_fcs[0](hidden[targets.conv, targets.position])
-        pred_masks = self.decode_targets(image_embeddings, prompts, targets, batch)
-        return self.losses(batch, targets, logits, prompts, pred_masks)
+        # one projector call: the predicting states of the targets, plus an anchor row (the
+        # first position of the batch) that decode_targets uses when there is no [SEG]
+        states = torch.cat([hidden[targets.conv, targets.position], hidden[:1, 0]])
+        projected = self.text_hidden_fcs[0](states)
+        prompts, anchor = projected[:-1], projected[-1]
+        pred_masks, anchor_term = self.decode_targets(
+            image_embeddings, prompts, anchor, targets, batch
+        )
+        output = self.losses(batch, targets, logits, prompts, pred_masks)
+        output.loss = output.loss + anchor_term
+        return output
 
     def find_targets(self, batch: Batch) -> Targets:
         """Locate every `[SEG]`/`[REJ]` and check the counts against `batch.gt_masks`."""
@@ -163,28 +173,60 @@ class Segmenter(nn.Module):
         return hidden, self.llava.lm_head(hidden)
 
     def decode_targets(
-        self, image_embeddings: torch.Tensor, prompts: torch.Tensor, targets: Targets, batch: Batch
-    ) -> list[torch.Tensor]:
-        """Masks per image: float32 [k_i, H_i, W_i]; `[SEG]` rows decoded, `[REJ]` rows empty."""
-        masks = []
-        for index, (image_prompts, rej) in enumerate(
-            zip(prompts.split(targets.counts), targets.is_rej.split(targets.counts), strict=True)
-        ):
-            height, width = batch.original_sizes[index].tolist()
-            image_masks = torch.full(
-                (len(image_prompts), height, width), EMPTY_MASK_LOGIT, device=prompts.device
+        self,
+        image_embeddings: torch.Tensor,
+        prompts: torch.Tensor,
+        anchor: torch.Tensor,
+        targets: Targets,
+        batch: Batch,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Masks per image: float32 [k_i, H_i, W_i]; `[SEG]` rows decoded, `[REJ]` rows empty.
+
+        The mask decoder runs exactly once per batch: the images holding `[SEG]` targets, each
+        with its prompts padded to the largest count. Without any `[SEG]` it decodes the
+        `anchor` prompt on image 0 and returns 0 x its sum as the second output. Every rank then
+        runs the same modules the same number of times, and the projector, decoder and fusion
+        are in every backward graph: ZeRO-3 gathers parameters per module call and reduces
+        gradients per parameter, so ranks whose batches differ would otherwise wait forever.
+        """
+        seg = ~targets.is_rej
+        image_of_target = torch.repeat_interleave(
+            torch.arange(len(targets.counts), device=prompts.device),
+            torch.tensor(targets.counts, device=prompts.device),
+        )
+        seg_counts = torch.bincount(image_of_target[seg], minlength=len(targets.counts))
+        images = torch.nonzero(seg_counts).squeeze(1)
+        if images.numel() == 0:
+            low_res, _ = decode_prompt_grid(self.sam, image_embeddings[:1], anchor[None, None])
+            return self.empty_masks(targets, batch, prompts.device), low_res.sum() * 0.0
+        grid_row = torch.cumsum(seg_counts > 0, 0) - 1
+        seg_image = image_of_target[seg]
+        slot = (
+            torch.arange(len(seg_image), device=prompts.device)
+            - (torch.cumsum(seg_counts, 0) - seg_counts)[seg_image]
+        )
+        grid = prompts.new_zeros(len(images), int(seg_counts.max()), prompts.shape[-1])
+        grid[grid_row[seg_image], slot] = prompts[seg]
+        low_res, _ = decode_prompt_grid(self.sam, image_embeddings[images], grid)
+        masks = self.empty_masks(targets, batch, prompts.device)
+        for row, image in enumerate(images.tolist()):
+            seg_rows = torch.nonzero(seg[image_of_target == image]).squeeze(1)
+            masks[image][seg_rows] = postprocess_masks(
+                low_res[row, : len(seg_rows)],
+                self.sam_input_size,
+                tuple(batch.resized_sizes[image].tolist()),
+                tuple(batch.original_sizes[image].tolist()),
             )
-            seg_rows = torch.nonzero(~rej).squeeze(1)
-            if seg_rows.numel():
-                low_res = decode_masks(self.sam, image_embeddings[index], image_prompts[seg_rows])
-                image_masks[seg_rows] = postprocess_masks(
-                    low_res,
-                    self.sam_input_size,
-                    tuple(batch.resized_sizes[index].tolist()),
-                    (height, width),
-                )
-            masks.append(image_masks)
-        return masks
+        return masks, anchor.sum() * 0.0
+
+    def empty_masks(self, targets: Targets, batch: Batch, device) -> list[torch.Tensor]:
+        """Per image float32 [k_i, H_i, W_i] filled with EMPTY_MASK_LOGIT."""
+        return [
+            torch.full(
+                (count, *batch.original_sizes[index].tolist()), EMPTY_MASK_LOGIT, device=device
+            )
+            for index, count in enumerate(targets.counts)
+        ]
 
     def losses(
         self,

@@ -209,6 +209,24 @@ def test_encoders_run_once_per_image_not_per_conversation(tiny, batch) -> None:
     assert calls == {"sam": [2], "clip": [2]}
 
 
+def test_batch_without_seg_still_reaches_every_trainable_parameter(tiny) -> None:
+    """Ranks must reduce the same gradients: a VQA or all-[REJ] batch gives the decoder,
+    projector zero gradients instead of none, and the loss value is unchanged."""
+    model, tokenizer = tiny
+    conversations = [
+        Conversation(0, "What colour is the circle?", "It is red."),
+        Conversation(0, "Where is the dog?", "The dog is [REJ]."),
+    ]
+    masks = [torch.zeros(1, 40, 56, dtype=torch.uint8)]
+    output = model(make_batch(model, tokenizer, IMAGE_SIZES[:1], conversations, masks))
+    assert output.loss.item() == pytest.approx(output.ce_loss.item())
+    output.loss.backward()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and not name.startswith(NO_GRAD_BY_DESIGN):
+            assert parameter.grad is not None, name
+    assert model.sam.mask_decoder.transformer.layers[0].mlp.lin1.weight.grad.abs().sum() == 0
+
+
 def test_batch_without_targets_has_zero_mask_loss(tiny) -> None:
     model, tokenizer = tiny
     conversations = [Conversation(0, "What colour is the circle?", "It is red.")]
