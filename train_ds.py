@@ -13,7 +13,6 @@ import sys
 
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
-from utils.evaluation import build_validation_jobs, evaluate, write_eval_outputs
 
 from model.builder import build_segmenter
 from utils.collate import SampleProcessor
@@ -29,6 +28,7 @@ from utils.engine import (
     samples_per_epoch,
     save_checkpoint,
 )
+from utils.evaluation import build_validation_jobs, evaluate, write_eval_outputs
 from utils.metrics import format_table
 from utils.training import (
     RunLogger,
@@ -76,6 +76,37 @@ def evaluate_only(model, jobs, processor, config: TrainConfig, rank: int, world:
         first = next(iter(summaries.values()))
         print(f"giou: {first.get('giou')}, ciou: {first.get('ciou')}", flush=True)
     return summaries
+
+
+def step_validation(model, jobs, processor, config: TrainConfig, logger, epoch, rank, world):
+    """`--eval_steps N`: validate every N optimizer steps within an epoch (None when off)."""
+    if not config.eval_steps or config.no_eval:
+        return None
+
+    def after_step(global_step: int) -> None:
+        if global_step % config.eval_steps == 0:
+            logger.validation(
+                global_step, epoch, validate(model, jobs, processor, config, rank, world)
+            )
+            model.train()
+
+    return after_step
+
+
+def report_unused_flags(config: TrainConfig, model) -> None:
+    """Say which model flags the loaded files override (nothing is fetched from a hub)."""
+    LOGGER.info(
+        "--vision-tower %s is unused: the vision tower and its image settings come from %s",
+        config.vision_tower,
+        config.version,
+    )
+    if config.image_size != model.sam_input_size:
+        LOGGER.warning(
+            "--image_size %d differs from the SAM checkpoint's input size %d; using %d",
+            config.image_size,
+            model.sam_input_size,
+            model.sam_input_size,
+        )
 
 
 def train(model, tokenizer, jobs, processor, config: TrainConfig, rank: int, world: int):
@@ -128,6 +159,11 @@ def main(argv: list[str] | None = None):
     config = parse_args(argv)
     rank, world = init_distributed()
     seed_everything(config.seed)
+    if config.eval_protocol != "teacher_forced":
+        raise NotImplementedError(
+            f"--eval_protocol {config.eval_protocol} arrives with generative inference; "
+            "use teacher_forced (the protocol of the published numbers)"
+        )
     model, tokenizer = build_segmenter(config.model_config())
     if config.weight:
         load_weights(model, config.weight)
@@ -138,6 +174,7 @@ def main(argv: list[str] | None = None):
     if rank == 0:
         describe_run(config.log_dir, config, model.token_ids, tokenizer)
         LOGGER.info("configuration: %s", config)
+        report_unused_flags(config, model)
     needs_validation = config.eval_only or not config.no_eval
     jobs = (
         build_validation_jobs(config.dataset_dir, config.val_dataset, config.val_json_name)

@@ -97,7 +97,6 @@ class TrainConfig:
     zero_stage: int
     offload_optimizer: bool
     attn_implementation: str
-    skip_bad_samples: bool
     no_sampling: bool
     val_refzom: bool
     merge_lora_path: str
@@ -226,7 +225,6 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     add("--use_expand_question_list", default=True, action=argparse.BooleanOptionalAction)
     add("--prompt_style", default="mmr", choices=PROMPT_STYLES)
     add("--exclude_val", action="store_true", help="keep refCOCO val/test images out of training")
-    add("--skip_bad_samples", action="store_true", help="skip and count bad records at run time")
     add("--workers", default=4, type=int)
 
 

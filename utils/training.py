@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -139,9 +140,25 @@ def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(values, vector.tolist(), strict=True))
 
 
-def train_epoch(engine, loader, *, device, dtype, logger: RunLogger, epoch: int, progress: bool):
+def train_epoch(
+    engine,
+    loader,
+    *,
+    device,
+    dtype,
+    logger: RunLogger,
+    epoch: int,
+    progress: bool,
+    print_freq: int = 1,
+    after_step: Callable[[int], None] | None = None,
+):
     """One pass over `loader`: forward, backward, step (DeepSpeed accumulates over GAS
-    micro-batches); logs each optimizer step. Returns the per-step mean losses."""
+    micro-batches). Every `print_freq`-th optimizer step is logged; `after_step(global_step)`
+    runs after each optimizer step (e.g. `--eval_steps` validation). Returns the per-step mean
+    losses of every step."""
+    # from_pretrained returns eval mode, and validation may run in between: without this,
+    # LoRA dropout and gradient checkpointing (only active in training mode) would be off
+    engine.train()
     sums = dict.fromkeys(LOSS_PARTS, 0.0)
     micro, dropped, data_time, step_losses = 0, 0, 0.0, []
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not progress, leave=False)
@@ -168,10 +185,13 @@ def train_epoch(engine, loader, *, device, dtype, logger: RunLogger, epoch: int,
                     "metrics/data_secs_per_batch": data_time / micro,
                 }
             )
-            logger.step(engine.global_steps, values)
+            if engine.global_steps % print_freq == 0:
+                logger.step(engine.global_steps, values)
             step_losses.append(values["train/loss"])
             bar.set_postfix(loss=f"{values['train/loss']:.4f}")
             sums = dict.fromkeys(LOSS_PARTS, 0.0)
+            if after_step is not None:
+                after_step(engine.global_steps)
             micro, dropped, data_time, start = 0, 0, 0.0, time.perf_counter()
         waited = time.perf_counter()
     bar.close()
