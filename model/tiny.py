@@ -95,10 +95,13 @@ def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> LlamaTokenizer:
     return tokenizer
 
 
-def tiny_llava_config(tokenizer: LlamaTokenizer, **text_overrides: int) -> LlavaConfig:
-    """LLaVA config of the tiny model: CLIP 32 px / patch 8 (16 image tokens), LLaMA width 64."""
-    text = LlamaConfig(
-        **{**TINY_TEXT, **text_overrides},
+def llava_config(
+    tokenizer: LlamaTokenizer, text: dict = TINY_TEXT, vision: dict = TINY_VISION
+) -> LlavaConfig:
+    """LLaVA config with the given LLaMA and CLIP dimensions (default: the tiny model, CLIP
+    32 px / patch 8 = 16 image tokens, LLaMA width 64); benchmarks pass 7B-shaped ones."""
+    text_config = LlamaConfig(
+        **text,
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
         tie_word_embeddings=False,
@@ -107,8 +110,8 @@ def tiny_llava_config(tokenizer: LlamaTokenizer, **text_overrides: int) -> Llava
         pad_token_id=tokenizer.unk_token_id,
     )
     return LlavaConfig(
-        vision_config=CLIPVisionConfig(**TINY_VISION),
-        text_config=text,
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -116,16 +119,18 @@ def tiny_llava_config(tokenizer: LlamaTokenizer, **text_overrides: int) -> Llava
     )
 
 
-def write_tiny_llava(directory: str | Path, seed: int = 0) -> Path:
-    """Write a random-weight tiny LLaVA as a Hugging Face directory (weights, config,
-    tokenizer, CLIP image-processor settings). Returns the directory."""
+def write_tiny_llava(
+    directory: str | Path, seed: int = 0, text: dict = TINY_TEXT, vision: dict = TINY_VISION
+) -> Path:
+    """Write a random-weight LLaVA (tiny unless other dimensions are given) as a Hugging Face
+    directory (weights, config, tokenizer, CLIP image-processor settings). Returns it."""
     directory = Path(directory)
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
+    model = LlavaForConditionalGeneration(llava_config(tokenizer, text, vision))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    size = TINY_VISION["image_size"]
+    size = vision["image_size"]
     CLIPImageProcessorPil(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
@@ -147,12 +152,13 @@ def reset_to_torch_defaults(model: nn.Module) -> None:
             module.reset_parameters()
 
 
-def write_tiny_sam(path: str | Path, seed: int = 0) -> Path:
-    """Write a random-weight tiny SAM (64 px, 8x8 grid) in the original checkpoint layout."""
+def write_tiny_sam(path: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
+    """Write a random-weight SAM (the tiny 64 px one unless another preset, e.g. "vit_h", is
+    named) in the original checkpoint layout."""
     torch.manual_seed(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sam = build_sam(sam_config_from_preset("tiny"))
+    sam = build_sam(sam_config_from_preset(preset))
     reset_to_torch_defaults(sam)
     save_sam_checkpoint(sam, path)
     return path
