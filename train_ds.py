@@ -17,15 +17,12 @@ from deepspeed.accelerator import get_accelerator
 from model.builder import build_segmenter
 from utils.collate import SampleProcessor
 from utils.config import TrainConfig, parse_args
-from utils.datasets.doctor import check_training_data
-from utils.datasets.mixer import HybridDataset, build_sources
 from utils.engine import (
     checkpoint_directory,
     checkpoint_tag,
     find_resume_directory,
     init_engine,
     load_checkpoint,
-    samples_per_epoch,
     save_checkpoint,
 )
 from utils.evaluation import build_validation_jobs, evaluate, write_eval_outputs
@@ -36,6 +33,7 @@ from utils.training import (
     init_distributed,
     seed_everything,
     train_epoch,
+    training_dataset,
     training_loader,
 )
 from utils.weights import load_weights
@@ -111,15 +109,7 @@ def report_unused_flags(config: TrainConfig, model) -> None:
 
 def train(model, tokenizer, jobs, processor, config: TrainConfig, rank: int, world: int):
     """The training loop: epochs of `steps_per_epoch` optimizer steps, validation, checkpoints."""
-    data = config.data_config()
-    check_training_data(data)
-    dataset = HybridDataset(
-        build_sources(data),
-        data.sample_rates,
-        samples_per_epoch(config, world),
-        data.seed,
-        process=processor,
-    )
+    dataset = training_dataset(config, processor, world)
     engine = init_engine(model, config, world)
     resume = find_resume_directory(config)
     state = (load_checkpoint(engine, resume) if resume else None) or {}

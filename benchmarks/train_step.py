@@ -36,9 +36,12 @@ with contextlib.redirect_stdout(sys.stderr):
     from tools.make_tiny_assets import make_tiny_assets  # noqa: E402
     from utils.collate import SampleProcessor  # noqa: E402
     from utils.config import parse_args  # noqa: E402
-    from utils.datasets.mixer import HybridDataset, build_sources  # noqa: E402
-    from utils.engine import init_engine, samples_per_epoch  # noqa: E402
-    from utils.training import init_distributed, training_loader  # noqa: E402
+    from utils.engine import init_engine  # noqa: E402
+    from utils.training import (  # noqa: E402
+        init_distributed,
+        training_dataset,
+        training_loader,
+    )
 
 LLAMA_7B = dict(
     hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
@@ -147,14 +150,7 @@ def measure(args) -> dict:
         processor = SampleProcessor.for_model(
             model, tokenizer, config.version, config.conv_type, config.model_max_length
         )
-        data = config.data_config()
-        dataset = HybridDataset(
-            build_sources(data),
-            data.sample_rates,
-            samples_per_epoch(config, world),
-            data.seed,
-            process=processor,
-        )
+        dataset = training_dataset(config, processor, world, check=False)
         engine = init_engine(model, config, world)
         loader = training_loader(dataset, config, rank, world, model.token_ids.pad)
         device = get_accelerator().current_device_name()

@@ -22,6 +22,9 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from utils.collate import Collator
+from utils.datasets.doctor import check_training_data
+from utils.datasets.mixer import HybridDataset, build_sources
+from utils.engine import samples_per_epoch
 
 LOGGER = logging.getLogger(__name__)
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "tokenizers", "numpy")
@@ -79,6 +82,21 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def training_dataset(config, processor, world: int, check: bool = True) -> HybridDataset:
+    """The weighted mix of `config`, `samples_per_epoch` items per epoch, each processed by
+    `processor`; with `check`, the doctor's cheap checks run first and stop on bad data."""
+    data = config.data_config()
+    if check:
+        check_training_data(data)
+    return HybridDataset(
+        build_sources(data),
+        data.sample_rates,
+        samples_per_epoch(config, world),
+        data.seed,
+        process=processor,
+    )
 
 
 def training_loader(dataset, config, rank: int, world: int, pad_id: int) -> DataLoader:
