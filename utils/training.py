@@ -178,7 +178,7 @@ def train_epoch(
     # LoRA dropout and gradient checkpointing (only active in training mode) would be off
     engine.train()
     sums = dict.fromkeys(LOSS_PARTS, 0.0)
-    micro, dropped, data_time, step_losses = 0, 0, 0.0, []
+    micro, dropped, images, data_time, step_losses = 0, 0, 0, 0.0, []
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not progress, leave=False)
     start = waited = time.perf_counter()
     for batch in loader:
@@ -190,6 +190,7 @@ def train_epoch(
         for part in LOSS_PARTS:
             sums[part] += float(getattr(output, part))
         micro, dropped = micro + 1, dropped + batch.dropped_conversations
+        images += batch.num_images
         bar.update()
         if boundary:
             values = {f"train/{part}": total / micro for part, total in sums.items()}
@@ -201,6 +202,7 @@ def train_epoch(
                     "train/dropped_conversations": dropped,
                     "metrics/total_secs_per_batch": elapsed / micro,
                     "metrics/data_secs_per_batch": data_time / micro,
+                    "metrics/samples_per_s": images / elapsed,
                 }
             )
             if engine.global_steps % print_freq == 0:
@@ -210,7 +212,7 @@ def train_epoch(
             sums = dict.fromkeys(LOSS_PARTS, 0.0)
             if after_step is not None:
                 after_step(engine.global_steps)
-            micro, dropped, data_time, start = 0, 0, 0.0, time.perf_counter()
+            micro, dropped, images, data_time, start = 0, 0, 0, 0.0, time.perf_counter()
         waited = time.perf_counter()
     bar.close()
     return step_losses

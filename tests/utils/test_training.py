@@ -29,6 +29,7 @@ class FakeOutput:
 
 class FakeBatch:
     dropped_conversations = 1
+    num_images = 2
 
     def to(self, device, dtype):
         return self
@@ -81,6 +82,7 @@ def test_epoch_trains_in_training_mode_logs_steps_and_calls_back(tmp_path) -> No
     assert losses == [0.5, 2.5, 4.5]  # mean of micro-steps (0,1), (2,3), (4,5)
     assert [step for step, _ in logged] == [2]
     assert logged[0][1]["train/dropped_conversations"] == 2
+    assert logged[0][1]["metrics/samples_per_s"] > 0
     assert called == [1, 2, 3]
 
 
