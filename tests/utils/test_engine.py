@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.utils.engine_script import train
 from utils import engine as engine_module
 from utils.config import parse_args
 from utils.engine import (
@@ -240,17 +241,6 @@ def new_engine(tiny_dir: Path, seed: int, *flags: str):
 
     model, _ = build_tiny_segmenter(tiny_dir, seed=seed)
     return init_engine(model, parse_args([*SHORT_RUN, *flags]), world_size=1)
-
-
-def train(engine, batch, steps: int) -> list[float]:
-    """The loop's three calls; returns each step's loss."""
-    losses = []
-    for _ in range(steps):
-        output = engine(batch)
-        engine.backward(output.loss)
-        engine.step()
-        losses.append(output.loss.item())
-    return losses
 
 
 def trainable_state(engine) -> dict[str, torch.Tensor]:
