@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -164,19 +165,32 @@ def reject_as_segment(input_ids: torch.Tensor, token_ids: TokenIds) -> torch.Ten
     return input_ids.masked_fill(input_ids == token_ids.rej, token_ids.seg)
 
 
+def largest_over_ranks(value: int, device: torch.device | str) -> int:
+    """The maximum of `value` over the ranks (a collective in a group of several ranks)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def decode_batch(
     model: nn.Module, batch: Batch, token_ids: TokenIds, second_pass: bool
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(decisions, masks) per image: bool [k_i] from pass 1 and float32 [k_i, H_i, W_i] logits.
 
-    With `second_pass` and a `[REJ]` in the input, the masks come from a rerun with `[REJ]`
-    written as `[SEG]`; labels and GT masks are dropped there (no loss is needed, and the
-    targets, hence the mask counts, are the same as in pass 1).
+    With `second_pass` and a `[REJ]` in the input (of this or any other rank's batch), the
+    masks come from a rerun with `[REJ]` written as `[SEG]`; labels and GT masks are dropped
+    there (no loss is needed, and the targets, hence the mask counts, are the same as in
+    pass 1). Collective when `second_pass` is set in a process group of several ranks.
     """
     output = model(batch)
     decisions = predicted_present(batch, output, token_ids)
     masks = output.pred_masks
-    if second_pass and bool((batch.input_ids == token_ids.rej).any()):
+    has_rej = bool((batch.input_ids == token_ids.rej).any())
+    # every rank reruns when any does: ranks must run the same forwards (ZeRO-3 gathers
+    # parameters collectively); a batch without [REJ] reruns to the same masks
+    if second_pass and largest_over_ranks(int(has_rej), batch.input_ids.device):
         rerun = replace(
             batch,
             input_ids=reject_as_segment(batch.input_ids, token_ids),
@@ -264,12 +278,18 @@ def evaluate(
     model.eval()
     try:
         with torch.no_grad():
+            # shards may differ by a batch: the shorter ranks repeat an uncounted batch so that
+            # every rank runs the same forwards (ZeRO-3 gathers parameters collectively)
+            padding_batches = largest_over_ranks(len(loader), device) - len(loader)
             for batch, items in loader:
                 batch = batch.to(device, dtype)
                 decisions, masks = decode_batch(model, batch, token_ids, second_pass)
                 _score_batch(accumulator, batch, items, decisions, masks)
                 if bar is not None:
                     bar.update(len(items))
+            for _ in range(padding_batches):
+                padding = collate([processor(job.dataset[0])], token_ids.pad)
+                decode_batch(model, padding.to(device, dtype), token_ids, second_pass)
     finally:
         _restore_training_modes(modes)
         if bar is not None:

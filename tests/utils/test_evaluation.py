@@ -171,6 +171,18 @@ def small_job(job: ValidationJob) -> ValidationJob:
     return ValidationJob(f"{job.name} (first)", job.entry, FirstItems(job.dataset, 1))
 
 
+class CountingModel(nn.Module):
+    """Counts forward passes: ranks must run the same number (ZeRO-3 gathers collectively)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, batch):
+        self.calls += 1
+        return self.model(batch)
+
+
 def rank_worker(rank: int, assets, init_file: str, shared: dict) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
@@ -179,9 +191,12 @@ def rank_worker(rank: int, assets, init_file: str, shared: dict) -> None:
     try:
         model, tokenizer = build_tiny_segmenter(assets)
         processor = SampleProcessor.for_model(model, tokenizer, str(assets / "llava_tiny"))
+        counting = CountingModel(model)
         for job in build_validation_jobs(assets / "dataset", "grefcoco|unc|val||refcoco|unc|val"):
             for each in (job, small_job(job)):  # shards of 4 and 4 images, then of 1 and 0
-                shared[rank, each.name] = run(model, each, processor, rank, WORLD_SIZE, 2)
+                before = counting.calls
+                shared[rank, each.name] = run(counting, each, processor, rank, WORLD_SIZE, 2)
+                shared[rank, each.name, "forwards"] = counting.calls - before
     finally:
         dist.destroy_process_group()
 
@@ -203,6 +218,9 @@ def test_two_ranks_equal_one_process(assets, tiny, jobs, results, tmp_path) -> N
         for rank in range(WORLD_SIZE):
             assert_same(per_rank[rank, name], results[name])
             assert_same(per_rank[rank, small.name], expected_small)
+        for each in (name, small.name):
+            forwards = [per_rank[rank, each, "forwards"] for rank in range(WORLD_SIZE)]
+            assert forwards[0] == forwards[1] > 0, (each, forwards)
 
 
 # --- GSVA's second pass ---
