@@ -22,3 +22,12 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tiny_llava(config.version, seed=0)
     write_tiny_sam(config.vision_pretrained, seed=0)
     return directory
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tools/make_tiny_assets.py` output (dataset, tiny LLaVA, tiny SAM), written once per
+    session; tests only read it (runs go to their own temporary directories)."""
+    from tools.make_tiny_assets import make_tiny_assets
+
+    return make_tiny_assets(tmp_path_factory.mktemp("assets"), seed=0)

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tools.make_tiny_assets import make_tiny_assets
-
 ROOT = Path(__file__).resolve().parents[1]
 VAL_DATASETS = "grefcoco|unc|val||MultiPartReasonSeg|val"
 KILL_DEADLINE_S = 300
@@ -52,11 +50,6 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
     events = EventAccumulator(str(run_dir)).Reload()
     return [(event.step, event.value) for event in events.Scalars(tag)]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> Path:
-    return make_tiny_assets(tmp_path_factory.mktemp("train_ds"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from model.tiny import build_tiny_segmenter
-from tools.make_tiny_assets import make_tiny_assets
 from utils.collate import SampleProcessor, collate
 from utils.evaluation import (
     ValidationJob,
@@ -39,11 +38,6 @@ METRIC_KEYS = {
 WORLD_SIZE = 2
 TOLERANCE = 1e-6
 DECISION_BIAS = 1.0e4  # added to one token's logits so that argmax picks it everywhere
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_tiny_assets(tmp_path_factory.mktemp("evaluation"), seed=0)
 
 
 @pytest.fixture(scope="module")

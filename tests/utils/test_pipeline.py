@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from model.tiny import build_tiny_segmenter
-from tools.make_tiny_assets import make_tiny_assets
 from utils.collate import SampleProcessor, collate
 from utils.datasets.base import SamplingOptions
 from utils.datasets.mixer import DataConfig, HybridDataset, build_sources
@@ -21,11 +20,6 @@ FAMILY_DATA = {
     "multi_part_reason_seg": "MMR_train.json",
 }
 ITEMS = 6
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_tiny_assets(tmp_path_factory.mktemp("pipeline"), seed=0)
 
 
 @pytest.fixture(scope="module")
