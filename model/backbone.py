@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -112,11 +113,36 @@ def language_model_hidden_states(
     input_ids, attention_mask: [C, L] with T image-token ids per conversation;
     conversation_features: [C, T, H], the image features each conversation sees -> [C, L, H].
     """
-    encoded = BaseModelOutputWithPooling(pooler_output=list(conversation_features))
+    return language_model_step(llava, input_ids, attention_mask, conversation_features)[0]
+
+
+def language_model_step(
+    llava: LlavaForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    conversation_features: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_values: Cache | None = None,
+    use_cache: bool = False,
+) -> tuple[torch.Tensor, Cache | None]:
+    """The language model over new tokens: (hidden states [C, L_new, H], KV cache or None).
+
+    input_ids: [C, L_new]; attention_mask: [C, L_past + L_new] (False on padding);
+    conversation_features: [C, T, H] when input_ids hold image tokens, else None;
+    position_ids: [C, L_new] (left-padded rows need them); past_key_values: the cache of the
+    L_past earlier tokens, extended in place when `use_cache`.
+    """
+    encoded = (
+        None
+        if conversation_features is None
+        else {"image": BaseModelOutputWithPooling(pooler_output=list(conversation_features))}
+    )
     outputs = llava.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        mm_encoder_outputs={"image": encoded},
-        use_cache=False,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        mm_encoder_outputs=encoded,
+        use_cache=use_cache,
     )
-    return outputs.last_hidden_state
+    return outputs.last_hidden_state, outputs.past_key_values

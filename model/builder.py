@@ -10,11 +10,22 @@ from dataclasses import dataclass, field
 import torch
 
 from model.backbone import load_llava, load_tokenizer, resize_embeddings_to_mean
+from model.checkpoint import (
+    FUSION_PREFIX,
+    PROJECTOR_PREFIX,
+    SEGMENTER_CONFIG_FILE,
+    SegmenterFileConfig,
+    is_merged_checkpoint,
+    load_into,
+    read_segmentation_tensors,
+    read_segmenter_config,
+    segmentation_parts,
+)
 from model.lora import apply_lora, set_trainable
 from model.losses import LossWeights
 from model.sam import EarlyFusion, first_global_layer, load_sam_checkpoint
 from model.segmenter import Segmenter, build_projector
-from model.tokens import add_segmentation_tokens
+from model.tokens import TokenIds, add_segmentation_tokens
 
 PRECISIONS: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -68,38 +79,46 @@ class ModelConfig:
 
 
 def build_segmenter(config: ModelConfig):
-    """Load and assemble the segmenter. Returns (Segmenter, tokenizer with the new tokens)."""
+    """Load and assemble the segmenter. Returns (Segmenter, tokenizer with the new tokens).
+
+    `config.version` is a LLaVA directory (SAM then comes from `config.vision_pretrained`, the
+    projector and fusion start random) or our merged checkpoint (`model.checkpoint`), whose
+    SAM, projector, fusion and image-token wrapping are used as saved.
+    """
     dtype = config.dtype
+    merged = read_segmenter_config(config.version) if is_merged_checkpoint(config.version) else None
     llava = load_llava(config.version, dtype, config.attn_implementation)
     tokenizer = load_tokenizer(config.version)
-    token_ids = add_segmentation_tokens(tokenizer, config.use_mm_start_end)
-    if token_ids.image != llava.config.image_token_id:
-        raise ValueError(
-            f"{config.version}: the tokenizer's <image> id is {token_ids.image} but the model's "
-            f"config says image_token_index = {llava.config.image_token_id}"
-        )
+    use_mm_start_end = merged.use_mm_start_end if merged else config.use_mm_start_end
+    token_ids = add_segmentation_tokens(tokenizer, use_mm_start_end)
+    check_token_ids(config.version, llava, token_ids, merged)
     resize_embeddings_to_mean(llava, len(tokenizer))
     apply_lora(
         llava, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
     )
     if config.gradient_checkpointing:
         llava.activation_checkpointing_enable({"use_reentrant": False})
-    sam = load_sam_checkpoint(config.vision_pretrained, dtype=dtype)
+    parts = merged_parts(config.version, merged, dtype) if merged else None
+    sam = parts.sam if parts else load_sam_checkpoint(config.vision_pretrained, dtype=dtype)
+    source = config.version if parts else config.vision_pretrained
     prompt_dim = sam.config.mask_decoder_config.hidden_size
     if config.out_dim != prompt_dim:
         raise ValueError(
-            f"--out_dim {config.out_dim} must equal the SAM prompt width {prompt_dim} "
-            f"of {config.vision_pretrained}"
+            f"--out_dim {config.out_dim} must equal the SAM prompt width {prompt_dim} of {source}"
         )
-    hidden_size = llava.config.text_config.hidden_size
+    projector = build_projector(llava.config.text_config.hidden_size, prompt_dim).to(dtype)
     early_fusion = early_layer = None
-    if config.early_fusion:
+    if config.early_fusion or (parts and parts.fusion):
         early_layer = first_global_layer(sam.config)
         early_fusion = EarlyFusion(sam.config.vision_config.hidden_size, prompt_dim).to(dtype)
+    if parts:
+        load_into(projector, parts.projector, config.version, PROJECTOR_PREFIX)
+        if parts.fusion:
+            load_into(early_fusion, parts.fusion, config.version, FUSION_PREFIX)
     model = Segmenter(
         llava=llava,
         sam=sam,
-        text_hidden_fcs=build_projector(hidden_size, config.out_dim).to(dtype),
+        text_hidden_fcs=projector,
         token_ids=token_ids,
         loss_weights=config.loss_weights,
         early_fusion=early_fusion,
@@ -107,3 +126,27 @@ def build_segmenter(config: ModelConfig):
     )
     set_trainable(model, config.train_mask_decoder, config.train_mm_projector)
     return model, tokenizer
+
+
+def check_token_ids(
+    version: str, llava, token_ids: TokenIds, merged: SegmenterFileConfig | None
+) -> None:
+    """The tokenizer's ids must agree with the model config and, for a merged checkpoint, with
+    the ids it was trained with."""
+    if token_ids.image != llava.config.image_token_id:
+        raise ValueError(
+            f"{version}: the tokenizer's <image> id is {token_ids.image} but the model's "
+            f"config says image_token_index = {llava.config.image_token_id}"
+        )
+    if merged is not None and token_ids != merged.ids:
+        raise ValueError(
+            f"{version}: the saved tokenizer gives token ids {token_ids.to_dict()} but the "
+            f"checkpoint was trained with {merged.token_ids} ({SEGMENTER_CONFIG_FILE})"
+        )
+
+
+def merged_parts(version: str, merged: SegmenterFileConfig, dtype: torch.dtype):
+    """SAM, projector and fusion tensors of a merged checkpoint directory."""
+    return segmentation_parts(
+        read_segmentation_tensors(version), str(version), dtype, merged.sam_decoder_heads
+    )

@@ -411,24 +411,38 @@ def load_sam_checkpoint(
     missing or unexpected key raises ``ValueError`` naming the file. ``dtype``: torch's default.
     """
     path = Path(path)
-    state = _read_state_dict(path)
+    return sam_from_original_state_dict(_read_state_dict(path), str(path), dtype, decoder_heads)
+
+
+def sam_from_original_state_dict(
+    state: Mapping[str, Tensor],
+    source: str,
+    dtype: torch.dtype | None = None,
+    decoder_heads: int | None = None,
+) -> SamModel:
+    """``SamModel`` (eval mode) holding an original-layout state dict, config read from shapes.
+
+    ``source`` names where the tensors came from in error messages; loading is strict.
+    """
     try:
         config = sam_config_from_state_dict(state, decoder_heads=decoder_heads)
         hf_state = convert_original_state_dict(state)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise ValueError(f"{source}: {err}") from err
     # Built on meta and filled by assignment: no throw-away random init of ~600M parameters.
     with torch.device("meta"):
         model = SamModel(config)
     try:
         result = model.load_state_dict(hf_state, strict=False, assign=True)
     except RuntimeError as err:
-        raise ValueError(f"{path}: tensor shapes disagree with the inferred config: {err}") from err
+        raise ValueError(
+            f"{source}: tensor shapes disagree with the inferred config: {err}"
+        ) from err
     if result.missing_keys or result.unexpected_keys:
         # Reported in the file's own (original) key names.
         missing = sorted({hf_to_original_key(key) for key in result.missing_keys})
         unexpected = sorted(hf_to_original_key(key) for key in result.unexpected_keys)
-        raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+        raise ValueError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
     _tie_weights(model)
     return model.to(dtype or torch.get_default_dtype()).eval()
 

@@ -23,7 +23,7 @@ per `[REJ]` to the mask loss without any gradient and dilutes the real masks' we
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -55,6 +55,20 @@ class Targets:
 
 
 @dataclass
+class DecodedTargets:
+    """What `Segmenter.decode_targets` returns.
+
+    masks: per image float32 [k_i, H_i, W_i] mask logits at the original size.
+    scores: per image float32 [k_i], SAM's predicted IoU of each mask (0 for `[REJ]` rows).
+    anchor_term: 0-dim zero that keeps the projector and decoder in the backward graph.
+    """
+
+    masks: list[torch.Tensor]
+    scores: list[torch.Tensor]
+    anchor_term: torch.Tensor
+
+
+@dataclass
 class SegmenterOutput:
     """What the segmenter returns (scalars are fp32 0-dim tensors).
 
@@ -65,6 +79,7 @@ class SegmenterOutput:
         in order; `[REJ]` rows hold EMPTY_MASK_LOGIT.
     target_is_rej: per image bool [k_i].
     prompt_embeddings: per image [k_i, D] projected hidden states (`[REJ]` rows included).
+    mask_scores: per image float32 [k_i], SAM's predicted IoU per mask (0 for `[REJ]` rows).
     """
 
     loss: torch.Tensor
@@ -76,6 +91,7 @@ class SegmenterOutput:
     pred_masks: list[torch.Tensor]
     target_is_rej: list[torch.Tensor]
     prompt_embeddings: list[torch.Tensor]
+    mask_scores: list[torch.Tensor] = field(default_factory=list)
 
 
 def build_projector(hidden_size: int, out_dim: int) -> nn.ModuleList:
@@ -126,11 +142,10 @@ class Segmenter(nn.Module):
         states = torch.cat([hidden[targets.conv, targets.position], hidden[:1, 0]])
         projected = self.text_hidden_fcs[0](states)
         prompts, anchor = projected[:-1], projected[-1]
-        pred_masks, anchor_term = self.decode_targets(
-            image_embeddings, prompts, anchor, targets, batch
-        )
-        output = self.losses(batch, targets, logits, prompts, pred_masks)
-        output.loss = output.loss + anchor_term
+        decoded = self.decode_targets(image_embeddings, prompts, anchor, targets, batch)
+        output = self.losses(batch, targets, logits, prompts, decoded.masks)
+        output.loss = output.loss + decoded.anchor_term
+        output.mask_scores = decoded.scores
         return output
 
     def find_targets(self, batch: Batch) -> Targets:
@@ -179,36 +194,39 @@ class Segmenter(nn.Module):
         anchor: torch.Tensor,
         targets: Targets,
         batch: Batch,
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Masks per image: float32 [k_i, H_i, W_i]; `[SEG]` rows decoded, `[REJ]` rows empty.
+    ) -> DecodedTargets:
+        """Masks and scores per image; `[SEG]` rows decoded, `[REJ]` rows empty.
 
-        The mask decoder runs exactly once per batch: the images holding `[SEG]` targets, each
-        with its prompts padded to the largest count. Without any `[SEG]` it decodes the
-        `anchor` prompt on image 0 and returns 0 x its sum as the second output. Every rank then
-        runs the same modules the same number of times, and the projector, decoder and fusion
-        are in every backward graph: ZeRO-3 gathers parameters per module call and reduces
-        gradients per parameter, so ranks whose batches differ would otherwise wait forever.
+        prompts: [T, D] projected states of the targets; anchor: [D]. The mask decoder runs
+        exactly once per batch: the images holding `[SEG]` targets, each with its prompts padded
+        to the largest count. Without any `[SEG]` it decodes the `anchor` prompt on image 0 and
+        the anchor term is 0 x its sum. Every rank then runs the same modules the same number of
+        times, and the projector, decoder and fusion are in every backward graph: ZeRO-3 gathers
+        parameters per module call and reduces gradients per parameter, so ranks whose batches
+        differ would otherwise wait forever.
         """
+        device = prompts.device
+        masks = self.empty_masks(targets, batch, device)
+        scores = [torch.zeros(count, device=device) for count in targets.counts]
         seg = ~targets.is_rej
         image_of_target = torch.repeat_interleave(
-            torch.arange(len(targets.counts), device=prompts.device),
-            torch.tensor(targets.counts, device=prompts.device),
+            torch.arange(len(targets.counts), device=device),
+            torch.tensor(targets.counts, device=device),
         )
         seg_counts = torch.bincount(image_of_target[seg], minlength=len(targets.counts))
         images = torch.nonzero(seg_counts).squeeze(1)
         if images.numel() == 0:
             low_res, _ = decode_prompt_grid(self.sam, image_embeddings[:1], anchor[None, None])
-            return self.empty_masks(targets, batch, prompts.device), low_res.sum() * 0.0
+            return DecodedTargets(masks, scores, low_res.sum() * 0.0)
         grid_row = torch.cumsum(seg_counts > 0, 0) - 1
         seg_image = image_of_target[seg]
         slot = (
-            torch.arange(len(seg_image), device=prompts.device)
+            torch.arange(len(seg_image), device=device)
             - (torch.cumsum(seg_counts, 0) - seg_counts)[seg_image]
         )
         grid = prompts.new_zeros(len(images), int(seg_counts.max()), prompts.shape[-1])
         grid[grid_row[seg_image], slot] = prompts[seg]
-        low_res, _ = decode_prompt_grid(self.sam, image_embeddings[images], grid)
-        masks = self.empty_masks(targets, batch, prompts.device)
+        low_res, iou = decode_prompt_grid(self.sam, image_embeddings[images], grid)
         for row, image in enumerate(images.tolist()):
             seg_rows = torch.nonzero(seg[image_of_target == image]).squeeze(1)
             masks[image][seg_rows] = postprocess_masks(
@@ -217,7 +235,8 @@ class Segmenter(nn.Module):
                 tuple(batch.resized_sizes[image].tolist()),
                 tuple(batch.original_sizes[image].tolist()),
             )
-        return masks, anchor.sum() * 0.0
+            scores[image][seg_rows] = iou[row, : len(seg_rows)].float()
+        return DecodedTargets(masks, scores, anchor.sum() * 0.0)
 
     def empty_masks(self, targets: Targets, batch: Batch, device) -> list[torch.Tensor]:
         """Per image float32 [k_i, H_i, W_i] filled with EMPTY_MASK_LOGIT."""

@@ -1,0 +1,179 @@
+"""Greedy generation with masks: the model writes its answer and every generated `[SEG]` gets a
+mask decoded from the hidden state that predicted it.
+
+With the KV cache (the default) each step feeds only the new token; the hidden state whose
+logits chose a `[SEG]` or `[REJ]` is captured at that step, which is the state teacher-forced
+training projects (the one *before* the token). LISA instead re-ran the whole sequence at every
+step and scanned the last step's hidden states; `use_cache=False` does that (same tokens, same
+masks; kept for the benchmark and the equality test).
+
+Prompts arrive right-padded (as `utils.collate.collate` builds them) and are left-padded here,
+with explicit position ids, so that all rows append their new tokens in the same column.
+After generation the projector and the mask decoder run once for the whole batch, through
+`Segmenter.decode_targets` (the same code as training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from model.backbone import image_features, language_model_step
+from model.batch import Batch
+from model.segmenter import Segmenter, Targets
+
+
+@dataclass
+class Generation:
+    """Greedy answers of a batch of C prompts on N images.
+
+    sequences: per conversation long [n_c], the generated ids (ending with EOS when reached).
+    target_conv: per image long [k_i], the conversation of each generated `[SEG]`/`[REJ]`,
+        targets in order (conversation by conversation, then as generated).
+    target_is_rej: per image bool [k_i].
+    pred_masks: per image float32 [k_i, H_i, W_i] mask logits at the original size
+        (`[REJ]` rows hold `EMPTY_MASK_LOGIT`).
+    mask_scores: per image float32 [k_i], SAM's predicted IoU (0 for `[REJ]`).
+    steps: decoding steps run (the longest answer, or max_new_tokens).
+    """
+
+    sequences: list[torch.Tensor]
+    target_conv: list[torch.Tensor]
+    target_is_rej: list[torch.Tensor]
+    pred_masks: list[torch.Tensor]
+    mask_scores: list[torch.Tensor]
+    steps: int
+
+
+def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int):
+    """Right-padded [C, L] ids and mask -> left-padded ids, mask and position ids [C, L]."""
+    lengths = attention_mask.sum(dim=1)
+    shift = (input_ids.shape[1] - lengths)[:, None]
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    source = (columns - shift) % input_ids.shape[1]
+    padded_mask = columns >= shift
+    padded_ids = torch.where(padded_mask, input_ids.gather(1, source), pad_id)
+    positions = (columns - shift).clamp(min=0)
+    return padded_ids, padded_mask, positions
+
+
+@dataclass
+class _Decoding:
+    """Loop state: ids so far [C, L + t], their mask, positions of the last column, captures."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    last_position: torch.Tensor
+    finished: torch.Tensor
+    generated: list[list[int]]
+    captured: list[tuple[int, int, torch.Tensor]]
+
+
+def _greedy_step(model: Segmenter, state: _Decoding, hidden_last: torch.Tensor, step: int):
+    """Choose each unfinished row's next token from its last hidden state [C, H]; capture the
+    states that predict `[SEG]`/`[REJ]`. Returns the tokens fed next [C]."""
+    ids = model.token_ids
+    tokens = model.llava.lm_head(hidden_last).argmax(dim=-1)
+    tokens = torch.where(state.finished, ids.eos, tokens)
+    for row in torch.nonzero(~state.finished).squeeze(1).tolist():
+        token = int(tokens[row])
+        state.generated[row].append(token)
+        if token in (ids.seg, ids.rej):
+            state.captured.append((row, step, hidden_last[row]))
+    state.finished |= tokens == ids.eos
+    return tokens
+
+
+def _decode_tokens(
+    model: Segmenter,
+    batch: Batch,
+    max_new_tokens: int,
+    use_cache: bool,
+    any_rank_unfinished: Callable[[bool], bool],
+) -> tuple[_Decoding, int]:
+    """The autoregressive loop; returns its final state and the number of steps run."""
+    llava = model.llava
+    ids, mask, positions = left_pad(batch.input_ids, batch.attention_mask, model.token_ids.pad)
+    features = image_features(llava, batch.clip_pixels)[batch.conv_image]
+    hidden, cache = language_model_step(llava, ids, mask, features, positions, None, use_cache)
+    state = _Decoding(
+        ids=ids,
+        mask=mask,
+        last_position=positions[:, -1],
+        finished=torch.zeros(len(ids), dtype=torch.bool, device=ids.device),
+        generated=[[] for _ in range(len(ids))],
+        captured=[],
+    )
+    steps = 0
+    while True:
+        tokens = _greedy_step(model, state, hidden[:, -1], steps)
+        steps += 1
+        if steps >= max_new_tokens or not any_rank_unfinished(not bool(state.finished.all())):
+            break
+        state.ids = torch.cat([state.ids, tokens[:, None]], dim=1)
+        state.mask = torch.cat([state.mask, state.mask.new_ones(len(ids), 1)], dim=1)
+        state.last_position = state.last_position + 1
+        if use_cache:
+            new_positions = state.last_position[:, None]
+            hidden, cache = language_model_step(
+                llava, tokens[:, None], state.mask, None, new_positions, cache, True
+            )
+        else:
+            positions = torch.cat([positions, state.last_position[:, None]], dim=1)
+            hidden, _ = language_model_step(llava, state.ids, state.mask, features, positions)
+    return state, steps
+
+
+def _targets(state: _Decoding, conv_image: torch.Tensor, num_images: int, rej_id: int):
+    """Captured states ordered by (conversation, step) -> (Targets, states [T, H])."""
+    order = sorted(range(len(state.captured)), key=lambda i: state.captured[i][:2])
+    captured = [state.captured[i] for i in order]
+    device = conv_image.device
+    conv = torch.tensor([row for row, _, _ in captured], dtype=torch.long, device=device)
+    step = torch.tensor([s for _, s, _ in captured], dtype=torch.long, device=device)
+    is_rej = torch.tensor(
+        [state.generated[row][s] == rej_id for row, s, _ in captured],
+        dtype=torch.bool,
+        device=device,
+    )
+    counts = torch.bincount(conv_image[conv], minlength=num_images).tolist()
+    states = [hidden for _, _, hidden in captured]
+    return Targets(conv, step, is_rej, counts), states
+
+
+def generate(
+    model: Segmenter,
+    batch: Batch,
+    max_new_tokens: int = 512,
+    use_cache: bool = True,
+    any_rank_unfinished: Callable[[bool], bool] = bool,
+) -> Generation:
+    """Greedy answers and masks for a batch of generation prompts (no labels, no GT masks).
+
+    At least one token is generated per row; rows stop at EOS or after `max_new_tokens`.
+
+    batch.input_ids end each row with the prompt (e.g. "... ASSISTANT:"), right-padded.
+    any_rank_unfinished: given whether this rank still generates, whether any rank does; the
+    default (this rank alone) suits one process, evaluation passes a collective so that every
+    rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+    """
+    with torch.no_grad():
+        state, steps = _decode_tokens(model, batch, max_new_tokens, use_cache, any_rank_unfinished)
+        targets, states = _targets(state, batch.conv_image, batch.num_images, model.token_ids.rej)
+        embeddings = model.encode_images(batch.sam_pixels)
+        anchor_state = model.llava.get_input_embeddings().weight[:1]
+        projected = model.text_hidden_fcs[0](torch.stack([*states, anchor_state[0]]))
+        decoded = model.decode_targets(
+            embeddings, projected[:-1], projected[-1], targets, replace(batch, gt_masks=None)
+        )
+    counts = targets.counts
+    return Generation(
+        sequences=[torch.tensor(tokens, dtype=torch.long) for tokens in state.generated],
+        target_conv=list(targets.conv.split(counts)),
+        target_is_rej=list(targets.is_rej.split(counts)),
+        pred_masks=decoded.masks,
+        mask_scores=decoded.scores,
+        steps=steps,
+    )
