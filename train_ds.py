@@ -57,6 +57,8 @@ def validate(model, jobs, processor, config: TrainConfig, rank: int, world: int)
             world_size=world,
             batch_size=config.val_batch_size,
             progress=rank == 0,
+            protocol=config.eval_protocol,
+            max_new_tokens=config.max_new_tokens,
         )
         summaries[result.name] = result.summary
         if rank == 0:
@@ -149,11 +151,6 @@ def main(argv: list[str] | None = None):
     config = parse_args(argv)
     rank, world = init_distributed()
     seed_everything(config.seed)
-    if config.eval_protocol != "teacher_forced":
-        raise NotImplementedError(
-            f"--eval_protocol {config.eval_protocol} arrives with generative inference; "
-            "use teacher_forced (the protocol of the published numbers)"
-        )
     model, tokenizer = build_segmenter(config.model_config())
     if config.weight:
         load_weights(model, config.weight)

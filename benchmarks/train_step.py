@@ -32,7 +32,7 @@ with contextlib.redirect_stdout(sys.stderr):
 
     from model.backbone import image_token_count  # noqa: E402
     from model.builder import build_segmenter  # noqa: E402
-    from model.tiny import write_tiny_llava, write_tiny_sam  # noqa: E402
+    from model.tiny import CLIP_L14_224, LLAMA_7B, write_tiny_llava, write_tiny_sam  # noqa: E402
     from tools.make_tiny_assets import make_tiny_assets  # noqa: E402
     from utils.collate import SampleProcessor  # noqa: E402
     from utils.config import parse_args  # noqa: E402
@@ -43,17 +43,6 @@ with contextlib.redirect_stdout(sys.stderr):
         training_loader,
     )
 
-LLAMA_7B = dict(
-    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
-)
-CLIP_L14_224 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=14,
-)
 PRESET_FLAGS = {
     "tiny": ["--precision=fp32", "--out_dim=32", "--lora_r=4", "--no-gradient_checkpointing"],
     "7b": ["--precision=bf16", "--out_dim=256", "--lora_r=8", "--gradient_checkpointing"],

@@ -3,9 +3,9 @@ mask decoded from the hidden state that predicted it.
 
 With the KV cache (the default) each step feeds only the new token; the hidden state whose
 logits chose a `[SEG]` or `[REJ]` is captured at that step, which is the state teacher-forced
-training projects (the one *before* the token). LISA instead re-ran the whole sequence at every
-step and scanned the last step's hidden states; `use_cache=False` does that (same tokens, same
-masks; kept for the benchmark and the equality test).
+training projects (the one *before* the token). LISA instead re-ran the whole sequence, vision
+tower included, at every step and scanned the last step's hidden states; `use_cache=False` does
+that (same tokens, same masks; kept for the benchmark and the equality test).
 
 Prompts arrive right-padded (as `utils.collate.collate` builds them) and are left-padded here,
 with explicit position ids, so that all rows append their new tokens in the same column.
@@ -121,6 +121,8 @@ def _decode_tokens(
                 llava, tokens[:, None], state.mask, None, new_positions, cache, True
             )
         else:
+            # the old way re-ran everything, the vision tower included, at every step
+            features = image_features(llava, batch.clip_pixels)[batch.conv_image]
             positions = torch.cat([positions, state.last_position[:, None]], dim=1)
             hidden, _ = language_model_step(llava, state.ids, state.mask, features, positions)
     return state, steps
@@ -149,6 +151,7 @@ def generate(
     max_new_tokens: int = 512,
     use_cache: bool = True,
     any_rank_unfinished: Callable[[bool], bool] = bool,
+    decode_rejected: bool = False,
 ) -> Generation:
     """Greedy answers and masks for a batch of generation prompts (no labels, no GT masks).
 
@@ -158,6 +161,9 @@ def generate(
     any_rank_unfinished: given whether this rank still generates, whether any rank does; the
     default (this rank alone) suits one process, evaluation passes a collective so that every
     rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+    decode_rejected: also decode a mask from the state that predicted each `[REJ]` (GSVA's
+    gRefCOCO protocol scores every target's mask; that state is the one a `[SEG]` in its
+    place would have had, as attention is causal).
     """
     with torch.no_grad():
         state, steps = _decode_tokens(model, batch, max_new_tokens, use_cache, any_rank_unfinished)
@@ -165,8 +171,13 @@ def generate(
         embeddings = model.encode_images(batch.sam_pixels)
         anchor_state = model.llava.get_input_embeddings().weight[:1]
         projected = model.text_hidden_fcs[0](torch.stack([*states, anchor_state[0]]))
+        decoding = replace(targets, is_rej=torch.zeros_like(targets.is_rej))
         decoded = model.decode_targets(
-            embeddings, projected[:-1], projected[-1], targets, replace(batch, gt_masks=None)
+            embeddings,
+            projected[:-1],
+            projected[-1],
+            decoding if decode_rejected else targets,
+            replace(batch, gt_masks=None),
         )
     counts = targets.counts
     return Generation(

@@ -45,6 +45,18 @@ TINY_VISION = dict(
     image_size=32,
     patch_size=8,
 )
+# the shapes of the 7B models the papers used (benchmarks build random ones of this size)
+LLAMA_7B = dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+)
+CLIP_L14_224 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+)
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "gray")
 SHAPES = ("circle", "square", "triangle", "star", "house", "car", "tree", "ring", "shape", "object")

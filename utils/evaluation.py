@@ -41,6 +41,7 @@ from utils.datasets.validation import (
     build_validation_set,
     parse_val_datasets,
 )
+from utils.generative_eval import PROTOCOL_SUFFIX, MatchCounts, generate_batch
 from utils.metrics import (
     Accumulator,
     GresAccumulator,
@@ -57,6 +58,7 @@ JSON_NAME_SEPARATOR = ":"
 OUTPUT_PREFIX = "eval_"
 UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._+-]+")
 JSON_SUFFIX = ".json"
+TEACHER_FORCED, GENERATE = "teacher_forced", "generate"
 
 
 @dataclass
@@ -249,6 +251,8 @@ def evaluate(
     batch_size: int = 1,
     progress: bool = False,
     num_workers: int = 0,
+    protocol: str = TEACHER_FORCED,
+    max_new_tokens: int = 512,
 ) -> EvalResult:
     """Evaluate `model` (a Segmenter or an engine wrapping one) on this rank's shard of `job`.
 
@@ -256,7 +260,12 @@ def evaluate(
     pixels cast to `dtype`, and run under `torch.no_grad()` in eval mode (every submodule's
     previous training mode is restored). `num_workers`: DataLoader workers that read and
     process images. Collective: every rank of the process group calls it for the same job.
+    protocol: "teacher_forced" (the published numbers' protocol) or "generate" (the model writes
+    its answers, `utils.generative_eval`; the result is named "<set> (generate)" and its
+    summary adds missing_targets, extra_targets and answers).
     """
+    if protocol not in (TEACHER_FORCED, GENERATE):
+        raise ValueError(f"protocol must be {TEACHER_FORCED} or {GENERATE}, not {protocol!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     start = time.perf_counter()
@@ -273,6 +282,8 @@ def evaluate(
     )
     accumulator = job.new_accumulator(device)
     second_pass = isinstance(accumulator, GresAccumulator)
+    run_batch = _batch_runner(model, token_ids, second_pass, protocol, max_new_tokens, device)
+    counts = MatchCounts()
     bar = _progress_bar(len(indices), job.name, progress and rank == 0)
     modes = _training_modes(model)
     model.eval()
@@ -283,28 +294,53 @@ def evaluate(
             padding_batches = largest_over_ranks(len(loader), device) - len(loader)
             for batch, items in loader:
                 batch = batch.to(device, dtype)
-                decisions, masks = decode_batch(model, batch, token_ids, second_pass)
+                decisions, masks, batch_counts = run_batch(batch)
+                counts.add(batch_counts)
                 _score_batch(accumulator, batch, items, decisions, masks)
                 if bar is not None:
                     bar.update(len(items))
             for _ in range(padding_batches):
                 padding = collate([processor(job.dataset[0])], token_ids.pad)
-                decode_batch(model, padding.to(device, dtype), token_ids, second_pass)
+                run_batch(padding.to(device, dtype))
     finally:
         _restore_training_modes(modes)
         if bar is not None:
             bar.close()
     accumulator.reduce()
     records = gather_records(accumulator.records)
-    return EvalResult(
-        job.name, accumulator.summary(), records, time.perf_counter() - start, len(job.dataset)
+    summary = accumulator.summary()
+    name = job.name
+    if protocol == GENERATE:
+        summary.update(_reduced_counts(counts, device))
+        name += PROTOCOL_SUFFIX
+    return EvalResult(name, summary, records, time.perf_counter() - start, len(job.dataset))
+
+
+def _batch_runner(model, token_ids, second_pass, protocol, max_new_tokens, device):
+    """batch -> (decisions, masks, MatchCounts) under the chosen protocol."""
+    if protocol == TEACHER_FORCED:
+        return lambda batch: (*decode_batch(model, batch, token_ids, second_pass), MatchCounts())
+
+    def any_rank_unfinished(unfinished: bool) -> bool:
+        return largest_over_ranks(int(unfinished), device) > 0
+
+    return lambda batch: generate_batch(
+        model, batch, token_ids, max_new_tokens, second_pass, any_rank_unfinished
     )
+
+
+def _reduced_counts(counts: MatchCounts, device) -> dict[str, int]:
+    """The generate protocol's counts summed over ranks (a collective with several ranks)."""
+    totals = counts.as_tensor(device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    return dict(zip(("missing_targets", "extra_targets", "answers"), totals.tolist(), strict=True))
 
 
 def safe_name(name: str) -> str:
     """A file-name stem for a set name: "MultiPartReasonSeg|val:MMR_val.json" ->
     "MultiPartReasonSeg_val_MMR_val" ("|", ":", spaces, slashes... become "_")."""
-    stem = name.removesuffix(JSON_SUFFIX)
+    stem = name.replace(JSON_SUFFIX, "")
     return UNSAFE_CHARACTERS.sub("_", stem).strip("_") or "unnamed"
 
 
