@@ -83,3 +83,53 @@ def make_batch(
         gt_masks=gt_masks,
         image_paths=[f"img{index}.jpg" for index in range(len(image_sizes))],
     )
+
+
+def generation_prompts(
+    model, tokenizer, image_sizes: list[tuple[int, int]], conversations: list[Conversation]
+) -> Batch:
+    """`make_batch` cut before each answer: right-padded generation prompts, no labels."""
+    from utils.generative_eval import prompt_batch
+
+    batch = make_batch(model, tokenizer, image_sizes, conversations, gt_masks=None)
+    return prompt_batch(batch)
+
+
+RIG_MARGIN = 5.0
+
+
+def rig_greedy_answer(model, batch: Batch, plan: list[int]) -> None:
+    """Edit the LM-head rows of the (distinct) tokens in `plan` so that greedy generation for
+    the batch's first conversation writes exactly `plan` (e.g. [SEG], [REJ], EOS).
+
+    The state that chooses step k depends only on the prompt and plan[:k], not on the LM head:
+    teacher-force them, then solve for rows whose logit beats every other token by RIG_MARGIN
+    at their own step and loses by RIG_MARGIN at the others. Asserts that it worked."""
+    from dataclasses import replace
+
+    from model.generate import generate
+
+    length = int(batch.attention_mask[0].sum())
+    ids = torch.cat([batch.input_ids[0, :length], torch.tensor(plan[:-1], dtype=torch.long)])
+    forced = replace(
+        batch,
+        input_ids=ids[None],
+        attention_mask=torch.ones(1, len(ids), dtype=torch.bool),
+        conv_image=torch.zeros(1, dtype=torch.long),
+        clip_pixels=batch.clip_pixels[:1],
+    )
+    with torch.no_grad():
+        hidden, logits = model.language_model(forced)
+        states = hidden[0, length - 1 :]  # [n, H]: the state choosing each step
+        others = logits[0, length - 1 :].clone()
+        others[:, plan] = -torch.inf
+        best = others.max(dim=1).values  # [n]
+        wanted = torch.where(
+            torch.eye(len(plan), dtype=torch.bool),
+            best[None] + RIG_MARGIN,
+            best[None] - RIG_MARGIN,
+        )  # [token j, step k]
+        rows = wanted @ torch.linalg.pinv(states.T)
+        model.llava.lm_head.weight[plan] = rows.to(model.llava.lm_head.weight.dtype)
+    written = generate(model, batch, max_new_tokens=len(plan)).sequences[0].tolist()
+    assert written == plan, (written, plan)

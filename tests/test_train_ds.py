@@ -14,42 +14,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-VAL_DATASETS = "grefcoco|unc|val||MultiPartReasonSeg|val"
+from tests.e2e import ROOT, launch_two_ranks, run, scalars, tiny_flags
+
 KILL_DEADLINE_S = 300
 POLL_S = 0.05
-
-
-def tiny_flags(assets: Path, runs: Path, exp_name: str) -> list[str]:
-    return [
-        f"--version={assets / 'llava_tiny'}",
-        f"--vision_pretrained={assets / 'vision_pretrained' / 'sam_tiny.pth'}",
-        f"--dataset_dir={assets / 'dataset'}",
-        f"--log_base_dir={runs}",
-        f"--exp_name={exp_name}",
-        "--refer_seg_data=refcoco||grefcoco",
-        f"--val_dataset={VAL_DATASETS}",
-        "--val_json_name=MMR_val.json",
-        "--precision=fp32",
-        "--out_dim=32",
-        "--lora_r=4",
-        "--workers=0",
-        "--no-gradient_checkpointing",
-        "--lr=0.001",
-    ]
-
-
-def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir)).Reload()
-    return [(event.step, event.value) for event in events.Scalars(tag)]
 
 
 @pytest.fixture(scope="module")
@@ -110,37 +78,14 @@ def test_eval_only_on_the_checkpoint_reproduces_the_in_training_validation(
     assert not (tmp_path / "eval" / "ckpt_model").exists()
 
 
-MMR_README_FLAGS = [
-    "--dataset=sem_seg||refer_seg||vqa||multi_part_reason_seg",
-    "--vision-tower=openai/clip-vit-large-patch14",
-    "--batch_size=2",
-    "--num_classes_per_sample=3",
-    "--num_classes_per_question=3",
-    "--use_expand_question_list",
-    "--model_max_length",
-    "2048",
-    "--sample_rates=2,9,2,6",
-    "--val_dataset=MultiPartReasonSeg|val",
-    "--val_json_name=MMR_val.json",
-]
-
-
-# ZeRO-2 runs in the default tier (so CI runs the real launcher); ZeRO-3 in the slow tier
+# ZeRO-2 runs in the default tier (so CI runs the real launcher; the session fixture
+# `launched_run` is shared with the merge tests); ZeRO-3 in the slow tier
 @pytest.mark.parametrize("zero_stage", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_deepspeed_launcher_on_two_cpu_ranks(assets, tmp_path, zero_stage: int) -> None:
-    flags = (
-        tiny_flags(assets, tmp_path, "M2SA")
-        + MMR_README_FLAGS
-        + [
-            "--grad_accumulation_steps=1",
-            "--epochs=2",
-            "--steps_per_epoch=4",
-            f"--zero_stage={zero_stage}",
-        ]
-    )
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    run([str(deepspeed), "--num_gpus", "2", "--master_port", "29561", "train_ds.py", *flags], 900)
-    run_dir = tmp_path / "M2SA"
+def test_deepspeed_launcher_on_two_cpu_ranks(request, assets, tmp_path, zero_stage: int) -> None:
+    if zero_stage == 2:
+        run_dir = request.getfixturevalue("launched_run")
+    else:
+        run_dir = launch_two_ranks(assets, tmp_path, "M2SA", zero_stage)
     assert (run_dir / "ckpt_model" / "latest").read_text().strip() == "global_step8"
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     losses = [value for _, value in scalars(run_dir, "train/loss")]
