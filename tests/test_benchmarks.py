@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,3 +46,15 @@ def test_data_throughput_benchmark_covers_every_source() -> None:
     assert len(report["sources"]) == 13
     assert all(entry["samples_per_s"] > 0 for entry in report["sources"].values())
     assert report["mix_samples_per_s"]["0"] > 0
+
+
+def test_generate_benchmark_compares_cached_and_rerun_paths() -> None:
+    report = run_json("benchmarks/generate.py", "--new_tokens", "4,8", "--batch_sizes", "1,2")
+    runs = report["runs"]
+    assert [(r["batch_size"], r["new_tokens"]) for r in runs] == [(1, 4), (1, 8), (2, 4), (2, 8)]
+    for entry in runs:
+        assert entry["identical_output"] is True
+        assert entry["cached_tokens_per_s"] > 0 and entry["rerun_tokens_per_s"] > 0
+        assert entry["speedup"] == pytest.approx(
+            entry["rerun_seconds_per_answer"] / entry["cached_seconds_per_answer"]
+        )
