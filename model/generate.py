@@ -61,7 +61,8 @@ def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int)
 
 @dataclass
 class _Decoding:
-    """Loop state: ids so far [C, L + t], their mask, positions of the last column, captures."""
+    """Loop state: ids so far [C, L + t], their mask, positions of the last column, captures,
+    and an anchor state [H] (the prompt's first position) for batches without any `[SEG]`."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -69,6 +70,7 @@ class _Decoding:
     finished: torch.Tensor
     generated: list[list[int]]
     captured: list[tuple[int, int, torch.Tensor]]
+    anchor: torch.Tensor
 
 
 def _greedy_step(model: Segmenter, state: _Decoding, hidden_last: torch.Tensor, step: int):
@@ -105,6 +107,7 @@ def _decode_tokens(
         finished=torch.zeros(len(ids), dtype=torch.bool, device=ids.device),
         generated=[[] for _ in range(len(ids))],
         captured=[],
+        anchor=hidden[0, 0],
     )
     steps = 0
     while True:
@@ -169,8 +172,8 @@ def generate(
         state, steps = _decode_tokens(model, batch, max_new_tokens, use_cache, any_rank_unfinished)
         targets, states = _targets(state, batch.conv_image, batch.num_images, model.token_ids.rej)
         embeddings = model.encode_images(batch.sam_pixels)
-        anchor_state = model.llava.get_input_embeddings().weight[:1]
-        projected = model.text_hidden_fcs[0](torch.stack([*states, anchor_state[0]]))
+        # one projector call, as in training (the anchor row is Segmenter.forward's)
+        projected = model.text_hidden_fcs[0](torch.stack([*states, state.anchor]))
         decoding = replace(targets, is_rej=torch.zeros_like(targets.is_rej))
         decoded = model.decode_targets(
             embeddings,
