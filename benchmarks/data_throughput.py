@@ -12,8 +12,6 @@ sample is that of a real run. Target: >= 20 samples/s per CPU core for every sou
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import print_report  # noqa: E402
 from model.backbone import load_tokenizer  # noqa: E402
 from model.tiny import CLIP_MEAN, CLIP_STD  # noqa: E402
 from model.tokens import add_segmentation_tokens  # noqa: E402
@@ -154,11 +153,7 @@ def rss_of_children() -> float:
 
 
 def main() -> None:
-    args = parse_args()
-    # libraries (DeepSpeed's accelerator probe) print to stdout; keep stdout for the JSON alone
-    with contextlib.redirect_stdout(sys.stderr):
-        results = measure(args)
-    print(json.dumps(results, indent=2))
+    print_report(measure, parse_args())
 
 
 def measure(args: argparse.Namespace) -> dict:

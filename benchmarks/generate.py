@@ -15,8 +15,6 @@ referring question, as in chat.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import print_report  # noqa: E402
 from model.backbone import image_token_count, resize_embeddings_to_mean  # noqa: E402
 from model.generate import generate  # noqa: E402
 from model.sam import build_sam, sam_config_from_preset  # noqa: E402
@@ -162,10 +161,7 @@ def measure(args) -> dict:
 
 
 def main() -> None:
-    args = parse()
-    with contextlib.redirect_stdout(sys.stderr):  # libraries print to stdout; keep it for JSON
-        result = measure(args)
-    print(json.dumps(result, indent=2))
+    print_report(measure, parse())
 
 
 if __name__ == "__main__":

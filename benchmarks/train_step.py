@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 with contextlib.redirect_stdout(sys.stderr):
     from deepspeed.accelerator import get_accelerator  # noqa: E402
 
+    from benchmarks.report import print_report  # noqa: E402
     from model.backbone import image_token_count  # noqa: E402
     from model.builder import build_segmenter  # noqa: E402
     from model.tiny import CLIP_L14_224, LLAMA_7B, write_tiny_llava, write_tiny_sam  # noqa: E402
@@ -175,10 +175,7 @@ def summarise(args, config, model, clock: Clock, tokens: int, images: int) -> di
 
 
 def main() -> None:
-    args = parse()
-    with contextlib.redirect_stdout(sys.stderr):  # libraries print to stdout; keep it for JSON
-        result = measure(args)
-    print(json.dumps(result, indent=2))
+    print_report(measure, parse())
 
 
 if __name__ == "__main__":

@@ -40,6 +40,18 @@ def perturb(model, seed: int = 1) -> None:
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
+def merged_config(directory: Path) -> ModelConfig:
+    """Loading a merged directory: no SAM file, no LoRA, fp32, the tiny projector width."""
+    return ModelConfig(
+        version=str(directory),
+        vision_pretrained="",
+        precision="fp32",
+        out_dim=32,
+        gradient_checkpointing=False,
+        lora_r=0,
+    )
+
+
 def outputs(model, batch):
     model.eval()
     with torch.no_grad():
@@ -68,14 +80,7 @@ def merged(request, tiny_dir, tmp_path):
 
 def test_the_merged_model_computes_what_the_unmerged_one_did(merged) -> None:
     before, directory, batch = merged
-    config = ModelConfig(
-        version=str(directory),
-        vision_pretrained="",
-        precision="fp32",
-        out_dim=32,
-        gradient_checkpointing=False,
-        lora_r=0,
-    )
+    config = merged_config(directory)
     model, _ = build_segmenter(config)
     after = outputs(model, batch)
     torch.testing.assert_close(after.logits, before.logits, atol=1e-4, rtol=1e-4)
@@ -146,14 +151,7 @@ def test_large_checkpoints_are_sharded_with_an_index(tiny_dir, tmp_path) -> None
     assert (directory / SEGMENTER_INDEX_FILE).is_file()
     assert len(list(directory.glob("segmenter-*.safetensors"))) > 1
     assert (directory / "model.safetensors.index.json").is_file()
-    config = ModelConfig(
-        version=str(directory),
-        vision_pretrained="",
-        precision="fp32",
-        out_dim=32,
-        gradient_checkpointing=False,
-        lora_r=0,
-    )
+    config = merged_config(directory)
     loaded, _ = build_segmenter(config)
     for (name, first), (_, second) in zip(
         model.state_dict().items(), loaded.state_dict().items(), strict=True
@@ -170,14 +168,7 @@ def rewrite_config(directory: Path, **changes) -> None:
 
 def test_mismatched_token_ids_and_missing_weights_are_named(merged) -> None:
     _, directory, _ = merged
-    config = ModelConfig(
-        version=str(directory),
-        vision_pretrained="",
-        precision="fp32",
-        out_dim=32,
-        gradient_checkpointing=False,
-        lora_r=0,
-    )
+    config = merged_config(directory)
     saved = json.loads((directory / SEGMENTER_CONFIG_FILE).read_text())
     rewrite_config(directory, token_ids={**saved["token_ids"], "seg": 3})
     with pytest.raises(ValueError, match="trained with"):
