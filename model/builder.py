@@ -1,6 +1,6 @@
-"""Building a segmenter from files: load the LLaVA directory and the SAM checkpoint, add the
-segmentation tokens, wrap LoRA, set the trainable set. The `Segmenter` constructor itself does
-no I/O; this is the one place that does.
+"""Building a segmenter from files: load the `--version` directory (any layout of
+`model.legacy`) and the SAM checkpoint, add the segmentation tokens, wrap LoRA, set the
+trainable set. The `Segmenter` constructor itself does no I/O; this is the one place that does.
 """
 
 from __future__ import annotations
@@ -15,11 +15,18 @@ from model.checkpoint import (
     PROJECTOR_PREFIX,
     SEGMENTER_CONFIG_FILE,
     SegmenterFileConfig,
-    is_merged_checkpoint,
     load_into,
     read_segmentation_tensors,
     read_segmenter_config,
     segmentation_parts,
+)
+from model.legacy import (
+    LEGACY_LAYOUTS,
+    Layout,
+    LoadedBackbone,
+    detect_layout,
+    load_legacy_backbone,
+    uses_lisa_tokenization,
 )
 from model.lora import apply_lora, set_trainable
 from model.losses import LossWeights
@@ -38,8 +45,11 @@ PRECISIONS: dict[str, torch.dtype] = {
 class ModelConfig:
     """Everything needed to build the segmenter (train_ds.py fills it from its flags).
 
-    version: Hugging Face LLaVA directory (weights, config, tokenizer, image processor).
+    version: Hugging Face LLaVA directory (weights, config, tokenizer, image processor), our
+        merged checkpoint, a legacy LLaVA-v1 base or a merged LISA-family directory.
     vision_pretrained: SAM checkpoint in the original segment-anything layout.
+    vision_tower: local CLIP directory; read only for the legacy layouts, which keep CLIP
+        outside their files.
     precision: fp32 | bf16 | fp16, the dtype the weights are loaded in.
     attn_implementation: sdpa | flash_attention_2 | eager.
     gradient_checkpointing: recompute LLM activations in backward to save memory.
@@ -55,6 +65,7 @@ class ModelConfig:
 
     version: str
     vision_pretrained: str
+    vision_tower: str | None = None
     precision: str = "bf16"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True
@@ -81,24 +92,19 @@ class ModelConfig:
 def build_segmenter(config: ModelConfig):
     """Load and assemble the segmenter. Returns (Segmenter, tokenizer with the new tokens).
 
-    `config.version` is a LLaVA directory (SAM then comes from `config.vision_pretrained`, the
-    projector and fusion start random) or our merged checkpoint (`model.checkpoint`), whose
-    SAM, projector, fusion and image-token wrapping are used as saved.
+    `config.version` is a LLaVA directory, HF or LLaVA-v1 (SAM then comes from
+    `config.vision_pretrained`, the projector and fusion start random), our merged checkpoint
+    (`model.checkpoint`) or a merged LISA-family directory, whose SAM, projector, fusion and
+    image-token wrapping are used as saved.
     """
     dtype = config.dtype
-    merged = read_segmenter_config(config.version) if is_merged_checkpoint(config.version) else None
-    llava = load_llava(config.version, dtype, config.attn_implementation)
-    tokenizer = load_tokenizer(config.version)
-    use_mm_start_end = merged.use_mm_start_end if merged else config.use_mm_start_end
-    token_ids = add_segmentation_tokens(tokenizer, use_mm_start_end)
-    check_token_ids(config.version, llava, token_ids, merged)
+    llava, tokenizer, token_ids, parts = load_backbone(config)
     resize_embeddings_to_mean(llava, len(tokenizer))
     apply_lora(
         llava, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
     )
     if config.gradient_checkpointing:
         llava.activation_checkpointing_enable({"use_reentrant": False})
-    parts = merged_parts(config.version, merged, dtype) if merged else None
     sam = parts.sam if parts else load_sam_checkpoint(config.vision_pretrained, dtype=dtype)
     source = config.version if parts else config.vision_pretrained
     prompt_dim = sam.config.mask_decoder_config.hidden_size
@@ -126,6 +132,30 @@ def build_segmenter(config: ModelConfig):
     )
     set_trainable(model, config.train_mask_decoder, config.train_mm_projector)
     return model, tokenizer
+
+
+def load_backbone(config: ModelConfig) -> LoadedBackbone:
+    """The LLaVA, its tokenizer with the segmentation tokens and any trained segmentation parts,
+    from whichever layout `config.version` has (`model.legacy.detect_layout`)."""
+    layout = detect_layout(config.version)
+    if layout in LEGACY_LAYOUTS:
+        return load_legacy_backbone(
+            config.version,
+            config.vision_tower,
+            config.dtype,
+            config.attn_implementation,
+            config.use_mm_start_end,
+        )
+    merged = read_segmenter_config(config.version) if layout is Layout.MERGED else None
+    llava = load_llava(config.version, config.dtype, config.attn_implementation)
+    tokenizer = load_tokenizer(config.version)
+    use_mm_start_end = merged.use_mm_start_end if merged else config.use_mm_start_end
+    token_ids = add_segmentation_tokens(
+        tokenizer, use_mm_start_end, strip_whitespace=uses_lisa_tokenization(tokenizer)
+    )
+    check_token_ids(config.version, llava, token_ids, merged)
+    parts = merged_parts(config.version, merged, config.dtype) if merged else None
+    return LoadedBackbone(llava, tokenizer, token_ids, parts)
 
 
 def check_token_ids(

@@ -6,6 +6,11 @@ added as normal tokens (as LISA and GSVA do, so their embeddings are learned lik
 as special tokens. Ids are always looked up with `convert_tokens_to_ids` and checked to encode
 to exactly one id: `tokenizer("[SEG]").input_ids[0]` can be the `▁` piece on LLaMA tokenizers,
 which silently doubles the mask count in the original code.
+
+With `strip_whitespace` the tokens swallow the whitespace on both sides, as every added token did
+in transformers 4.31's slow LLaMA tokenizer that the LISA family trained with (`ASSISTANT: [SEG]`
+-> `ASSISTANT:` `[SEG]`, `<im_end>\n What` -> `<im_end>` `What`); `<image>` never reached that
+tokenizer (it was split out first), so it keeps its whitespace.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AddedToken, PreTrainedTokenizerBase
 
 SEG_TOKEN = "[SEG]"
 REJ_TOKEN = "[REJ]"
@@ -54,16 +59,31 @@ def _single_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     return token_id
 
 
-def add_segmentation_tokens(tokenizer: PreTrainedTokenizerBase, use_mm_start_end: bool) -> TokenIds:
+def _added(token: str, special: bool, strip_whitespace: bool) -> str | AddedToken:
+    """`token` as handed to `add_tokens`; re-adding an existing token updates its stripping."""
+    if not strip_whitespace:
+        return token
+    return AddedToken(token, lstrip=True, rstrip=True, special=special, normalized=False)
+
+
+def add_segmentation_tokens(
+    tokenizer: PreTrainedTokenizerBase, use_mm_start_end: bool, strip_whitespace: bool = False
+) -> TokenIds:
     """Add `[SEG]`, `[REJ]` (and `<im_start>`, `<im_end>`, `<image>` as needed) in place.
 
     Also sets right padding and, when the tokenizer has no pad token, pad = unk (LLaMA
-    convention used by the LISA family). Returns the verified ids.
+    convention used by the LISA family). `strip_whitespace`: the LISA family's tokenization
+    (module docstring). Returns the verified ids.
     """
-    tokenizer.add_tokens([SEG_TOKEN, REJ_TOKEN], special_tokens=False)
+    tokenizer.add_tokens(
+        [_added(token, False, strip_whitespace) for token in (SEG_TOKEN, REJ_TOKEN)],
+        special_tokens=False,
+    )
     special = [] if IMAGE_TOKEN in tokenizer.get_vocab() else [IMAGE_TOKEN]
     if use_mm_start_end:
-        special += [IM_START_TOKEN, IM_END_TOKEN]
+        special += [
+            _added(token, True, strip_whitespace) for token in (IM_START_TOKEN, IM_END_TOKEN)
+        ]
     if special:
         tokenizer.add_tokens(special, special_tokens=True)
     tokenizer.padding_side = "right"

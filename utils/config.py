@@ -18,8 +18,9 @@ from pathlib import Path
 from model.builder import PRECISIONS, ModelConfig
 from model.losses import LossWeights
 from utils.datasets.base import SamplingOptions
-from utils.datasets.mixer import DEFAULT_FAMILY_DATA, DataConfig
+from utils.datasets.mixer import DEFAULT_FAMILY_DATA, FAMILY_BUILDERS, DataConfig, check_rates
 from utils.datasets.templates import PROMPT_STYLES
+from utils.datasets.validation import parse_val_datasets
 
 LOGGER = logging.getLogger(__name__)
 CONV_TYPES = ("llava_v1", "llava_llama_2")
@@ -27,6 +28,7 @@ EVAL_PROTOCOLS = ("teacher_forced", "generate")
 ZERO_STAGES = (2, 3)
 # GSVA flags accepted for command-line compatibility but without effect here
 IGNORED_FLAGS = ("no_sampling", "val_refzom", "merge_lora_path")
+USAGE_ERROR = 2  # argparse's exit status for a bad command line
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,12 @@ class TrainConfig:
     use_expand_question_list: bool
     prompt_style: str
     exclude_val: bool
+    skip_bad_samples: bool
     no_eval: bool
     eval_only: bool
     eval_steps: int
     eval_protocol: str
+    max_new_tokens: int
     vision_pretrained: str
     out_dim: int
     resume: str
@@ -144,6 +148,7 @@ class TrainConfig:
         return ModelConfig(
             version=self.version,
             vision_pretrained=self.vision_pretrained,
+            vision_tower=self.vision_tower,
             precision=self.precision,
             attn_implementation=self.attn_implementation,
             gradient_checkpointing=self.gradient_checkpointing,
@@ -225,6 +230,12 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     add("--use_expand_question_list", default=True, action=argparse.BooleanOptionalAction)
     add("--prompt_style", default="mmr", choices=PROMPT_STYLES)
     add("--exclude_val", action="store_true", help="keep refCOCO val/test images out of training")
+    add(
+        "--skip_bad_samples",
+        default=False,
+        action=argparse.BooleanOptionalAction,
+        help="skip (and count per source, each epoch) records that fail to read during training",
+    )
     add("--workers", default=4, type=int)
 
 
@@ -249,6 +260,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     add("--eval_only", action="store_true")
     add("--eval_steps", default=0, type=int, help="also validate every N steps (0: off)")
     add("--eval_protocol", default="teacher_forced", choices=EVAL_PROTOCOLS)
+    add("--max_new_tokens", default=512, type=int, help="answer length cap (generate protocol)")
     add("--resume", default="")
     add("--auto_resume", default=True, action=argparse.BooleanOptionalAction)
     add("--start_epoch", default=0, type=int)
@@ -276,8 +288,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse a train_ds.py command line into a TrainConfig (last of repeated flags wins)."""
-    namespace = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    namespace = vars(parser.parse_args(argv))
     for flag in IGNORED_FLAGS:
         if namespace[flag]:
             LOGGER.warning("--%s is accepted for compatibility and has no effect", flag)
-    return TrainConfig(**namespace)
+    config = TrainConfig(**namespace)
+    problem = data_flag_problem(config)
+    if problem:
+        # parser.error's 50-line usage would bury the one line that matters
+        parser.exit(USAGE_ERROR, f"{parser.prog}: error: {problem}\n")
+    return config
+
+
+def data_flag_problem(config: TrainConfig) -> str | None:
+    """What is wrong with the data flags a run uses, or None: `--dataset` names a family that
+    does not exist, `--sample_rates` is not one number per family, or a `--val_dataset` entry is
+    not an accepted form. Training flags are not checked with --eval_only, nor validation sets
+    that are not evaluated (--no_eval)."""
+    if not config.eval_only:
+        unknown = [name for name in config.datasets if name not in FAMILY_BUILDERS]
+        if unknown or not config.datasets:
+            named = ", ".join(map(repr, unknown)) or "none"
+            return (
+                f"--dataset {config.dataset!r}: unknown family {named}; "
+                f"choose from {', '.join(FAMILY_BUILDERS)}, joined by '||'"
+            )
+        try:
+            rates = config.rates
+        except ValueError:
+            return f"--sample_rates {config.sample_rates!r} is not comma-separated numbers"
+        try:
+            check_rates(config.datasets, rates)
+        except ValueError as error:
+            return str(error)
+    if config.eval_only or not config.no_eval:
+        try:
+            parse_val_datasets(config.val_dataset)
+        except ValueError as error:
+            return str(error)
+    return None
