@@ -47,6 +47,8 @@ class ProcessedSample:
     input_ids, labels: per conversation long [L_c] (labels IGNORE_INDEX outside the answers).
     masks: uint8 [k, H, W], one per `[SEG]`/`[REJ]` of the kept conversations, in order.
     dropped_conversations: how many too-long conversations (and their masks) were left out.
+    skipped_samples: bad records the mixer skipped before drawing this one ({source: count};
+        set by `HybridDataset` with `--skip_bad_samples`, else None).
     """
 
     clip_pixels: torch.Tensor
@@ -59,6 +61,7 @@ class ProcessedSample:
     image_path: str
     source: str
     dropped_conversations: int = 0
+    skipped_samples: dict[str, int] | None = None
 
 
 def template_for(tokenizer: PreTrainedTokenizerBase, conv_type: str) -> Template:
@@ -318,7 +321,19 @@ def collate(samples: Sequence[ProcessedSample], pad_id: int) -> Batch:
         image_paths=[sample.image_path for sample in samples],
         sources=[sample.source for sample in samples],
         dropped_conversations=sum(sample.dropped_conversations for sample in samples),
+        skipped_samples=sum_counts([sample.skipped_samples for sample in samples]),
     )
+
+
+def sum_counts(counts: Sequence[dict[str, int] | None]) -> dict[str, int] | None:
+    """Per-key sums of the dicts, or None when none of them was counted."""
+    if all(count is None for count in counts):
+        return None
+    total: dict[str, int] = {}
+    for count in counts:
+        for key, value in (count or {}).items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 @dataclass(frozen=True)

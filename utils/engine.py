@@ -22,8 +22,13 @@ ckpt_model/zero_to_fp32.py ckpt_model OUT` consolidates the newest; `-t <best ta
 
 Saves are atomic: every rank writes into `ckpt_model/.staging/`, then rank 0 renames the tag
 directory into place, writes `best.json` and finally `latest` (each by an atomic rename), and only
-then prunes old tags. A process killed at any point leaves `latest` naming a complete checkpoint.
-The checkpoint directory must be on a filesystem that all ranks share (as DeepSpeed assumes).
+then prunes old tags. A process killed at any point leaves `latest` naming a complete checkpoint
+(tests/test_crashes.py kills real processes at each stage). The checkpoint directory must be on
+a filesystem that all ranks share (as DeepSpeed assumes).
+
+Resuming reads DeepSpeed's files with `torch.load(weights_only=True)` forced
+(`utils.weights.weights_only_loads`): a checkpoint holding anything but tensors and plain data
+is refused rather than unpickled.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import math
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,7 @@ import torch
 from torch import nn
 
 from utils.config import TrainConfig
+from utils.weights import weights_only_loads
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,6 +83,12 @@ RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 # returns, so ours travels under one key.
 CLIENT_KEY = "client_state"
 RNG_KEY = "rng_states"
+# Test-only: a save stops at this stage ("started", "staged", "moved", "best", "latest") for
+# tests/test_crashes.py to kill the process there; see _crash_point. Unset in real runs.
+CRASH_POINT_ENV = "M2SA_TEST_CRASH_POINT"
+CRASH_POINTS = ("started", "staged", "moved", "best", "latest")
+CRASH_POINT_MARKER = ".crash_point"
+CRASH_POINT_SLEEP_S = 600
 
 
 # --- Config ---
@@ -319,10 +332,23 @@ def _prune(directory: Path) -> None:
 def _publish(staging: Path, directory: Path, tag: str, score: float | None) -> None:
     """Rank 0's commit: tag directory into place, then best.json, then `latest`, then prune."""
     _move_into_place(staging, directory, tag)
+    _crash_point("moved", directory)
     if score is not None:
         _write_atomically(directory / BEST_FILE, json.dumps({"tag": tag, "score": float(score)}))
+    _crash_point("best", directory)
     _write_atomically(directory / LATEST_FILE, tag)
+    _crash_point("latest", directory)
     _prune(directory)
+
+
+def _crash_point(stage: str, directory: Path) -> None:
+    """Test-only (tests/test_crashes.py): when CRASH_POINT_ENV names `stage`, write
+    CRASH_POINT_MARKER into `directory` and sleep there, so the test can SIGKILL a real process
+    at that point of a save. Does nothing unless that variable is set."""
+    if os.environ.get(CRASH_POINT_ENV) != stage:
+        return
+    (directory / CRASH_POINT_MARKER).write_text(stage)
+    time.sleep(CRASH_POINT_SLEEP_S)
 
 
 def save_checkpoint(
@@ -347,10 +373,12 @@ def save_checkpoint(
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)  # left by a save killed part-way
         staging.mkdir(parents=True)
+        _crash_point("started", directory)
     _barrier()
     state = {CLIENT_KEY: dict(client_state), RNG_KEY: _gather_rng_states()}
     engine.save_checkpoint(str(staging), tag=tag, client_state=state, save_latest=False)
     if _rank() == 0:
+        _crash_point("staged", directory)
         _publish(staging, directory, tag, score if is_best else None)
     _barrier()
     return is_best
@@ -366,7 +394,9 @@ def load_checkpoint(engine, directory: Path, tag: str | None = None) -> dict[str
         return None
     if not (directory / tag).is_dir():
         raise FileNotFoundError(f"checkpoint {directory / tag} does not exist")
-    load_path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    # DeepSpeed unpickles with weights_only=False; a checkpoint from elsewhere must not run code
+    with weights_only_loads():
+        load_path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory / tag}")
     saved = client_state or {}

@@ -1,6 +1,7 @@
 """Helpers of the train_ds.py recipe: distributed set-up, the run directory that describes
-itself, the per-rank sampler, step logging (TensorBoard with a global step, metrics.jsonl) and
-one training epoch.
+itself, the per-rank sampler, step logging (TensorBoard with a global step, metrics.jsonl, a
+progress heartbeat) and one training epoch, which skips micro-batches with a non-finite loss
+and reports the bad records `--skip_bad_samples` skipped.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import logging
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,12 +26,18 @@ from tqdm import tqdm
 
 from utils.collate import Collator
 from utils.datasets.doctor import check_training_data
-from utils.datasets.mixer import HybridDataset, build_sources
+from utils.datasets.mixer import (
+    HybridDataset,
+    build_sources,
+)
 from utils.engine import samples_per_epoch
 
 LOGGER = logging.getLogger(__name__)
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "tokenizers", "numpy")
 LOSS_PARTS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_loss")
+PROGRESS_FILE = "progress.json"
+# non-finite losses in a row (micro-batches, all ranks agreeing) after which the run stops
+MAX_NONFINITE_IN_A_ROW = 3
 
 
 def init_distributed() -> tuple[int, int]:
@@ -86,7 +95,8 @@ class ShardSampler(Sampler[int]):
 
 def training_dataset(config, processor, world: int, check: bool = True) -> HybridDataset:
     """The weighted mix of `config`, `samples_per_epoch` items per epoch, each processed by
-    `processor`; with `check`, the doctor's cheap checks run first and stop on bad data."""
+    `processor`; with `check`, the doctor's cheap checks run first and stop on bad data. With
+    `--skip_bad_samples`, records that fail to read later are skipped and counted."""
     data = config.data_config()
     if check:
         check_training_data(data)
@@ -96,6 +106,7 @@ def training_dataset(config, processor, world: int, check: bool = True) -> Hybri
         samples_per_epoch(config, world),
         data.seed,
         process=processor,
+        skip_bad_samples=config.skip_bad_samples,
     )
 
 
@@ -112,12 +123,14 @@ def training_loader(dataset, config, rank: int, world: int, pad_id: int) -> Data
 
 
 class RunLogger:
-    """TensorBoard (rank 0) with a global step that never restarts, and metrics.jsonl."""
+    """TensorBoard (rank 0) with a global step that never restarts, metrics.jsonl, and the
+    `progress.json` heartbeat."""
 
     def __init__(self, run_dir: Path, rank: int) -> None:
         self.rank = rank
         self.run_dir = run_dir
         self.writer = None
+        self.pending_skips: tuple[int, dict[str, int]] | None = None
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -127,6 +140,29 @@ class RunLogger:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, global_step)
+
+    def progress(self, epoch: int, global_step: int) -> None:
+        """Rank 0 rewrites `progress.json` ({epoch, global_step, time}) after every optimizer
+        step: a heartbeat that a cluster watchdog (or a test) reads while the run goes on."""
+        if self.rank != 0:
+            return
+        record = {"epoch": epoch, "global_step": global_step, "time": time.time()}
+        write_atomically(self.run_dir / PROGRESS_FILE, json.dumps(record))
+
+    def skipped(self, epoch: int, global_step: int, counts: dict[str, int]) -> None:
+        """`--skip_bad_samples`: the bad records skipped in `epoch` ({source: count}, all ranks):
+        a log line, TensorBoard `train/skipped_samples`, and a `skipped_samples` entry in the
+        epoch's metrics.jsonl record."""
+        if self.rank != 0:
+            return
+        total = sum(counts.values())
+        listed = ", ".join(f"{source}: {count}" for source, count in sorted(counts.items()))
+        if total:
+            LOGGER.warning("epoch %d: skipped %d bad records (%s)", epoch, total, listed)
+        else:
+            LOGGER.info("epoch %d: no bad record skipped", epoch)
+        self.step(global_step, {"train/skipped_samples": total})
+        self.pending_skips = (epoch, dict(sorted(counts.items())))
 
     def validation(self, global_step: int, epoch: int, summaries: dict[str, dict]) -> None:
         """`val/<metric>` of the first set (LISA's tags) plus `val/<set>/<metric>` of each."""
@@ -140,6 +176,9 @@ class RunLogger:
                 if index == 0:
                     self.step(global_step, {f"val/{metric}": value})
         record = {"epoch": epoch, "global_step": global_step, "results": summaries}
+        if self.pending_skips is not None and self.pending_skips[0] == epoch:
+            record["skipped_samples"] = self.pending_skips[1]
+            self.pending_skips = None
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -148,14 +187,121 @@ class RunLogger:
             self.writer.close()
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write a small file by renaming a complete one over it (readers never see half of it)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     """Average logged values over ranks (one all-reduce of a small vector)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if _world_size() == 1:
         return values
     vector = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(vector)
     vector /= dist.get_world_size()
     return dict(zip(values, vector.tolist(), strict=True))
+
+
+def sum_counts_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """{key: count} summed over ranks (keys may differ between ranks)."""
+    if _world_size() == 1:
+        return dict(counts)
+    gathered: list[Any] = [None] * _world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    total: Counter[str] = Counter()
+    for rank_counts in gathered:
+        total.update(rank_counts)
+    return dict(total)
+
+
+# --- Non-finite losses ---
+class NonFiniteLossError(RuntimeError):
+    """The loss was not finite for `max_nonfinite` micro-batches in a row: the run stops."""
+
+
+def all_ranks_finite(loss: torch.Tensor, device) -> bool:
+    """Whether the loss is finite on every rank: one decision all ranks share, so they all skip
+    the same micro-batches and DeepSpeed's step counters stay in lockstep."""
+    flag = torch.isfinite(loss.detach()).all().reshape(1).to(device=device, dtype=torch.float32)
+    if _world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def nonfinite_sources(loss: torch.Tensor, batch) -> list[str]:
+    """The sources of the batches whose loss is not finite, over all ranks (a collective)."""
+    local = [] if bool(torch.isfinite(loss.detach()).all()) else list(getattr(batch, "sources", []))
+    if _world_size() == 1:
+        return local
+    gathered: list[Any] = [None] * _world_size()
+    dist.all_gather_object(gathered, local)
+    return [source for rank_sources in gathered for source in rank_sources]
+
+
+def handle_nonfinite(loss, batch, epoch: int, global_step: int, in_a_row: int, limit: int) -> None:
+    """Warn that this micro-batch is skipped, naming its sources; raise NonFiniteLossError on
+    every rank when it is the `limit`-th in a row."""
+    sources = ", ".join(sorted(set(nonfinite_sources(loss, batch)))) or "unknown sources"
+    message = (
+        f"epoch {epoch}, after optimizer step {global_step}: the loss is not finite on a batch "
+        f"from {sources}"
+    )
+    if in_a_row >= limit:
+        raise NonFiniteLossError(
+            f"{message}; {in_a_row} micro-batches in a row, so the run stops. The checkpoints "
+            "it wrote are intact: resume from the last one with a lower --lr, or check those "
+            "sources with tools/check_dataset.py --deep"
+        )
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    LOGGER.warning(
+        "%s; skipped it (no backward, no optimizer step; %d in a row, the run stops at %d)",
+        message,
+        in_a_row,
+        limit,
+    )
+
+
+# --- One epoch ---
+@dataclass
+class StepWindow:
+    """What one optimizer step accumulates over its micro-batches, for its log line."""
+
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_PARTS, 0.0))
+    micro: int = 0
+    dropped: int = 0
+    images: int = 0
+    data_time: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, output, batch) -> None:
+        for part in LOSS_PARTS:
+            self.sums[part] += float(torch.as_tensor(getattr(output, part)).detach())
+        self.micro += 1
+        self.dropped += batch.dropped_conversations
+        self.images += batch.num_images
+
+    def values(self, engine, device) -> dict[str, float]:
+        """The step's logged values: mean losses over micro-batches and ranks, lr, timing."""
+        values = {f"train/{part}": total / self.micro for part, total in self.sums.items()}
+        values = mean_over_ranks(values, device)
+        elapsed = time.perf_counter() - self.start
+        values.update(
+            {
+                "train/lr": engine.get_lr()[0],
+                "train/dropped_conversations": self.dropped,
+                "metrics/total_secs_per_batch": elapsed / self.micro,
+                "metrics/data_secs_per_batch": self.data_time / self.micro,
+                "metrics/samples_per_s": self.images / elapsed,
+            }
+        )
+        return values
 
 
 def train_epoch(
@@ -169,50 +315,54 @@ def train_epoch(
     progress: bool,
     print_freq: int = 1,
     after_step: Callable[[int], None] | None = None,
+    max_nonfinite: int = MAX_NONFINITE_IN_A_ROW,
 ):
     """One pass over `loader`: forward, backward, step (DeepSpeed accumulates over GAS
     micro-batches). Every `print_freq`-th optimizer step is logged; `after_step(global_step)`
     runs after each optimizer step (e.g. `--eval_steps` validation). Returns the per-step mean
-    losses of every step."""
+    losses of every step.
+
+    A micro-batch whose loss is not finite on any rank is skipped on every rank (no backward, no
+    step: the optimizer step then takes the next finite micro-batches), with a warning naming
+    its sources; `max_nonfinite` in a row raise NonFiniteLossError before anything is saved.
+    With `--skip_bad_samples` the records skipped this epoch are reported per source."""
     # from_pretrained returns eval mode, and validation may run in between: without this,
     # LoRA dropout and gradient checkpointing (only active in training mode) would be off
     engine.train()
-    sums = dict.fromkeys(LOSS_PARTS, 0.0)
-    micro, dropped, images, data_time, step_losses = 0, 0, 0, 0.0, []
+    counting = bool(getattr(getattr(loader, "dataset", None), "skip_bad_samples", False))
+    skipped: Counter[str] = Counter()
+    window, step_losses, in_a_row = StepWindow(), [], 0
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not progress, leave=False)
-    start = waited = time.perf_counter()
+    waited = time.perf_counter()
     for batch in loader:
-        data_time += time.perf_counter() - waited
+        window.data_time += time.perf_counter() - waited
+        skipped.update(batch.skipped_samples or {})
         boundary = engine.is_gradient_accumulation_boundary()
         output = engine(batch.to(device, dtype))
+        bar.update()
+        if not all_ranks_finite(output.loss, device):
+            in_a_row += 1
+            handle_nonfinite(
+                output.loss, batch, epoch, engine.global_steps, in_a_row, max_nonfinite
+            )
+            waited = time.perf_counter()
+            continue
+        in_a_row = 0
         engine.backward(output.loss)
         engine.step()
-        for part in LOSS_PARTS:
-            sums[part] += float(getattr(output, part))
-        micro, dropped = micro + 1, dropped + batch.dropped_conversations
-        images += batch.num_images
-        bar.update()
+        window.add(output, batch)
         if boundary:
-            values = {f"train/{part}": total / micro for part, total in sums.items()}
-            values = mean_over_ranks(values, device)
-            elapsed = time.perf_counter() - start
-            values.update(
-                {
-                    "train/lr": engine.get_lr()[0],
-                    "train/dropped_conversations": dropped,
-                    "metrics/total_secs_per_batch": elapsed / micro,
-                    "metrics/data_secs_per_batch": data_time / micro,
-                    "metrics/samples_per_s": images / elapsed,
-                }
-            )
+            values = window.values(engine, device)
             if engine.global_steps % print_freq == 0:
                 logger.step(engine.global_steps, values)
+            logger.progress(epoch, engine.global_steps)
             step_losses.append(values["train/loss"])
             bar.set_postfix(loss=f"{values['train/loss']:.4f}")
-            sums = dict.fromkeys(LOSS_PARTS, 0.0)
             if after_step is not None:
                 after_step(engine.global_steps)
-            micro, dropped, images, data_time, start = 0, 0, 0, 0.0, time.perf_counter()
+            window = StepWindow()
         waited = time.perf_counter()
     bar.close()
+    if counting:
+        logger.skipped(epoch, engine.global_steps, sum_counts_over_ranks(skipped))
     return step_losses

@@ -1,7 +1,8 @@
 """Two-rank check of utils/engine.py, run by `deepspeed --num_gpus 2` from test_engine.py.
 
 Each rank trains the tiny segmenter on its own batch, saves, continues (the expected losses),
-then a fresh engine on each rank resumes from the checkpoint and must see the same losses.
+then a fresh engine on each rank resumes from the checkpoint and must see the same losses; then
+a batch whose loss is NaN on one rank only must be skipped on both.
 Rank 0 writes result.json and the trained weights at the save (for zero_to_fp32.py) into
 --output.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import deepspeed
@@ -31,6 +33,7 @@ from utils.engine import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
+from utils.training import RunLogger, train_epoch  # noqa: E402
 
 WORLD_SIZE = 2
 STEPS_BEFORE_SAVE = 4
@@ -57,6 +60,21 @@ def train(engine, batch, steps: int) -> list[float]:
         engine.step()
         losses.append(output.loss.item())
     return losses
+
+
+def skip_a_non_finite_batch_on_one_rank(engine, batch, rank: int, output: Path) -> list[int]:
+    """Three micro-batches, the second NaN on rank 1 only: both ranks must skip it (one shared
+    decision), so both take two optimizer steps. Returns every rank's step count after it."""
+    bad = replace(batch, clip_pixels=torch.full_like(batch.clip_pixels, float("nan")))
+    batches = [batch, bad if rank == 1 else batch, batch]
+    logger = RunLogger(output, rank=1)  # no TensorBoard files from this check
+    start = engine.global_steps
+    train_epoch(
+        engine, batches, device="cpu", dtype=torch.float32, logger=logger, epoch=0, progress=False
+    )
+    steps: list = [None] * dist.get_world_size()
+    dist.all_gather_object(steps, engine.global_steps - start)
+    return steps
 
 
 def main() -> None:
@@ -92,6 +110,7 @@ def main() -> None:
     losses = train(resumed, batch, STEPS_AFTER_SAVE)
     if losses != expected:
         raise SystemExit(f"rank {rank}: resumed losses {losses} != {expected}")
+    steps = skip_a_non_finite_batch_on_one_rank(resumed, batch, rank, args.output)
     if rank == 0:
         torch.save(trained, args.output / "trained.pt")
         result = {
@@ -99,6 +118,7 @@ def main() -> None:
             "client_state": restored,
             "expected_losses": expected,
             "resumed_losses": losses,
+            "steps_after_one_rank_non_finite": steps,
         }
         (args.output / "result.json").write_text(json.dumps(result))
 

@@ -1,6 +1,7 @@
 """utils/engine.py: the pure DeepSpeed config against the reference run behaviour, RNG state,
 the checkpoint layout and its atomicity, and real single-process DeepSpeed engines on CPU
-(save, resume, identical continuation). A two-rank launcher run is in the slow tier."""
+(save, resume, identical continuation, non-finite losses skipped). A two-rank launcher run is in
+the slow tier."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from model.batch import Batch
 from tests.utils.engine_script import train
+from tests.utils.unsafe_checkpoints import write_unsafe_deepspeed_checkpoint
 from utils import engine as engine_module
 from utils.config import parse_args
 from utils.engine import (
@@ -38,6 +42,8 @@ from utils.engine import (
     save_checkpoint,
     warmup_steps,
 )
+from utils.training import NonFiniteLossError, RunLogger, train_epoch
+from utils.weights import UnsafeCheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
 # A short fp32 run: two warm-up steps at lr 0 (DeepSpeed's 2-step minimum, starting at 0),
@@ -199,7 +205,7 @@ def test_resaving_a_tag_replaces_it(tmp_path: Path) -> None:
     directory, engine = tmp_path / "ckpt_model", FileWritingEngine()
     save_checkpoint(engine, directory, "global_step5", {"epoch": 0})
     save_checkpoint(engine, directory, "global_step5", {"epoch": 1})
-    saved = torch.load(directory / "global_step5" / "mp_rank_00_model_states.pt")
+    saved = torch.load(directory / "global_step5" / "mp_rank_00_model_states.pt", weights_only=True)
     assert saved[CLIENT_KEY]["epoch"] == 1 and tag_directories(directory) == {"global_step5"}
 
 
@@ -358,6 +364,64 @@ def test_a_save_killed_part_way_leaves_the_previous_checkpoint(
     assert tag_directories(directory) == {checkpoint_tag(STEPS_BEFORE_SAVE), "global_step99"}
 
 
+def test_resuming_from_a_checkpoint_that_holds_code_refuses_it(single_rank, tiny_dir, tmp_path):
+    """DeepSpeed unpickles with weights_only=False; load_checkpoint forces weights-only loads."""
+    marker = tmp_path / "code_ran"
+    directory = write_unsafe_deepspeed_checkpoint(tmp_path / "ckpt_model", marker, "global_step1")
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
+        load_checkpoint(new_engine(tiny_dir, 0), directory)
+    assert not marker.exists()
+
+
+# --- Non-finite losses on a real engine ---
+def poisoned(batch: Batch) -> Batch:
+    """`batch` with NaN CLIP pixels: its loss is NaN (as after a bad sample or an overflow)."""
+    return replace(batch, clip_pixels=torch.full_like(batch.clip_pixels, float("nan")))
+
+
+def epoch_of(engine, batches: list, logs: Path, **options) -> list[float]:
+    return train_epoch(
+        engine,
+        batches,
+        device="cpu",
+        dtype=torch.float32,
+        logger=RunLogger(logs, rank=1),
+        epoch=0,
+        progress=False,
+        **options,
+    )
+
+
+def dropout_free_engine(tiny_dir: Path, zero_stage: str):
+    """train_epoch trains in training mode: without LoRA dropout, runs are exactly comparable."""
+    from model.tiny import build_tiny_segmenter
+
+    model, _ = build_tiny_segmenter(tiny_dir, seed=0, lora_dropout=0.0)
+    return init_engine(model, parse_args([*SHORT_RUN, "--zero_stage", zero_stage]), world_size=1)
+
+
+@pytest.mark.parametrize("zero_stage", ["2", "3"], ids=["zero2", "zero3"])
+def test_non_finite_batches_are_skipped_cleanly_and_a_run_of_them_stops(
+    single_rank, tiny_dir, training_batch, tmp_path, zero_stage
+) -> None:
+    good, bad = training_batch, poisoned(training_batch)
+    clean = epoch_of(dropout_free_engine(tiny_dir, zero_stage), [good] * 3, tmp_path)
+    engine = dropout_free_engine(tiny_dir, zero_stage)
+    skipping = epoch_of(engine, [good, bad, good, bad, good], tmp_path)
+    # the NaN forwards left no trace: same steps, same losses as without them
+    assert engine.global_steps == 3 and skipping == clean
+    directory = tmp_path / "ckpt_model"
+    save_checkpoint(engine, directory, checkpoint_tag(engine.global_steps), {"epoch": 0})
+    saved = trainable_state(engine)
+    with pytest.raises(NonFiniteLossError, match="3 micro-batches in a row"):
+        epoch_of(engine, [bad] * 3 + [good], tmp_path)
+    assert engine.global_steps == 3
+    assert all(tensor.isfinite().all() for tensor in trainable_state(engine).values())
+    resumed = new_engine(tiny_dir, 1, "--zero_stage", zero_stage)
+    assert load_checkpoint(resumed, directory) == {"epoch": 0}
+    assert_same_tensors(trainable_state(resumed), saved)
+
+
 # --- Two CPU ranks through the real launcher ---
 @pytest.mark.slow
 def test_two_ranks_resume_and_consolidate(tmp_path: Path) -> None:
@@ -373,6 +437,7 @@ def test_two_ranks_resume_and_consolidate(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2
     assert result["resumed_losses"] == result["expected_losses"]
+    assert result["steps_after_one_rank_non_finite"] == [2, 2]
     assert result["client_state"] == {"epoch": 0, "global_step": STEPS_BEFORE_SAVE}
     directory = tmp_path / "ckpt_model"
     assert (directory / LATEST_FILE).read_text() == checkpoint_tag(STEPS_BEFORE_SAVE)

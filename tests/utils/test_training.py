@@ -1,14 +1,29 @@
-"""The training-loop helpers: sampler sharding, the epoch loop's mode, logging and callbacks."""
+"""The training-loop helpers: sampler sharding, the epoch loop's mode, logging and callbacks,
+`--skip_bad_samples` counts from loader workers to the epoch report, and non-finite losses."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from utils.training import RunLogger, ShardSampler, train_epoch
+from utils.collate import Collator, ProcessedSample
+from utils.datasets.base import DataError, Sample
+from utils.datasets.mixer import HybridDataset, skipped_samples
+from utils.training import (
+    NonFiniteLossError,
+    RunLogger,
+    ShardSampler,
+    train_epoch,
+)
 
 
 def test_shard_sampler_splits_without_overlap_and_resumes_from_a_position() -> None:
@@ -30,6 +45,7 @@ class FakeOutput:
 class FakeBatch:
     dropped_conversations = 1
     num_images = 2
+    skipped_samples = None
 
     def to(self, device, dtype):
         return self
@@ -96,3 +112,148 @@ def test_validation_log_keeps_every_set_and_tags_the_first(tmp_path) -> None:
         "global_step": 6,
         "results": {"a|val": {"giou": 0.5, "n_acc": None}, "b|val": {"giou": 0.25}},
     }
+
+
+# --- --skip_bad_samples: counts from loader workers to the epoch report ---
+class FlakySource:
+    """Records whose number is a multiple of `bad_every` fail to read (as a DataError would)."""
+
+    def __init__(self, name: str, bad_every: int) -> None:
+        self.name, self.bad_every = name, bad_every
+
+    def __len__(self) -> int:
+        return 100
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        record = int(rng.integers(100))
+        if record % self.bad_every == 0:
+            raise DataError(f"{self.name}.json", record, "image x.jpg does not exist")
+        return Sample(
+            np.zeros((4, 4, 3), np.uint8), [], np.zeros((0, 4, 4), np.uint8), str(record), self.name
+        )
+
+    def check(self, deep: bool = False):
+        return iter(())
+
+
+def tiny_processed(sample: Sample) -> ProcessedSample:
+    """A stand-in for SampleProcessor: one short conversation, tiny pixel tensors."""
+    ids = torch.tensor([1, 2, 3])
+    return ProcessedSample(
+        clip_pixels=torch.zeros(3, 2, 2),
+        sam_pixels=torch.zeros(3, 4, 4),
+        resized_size=(4, 4),
+        original_size=(4, 4),
+        input_ids=[ids],
+        labels=[ids],
+        masks=torch.zeros(0, 4, 4, dtype=torch.uint8),
+        image_path=sample.image_path,
+        source=sample.source,
+    )
+
+
+def flaky_mix(skip: bool) -> HybridDataset:
+    families = [("sem_seg", [FlakySource("ade20k", 5)]), ("vqa", [FlakySource("llava", 7)])]
+    return HybridDataset(families, [1, 1], 24, process=tiny_processed, skip_bad_samples=skip)
+
+
+def test_skipped_records_reach_the_epoch_report_from_loader_workers(tmp_path) -> None:
+    mix = flaky_mix(skip=True)
+    expected = Counter()
+    for index in range(len(mix)):
+        expected.update(skipped_samples(mix[index]))
+    assert expected["ade20k"] > 0 and expected["llava"] > 0
+    loader = DataLoader(mix, batch_size=4, num_workers=1, collate_fn=Collator(0))
+    logger = RunLogger(tmp_path, rank=0)
+    train_epoch(
+        FakeEngine(gas=1),
+        loader,
+        device="cpu",
+        dtype=torch.float32,
+        logger=logger,
+        epoch=3,
+        progress=False,
+    )
+    logger.validation(6, 3, {})
+    logger.close()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["skipped_samples"] == dict(sorted(expected.items()))
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["epoch"] == 3 and progress["global_step"] == len(loader)
+
+
+def test_without_skip_bad_samples_a_bad_record_stops_with_its_message() -> None:
+    with pytest.raises(
+        DataError, match=r"(ade20k|llava).json, record \d+: image x.jpg does not exist"
+    ):
+        [flaky_mix(skip=False)[index] for index in range(24)]
+    batch = Collator(0)([tiny_processed(Sample(np.zeros((4, 4, 3)), [], None, "a", "b"))])
+    assert batch.skipped_samples is None  # nothing counted, nothing reported
+
+
+# --- Non-finite losses ---
+class NanEngine(FakeEngine):
+    """FakeEngine whose loss is NaN at the given forward calls; records backward/step calls."""
+
+    def __init__(self, gas: int, nan_at: set[int]) -> None:
+        super().__init__(gas)
+        self.nan_at, self.calls, self.stepped = nan_at, 0, []
+
+    def forward(self, batch) -> FakeOutput:
+        output = super().forward(batch)
+        self.calls += 1
+        if self.calls - 1 in self.nan_at:
+            nan = torch.tensor(float("nan"))
+            return FakeOutput(nan, nan, nan, nan, nan)
+        return output
+
+    def step(self) -> None:
+        self.stepped.append(self.calls - 1)
+        super().step()
+
+
+class SourcedBatch(FakeBatch):
+    sources = ["refer_seg/refcoco", "vqa/llava_instruct_150k"]
+
+
+def nan_epoch(engine, batches: int, max_nonfinite: int = 3) -> list[float]:
+    return train_epoch(
+        engine,
+        [SourcedBatch()] * batches,
+        device="cpu",
+        dtype=torch.float32,
+        logger=RunLogger(Path("."), rank=1),
+        epoch=0,
+        progress=False,
+        max_nonfinite=max_nonfinite,
+    )
+
+
+def test_a_non_finite_loss_skips_its_step_with_a_warning_naming_the_sources(caplog) -> None:
+    engine = NanEngine(gas=1, nan_at={1, 3, 4})
+    with caplog.at_level("WARNING", logger="utils.training"):
+        losses = nan_epoch(engine, 6)
+    assert engine.stepped == [0, 2, 5]  # no backward/step for the NaN micro-batches
+    assert engine.global_steps == 3 and all(math.isfinite(loss) for loss in losses)
+    warnings = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
+    assert len(warnings) == 3
+    assert "refer_seg/refcoco, vqa/llava_instruct_150k" in warnings[0]
+    assert "skipped it (no backward, no optimizer step; 2 in a row" in warnings[2]
+
+
+def test_a_skipped_micro_batch_moves_the_accumulation_boundary() -> None:
+    engine = NanEngine(gas=2, nan_at={1})
+    losses = nan_epoch(engine, 5)
+    # micro-batches 0 and 2 make step 1, 3 and 4 step 2 (the fake's loss counts micro-steps)
+    assert engine.stepped == [0, 2, 3, 4]
+    assert engine.global_steps == 2 and losses == [0.5, 2.5]
+
+
+def test_several_non_finite_losses_in_a_row_stop_the_run() -> None:
+    engine = NanEngine(gas=1, nan_at={2, 3, 4})
+    with pytest.raises(NonFiniteLossError) as error:
+        nan_epoch(engine, 8)
+    message = str(error.value)
+    assert "3 micro-batches in a row, so the run stops" in message
+    assert "refer_seg/refcoco" in message and "resume from the last one" in message
+    assert engine.stepped == [0, 1] and engine.global_steps == 2

@@ -20,6 +20,9 @@ from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_LABEL = 255
+# JPEG markers: start of image, end of image, start of scan
+JPEG_START, JPEG_END, JPEG_SCAN = b"\xff\xd8", b"\xff\xd9", b"\xff\xda"
+REPLACE_IMAGE = "copy the image again from the dataset's download, or remove its record"
 
 
 class DataError(ValueError):
@@ -27,19 +30,24 @@ class DataError(ValueError):
 
     fatal: False for a finding a source's `check` reports but the loaders work around (e.g. a
     degenerate polygon part left out of its mask); the dataset doctor lists it as a warning.
+    `DataError(message)` alone is how PyTorch's DataLoader re-raises one from a loader worker
+    (the worker's message, its traceback included): it keeps the type for the main process.
     """
 
     def __init__(
         self,
         file: str | Path,
-        record: object,
-        problem: str,
+        record: object = None,
+        problem: str | None = None,
         hint: str = "",
         *,
         fatal: bool = True,
     ) -> None:
         self.file, self.record, self.problem, self.hint = str(file), record, problem, hint
         self.fatal = fatal
+        if problem is None:
+            super().__init__(str(file))
+            return
         where = f"{file}" + (f", record {record}" if record is not None else "")
         super().__init__(f"{where}: {problem}" + (f" ({hint})" if hint else ""))
 
@@ -120,11 +128,26 @@ def resolve_inside(root: str | Path, relative: str, file: str | Path, record: ob
     Containment is checked on the normalised path, not the resolved one, so dataset folders
     that are symbolic links to other disks (common for COCO images) stay usable.
     """
-    base = Path(os.path.normpath(Path(root).absolute()))
-    path = Path(os.path.normpath(base / relative))
+    base = normalised(root)
+    path = normalised(base / relative)
     if not path.is_relative_to(base):
-        raise DataError(file, record, f"path {relative!r} escapes the dataset root {base}")
+        raise DataError(
+            file,
+            record,
+            f"path {relative!r} escapes the dataset root {base}",
+            "paths in annotation files must stay inside their dataset folder; fix the record",
+        )
     return path
+
+
+def normalised(path: str | Path) -> Path:
+    """`path` made absolute with `..` and `.` folded away, symbolic links left as they are."""
+    return Path(os.path.normpath(Path(path).absolute()))
+
+
+def is_inside(root: str | Path, path: str | Path) -> bool:
+    """Whether `path` lies inside `root` (compared as `resolve_inside` does)."""
+    return normalised(path).is_relative_to(normalised(root))
 
 
 def read_image(
@@ -137,13 +160,27 @@ def read_image(
     path = Path(path)
     source = file if file is not None else path
     if not path.is_file():
-        raise DataError(source, record, f"image {path} does not exist")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        raise DataError(source, record, f"image {path} does not exist", REPLACE_IMAGE)
+    data = path.read_bytes()
+    if truncated_jpeg(data):
+        problem = f"image {path} is a truncated JPEG (it ends before its end-of-image marker)"
+        raise DataError(source, record, problem, REPLACE_IMAGE)
+    # imdecode applies the EXIF orientation as imread does
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
-        raise DataError(
-            source, record, f"image {path} is not a readable image (truncated or not an image)"
+        problem = (
+            f"image {path} is not a readable image ({len(data)} bytes; damaged or not an image)"
         )
+        raise DataError(source, record, problem, REPLACE_IMAGE)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def truncated_jpeg(data: bytes) -> bool:
+    """Whether `data` is a JPEG cut off inside its last scan (no end-of-image marker after the
+    last start-of-scan marker). OpenCV decodes such a file without an error, filling the missing
+    rows with grey, so it would silently become a wrong training image. Byte stuffing keeps both
+    markers out of the compressed data; trailing bytes after the end marker are allowed."""
+    return data.startswith(JPEG_START) and data.rfind(JPEG_END) < data.rfind(JPEG_SCAN)
 
 
 def check_image(path: Path, file: str | Path, record: object, deep: bool) -> np.ndarray | None:
@@ -152,7 +189,7 @@ def check_image(path: Path, file: str | Path, record: object, deep: bool) -> np.
     if deep:
         return read_image(path, file, record)
     if not path.is_file():
-        raise DataError(file, record, f"image {path} does not exist")
+        raise DataError(file, record, f"image {path} does not exist", REPLACE_IMAGE)
     return None
 
 
@@ -164,6 +201,8 @@ def read_json(
     if not path.is_file():
         raise DataError(path, record, "file does not exist", hint)
     raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(path, record, f"is empty ({len(raw)} bytes), expected json", hint)
     for encoding in encodings:
         try:
             text = raw.decode(encoding)

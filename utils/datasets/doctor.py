@@ -90,8 +90,12 @@ def examine_validation(
     """Reports for every `--val_dataset` entry ("||"-joined)."""
     from utils.datasets.validation import build_validation_set, parse_val_datasets
 
+    try:
+        entries = parse_val_datasets(val_dataset)
+    except ValueError as error:
+        return [SourceReport(name=f"--val_dataset {val_dataset}", failure=error)]
     reports = []
-    for entry in parse_val_datasets(val_dataset):
+    for entry in entries:
         reports += examine(
             str(entry), lambda e=entry: [build_validation_set(dataset_dir, e, val_json_name)], deep
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,10 @@ FAMILY_BUILDERS: dict[str, tuple[str, str]] = {
     "multi_part_reason_seg": ("utils.datasets.mmr", "build_mmr_sources"),
 }
 MAX_DRAWS = 20
+# what reading a bad record raises at run time: DataError and other ValueErrors (malformed
+# records), OSError (unreadable files); --skip_bad_samples skips exactly these
+BAD_RECORD_ERRORS = (ValueError, OSError)
+SKIPPED_ATTRIBUTE = "skipped_samples"
 # `--*_data` defaults of the LISA/MMR command lines ("||"-joined sub-dataset names)
 DEFAULT_FAMILY_DATA: dict[str, str] = {
     "sem_seg": "ade20k||cocostuff||pascal_part||paco_lvis||mapillary",
@@ -93,6 +98,11 @@ class HybridDataset(Dataset):
 
     process: optional Sample -> item transform (tokenization, pixels); when it raises
     UnusableSample (e.g. every conversation longer than the limit), another sample is drawn.
+    skip_bad_samples (`--skip_bad_samples`): a record that fails to read (a DataError or another
+    ValueError / OSError from the source or from `process`) is skipped and another drawn from
+    the same generator, so the item stays a function of (seed, epoch, index); the item then
+    carries the skips as its `skipped_samples` attribute ({source name: count}, empty when none),
+    which the training loader sums per epoch. Without it such an error propagates.
     """
 
     def __init__(
@@ -102,12 +112,14 @@ class HybridDataset(Dataset):
         length: int,
         seed: int = 0,
         process: Callable[[Sample], object] | None = None,
+        skip_bad_samples: bool = False,
     ) -> None:
         self.families = families
         self.probabilities = check_rates([name for name, _ in families], rates)
         self.length = length
         self.seed = seed
         self.process = process
+        self.skip_bad_samples = skip_bad_samples
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -120,20 +132,46 @@ class HybridDataset(Dataset):
     def generator(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])
 
-    def draw(self, rng: np.random.Generator) -> Sample:
-        """A family by rate, then a sub-dataset uniformly, then the source's own sampling."""
+    def choose_source(self, rng: np.random.Generator) -> Source:
+        """A family by rate, then a sub-dataset uniformly."""
         family = int(rng.choice(len(self.families), p=self.probabilities))
         sources = self.families[family][1]
-        return sources[int(rng.integers(len(sources)))].sample(rng)
+        return sources[int(rng.integers(len(sources)))]
+
+    def draw(self, rng: np.random.Generator) -> Sample:
+        """A family by rate, then a sub-dataset uniformly, then the source's own sampling."""
+        return self.choose_source(rng).sample(rng)
 
     def __getitem__(self, index: int):
         rng = self.generator(index)
+        skipped: Counter[str] = Counter()
+        last_error: Exception | None = None
         for _ in range(MAX_DRAWS):
-            sample = self.draw(rng)
-            if self.process is None:
-                return sample
+            source = self.choose_source(rng)
             try:
-                return self.process(sample)
+                sample = source.sample(rng)
+                item = sample if self.process is None else self.process(sample)
             except UnusableSample as reason:
                 LOGGER.info("drew another sample: %s", reason)
-        raise RuntimeError(f"{MAX_DRAWS} draws in a row gave unusable samples (item {index})")
+                continue
+            except BAD_RECORD_ERRORS as error:
+                if not self.skip_bad_samples:
+                    raise
+                skipped[source.name] += 1
+                last_error = error
+                LOGGER.warning("--skip_bad_samples: skipped a record of %s: %s", source.name, error)
+                continue
+            if self.skip_bad_samples:
+                setattr(item, SKIPPED_ATTRIBUTE, dict(skipped))
+            return item
+        raise RuntimeError(
+            f"{MAX_DRAWS} draws in a row gave unusable samples (item {index}); skipped bad "
+            f"records: {dict(skipped) or 'none'}; last error: {last_error}"
+        ) from last_error
+
+
+def skipped_samples(item: object) -> dict[str, int] | None:
+    """The bad records skipped while drawing `item` ({source name: count}), None when the mixer
+    did not count (no --skip_bad_samples)."""
+    counts = getattr(item, SKIPPED_ATTRIBUTE, None)
+    return None if counts is None else dict(counts)

@@ -7,19 +7,29 @@ only the annotation files; images and masks are decoded on demand. Everything li
 `<dataset_dir>/refer_seg/` (the layout training uses; LISA's validation looked directly under
 `<dataset_dir>`, which we do not copy).
 
-The refs pickle files are Python pickles: only open files from a source you trust.
+The refs pickle files are Python pickles, which can run code when loaded: they are only read from
+inside `--dataset_dir` (keep untrusted files out of it); paths they name are resolved inside their
+dataset root or rejected.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from utils.datasets.base import DataError, read_image, read_json, resolve_inside
+from utils.datasets.base import (
+    DataError,
+    is_inside,
+    normalised,
+    read_image,
+    read_json,
+    resolve_inside,
+)
 from utils.datasets.coco import check_segmentation, decode_segmentation
 
 REFER_ROOT = "refer_seg"
@@ -29,6 +39,7 @@ SAIAPR_IMAGES = "refer_seg/images/saiapr_tc-12"
 NO_TARGET_ANN_ID = -1
 TRAIN_SPLIT = "train"
 REDOWNLOAD = "re-download it"
+SPLIT_BY_PATTERN = re.compile(r"[A-Za-z0-9_]*")  # "unc", "umd", "google"; "" = the default
 
 # dataset -> (default splitBy, image folder relative to --dataset_dir)
 REFER_DATASETS: dict[str, tuple[str, str]] = {
@@ -62,7 +73,16 @@ def refs_file_candidates(dataset: str, split_by: str) -> list[str]:
     return [f"refs({split_by}).p"]
 
 
-def _unpickle(path: Path) -> object:
+def _unpickle(path: Path, dataset_dir: Path) -> object:
+    """A refs pickle, read only from inside `dataset_dir`: unpickling can run code."""
+    if not is_inside(dataset_dir, path):
+        raise DataError(
+            path,
+            None,
+            f"refusing to unpickle a file outside --dataset_dir {normalised(dataset_dir)}",
+            "pickled annotation files can run code when loaded, so they are only read from "
+            "inside --dataset_dir; put the dataset there",
+        )
     try:
         with path.open("rb") as handle:
             return pickle.load(handle)
@@ -71,8 +91,11 @@ def _unpickle(path: Path) -> object:
         raise DataError(path, None, f"cannot be read: {error}", REDOWNLOAD) from error
 
 
-def _load_refs(path: Path) -> list:
-    refs = read_json(path, REDOWNLOAD) if path.suffix == ".json" else _unpickle(path)
+def _load_refs(path: Path, dataset_dir: Path) -> list:
+    if path.suffix == ".json":
+        refs = read_json(path, REDOWNLOAD)
+    else:
+        refs = _unpickle(path, dataset_dir)
     if not isinstance(refs, list):
         raise DataError(path, None, f"holds a {type(refs).__name__}, expected a list of refs")
     if not refs:
@@ -93,11 +116,20 @@ def _load_instances(path: Path) -> dict:
 
 
 def _ann_ids(raw: dict, file: Path, label: str) -> tuple[int, ...]:
-    """`ann_id` as a tuple: int -> (id,); gRefCOCO list; [-1], [] or no_target -> ()."""
+    """`ann_id` as a tuple: int -> (id,); gRefCOCO list; [-1] or [] (no target) -> (). A ref
+    marked `no_target` whose ann_id names annotations is a DataError."""
     ann_id = raw["ann_id"]
     ids = list(ann_id) if isinstance(ann_id, list | tuple) else [ann_id]
-    if raw.get("no_target") or ids == [NO_TARGET_ANN_ID]:
+    if ids in ([NO_TARGET_ANN_ID], []):
         return ()
+    if raw.get("no_target"):
+        # which one is wrong cannot be told: an empty mask could silently be a wrong one
+        raise DataError(
+            file,
+            label,
+            f"no_target is true but ann_id {ann_id!r} names annotations",
+            f"a no-target expression has ann_id [{NO_TARGET_ANN_ID}]; fix one of the two fields",
+        )
     if not all(isinstance(i, int) and i >= 0 for i in ids):
         raise DataError(file, label, f"ann_id {ann_id!r} is not an annotation id or a list of them")
     return tuple(ids)
@@ -130,27 +162,32 @@ def parse_ref(raw: object, position: int, file: Path) -> Ref:
 class ReferIndex:
     """The refs and instances of one referring dataset, indexed by image and annotation id.
 
-    refs: every well-formed ref (all splits); problems: DataErrors for records that could not be
-    indexed (reported by `check`, raised by nothing else).
+    refs: every well-formed ref (all splits); problems: DataErrors for instances.json entries that
+    could not be indexed, ref_problems: (split, DataError) for refs that could not be (both
+    reported by `check`; the validation sets refuse to run with unreadable refs of their split).
     """
 
-    def __init__(self, refs_file: Path, instances_file: Path, image_dir: Path) -> None:
+    def __init__(
+        self, refs_file: Path, instances_file: Path, image_dir: Path, dataset_dir: Path
+    ) -> None:
         if not refs_file.is_file():
             raise DataError(
                 refs_file, None, "does not exist", f"expected the refs file {refs_file}"
             )
         self.refs_file, self.instances_file, self.image_dir = refs_file, instances_file, image_dir
-        raw_refs = _load_refs(refs_file)
+        raw_refs = _load_refs(refs_file, dataset_dir)
         instances = _load_instances(instances_file)
         self.problems: list[DataError] = []
         self.images = self._by_id(instances["images"], ("id", "file_name", "height", "width"))
         self.annotations = self._by_id(instances["annotations"], ("id", "segmentation"))
         self.refs: list[Ref] = []
+        self.ref_problems: list[tuple[object, DataError]] = []
         for position, raw in enumerate(raw_refs):
             try:
                 self.refs.append(parse_ref(raw, position, refs_file))
             except DataError as error:
-                self.problems.append(error)
+                split = raw.get("split") if isinstance(raw, dict) else None
+                self.ref_problems.append((split, error))
 
     def _by_id(self, entries: list, required: tuple[str, ...]) -> dict[int, dict]:
         table = {}
@@ -162,6 +199,15 @@ class ReferIndex:
                     DataError(self.instances_file, f"entry {position}", f"lacks one of {required}")
                 )
         return table
+
+    def unreadable_refs(self, split: str | None) -> list[DataError]:
+        """Why refs of `split` (None: any split) could not be indexed; refs whose split cannot
+        be read count for every split. Such refs are left out of `refs`."""
+        return [
+            error
+            for ref_split, error in self.ref_problems
+            if split is None or ref_split is None or ref_split == split
+        ]
 
     def refs_by_image(self, split: str) -> dict[int, list[Ref]]:
         """Refs of `split` grouped by image id, in file order; DataError listing the splits
@@ -227,8 +273,10 @@ class ReferIndex:
         return union
 
     def check(self, split: str | None, deep: bool = False) -> Iterator[DataError]:
-        """Every bad record of `split` (None: all splits), plus the records not indexed."""
+        """Every bad record of `split` (None: all splits): instances.json entries and refs that
+        could not be indexed, then the refs' images and annotations."""
         yield from self.problems
+        yield from self.unreadable_refs(split)
         seen_images: set[int] = set()
         for ref in self.refs:
             if split is None or ref.split == split:
@@ -270,6 +318,8 @@ def open_refer_index(dataset_dir: str | Path, dataset: str, split_by: str = "") 
     """
     if dataset not in REFER_DATASETS:
         raise ValueError(f"unknown referring dataset {dataset!r}; known: {sorted(REFER_DATASETS)}")
+    if not SPLIT_BY_PATTERN.fullmatch(split_by):
+        raise ValueError(f"splitBy {split_by!r} of {dataset} is not a name such as 'unc'")
     default_split_by, image_dir = REFER_DATASETS[dataset]
     directory = Path(dataset_dir) / REFER_ROOT / dataset
     candidates = [
@@ -280,4 +330,6 @@ def open_refer_index(dataset_dir: str | Path, dataset: str, split_by: str = "") 
         names = " or ".join(path.name for path in candidates)
         hint = f"expected {names} beside instances.json in <dataset_dir>/{REFER_ROOT}/{dataset}/"
         raise DataError(candidates[0], None, "does not exist", hint)
-    return ReferIndex(refs_file, directory / "instances.json", Path(dataset_dir) / image_dir)
+    return ReferIndex(
+        refs_file, directory / "instances.json", Path(dataset_dir) / image_dir, Path(dataset_dir)
+    )

@@ -122,6 +122,16 @@ class ReferValidation:
         self.name = str(entry)
         self.entry = entry
         self.index = open_refer_index(dataset_dir, entry.dataset, entry.split_by)
+        unreadable = self.index.unreadable_refs(entry.split)
+        if unreadable:
+            # left out of the index, the ref would silently be left out of the scores
+            raise DataError(
+                unreadable[0].file,
+                unreadable[0].record,
+                unreadable[0].problem,
+                f"{len(unreadable)} ref(s) of {entry} cannot be read and would be left out of "
+                "the evaluation; tools/check_dataset.py lists them",
+            )
         self.refs_by_image = self.index.refs_by_image(entry.split)
         self.image_ids = list(self.refs_by_image)
 
