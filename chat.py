@@ -21,7 +21,7 @@ from utils.config import CONV_TYPES
 from utils.inference import Segmentation, describe, device_default, save_answer
 
 LOGGER = logging.getLogger("chat")
-LISA_CHAT_FLAGS = ("--image_size", "--model_max_length", "--lora_r", "--vision-tower")
+LISA_CHAT_FLAGS = ("--image_size", "--model_max_length", "--lora_r")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_new_tokens", default=512, type=int)
     add("--conv_type", default=None, choices=CONV_TYPES, help="default: the checkpoint's")
     add("--vision_pretrained", default="", help="SAM checkpoint, only for a plain LLaVA --version")
+    add(
+        "--vision-tower",
+        "--vision_tower",
+        dest="vision_tower",
+        default=None,
+        help="CLIP directory, for a LISA-format or LLaVA-v1 --version",
+    )
     add("--device", default=None, help=f"default: {device_default()}")
     add("--load_in_8bit", action="store_true")
     add("--load_in_4bit", action="store_true")
@@ -125,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         options.device,
         options.conv_type,
         options.vision_pretrained,
+        options.vision_tower,
     )
     if options.input_jsonl:
         run_batch(segmentation, options)

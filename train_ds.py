@@ -15,8 +15,10 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from model.builder import build_segmenter
+from model.legacy import image_settings_directory
 from utils.collate import SampleProcessor
 from utils.config import TrainConfig, parse_args
+from utils.datasets.base import DataError
 from utils.engine import (
     checkpoint_directory,
     checkpoint_tag,
@@ -28,6 +30,7 @@ from utils.engine import (
 from utils.evaluation import build_validation_jobs, evaluate, write_eval_outputs
 from utils.metrics import format_table
 from utils.training import (
+    NonFiniteLossError,
     RunLogger,
     describe_run,
     init_distributed,
@@ -36,7 +39,7 @@ from utils.training import (
     training_dataset,
     training_loader,
 )
-from utils.weights import load_weights
+from utils.weights import UnsafeCheckpointError, load_weights
 
 LOGGER = logging.getLogger("train_ds")
 SCORE_METRIC = "giou"
@@ -95,11 +98,22 @@ def step_validation(model, jobs, processor, config: TrainConfig, logger, epoch, 
 
 def report_unused_flags(config: TrainConfig, model) -> None:
     """Say which model flags the loaded files override (nothing is fetched from a hub)."""
-    LOGGER.info(
-        "--vision-tower %s is unused: the vision tower and its image settings come from %s",
-        config.vision_tower,
-        config.version,
-    )
+    from model.legacy import LEGACY_LAYOUTS, detect_layout
+
+    layout = detect_layout(config.version)
+    if layout in LEGACY_LAYOUTS:
+        LOGGER.info(
+            "--vision-tower %s: the CLIP tower of the %s checkpoint %s, which keeps it outside",
+            config.vision_tower,
+            layout.value,
+            config.version,
+        )
+    else:
+        LOGGER.info(
+            "--vision-tower %s is unused: the vision tower and its image settings come from %s",
+            config.vision_tower,
+            config.version,
+        )
     if config.image_size != model.sam_input_size:
         LOGGER.warning(
             "--image_size %d differs from the SAM checkpoint's input size %d; using %d",
@@ -154,10 +168,12 @@ def main(argv: list[str] | None = None):
     model, tokenizer = build_segmenter(config.model_config())
     if config.weight:
         load_weights(model, config.weight)
+    # CLIP's image settings: --version's own, or --vision-tower's for the legacy layouts
+    images = image_settings_directory(config.version, config.vision_tower)
     processor = SampleProcessor.for_model(
-        model, tokenizer, config.version, config.conv_type, config.model_max_length
+        model, tokenizer, images, config.conv_type, config.model_max_length
     )
-    eval_processor = SampleProcessor.for_model(model, tokenizer, config.version, config.conv_type)
+    eval_processor = SampleProcessor.for_model(model, tokenizer, images, config.conv_type)
     if rank == 0:
         describe_run(config.log_dir, config, model.token_ids, tokenizer)
         LOGGER.info("configuration: %s", config)
@@ -177,4 +193,10 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    # errors that already say what is wrong and what to do: one line, not a traceback (every
+    # rank raises them at the same point, so no rank is left waiting)
+    except (DataError, UnsafeCheckpointError, NonFiniteLossError) as error:
+        LOGGER.error("%s", error)
+        sys.exit(1)

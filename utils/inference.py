@@ -21,6 +21,7 @@ from model.backbone import image_token_count
 from model.builder import ModelConfig, build_segmenter
 from model.checkpoint import is_merged_checkpoint, read_segmenter_config
 from model.generate import generate
+from model.legacy import image_settings_directory
 from model.segmenter import Segmenter
 from model.tokens import IGNORE_INDEX
 from utils.collate import ProcessedSample, collate, template_for, tokenize_prompt
@@ -89,14 +90,17 @@ class Segmentation:
         device: str | None = None,
         conv_type: str | None = None,
         vision_pretrained: str = "",
+        vision_tower: str | None = None,
     ) -> Segmentation:
         """Build from a merged checkpoint (or a LLaVA directory plus `vision_pretrained`).
 
         conv_type: the template of training; read from the checkpoint when not given.
+        vision_tower: the CLIP directory, needed only by the legacy layouts (LLaVA-v1, LISA).
         """
         config = ModelConfig(
             version=version,
             vision_pretrained=vision_pretrained,
+            vision_tower=vision_tower,
             precision=precision,
             gradient_checkpointing=False,
             lora_r=0,
@@ -107,7 +111,9 @@ class Segmentation:
         device = device or device_default()
         model = model.to(device).eval()
         conv_type = conv_type or (saved.conv_type if saved else DEFAULT_CONV_TYPE)
-        images = ImageProcessors.from_pretrained(version, model.sam_input_size)
+        images = ImageProcessors.from_pretrained(
+            image_settings_directory(version, vision_tower), model.sam_input_size
+        )
         return cls(model, tokenizer, images, conv_type, device, config.dtype)
 
     def prepare(self, image_path: str | Path, prompt: str) -> ProcessedSample:

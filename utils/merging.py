@@ -19,6 +19,7 @@ from pathlib import Path
 
 from model.builder import build_segmenter
 from model.checkpoint import DEFAULT_MAX_SHARD_SIZE, merge_lora, save_merged
+from model.legacy import image_settings_directory
 from utils.config import TrainConfig, build_parser
 from utils.weights import load_weights
 
@@ -134,7 +135,7 @@ def merge(config: TrainConfig, weight: str, save_path: str, max_shard_size: str)
         model,
         tokenizer,
         save_path,
-        source_version=config.version,
+        source_version=image_settings_directory(config.version, config.vision_tower),
         conv_type=config.conv_type,
         provenance=provenance,
         max_shard_size=max_shard_size,
