@@ -82,16 +82,18 @@ def evaluate_only(model, jobs, processor, config: TrainConfig, rank: int, world:
 
 
 def step_validation(model, jobs, processor, config: TrainConfig, logger, epoch, rank, world):
-    """`--eval_steps N`: validate every N optimizer steps within an epoch (None when off)."""
+    """`--eval_steps N`: validate every N optimizer steps within an epoch (None when off); an
+    epoch's last step is left to the end-of-epoch validation. `evaluate` restores every
+    module's training mode afterwards."""
     if not config.eval_steps or config.no_eval:
         return None
 
     def after_step(global_step: int) -> None:
-        if global_step % config.eval_steps == 0:
+        epoch_end = global_step % config.steps_per_epoch == 0
+        if global_step % config.eval_steps == 0 and not epoch_end:
             logger.validation(
                 global_step, epoch, validate(model, jobs, processor, config, rank, world)
             )
-            model.train()
 
     return after_step
 
@@ -144,6 +146,8 @@ def train(model, tokenizer, jobs, processor, config: TrainConfig, rank: int, wor
             logger=logger,
             epoch=epoch,
             progress=rank == 0,
+            print_freq=config.print_freq,
+            after_step=step_validation(model, jobs, processor, config, logger, epoch, rank, world),
         )
         summaries = {} if config.no_eval else validate(model, jobs, processor, config, rank, world)
         logger.validation(engine.global_steps, epoch, summaries)

@@ -30,6 +30,7 @@ def trained(assets, tmp_path_factory) -> Path:
         "--grad_accumulation_steps=2",
         "--epochs=2",
         "--steps_per_epoch=3",
+        "--eval_steps=2",
     ]
     run([sys.executable, "train_ds.py", *flags])
     return runs / "tiny"
@@ -44,14 +45,15 @@ def test_one_process_run_writes_every_output(trained: Path) -> None:
     assert (checkpoint / "latest").read_text().strip() == "global_step6"
     assert (checkpoint / "zero_to_fp32.py").is_file() and (checkpoint / "global_step6").is_dir()
     lines = (trained / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["global_step"] for line in lines] == [3, 6]
+    # --eval_steps 2 validates at steps 2 and 4; epoch ends (3, 6) validate anyway
+    assert [json.loads(line)["global_step"] for line in lines] == [2, 3, 4, 6]
     results = json.loads(lines[-1])["results"]
     assert set(results) == {"grefcoco|unc|val", "MultiPartReasonSeg|val:MMR_val.json"}
     assert {"giou", "ciou", "n_acc", "t_acc"} <= set(results["grefcoco|unc|val"])
     losses = scalars(trained, "train/loss")
     assert [step for step, _ in losses] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(value) for _, value in losses)
-    assert [step for step, _ in scalars(trained, "val/giou")] == [3, 6]
+    assert [step for step, _ in scalars(trained, "val/giou")] == [2, 3, 4, 6]
     assert (
         len(list(trained.glob("eval_*.json"))) == 2 and len(list(trained.glob("eval_*.jsonl"))) == 2
     )
