@@ -66,9 +66,10 @@ def per_mask_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Dice loss of each mask over its valid pixels. Shapes as `per_mask_bce` -> [n]."""
     valid = (targets != IGNORE_LABEL).to(logits.dtype)
     prob = (logits.sigmoid() * valid).flatten(1) / DICE_SCALE
-    target = ((targets == 1).to(logits.dtype)).flatten(1) / DICE_SCALE
+    target = ((targets == 1).to(logits.dtype)).flatten(1)
+    # LISA scales the target in the denominator only: 2 sum(p/s * t) / (sum(p/s) + sum(t/s))
     numerator = 2 * (prob * target).sum(1)
-    denominator = prob.sum(1) + target.sum(1)
+    denominator = prob.sum(1) + target.sum(1) / DICE_SCALE
     return 1 - (numerator + DICE_EPS) / (denominator + DICE_EPS)
 
 

@@ -51,10 +51,20 @@ def test_bce_and_dice_per_mask_match_hand_values() -> None:
     assert per_mask_bce(logits, target).item() == pytest.approx(expected_bce, rel=1e-6)
     p = [sigmoid(2), sigmoid(-1), sigmoid(0), sigmoid(3)]
     t = [1, 0, 1, 0]
-    num = 2 * sum(pi / 1000 * ti / 1000 for pi, ti in zip(p, t, strict=True))
+    num = 2 * sum(pi / 1000 * ti for pi, ti in zip(p, t, strict=True))
     den = sum(pi / 1000 for pi in p) + sum(ti / 1000 for ti in t)
     expected_dice = 1 - (num + 1e-6) / (den + 1e-6)
     assert per_mask_dice(logits, target).item() == pytest.approx(expected_dice, rel=1e-5)
+
+
+def test_a_confident_correct_mask_has_dice_near_zero_and_the_inverse_near_one() -> None:
+    """The scale divides the target in the denominator only (LISA): scaling it in the
+    numerator too pins Dice at ~1 whatever the prediction, and masks never learn."""
+    target = torch.zeros(1, 32, 32, dtype=torch.uint8)
+    target[0, 8:24, 8:24] = 1
+    right = torch.where(target == 1, 30.0, -30.0).float()
+    assert per_mask_dice(right, target).item() < 1e-3
+    assert per_mask_dice(-right, target).item() > 1 - 1e-3
 
 
 def test_ignore_pixels_are_left_out_of_bce_and_dice() -> None:
