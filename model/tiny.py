@@ -8,7 +8,7 @@ original segment-anything layout, and `build_tiny_segmenter`, which loads both w
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
 
@@ -25,7 +25,13 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from model.builder import ModelConfig, build_segmenter
-from model.sam import build_sam, sam_config_from_preset, save_sam_checkpoint
+from model.sam import (
+    SAM_PRESETS,
+    build_sam,
+    sam_config,
+    sam_config_from_preset,
+    save_sam_checkpoint,
+)
 from model.tokens import IMAGE_TOKEN
 
 RESET_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)
@@ -45,6 +51,36 @@ TINY_VISION = dict(
     image_size=32,
     patch_size=8,
 )
+# The demo's SAM (`make demo`, docs/DEMO.md): the tiny one twice as wide, so the decoder's
+# upscaled mask features have 8 channels instead of 4, and with 4-pixel patches, so the frozen
+# encoder sees each shape as several tokens (a 16 x 16 grid instead of 8 x 8).
+DEMO_SAM = dict(
+    SAM_PRESETS["tiny"],
+    hidden_size=64,
+    num_attention_heads=4,
+    patch_size=4,
+    window_size=8,
+    prompt_dim=64,
+    decoder_mlp_dim=128,
+    decoder_heads=4,
+    iou_head_hidden_dim=64,
+)
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Sizes of the tiny models written together: LLaMA and CLIP dims, and SAM dims (None:
+    the "tiny" SAM preset)."""
+
+    text: dict
+    vision: dict
+    sam: dict | None = None
+
+
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(TINY_TEXT, TINY_VISION),
+    "demo": ModelPreset(TINY_TEXT, TINY_VISION, DEMO_SAM),
+}
 # the shapes of the 7B models the papers used (benchmarks build random ones of this size)
 LLAMA_7B = dict(
     hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
@@ -164,13 +200,16 @@ def reset_to_torch_defaults(model: nn.Module) -> None:
             module.reset_parameters()
 
 
-def write_tiny_sam(path: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
+def write_tiny_sam(
+    path: str | Path, seed: int = 0, preset: str = "tiny", dims: dict | None = None
+) -> Path:
     """Write a random-weight SAM (the tiny 64 px one unless another preset, e.g. "vit_h", is
-    named) in the original checkpoint layout."""
+    named, or `dims` gives every `sam_config` dimension, e.g. DEMO_SAM) in the original
+    checkpoint layout."""
     torch.manual_seed(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sam = build_sam(sam_config_from_preset(preset))
+    sam = build_sam(sam_config(**dims) if dims else sam_config_from_preset(preset))
     reset_to_torch_defaults(sam)
     save_sam_checkpoint(sam, path)
     return path

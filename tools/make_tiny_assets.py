@@ -2,7 +2,7 @@
 
     python tools/make_tiny_assets.py --out DIR [--seed 0] [--image_size 96x72]
         [--images_per_split 8] [--min_objects 2] [--max_objects 5] [--size_jitter 0]
-        [--families ade20k,refer_seg,...] [--no-models]
+        [--absent_refs 1] [--families ade20k,refer_seg,...] [--no-models] [--model_preset tiny]
 
 writes `DIR/dataset/` (a `--dataset_dir`), `DIR/llava_tiny/` (a `--version`) and
 `DIR/vision_pretrained/sam_tiny.pth` (a `--vision_pretrained`). Images show coloured shapes
@@ -94,12 +94,16 @@ def make_tiny_assets(
     size_jitter: float = 0.0,
     families: Sequence[str] = FAMILIES,
     models: bool = True,
+    absent_refs: int = 1,
+    model_preset: str = "tiny",
 ) -> Path:
     """Write `out/dataset/` (the chosen families), and unless `models` is False the tiny
     LLaVA (`out/llava_tiny/`) and SAM (`out/vision_pretrained/sam_tiny.pth`). Returns `out`.
 
     image_size: (W, H). images_per_split: images per split of each family (per source for
     single-split families). size_jitter: each image shrinks by up to this fraction per side.
+    absent_refs: gRefCOCO no-target refs per image (each naming another absent shape).
+    model_preset: "tiny" (the tests' models) or "demo" (`model.tiny.MODEL_PRESETS`).
     """
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
@@ -108,7 +112,9 @@ def make_tiny_assets(
         raise ValueError(f"need 1 <= min_objects ({min_objects}) <= max_objects ({max_objects})")
     out = Path(out)
     width, height = image_size
-    options = AssetOptions(width, height, images_per_split, min_objects, max_objects, size_jitter)
+    options = AssetOptions(
+        width, height, images_per_split, min_objects, max_objects, size_jitter, absent_refs
+    )
     ctx = Context(out / "dataset", options, seed)
     chosen = set(families)
     for name, writer in SINGLE_WRITERS.items():
@@ -120,10 +126,11 @@ def make_tiny_assets(
         write_train2014(ctx, chosen)
     if models:
         # heavy imports (torch, transformers) only when the models are wanted
-        from model.tiny import write_tiny_llava, write_tiny_sam
+        from model.tiny import MODEL_PRESETS, write_tiny_llava, write_tiny_sam
 
-        write_tiny_llava(out / "llava_tiny", seed)
-        write_tiny_sam(out / "vision_pretrained" / "sam_tiny.pth", seed)
+        preset = MODEL_PRESETS[model_preset]
+        write_tiny_llava(out / "llava_tiny", seed, preset.text, preset.vision)
+        write_tiny_sam(out / "vision_pretrained" / "sam_tiny.pth", seed, dims=preset.sam)
     return out
 
 
@@ -158,6 +165,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--size_jitter", type=float, default=0.0, help="shrink each side by up to this fraction"
     )
     parser.add_argument(
+        "--absent_refs", type=int, default=1, help="gRefCOCO no-target refs per image"
+    )
+    parser.add_argument(
+        "--model_preset",
+        choices=("tiny", "demo"),
+        default="tiny",
+        help="model sizes: the tests' tiny models or the demo's (model/tiny.py)",
+    )
+    parser.add_argument(
         "--families", type=parse_families, default=list(FAMILIES), help=",".join(FAMILIES)
     )
     parser.add_argument(
@@ -182,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.size_jitter,
         args.families,
         args.models,
+        args.absent_refs,
+        args.model_preset,
     )
     files = sum(1 for path in out.rglob("*") if path.is_file())
     print(f"wrote {files} files under {out} in {time.perf_counter() - start:.1f} s")

@@ -29,7 +29,8 @@ SUPERCATEGORY = "shape"
 @dataclass(frozen=True)
 class AssetOptions:
     """What to write: image size (W x H, each image shrunk by up to `size_jitter` of it),
-    images per split (or per source), and objects per scene (inclusive range)."""
+    images per split (or per source), objects per scene (inclusive range), and gRefCOCO
+    no-target refs per image (`absent_refs`, each naming a different absent shape)."""
 
     width: int = 96
     height: int = 72
@@ -37,6 +38,7 @@ class AssetOptions:
     min_objects: int = 2
     max_objects: int = 5
     size_jitter: float = 0.0
+    absent_refs: int = 1
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ gRefCOCO, `refer_seg/grefcoco/grefs(unc).json` (and the same list pickled as `gr
 plus `instances.json`: refs as refCOCO's but `ann_id` and `category_id` are lists. Per image:
 one single-target ref per object, multi-target refs for every group of two or more objects
 sharing a shape or a colour ("the circles", "the red things") and one pair ("the red circle and
-the blue square"), and one no-target ref naming a near-miss (colour, shape) that no object has
-(`ann_id == [-1]`, `category_id == [-1]`, `no_target: true`).
+the blue square"), and one no-target ref (`absent_refs` of them, each another kind) naming a
+near-miss (colour, shape) that no object has (`ann_id == [-1]`, `category_id == [-1]`,
+`no_target: true`).
 
 RefCOCOm, `refer_seg/RefCOCOm/annotations/refcocom_<split>.json` for the val/testA/testB
 images of the pool, one record per object and per part, and `refer_seg/RefCOCOm/masks/
@@ -41,6 +42,7 @@ MASK_FOREGROUND = 255
 REFCOCOM_SPLITS = ("val", "testA", "testB")
 SINGLE_SENTENCES = 2
 GROUP_MIN = 2
+ABSENT_TRIES = 10  # draws per wanted absent kind before settling for fewer
 
 
 def group_phrases(scene: Scene) -> list[tuple[list[SceneObject], list[str]]]:
@@ -57,10 +59,23 @@ def group_phrases(scene: Scene) -> list[tuple[list[SceneObject], list[str]]]:
     return groups
 
 
+def absent_kinds(scene: Scene, rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
+    """Up to `count` distinct (shape, colour) pairs that no object has (near misses first)."""
+    kinds: list[tuple[str, str]] = []
+    for _ in range(count * ABSENT_TRIES):
+        kind = absent_kind(scene, rng)
+        if kind not in kinds:
+            kinds.append(kind)
+        if len(kinds) == count:
+            break
+    return kinds
+
+
 def image_targets(
-    scene: Scene, rng: np.random.Generator
+    scene: Scene, rng: np.random.Generator, absent_refs: int = 1
 ) -> list[tuple[list[SceneObject], list[str]]]:
-    """Every gRefCOCO ref of an image as (targets, expressions); empty targets = no target."""
+    """Every gRefCOCO ref of an image as (targets, expressions); empty targets = no target.
+    `absent_refs` no-target refs, each naming another absent (colour, shape)."""
     refs = [
         ([obj], referring_expressions(scene, obj, "refcoco", rng, SINGLE_SENTENCES))
         for obj in scene.objects
@@ -70,8 +85,8 @@ def image_targets(
         first, second = rng.choice(len(scene.objects), size=GROUP_MIN, replace=False)
         a, b = scene.objects[min(first, second)], scene.objects[max(first, second)]
         refs.append(([a, b], [f"the {a.name} and the {b.name}", f"{a.name} and {b.name}"]))
-    shape, colour = absent_kind(scene, rng)
-    refs.append(([], [f"the {colour} {shape}", f"{colour} {shape}"]))
+    for shape, colour in absent_kinds(scene, rng, absent_refs):
+        refs.append(([], [f"the {colour} {shape}", f"{colour} {shape}"]))
     return refs
 
 
@@ -84,7 +99,7 @@ def write_grefcoco(ctx: Context, pool: ReferPool) -> None:
     ):
         split = split_of(index, ctx.options.images_per_split, REFER_SPLITS)
         ann_of = {id(obj): ann for obj, ann in zip(scene.objects, ids, strict=True)}
-        for targets, texts in image_targets(scene, rng):
+        for targets, texts in image_targets(scene, rng, ctx.options.absent_refs):
             sentences = [sentence(sent_count + j, text) for j, text in enumerate(texts)]
             sent_count += len(sentences)
             ann_ids = [ann_of[id(obj)] for obj in targets] or NO_TARGET
