@@ -178,14 +178,19 @@ def write_tiny_llava(
     model = LlavaForConditionalGeneration(llava_config(tokenizer, text, vision))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    size = vision["image_size"]
+    write_clip_image_settings(directory, vision["image_size"])
+    return directory
+
+
+def write_clip_image_settings(directory: str | Path, size: int) -> None:
+    """`preprocessor_config.json` of a CLIP tower with `size`-pixel inputs (CLIP's mean/std,
+    shortest side resized to `size`, centre crop)."""
     CLIPImageProcessorPil(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     ).save_pretrained(directory)
-    return directory
 
 
 def reset_to_torch_defaults(model: nn.Module) -> None:

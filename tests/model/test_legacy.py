@@ -30,12 +30,17 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from model.backbone import image_token_count
 from model.builder import ModelConfig, build_segmenter
 from model.legacy import Layout, detect_layout, image_settings_directory
-from model.tiny import CLIP_MEAN, CLIP_STD, TINY_TEXT, TINY_VISION, tokenizer_corpus, write_tiny_sam
+from model.tiny import (
+    TINY_TEXT,
+    TINY_VISION,
+    tokenizer_corpus,
+    write_clip_image_settings,
+    write_tiny_sam,
+)
 from tests.helpers import Conversation, make_batch
 from tests.model.test_sam import official_sam, randomise_
 from utils.collate import template_for, tokenize_conversation, tokenize_prompt
@@ -273,13 +278,7 @@ def write_clip(directory: Path, seed: int = 3) -> Path:
     model = CLIPModel(config)
     model.load_state_dict(random_tensors(model.state_dict(), seed))
     model.save_pretrained(directory)
-    size = TINY_VISION["image_size"]
-    CLIPImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    ).save_pretrained(directory)
+    write_clip_image_settings(directory, TINY_VISION["image_size"])
     return directory
 
 
