@@ -39,6 +39,7 @@ SEGMENTER_SINGLE_FILE = "segmenter.safetensors"
 FORMAT_NAME = "reasoning-segmenter"
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+MAX_LISTED_KEYS = 10
 
 # LISA-format prefixes of the segmentation parts <-> the Segmenter's own attribute prefixes
 SAM_PREFIX = "model.visual_model."
@@ -250,14 +251,19 @@ def segmentation_parts(
     return SegmentationParts(sam, projector, fusion)
 
 
-def load_into(module: nn.Module, state: dict[str, Tensor], source: str, prefix: str) -> None:
-    """Strictly load `state` into `module` (cast to its dtypes); errors name the full keys."""
+def load_into(
+    module: nn.Module, state: dict[str, Tensor], source: str, prefix: str = "", hint: str = ""
+) -> None:
+    """Strictly load `state` into `module` (cast to its dtypes). A mismatch raises ValueError
+    naming `source`, the counts and the first missing and unexpected keys (with `prefix`),
+    then `hint` (what to check)."""
     expected = module.state_dict()
     missing = sorted(prefix + key for key in set(expected) - set(state))
     unexpected = sorted(prefix + key for key in set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{source}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}"
+            f"{source}: {len(missing)} missing keys {missing[:MAX_LISTED_KEYS]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:MAX_LISTED_KEYS]}{hint}"
         )
     module.load_state_dict(
         {key: value.to(expected[key].dtype) for key, value in state.items()}, strict=True

@@ -26,7 +26,6 @@ from torch import nn
 DEEPSPEED_LATEST = "latest"
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-MAX_LISTED_KEYS = 10
 # how torch's weights-only unpickler words a refusal, and the detail it gives
 UNSAFE_PICKLE_MARK = "Weights only load failed"
 UNSAFE_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)")
@@ -144,20 +143,16 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load `path` into `model` strictly (in the model's dtypes); errors list the keys."""
+    from model.checkpoint import load_into
     from model.legacy import is_lisa_family_state_dict, translate_lisa_family_state_dict
 
     state = read_weights(path)
     if is_lisa_family_state_dict(state):  # GSVA / LISA training-time names, mapped to ours
         state = translate_lisa_family_state_dict(state, model, f"--weight {path}")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"--weight {path} does not match the model built from --version: "
-            f"{len(missing)} missing keys {missing[:MAX_LISTED_KEYS]}, {len(unexpected)} "
-            f"unexpected keys {unexpected[:MAX_LISTED_KEYS]} (check --lora_r, "
-            "--lora_target_modules, --early_fusion and --version against the training run)"
-        )
-    converted = {key: value.to(expected[key].dtype) for key, value in state.items()}
-    model.load_state_dict(converted, strict=True)
+    load_into(
+        model,
+        state,
+        f"--weight {path} does not match the model built from --version",
+        hint=" (check --lora_r, --lora_target_modules, --early_fusion and --version against "
+        "the training run)",
+    )
