@@ -51,6 +51,18 @@ TINY_VISION = dict(
     image_size=32,
     patch_size=8,
 )
+# The demo's CLIP: it sees the whole 64-pixel image as 16 tokens of 16 x 16 pixels, twice as
+# wide as the tests' one, with a third layer so that the layer LLaVA reads (the second to last)
+# has mixed the tokens twice.
+DEMO_VISION = dict(
+    TINY_VISION,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=16,
+)
 # The demo's SAM (`make demo`, docs/DEMO.md): the tiny one twice as wide, so the decoder's
 # upscaled mask features have 8 channels instead of 4, and with 4-pixel patches, so the frozen
 # encoder sees each shape as several tokens (a 16 x 16 grid instead of 8 x 8).
@@ -79,7 +91,7 @@ class ModelPreset:
 
 MODEL_PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(TINY_TEXT, TINY_VISION),
-    "demo": ModelPreset(TINY_TEXT, TINY_VISION, DEMO_SAM),
+    "demo": ModelPreset(TINY_TEXT, DEMO_VISION, DEMO_SAM),
 }
 # the shapes of the 7B models the papers used (benchmarks build random ones of this size)
 LLAMA_7B = dict(

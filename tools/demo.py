@@ -65,7 +65,12 @@ class Profile:
     seed: int = 0
     batch_size: int = 8
     lr: float = 2e-3
-    asset_flags: tuple[str, ...] = ("--absent_refs=3", "--model_preset=demo")
+    asset_flags: tuple[str, ...] = (
+        "--absent_refs=3",
+        "--model_preset=demo",
+        "--pretrain_steps=500",
+        "--llava_steps=2000",
+    )
     master_port: int = MASTER_PORT
 
 
@@ -87,7 +92,7 @@ DATA_FLAGS = (
 )
 PROFILES = {
     "demo": Profile(out=ROOT / "runs" / "demo", epochs=4, steps_per_epoch=400),
-    "demo-long": Profile(out=ROOT / "runs" / "demo-long", epochs=8, steps_per_epoch=900),
+    "demo-long": Profile(out=ROOT / "runs" / "demo-long", epochs=6, steps_per_epoch=800),
 }
 
 
@@ -98,25 +103,29 @@ class Runner:
         self.quiet = quiet
         self.commands: list[tuple[str, str]] = []
 
-    def __call__(self, title: str, command: list[str], cwd: Path = ROOT) -> None:
-        """Run `command` (in `cwd`); SystemExit naming the step if it fails."""
+    def __call__(
+        self, title: str, command: list[str], cwd: Path = ROOT, processes: int = 1
+    ) -> None:
+        """Run `command` (in `cwd`; `processes` of them share the cores, see `threads`);
+        SystemExit naming the step if it fails."""
         shown = shlex.join(_relative(part) for part in command)
         if cwd != ROOT:
             shown = f"(cd {_relative(str(cwd))} && {shown})"
         self.commands.append((title, shown))
         print(f"\n=== {title}\n$ {shown}", flush=True)
         output = subprocess.DEVNULL if self.quiet else None
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads())}
+        threads_each = os.environ.get("OMP_NUM_THREADS", threads(processes))
+        env = {**os.environ, "OMP_NUM_THREADS": threads_each}
         result = subprocess.run(command, cwd=cwd, stdout=output, stderr=output, env=env)
         if result.returncode != 0:
             raise SystemExit(f"demo step '{title}' failed (exit {result.returncode}): {shown}")
 
 
-def threads() -> str:
-    """Threads per process: the cores shared among the ranks. PyTorch's default (every core
-    in every rank) oversubscribes the CPU, and its spinning threads then make a tiny model's
-    step many times slower."""
-    return str(max(1, (os.cpu_count() or 1) // RANKS))
+def threads(processes: int = RANKS) -> str:
+    """Threads per process: the cores shared among the processes (the launcher's ranks).
+    PyTorch's default (every core in every rank) oversubscribes the CPU, and its spinning
+    threads then make a tiny model's step many times slower."""
+    return str(max(1, (os.cpu_count() or 1) // processes))
 
 
 def _relative(text: str) -> str:
@@ -262,10 +271,14 @@ def run_cycle(profile: Profile, runner: Runner) -> dict:
     out = profile.out
     clear_previous_run(out)
     runner("write the tiny assets", asset_command(profile))
-    runner("evaluate the untrained model", eval_command(profile, "untrained"))
-    runner("train (DeepSpeed launcher, two CPU ranks)", train_command(profile))
+    runner("evaluate the untrained model", eval_command(profile, "untrained"), processes=RANKS)
+    runner("train (DeepSpeed launcher, two CPU ranks)", train_command(profile), processes=RANKS)
     checkpoint = out / "train" / "ckpt_model"
-    runner("evaluate the trained model", eval_command(profile, "trained", checkpoint))
+    runner(
+        "evaluate the trained model",
+        eval_command(profile, "trained", checkpoint),
+        processes=RANKS,
+    )
     consolidated = out / "train" / "pytorch_model"
     runner(
         "consolidate the checkpoint",
@@ -333,8 +346,8 @@ def report(profile: Profile, summary: dict, runner: Runner) -> str:
         f"evaluations:      {out}/untrained/eval_*.json, {out}/trained/eval_*.json(l)",
         "",
         "=== commands (swap in real paths: --version, --vision_pretrained, --dataset_dir)",
-        f"# each ran with OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', threads())} "
-        "(one thread per rank on a 2-core machine)",
+        f"# the launcher's ranks ran with OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', threads())} (the cores shared among the ranks)",
     ]
     lines += [f"# {title}\n{command}" for title, command in runner.commands]
     return "\n".join(lines)

@@ -3,9 +3,13 @@
     python tools/make_tiny_assets.py --out DIR [--seed 0] [--image_size 96x72]
         [--images_per_split 8] [--min_objects 2] [--max_objects 5] [--size_jitter 0]
         [--absent_refs 1] [--families ade20k,refer_seg,...] [--no-models] [--model_preset tiny]
+        [--pretrain_steps 0] [--llava_steps 0]
 
 writes `DIR/dataset/` (a `--dataset_dir`), `DIR/llava_tiny/` (a `--version`) and
-`DIR/vision_pretrained/sam_tiny.pth` (a `--vision_pretrained`). Images show coloured shapes
+`DIR/vision_pretrained/sam_tiny.pth` (a `--vision_pretrained`); with `--pretrain_steps N` the
+two models' image encoders get N steps of pretraining on other shapes-world scenes, and with
+`--llava_steps M` the LLaVA's projector and language model then M steps of captioning them
+(`tools/tiny_assets/pretrain.py`), as real models come pretrained. Images show coloured shapes
 (`utils.shapes_world`); every annotation is derived from the same scene objects, so texts and
 masks agree. The same seed and flags give the same bytes (JSON, pickles, PNG and JPEG).
 Files already under DIR are overwritten, never deleted.
@@ -96,6 +100,8 @@ def make_tiny_assets(
     models: bool = True,
     absent_refs: int = 1,
     model_preset: str = "tiny",
+    pretrain_steps: int = 0,
+    llava_steps: int = 0,
 ) -> Path:
     """Write `out/dataset/` (the chosen families), and unless `models` is False the tiny
     LLaVA (`out/llava_tiny/`) and SAM (`out/vision_pretrained/sam_tiny.pth`). Returns `out`.
@@ -104,12 +110,21 @@ def make_tiny_assets(
     single-split families). size_jitter: each image shrinks by up to this fraction per side.
     absent_refs: gRefCOCO no-target refs per image (each naming another absent shape).
     model_preset: "tiny" (the tests' models) or "demo" (`model.tiny.MODEL_PRESETS`).
+    pretrain_steps: steps of image-encoder pretraining (0: random encoders).
+    llava_steps: steps of LLaVA caption pretraining after it (needs pretrain_steps).
     """
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects ({min_objects}) <= max_objects ({max_objects})")
+    if pretrain_steps < 0 or llava_steps < 0:
+        raise ValueError(
+            f"pretrain_steps ({pretrain_steps}) and llava_steps ({llava_steps}) must be 0 "
+            "(no pretraining) or more"
+        )
+    if llava_steps and not pretrain_steps:
+        raise ValueError("llava_steps needs pretrain_steps: LLaVA learns from the pretrained CLIP")
     out = Path(out)
     width, height = image_size
     options = AssetOptions(
@@ -129,8 +144,21 @@ def make_tiny_assets(
         from model.tiny import MODEL_PRESETS, write_tiny_llava, write_tiny_sam
 
         preset = MODEL_PRESETS[model_preset]
-        write_tiny_llava(out / "llava_tiny", seed, preset.text, preset.vision)
-        write_tiny_sam(out / "vision_pretrained" / "sam_tiny.pth", seed, dims=preset.sam)
+        llava = write_tiny_llava(out / "llava_tiny", seed, preset.text, preset.vision)
+        sam = write_tiny_sam(out / "vision_pretrained" / "sam_tiny.pth", seed, dims=preset.sam)
+        if pretrain_steps > 0:
+            from tools.tiny_assets.pretrain import PretrainOptions, pretrain_tiny_models
+
+            objects = dict(min_objects=min_objects, max_objects=max_objects)
+            pretrain = PretrainOptions(
+                pretrain_steps,
+                width=width,
+                height=height,
+                seed=seed,
+                llava_steps=llava_steps,
+                **objects,
+            )
+            pretrain_tiny_models(llava, sam, pretrain)
     return out
 
 
@@ -174,6 +202,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="model sizes: the tests' tiny models or the demo's (model/tiny.py)",
     )
     parser.add_argument(
+        "--pretrain_steps",
+        type=int,
+        default=0,
+        help="steps of image-encoder pretraining on other scenes (0: random encoders)",
+    )
+    parser.add_argument(
+        "--llava_steps",
+        type=int,
+        default=0,
+        help="then steps of caption pretraining of LLaVA's projector and language model",
+    )
+    parser.add_argument(
         "--families", type=parse_families, default=list(FAMILIES), help=",".join(FAMILIES)
     )
     parser.add_argument(
@@ -200,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.models,
         args.absent_refs,
         args.model_preset,
+        args.pretrain_steps,
+        args.llava_steps,
     )
     files = sum(1 for path in out.rglob("*") if path.is_file())
     print(f"wrote {files} files under {out} in {time.perf_counter() - start:.1f} s")

@@ -94,12 +94,15 @@ class ClipTransform:
             return short_target, int(short_target * width / height)
         return int(short_target * height / width), short_target
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 RGB [H, W, 3] -> float32 [3, h, w] (h, w = crop size when cropping)."""
+    def resize_and_crop(
+        self, image: np.ndarray, resample: Image.Resampling | None = None
+    ) -> np.ndarray:
+        """uint8 [H, W(, 3)] -> uint8 [h, w(, 3)]: the resize and centre crop of `__call__`
+        (`resample`: another filter, e.g. NEAREST for label maps)."""
         height, width = self.output_size(*image.shape[:2])
         if (height, width) != image.shape[:2]:
-            resized = Image.fromarray(image).resize((width, height), self.resample)
-            image = np.asarray(resized)
+            filter_ = self.resample if resample is None else resample
+            image = np.asarray(Image.fromarray(image).resize((width, height), filter_))
         if self.crop is not None:
             crop_h, crop_w = self.crop
             if crop_h > height or crop_w > width:
@@ -108,6 +111,11 @@ class ClipTransform:
                 )
             top, left = (height - crop_h) // 2, (width - crop_w) // 2
             image = image[top : top + crop_h, left : left + crop_w]
+        return image
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 RGB [H, W, 3] -> float32 [3, h, w] (h, w = crop size when cropping)."""
+        image = self.resize_and_crop(image)
         scale = np.float32(self.rescale) / np.asarray(self.std, dtype=np.float32)
         shift = np.asarray(self.mean, dtype=np.float32) / np.asarray(self.std, dtype=np.float32)
         pixels = image.astype(np.float32) * scale - shift

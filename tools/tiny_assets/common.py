@@ -67,18 +67,28 @@ class Context:
         return scenes
 
 
+JPEG_PARAMS = [
+    cv2.IMWRITE_JPEG_QUALITY,
+    JPEG_QUALITY,
+    cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+    cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+]
+
+
 def write_jpeg(path: Path, image: np.ndarray) -> None:
     """Write uint8 RGB [H, W, 3] as JPEG (fixed quality, no chroma subsampling: colours stay
     true at the edges of small shapes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    params = [
-        cv2.IMWRITE_JPEG_QUALITY,
-        JPEG_QUALITY,
-        cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-        cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
-    ]
-    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params):
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), JPEG_PARAMS):
         raise OSError(f"could not write {path}")
+
+
+def jpeg_round_trip(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> the same image as `write_jpeg` then reading it back gives."""
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), JPEG_PARAMS)
+    if not ok:
+        raise OSError("could not encode a JPEG")
+    return cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

@@ -1,0 +1,147 @@
+"""The demo's image-encoder pretraining: labels, token targets, and a short run that lowers its
+losses, changes only the encoders and saves files the real loaders read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+from model.sam import load_sam_checkpoint
+from model.tiny import write_tiny_llava, write_tiny_sam
+from tools.tiny_assets.pretrain import (
+    IGNORE_INDEX,
+    KIND_INDEX,
+    KINDS,
+    PART_INDEX,
+    PretrainOptions,
+    build_pool,
+    caption,
+    label_maps,
+    pretrain_llava,
+    pretrain_tiny_models,
+    text_batch,
+    token_targets,
+)
+from utils.preprocess import ImageProcessors
+from utils.shapes_world import COLOURS, OBJECT_SHAPES, generate_scene
+from utils.shapes_world_text import with_article
+
+
+def test_label_maps_mark_each_object_kind_and_part() -> None:
+    rng = np.random.default_rng(3)
+    scene = next(
+        s
+        for s in (generate_scene(rng, 64, 64, (3, 4), require_composite=True) for _ in range(9))
+        if any(o.parts for o in s.objects)
+    )
+    kinds, parts = label_maps(scene)
+    for obj in scene.objects:
+        assert (kinds[obj.mask] == KIND_INDEX[(obj.colour, obj.shape)]).all()
+        for part in obj.parts:
+            assert (parts[part.mask] == PART_INDEX[part.name]).all()
+    background = ~np.logical_or.reduce([o.mask for o in scene.objects])
+    assert (kinds[background] == 0).all() and (parts[background] == 0).all()
+
+
+def test_token_targets_list_kinds_colours_and_shapes_per_patch() -> None:
+    red_circle = KIND_INDEX[("red", "circle")]
+    blue_star = KIND_INDEX[("blue", "star")]
+    kinds = torch.zeros(1, 4, 4, dtype=torch.int64)
+    kinds[0, 0, 0] = red_circle  # top-left patch of 2 x 2 pixels
+    kinds[0, 3, 3] = blue_star  # bottom-right patch
+    kinds[0, 2, 3] = red_circle
+    targets = token_targets(kinds, patch=2)
+    assert targets.shape == (1, 4, len(KINDS) + len(COLOURS) + len(OBJECT_SHAPES))
+
+    def names(row: torch.Tensor) -> set:
+        hot = row.nonzero().flatten().tolist()
+        attributes = COLOURS + OBJECT_SHAPES
+        return {KINDS[i] if i < len(KINDS) else attributes[i - len(KINDS)] for i in hot}
+
+    assert names(targets[0, 0]) == {("red", "circle"), "red", "circle"}
+    assert names(targets[0, 1]) == set() and names(targets[0, 2]) == set()
+    assert names(targets[0, 3]) == {("red", "circle"), ("blue", "star"), "red", "blue"} | {
+        "circle",
+        "star",
+    }
+
+
+def test_short_pretraining_lowers_losses_and_changes_only_the_encoders(tmp_path: Path) -> None:
+    llava_dir = write_tiny_llava(tmp_path / "llava")
+    sam_path = write_tiny_sam(tmp_path / "sam.pth")
+    llava_before = load_file(str(llava_dir / "model.safetensors"))
+    sam_before = torch.load(sam_path, weights_only=True)
+    options = PretrainOptions(steps=120, batch_size=8, lr=5e-3, pool_size=64)
+    result = pretrain_tiny_models(llava_dir, sam_path, options)
+    for loss in ("clip_tokens", "sam_kinds", "sam_parts"):
+        assert result[f"last_{loss}"] < 0.8 * result[f"first_{loss}"], (loss, result)
+    llava_after = load_file(str(llava_dir / "model.safetensors"))
+    assert llava_after.keys() == llava_before.keys()
+    changed = {k for k in llava_before if not torch.equal(llava_before[k], llava_after[k])}
+    assert changed and all(k.startswith("vision_tower.") for k in changed), changed
+    # the layer after the one LLaVA reads gets no gradient: it stays as it was
+    assert not any(".layers.1." in k for k in changed)
+    sam_after = torch.load(sam_path, weights_only=True)
+    changed = {k for k in sam_before if not torch.equal(sam_before[k], sam_after[k])}
+    assert changed and all(k.startswith("image_encoder.") for k in changed), changed
+    assert load_sam_checkpoint(sam_path).vision_encoder.training is False
+
+
+def test_no_pretraining_without_steps_and_negative_steps_refused(tmp_path: Path) -> None:
+    from tools.make_tiny_assets import make_tiny_assets
+
+    with pytest.raises(
+        ValueError, match="pretrain_steps \\(-1\\) and llava_steps \\(0\\) must be 0"
+    ):
+        make_tiny_assets(tmp_path, families=["grefcoco"], pretrain_steps=-1)
+    out = make_tiny_assets(tmp_path, families=["grefcoco"], pretrain_steps=0)
+    reference = write_tiny_llava(tmp_path / "reference")
+    after = load_file(str(out / "llava_tiny" / "model.safetensors"))
+    before = load_file(str(reference / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_captions_list_every_object_from_left_to_right() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        scene = generate_scene(rng, 64, 64, (2, 5))
+        listed = caption(scene).removeprefix("From left to right: ").removesuffix(".")
+        ordered = sorted(scene.objects, key=lambda obj: obj.centre[0])
+        assert re.split(r", | and ", listed) == [with_article(obj.name) for obj in ordered]
+        assert len(ordered) == len(scene.objects) >= 2
+
+
+def test_text_batch_puts_the_loss_on_the_text_only(tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(write_tiny_llava(tmp_path / "llava"))
+    batch = text_batch(tokenizer, ["Is there a red circle? Yes.", "No."], 4, image_id=7)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids[:, 0].eq(tokenizer.bos_token_id).all() and ids[:, 1:5].eq(7).all()
+    assert labels[:, :5].eq(IGNORE_INDEX).all()
+    long_text = tokenizer("Is there a red circle? Yes.", add_special_tokens=False).input_ids
+    end = 5 + len(long_text) + 1
+    assert labels[0, 5:end].tolist() == [*long_text, tokenizer.eos_token_id]
+    assert mask[0].sum() == end and mask[1].sum() < end
+    assert labels[1][mask[1] == 0].eq(IGNORE_INDEX).all()
+
+
+def test_llava_pretraining_trains_the_projector_and_language_model_not_clip(
+    tmp_path: Path,
+) -> None:
+    llava_dir = write_tiny_llava(tmp_path / "llava")
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
+    before = {name: p.detach().clone() for name, p in llava.named_parameters()}
+    options = PretrainOptions(batch_size=8, pool_size=32, llava_steps=60, llava_lr=3e-3)
+    pool = build_pool(options, ImageProcessors.from_pretrained(llava_dir, sam_image_size=64))
+    losses = [row["llava"] for row in pretrain_llava(llava, tokenizer, pool, options)]
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10]), losses
+    changed = {n for n, p in llava.named_parameters() if not torch.equal(before[n], p)}
+    assert not any(".vision_tower." in name for name in changed)
+    assert any(".multi_modal_projector." in name for name in changed)
+    assert any(".language_model." in name for name in changed) and "lm_head.weight" in changed
