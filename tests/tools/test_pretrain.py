@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from model.sam import load_sam_checkpoint
 from model.tiny import write_tiny_llava, write_tiny_sam
+from tools.tiny_assets.common import jpeg_round_trip, write_jpeg
 from tools.tiny_assets.pretrain import (
     IGNORE_INDEX,
     KIND_INDEX,
@@ -145,3 +147,11 @@ def test_llava_pretraining_trains_the_projector_and_language_model_not_clip(
     assert not any(".vision_tower." in name for name in changed)
     assert any(".multi_modal_projector." in name for name in changed)
     assert any(".language_model." in name for name in changed) and "lm_head.weight" in changed
+
+
+def test_jpeg_round_trip_equals_writing_and_reading_the_file(tmp_path: Path) -> None:
+    image = generate_scene(np.random.default_rng(2), 64, 48, (2, 3)).image
+    write_jpeg(tmp_path / "scene.jpg", image)
+    from_file = cv2.cvtColor(cv2.imread(str(tmp_path / "scene.jpg")), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(jpeg_round_trip(image), from_file)
+    assert not np.array_equal(jpeg_round_trip(image), image)  # it is lossy: the test can fail
