@@ -92,9 +92,7 @@ DATA_FLAGS = (
 )
 PROFILES = {
     "demo": Profile(out=ROOT / "runs" / "demo", epochs=4, steps_per_epoch=400),
-    "demo-long": Profile(
-        out=ROOT / "runs" / "demo-long", epochs=6, steps_per_epoch=800, batch_size=16
-    ),
+    "demo-long": Profile(out=ROOT / "runs" / "demo-long", epochs=6, steps_per_epoch=800),
 }
 
 
