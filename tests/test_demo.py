@@ -14,10 +14,10 @@ from tools import demo, demo_report
 from tools.make_tiny_assets import make_tiny_assets
 
 SIDE = 8
-# the shortened demo (800 steps; measured +0.16 over 0.07) must gain this much gIoU on present
+# the shortened demo (800 steps; measured +0.25 over 0.08) must gain this much gIoU on present
 # targets, and its losses must fall below these fractions of their first values (means over
 # LOSS_WINDOW steps)
-LEARNED_GIOU = 0.10
+LEARNED_GIOU = 0.15
 LOSS_WINDOW = 50
 LOSS_DROP = {"train/ce_loss": 0.5, "train/mask_dice_loss": 0.9}
 TEST_PORT = demo.MASTER_PORT + 2  # apart from a `make demo` running beside the test
