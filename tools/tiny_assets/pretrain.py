@@ -52,7 +52,8 @@ TENSOR_FIELDS = ("clip", "sam", "clip_kinds", "sam_kinds", "sam_parts")
 
 @dataclass(frozen=True)
 class PretrainOptions:
-    """steps x batch_size scenes drawn (with repeats) from a pool of `pool_size` scenes of
+    """The encoders' `steps` (at `lr`) and then LLaVA's `llava_steps` (at `llava_lr`; 0: none),
+    each of `batch_size` scenes drawn with repeats from one pool of `pool_size` scenes of
     width x height pixels holding min_objects..max_objects objects."""
 
     steps: int = 600
@@ -190,6 +191,7 @@ class Encoders(nn.Module):
 
 
 def sample(pool: ScenePool, indexes: Tensor) -> ScenePool:
+    """The pool's scenes at `indexes` (int64 [B]) as a smaller pool: one batch."""
     tensors = [getattr(pool, name)[indexes] for name in TENSOR_FIELDS]
     return ScenePool(*tensors, [pool.texts[i] for i in indexes.tolist()])
 
