@@ -102,6 +102,8 @@ def test_no_pretraining_without_steps_and_negative_steps_refused(tmp_path: Path)
         ValueError, match="pretrain_steps \\(-1\\) and llava_steps \\(0\\) must be 0"
     ):
         make_tiny_assets(tmp_path, families=["grefcoco"], pretrain_steps=-1)
+    with pytest.raises(ValueError, match="llava_steps needs pretrain_steps"):
+        make_tiny_assets(tmp_path, families=["grefcoco"], llava_steps=10)
     out = make_tiny_assets(tmp_path, families=["grefcoco"], pretrain_steps=0)
     reference = write_tiny_llava(tmp_path / "reference")
     after = load_file(str(out / "llava_tiny" / "model.safetensors"))

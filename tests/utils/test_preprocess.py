@@ -135,3 +135,18 @@ def test_image_processors_run_both_transforms(tiny_dir) -> None:
         processors(random_image(48, 30).astype(np.float32))
     with pytest.raises(ValueError, match="uint8 RGB"):
         processors(random_image(48, 30)[..., 0])
+
+
+def test_label_maps_follow_the_clip_geometry_without_new_values(tiny_dir) -> None:
+    """resize_and_crop with NEAREST: a label map lands where the image's pixels land (here a
+    labelled left half) and keeps only its own values."""
+    transform = ClipTransform.from_pretrained(tiny_dir / "llava_tiny")
+    labels = np.zeros((72, 96), dtype=np.uint8)
+    labels[:, :48] = 7  # the left half
+    out = transform.resize_and_crop(labels, Image.Resampling.NEAREST)
+    crop_h, crop_w = transform.crop
+    assert out.shape == (crop_h, crop_w) and set(np.unique(out)) == {0, 7}
+    image = np.zeros((72, 96, 3), dtype=np.uint8)
+    image[:, :48] = 255
+    bright = transform.resize_and_crop(image)[..., 0] > 127
+    assert np.array_equal(out == 7, bright)
