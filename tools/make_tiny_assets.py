@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the project's packages importable
@@ -35,6 +36,9 @@ from tools.tiny_assets.reason_seg import write_reason_seg  # noqa: E402
 from tools.tiny_assets.refer import train2014_pool, write_refer_family  # noqa: E402
 from tools.tiny_assets.semantic import write_ade20k, write_cocostuff, write_mapillary  # noqa: E402
 from tools.tiny_assets.vqa import write_vqa  # noqa: E402
+
+if TYPE_CHECKING:  # torch only when the models are written
+    from tools.tiny_assets.pretrain import PretrainOptions
 
 FAMILIES = (
     "ade20k",
@@ -86,6 +90,23 @@ SINGLE_WRITERS = {
     "mmr": write_mmr,
     "reason_seg": write_reason_seg,
 }
+
+
+def write_models(
+    out: Path, seed: int, model_preset: str, pretrain: PretrainOptions | None = None
+) -> None:
+    """The tiny LLaVA (`out/llava_tiny/`) and SAM (`out/vision_pretrained/sam_tiny.pth`) of the
+    preset, pretrained with `pretrain` (a `PretrainOptions`) unless it is None."""
+    # heavy imports (torch, transformers) only when the models are wanted
+    from model.tiny import MODEL_PRESETS, write_tiny_llava, write_tiny_sam
+
+    preset = MODEL_PRESETS[model_preset]
+    llava = write_tiny_llava(out / "llava_tiny", seed, preset.text, preset.vision)
+    sam = write_tiny_sam(out / "vision_pretrained" / "sam_tiny.pth", seed, dims=preset.sam)
+    if pretrain is not None:
+        from tools.tiny_assets.pretrain import pretrain_tiny_models
+
+        pretrain_tiny_models(llava, sam, pretrain)
 
 
 def make_tiny_assets(
@@ -140,25 +161,20 @@ def make_tiny_assets(
     if chosen & TRAIN2014_FAMILIES:
         write_train2014(ctx, chosen)
     if models:
-        # heavy imports (torch, transformers) only when the models are wanted
-        from model.tiny import MODEL_PRESETS, write_tiny_llava, write_tiny_sam
-
-        preset = MODEL_PRESETS[model_preset]
-        llava = write_tiny_llava(out / "llava_tiny", seed, preset.text, preset.vision)
-        sam = write_tiny_sam(out / "vision_pretrained" / "sam_tiny.pth", seed, dims=preset.sam)
+        pretrain = None
         if pretrain_steps > 0:
-            from tools.tiny_assets.pretrain import PretrainOptions, pretrain_tiny_models
+            from tools.tiny_assets.pretrain import PretrainOptions
 
-            objects = dict(min_objects=min_objects, max_objects=max_objects)
             pretrain = PretrainOptions(
                 pretrain_steps,
                 width=width,
                 height=height,
+                min_objects=min_objects,
+                max_objects=max_objects,
                 seed=seed,
                 llava_steps=llava_steps,
-                **objects,
             )
-            pretrain_tiny_models(llava, sam, pretrain)
+        write_models(out, seed, model_preset, pretrain)
     return out
 
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
+from model.backbone import image_token_count
 from model.sam import load_sam_checkpoint, save_sam_checkpoint
 from tools.tiny_assets.common import jpeg_round_trip
 from utils.preprocess import ImageProcessors, resize_longest_side
@@ -172,8 +173,8 @@ class Encoders(nn.Module):
         clip_width = llava.config.vision_config.hidden_size
         self.clip_head = nn.Linear(clip_width, len(KINDS) + len(COLOURS) + len(OBJECT_SHAPES))
         sam_config = sam.config.vision_config
-        grid = sam_config.image_size // sam_config.patch_size
-        self.sam_head = SamHead(sam_config.output_channels, sam_config.image_size // grid)
+        # one grid cell covers patch_size x patch_size input pixels
+        self.sam_head = SamHead(sam_config.output_channels, sam_config.patch_size)
 
     def forward(self, batch: ScenePool) -> dict[str, Tensor]:
         """The three losses (token multi-label BCE, per-pixel kind and part CE)."""
@@ -231,8 +232,7 @@ def pretrain_llava(
     """LLaVA's own pretraining in small: the projector and the language model (CLIP frozen)
     learn to caption the image, listing its objects from left to right. Returns the losses
     per step."""
-    vision = llava.config.vision_config
-    image_tokens = (vision.image_size // vision.patch_size) ** 2
+    image_tokens = image_token_count(llava.config)
     llava.model.vision_tower.requires_grad_(False)
     trained = [p for n, p in llava.named_parameters() if not n.startswith("model.vision_tower.")]
 
