@@ -65,11 +65,12 @@ class Profile:
     seed: int = 0
     batch_size: int = 8
     lr: float = 2e-3
+    clip_steps: int = 3000
+    llava_steps: int = 3000
     asset_flags: tuple[str, ...] = (
         "--absent_refs=3",
         "--model_preset=demo",
         "--pretrain_steps=500",
-        "--llava_steps=2000",
     )
     master_port: int = MASTER_PORT
 
@@ -92,7 +93,13 @@ DATA_FLAGS = (
 )
 PROFILES = {
     "demo": Profile(out=ROOT / "runs" / "demo", epochs=4, steps_per_epoch=400),
-    "demo-long": Profile(out=ROOT / "runs" / "demo-long", epochs=6, steps_per_epoch=800),
+    "demo-long": Profile(
+        out=ROOT / "runs" / "demo-long",
+        epochs=6,
+        steps_per_epoch=800,
+        clip_steps=6000,
+        llava_steps=6000,
+    ),
 }
 
 
@@ -142,6 +149,8 @@ def asset_command(profile: Profile) -> list[str]:
         f"--image_size={profile.image_size}",
         f"--images_per_split={profile.images_per_split}",
         *profile.asset_flags,
+        f"--clip_steps={profile.clip_steps}",
+        f"--llava_steps={profile.llava_steps}",
     ]
 
 

@@ -3,15 +3,16 @@
     python tools/make_tiny_assets.py --out DIR [--seed 0] [--image_size 96x72]
         [--images_per_split 8] [--min_objects 2] [--max_objects 5] [--size_jitter 0]
         [--absent_refs 1] [--families ade20k,refer_seg,...] [--no-models] [--model_preset tiny]
-        [--pretrain_steps 0] [--llava_steps 0]
+        [--pretrain_steps 0] [--clip_steps 0] [--llava_steps 0]
 
 writes `DIR/dataset/` (a `--dataset_dir`), `DIR/llava_tiny/` (a `--version`) and
 `DIR/vision_pretrained/sam_tiny.pth` (a `--vision_pretrained`); with `--pretrain_steps N` the
-two models' image encoders get N steps of pretraining on other shapes-world scenes, and with
-`--llava_steps M` the LLaVA's projector and language model then M steps of captioning them
-(`tools/tiny_assets/pretrain.py`), as real models come pretrained. Images show coloured shapes
-(`utils.shapes_world`); every annotation is derived from the same scene objects, so texts and
-masks agree. The same seed and flags give the same bytes (JSON, pickles, PNG and JPEG).
+two models' image encoders get N steps of pretraining on other shapes-world scenes (CLIP then
+`--clip_steps` more alone), and with `--llava_steps M` the LLaVA's projector and language
+model then M steps of answering whether named shapes are in them and captioning them
+(`tools/tiny_assets/pretrain.py`), as real models come pretrained. Images show coloured
+shapes (`utils.shapes_world`); every annotation is derived from the same scene objects, so texts
+and masks agree. The same seed and flags give the same bytes (JSON, pickles, PNG and JPEG).
 Files already under DIR are overwritten, never deleted.
 """
 
@@ -123,6 +124,7 @@ def make_tiny_assets(
     model_preset: str = "tiny",
     pretrain_steps: int = 0,
     llava_steps: int = 0,
+    clip_steps: int = 0,
 ) -> Path:
     """Write `out/dataset/` (the chosen families), and unless `models` is False the tiny
     LLaVA (`out/llava_tiny/`) and SAM (`out/vision_pretrained/sam_tiny.pth`). Returns `out`.
@@ -132,20 +134,25 @@ def make_tiny_assets(
     absent_refs: gRefCOCO no-target refs per image (each naming another absent shape).
     model_preset: "tiny" (the tests' models) or "demo" (`model.tiny.MODEL_PRESETS`).
     pretrain_steps: steps of image-encoder pretraining (0: random encoders).
-    llava_steps: steps of LLaVA caption pretraining after it (needs pretrain_steps).
+    llava_steps: steps of LLaVA pretraining (questions, captions) after it (needs
+        pretrain_steps).
+    clip_steps: steps of CLIP alone between the two (needs pretrain_steps).
     """
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects ({min_objects}) <= max_objects ({max_objects})")
-    if pretrain_steps < 0 or llava_steps < 0:
+    if min(pretrain_steps, clip_steps, llava_steps) < 0:
         raise ValueError(
-            f"pretrain_steps ({pretrain_steps}) and llava_steps ({llava_steps}) must be 0 "
-            "(no pretraining) or more"
+            f"pretrain_steps ({pretrain_steps}), clip_steps ({clip_steps}) and llava_steps "
+            f"({llava_steps}) must be 0 (no pretraining) or more"
         )
-    if llava_steps and not pretrain_steps:
-        raise ValueError("llava_steps needs pretrain_steps: LLaVA learns from the pretrained CLIP")
+    if (llava_steps or clip_steps) and not pretrain_steps:
+        raise ValueError(
+            "llava_steps and clip_steps need pretrain_steps: they continue from the pretrained "
+            "encoders"
+        )
     out = Path(out)
     width, height = image_size
     options = AssetOptions(
@@ -172,6 +179,7 @@ def make_tiny_assets(
                 min_objects=min_objects,
                 max_objects=max_objects,
                 seed=seed,
+                clip_steps=clip_steps,
                 llava_steps=llava_steps,
             )
         write_models(out, seed, model_preset, pretrain)
@@ -224,10 +232,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="steps of image-encoder pretraining on other scenes (0: random encoders)",
     )
     parser.add_argument(
+        "--clip_steps",
+        type=int,
+        default=0,
+        help="then steps of CLIP alone (its token targets; needs --pretrain_steps)",
+    )
+    parser.add_argument(
         "--llava_steps",
         type=int,
         default=0,
-        help="then steps of caption pretraining of LLaVA's projector and language model",
+        help="then steps of LLaVA's projector and language model on yes/no questions and captions",
     )
     parser.add_argument(
         "--families", type=parse_families, default=list(FAMILIES), help=",".join(FAMILIES)
@@ -258,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.model_preset,
         args.pretrain_steps,
         args.llava_steps,
+        args.clip_steps,
     )
     files = sum(1 for path in out.rglob("*") if path.is_file())
     print(f"wrote {files} files under {out} in {time.perf_counter() - start:.1f} s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -22,17 +23,22 @@ from tools.tiny_assets.pretrain import (
     KINDS,
     PART_INDEX,
     PretrainOptions,
+    answer_token,
     build_pool,
     caption,
     label_maps,
+    preprocess,
     pretrain_llava,
     pretrain_tiny_models,
+    question,
+    questions,
     text_batch,
     token_targets,
+    yes_no_accuracy,
 )
 from utils.preprocess import ImageProcessors
 from utils.shapes_world import COLOURS, OBJECT_SHAPES, generate_scene
-from utils.shapes_world_text import with_article
+from utils.shapes_world_text import plural, with_article
 
 
 def test_label_maps_mark_each_object_kind_and_part() -> None:
@@ -79,10 +85,13 @@ def test_short_pretraining_lowers_losses_and_changes_only_the_encoders(tmp_path:
     sam_path = write_tiny_sam(tmp_path / "sam.pth")
     llava_before = load_file(str(llava_dir / "model.safetensors"))
     sam_before = torch.load(sam_path, weights_only=True)
-    options = PretrainOptions(steps=120, batch_size=8, lr=5e-3, pool_size=64)
+    options = PretrainOptions(steps=120, clip_steps=60, batch_size=8, lr=5e-3, pool_size=64)
     result = pretrain_tiny_models(llava_dir, sam_path, options)
     for loss in ("clip_tokens", "sam_kinds", "sam_parts"):
         assert result[f"last_{loss}"] < 0.8 * result[f"first_{loss}"], (loss, result)
+    # the CLIP stage goes on from where the joint one ended, and lowers the loss further
+    assert result["clip_stage_first_clip_tokens"] < result["first_clip_tokens"], result
+    assert result["clip_stage_last_clip_tokens"] < result["clip_stage_first_clip_tokens"]
     llava_after = load_file(str(llava_dir / "model.safetensors"))
     assert llava_after.keys() == llava_before.keys()
     changed = {k for k in llava_before if not torch.equal(llava_before[k], llava_after[k])}
@@ -99,11 +108,13 @@ def test_no_pretraining_without_steps_and_negative_steps_refused(tmp_path: Path)
     from tools.make_tiny_assets import make_tiny_assets
 
     with pytest.raises(
-        ValueError, match="pretrain_steps \\(-1\\) and llava_steps \\(0\\) must be 0"
+        ValueError,
+        match="pretrain_steps \\(-1\\), clip_steps \\(0\\) and llava_steps \\(0\\) must be 0",
     ):
         make_tiny_assets(tmp_path, families=["grefcoco"], pretrain_steps=-1)
-    with pytest.raises(ValueError, match="llava_steps needs pretrain_steps"):
-        make_tiny_assets(tmp_path, families=["grefcoco"], llava_steps=10)
+    for steps in ({"llava_steps": 10}, {"clip_steps": 10}):
+        with pytest.raises(ValueError, match="llava_steps and clip_steps need pretrain_steps"):
+            make_tiny_assets(tmp_path, families=["grefcoco"], **steps)
     out = make_tiny_assets(tmp_path, families=["grefcoco"], pretrain_steps=0)
     reference = write_tiny_llava(tmp_path / "reference")
     after = load_file(str(out / "llava_tiny" / "model.safetensors"))
@@ -142,8 +153,10 @@ def test_llava_pretraining_trains_the_projector_and_language_model_not_clip(
     tokenizer = AutoTokenizer.from_pretrained(llava_dir)
     before = {name: p.detach().clone() for name, p in llava.named_parameters()}
     options = PretrainOptions(batch_size=8, pool_size=32, llava_steps=60, llava_lr=3e-3)
-    pool = build_pool(options, ImageProcessors.from_pretrained(llava_dir, sam_image_size=64))
-    losses = [row["llava"] for row in pretrain_llava(llava, tokenizer, pool, options)]
+    pool = build_pool(options)
+    processors = ImageProcessors.from_pretrained(llava_dir, sam_image_size=64)
+    draw = lambda indexes: preprocess(pool, indexes, processors)  # noqa: E731
+    losses = [row["llava"] for row in pretrain_llava(llava, tokenizer, draw, options)]
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10]), losses
     changed = {n for n, p in llava.named_parameters() if not torch.equal(before[n], p)}
     assert not any(".vision_tower." in name for name in changed)
@@ -157,3 +170,88 @@ def test_jpeg_round_trip_equals_writing_and_reading_the_file(tmp_path: Path) -> 
     from_file = cv2.cvtColor(cv2.imread(str(tmp_path / "scene.jpg")), cv2.COLOR_BGR2RGB)
     assert np.array_equal(jpeg_round_trip(image), from_file)
     assert not np.array_equal(jpeg_round_trip(image), image)  # it is lossy: the test can fail
+
+
+def test_questions_answer_yes_exactly_for_what_the_scene_holds() -> None:
+    rng = np.random.default_rng(8)
+    plurals = {plural(shape): shape for shape in OBJECT_SHAPES}
+    answers, forms = [], []
+    for _ in range(60):
+        scene = generate_scene(rng, 64, 64, (2, 5))
+        text = questions(scene, rng, count=6)
+        items = [item.rsplit(": ", 1) for item in text.removesuffix(".").split(", ")]
+        assert len(items) == 6 and text.endswith(".")
+        for name, answer in items:
+            words = name.removeprefix("the ").split()
+            if name.endswith(" things"):
+                holds, form = any(o.colour == words[0] for o in scene.objects), "colour"
+            elif len(words) == 1:
+                holds, form = any(o.shape == plurals[words[0]] for o in scene.objects), "shape"
+            else:
+                holds, form = scene.has(words[0], words[1]), "kind"
+            assert holds == (answer == "yes"), (text, scene.objects)
+            answers.append(answer)
+            forms.append(form)
+    assert 0.4 < answers.count("yes") / len(answers) < 0.6
+    assert 0.4 < forms.count("kind") / len(forms) < 0.6 and min(map(forms.count, forms)) > 40
+
+
+def test_absent_kinds_in_questions_are_near_misses_when_the_scene_allows() -> None:
+    rng = np.random.default_rng(4)
+    near_misses = 0
+    for _ in range(200):
+        scene = generate_scene(rng, 64, 64, (2, 5))
+        name, present = question(scene, rng)
+        words = name.removeprefix("the ").split()
+        if present or name.endswith(" things") or len(words) == 1:
+            continue
+        colour, shape = words
+        near_misses += any(o.colour == colour for o in scene.objects) and any(
+            o.shape == shape for o in scene.objects
+        )
+    assert near_misses > 20
+
+
+def test_pool_keeps_uint8_scenes_and_preprocesses_them_as_the_dataset_images(
+    tmp_path: Path,
+) -> None:
+    options = PretrainOptions(pool_size=4, questions=2)
+    pool = build_pool(options)
+    assert pool.images.dtype == np.uint8 and pool.images.shape == (4, 64, 64, 3)
+    assert pool.kinds.shape == pool.parts.shape == (4, 64, 64) and pool.kinds.max() > 0
+    for text in pool.texts:
+        asked, described = text.split(". From left to right: ")
+        assert len(re.findall(r": (yes|no)", asked)) == 2 and described.endswith(".")
+    again = build_pool(options)
+    assert np.array_equal(again.images, pool.images) and again.texts == pool.texts
+    held_out = build_pool(options, stream=1)
+    assert not np.array_equal(held_out.images, pool.images)
+    processors = ImageProcessors.from_pretrained(write_tiny_llava(tmp_path / "llava"), 64)
+    batch = preprocess(pool, torch.tensor([2, 0]), processors)
+    clip, sam, _ = processors(pool.images[2])
+    assert torch.equal(batch.clip[0], clip) and torch.equal(batch.sam[0], sam)
+    assert batch.texts == [pool.texts[2], pool.texts[0]]
+    assert batch.sam_kinds.shape == (2, 64, 64) and batch.clip_kinds.dtype == torch.int64
+
+
+def test_yes_no_accuracy_reads_the_answer_after_each_colon(tmp_path: Path) -> None:
+    llava_dir = write_tiny_llava(tmp_path / "llava")
+    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
+    config = LlavaForConditionalGeneration.from_pretrained(llava_dir).config
+    yes, no = answer_token(tokenizer, "yes"), answer_token(tokenizer, "no")
+    assert yes != no
+
+    class SaysYes:
+        """Puts "yes" above "no" at every position."""
+
+        def __init__(self) -> None:
+            self.config = config
+
+        def __call__(self, input_ids: torch.Tensor, **_: torch.Tensor) -> SimpleNamespace:
+            logits = torch.zeros(*input_ids.shape, len(tokenizer))
+            logits[..., yes] = 1.0
+            return SimpleNamespace(logits=logits)
+
+    texts = ["the red circle: yes, the red star: no, the blue star: yes.", "the red car: no."]
+    batch = SimpleNamespace(clip=torch.zeros(2, 3, 64, 64), texts=texts)
+    assert yes_no_accuracy(SaysYes(), tokenizer, batch) == pytest.approx(2 / 4)

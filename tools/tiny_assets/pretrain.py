@@ -10,11 +10,19 @@ on shapes-world scenes from a random stream of their own (never the dataset's im
   name. A 1x1 convolution maps the image embedding [B, D, g, g] to p*p sub-pixel logits per grid
   cell (p = S / g), pixel-shuffled to [B, classes, S, S];
 - CLIP's image tokens (the layer LLaVA's projector reads): for each token, which kinds, colours
-  and shapes appear in its patch (multi-label);
+  and shapes appear in its patch (multi-label), in the same steps and then (`--clip_steps`)
+  alone, as CLIP is far cheaper than SAM and its shape features limit what LLaVA can answer;
 - then LLaVA's projector and language model (CLIP frozen), as LLaVA's own pretraining does
-  with captions: the image tokens followed by a caption listing the objects from left to
-  right, next-token loss on the caption.
+  with image-text pairs: the image tokens followed by yes/no questions in GSVA's "name:answer"
+  form ("the red circle: yes, the red star: no, ...", the absent kinds near misses: the colour
+  of one object with the shape of another) and a caption listing the objects from left to
+  right, next-token loss on the text. The questions are what teaches the language model to
+  tell a present kind from a near miss, the decision behind `[REJ]`; several per scene give
+  the dense signal a tiny model needs to leave the chance plateau (one question per scene
+  stays at chance for thousands of steps, even over perfect image features).
 
+The scenes are kept as uint8 images and label maps and preprocessed per batch, so a large pool
+(20000 scenes, about 20 s to draw) costs little memory and CLIP does not overfit it.
 The heads are dropped, and the models are saved back in their own formats (the HF LLaVA
 directory, the original-layout SAM checkpoint), so the segmentation run loads them exactly as
 it loads real weights.
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +47,7 @@ from model.sam import load_sam_checkpoint, save_sam_checkpoint
 from tools.tiny_assets.common import jpeg_round_trip
 from utils.preprocess import ImageProcessors, resize_longest_side
 from utils.shapes_world import COLOURS, COMPOSITES, OBJECT_SHAPES, Scene, generate_scene
-from utils.shapes_world_text import join_words, with_article
+from utils.shapes_world_text import absent_kind, join_words, plural, with_article
 
 KINDS = tuple((colour, shape) for colour in COLOURS for shape in OBJECT_SHAPES)
 KIND_INDEX = {kind: index + 1 for index, kind in enumerate(KINDS)}  # 0: background
@@ -48,39 +56,63 @@ PART_INDEX = {name: index + 1 for index, name in enumerate(PARTS)}  # 0: no part
 IGNORE_INDEX = -100
 STREAM_SEED = 7919  # mixed with the asset seed: a scene stream apart from every dataset's
 LOG_EVERY = 100
-TENSOR_FIELDS = ("clip", "sam", "clip_kinds", "sam_kinds", "sam_parts")
+PRESENT_ODDS = 0.5  # of a yes/no question naming a present kind
+ARTICLE_ODDS = 0.5  # of "the red circle" over "red circle", as gRefCOCO's expressions vary
+QUESTION_FORMS = ("kind", "kind", "colour", "shape")  # drawn uniformly: half of them kinds
+# A patch holds few of the many kinds: weighting its present ones keeps CLIP from settling for
+# "nothing here" (with a CLIP stage, the pretrained LLaVA's shape answers: 67 % -> 77 % right).
+CLIP_POS_WEIGHT = 5.0
+HELD_OUT_SCENES = 300  # new scenes on which LLaVA's yes/no accuracy is measured
+HELD_OUT_STREAM = 1  # their stream (the pool's is 0)
 
 
 @dataclass(frozen=True)
 class PretrainOptions:
-    """The encoders' `steps` (at `lr`) and then LLaVA's `llava_steps` (at `llava_lr`; 0: none),
-    each of `batch_size` scenes drawn with repeats from one pool of `pool_size` scenes of
-    width x height pixels holding min_objects..max_objects objects."""
+    """The encoders' `steps` (at `lr`), CLIP's own `clip_steps` (at `lr`; 0: none), then LLaVA's
+    `llava_steps` (at `llava_lr`; 0: none), each of `batch_size` scenes drawn with repeats from
+    one pool of `pool_size` scenes of width x height pixels holding min_objects..max_objects
+    objects; each scene's LLaVA text asks `questions` yes/no questions before its caption."""
 
     steps: int = 600
     batch_size: int = 32
     lr: float = 2e-3
-    pool_size: int = 3000
+    pool_size: int = 20000
     width: int = 64
     height: int = 64
     min_objects: int = 2
     max_objects: int = 5
     seed: int = 0
+    clip_steps: int = 0
     llava_steps: int = 0
-    llava_lr: float = 1e-3
+    llava_lr: float = 2e-3
+    questions: int = 6
 
 
 @dataclass
 class ScenePool:
-    """Preprocessed scenes. clip [N, 3, h, w]; sam [N, 3, S, S]; clip_kinds [N, h, w] and
-    sam_kinds, sam_parts [N, S, S]: int64 labels (IGNORE_INDEX on SAM's padding)."""
+    """Scenes as drawn, compact: images uint8 [N, H, W, 3] (after the JPEG round trip), kinds
+    and parts uint8 [N, H, W] label maps (`label_maps`), and each scene's LLaVA text."""
+
+    images: np.ndarray
+    kinds: np.ndarray
+    parts: np.ndarray
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class SceneBatch:
+    """Preprocessed scenes. clip [B, 3, h, w]; sam [B, 3, S, S]; clip_kinds [B, h, w] and
+    sam_kinds, sam_parts [B, S, S]: int64 labels (IGNORE_INDEX on SAM's padding)."""
 
     clip: Tensor
     sam: Tensor
     clip_kinds: Tensor
     sam_kinds: Tensor
     sam_parts: Tensor
-    texts: list[str]  # captions
+    texts: list[str]
 
 
 def label_maps(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
@@ -104,28 +136,40 @@ def sam_labels(labels: np.ndarray, image_size: int) -> Tensor:
     return out
 
 
-def build_pool(options: PretrainOptions, processors: ImageProcessors) -> ScenePool:
-    """Draw, JPEG-compress (as the dataset's images are) and preprocess the scenes."""
-    rng = np.random.default_rng([options.seed, STREAM_SEED])
+def build_pool(options: PretrainOptions, stream: int = 0) -> ScenePool:
+    """Draw the scenes of one stream, JPEG-compressed as the dataset's images are, with their
+    texts."""
+    rng = np.random.default_rng([options.seed, STREAM_SEED, stream])
     objects = (options.min_objects, options.max_objects)
-    clip, sam, clip_kinds, sam_kinds, sam_parts, texts = [], [], [], [], [], []
+    images, kinds, parts, texts = [], [], [], []
     for _ in range(options.pool_size):
         scene = generate_scene(rng, options.width, options.height, objects)
-        clip_pixels, sam_pixels, _ = processors(jpeg_round_trip(scene.image))
-        kinds, parts = label_maps(scene)
+        images.append(jpeg_round_trip(scene.image))
+        scene_kinds, scene_parts = label_maps(scene)
+        kinds.append(scene_kinds)
+        parts.append(scene_parts)
+        texts.append(scene_text(scene, rng, options.questions))
+    return ScenePool(np.stack(images), np.stack(kinds), np.stack(parts), texts)
+
+
+def preprocess(pool: ScenePool, indexes: Tensor, processors: ImageProcessors) -> SceneBatch:
+    """The pool's scenes at `indexes` (int64 [B]), preprocessed as the models' inputs."""
+    clip, sam, clip_kinds, sam_kinds, sam_parts = [], [], [], [], []
+    for index in indexes.tolist():
+        clip_pixels, sam_pixels, _ = processors(pool.images[index])
         clip.append(clip_pixels)
         sam.append(sam_pixels)
-        clip_kinds.append(torch.from_numpy(processors.clip.resize_and_crop(kinds, Image.NEAREST)))
-        sam_kinds.append(sam_labels(kinds, processors.sam.image_size))
-        sam_parts.append(sam_labels(parts, processors.sam.image_size))
-        texts.append(caption(scene))
-    return ScenePool(
+        kinds = processors.clip.resize_and_crop(pool.kinds[index], Image.Resampling.NEAREST)
+        clip_kinds.append(torch.from_numpy(kinds.astype(np.int64)))
+        sam_kinds.append(sam_labels(pool.kinds[index], processors.sam.image_size))
+        sam_parts.append(sam_labels(pool.parts[index], processors.sam.image_size))
+    return SceneBatch(
         torch.stack(clip),
         torch.stack(sam),
-        torch.stack(clip_kinds).long(),
+        torch.stack(clip_kinds),
         torch.stack(sam_kinds),
         torch.stack(sam_parts),
-        texts,
+        [pool.texts[i] for i in indexes.tolist()],
     )
 
 
@@ -176,31 +220,75 @@ class Encoders(nn.Module):
         # one grid cell covers patch_size x patch_size input pixels
         self.sam_head = SamHead(sam_config.output_channels, sam_config.patch_size)
 
-    def forward(self, batch: ScenePool) -> dict[str, Tensor]:
+    def forward(self, batch: SceneBatch) -> dict[str, Tensor]:
         """The three losses (token multi-label BCE, per-pixel kind and part CE)."""
-        hidden = self.clip(batch.clip, output_hidden_states=True).hidden_states
-        token_logits = self.clip_head(hidden[self.feature_layer][:, 1:])  # CLS dropped
-        patch = self.clip.config.patch_size
         kinds, parts = self.sam_head(self.sam(batch.sam).last_hidden_state)
         return {
-            "clip_tokens": F.binary_cross_entropy_with_logits(
-                token_logits, token_targets(batch.clip_kinds, patch)
-            ),
+            **self.clip_losses(batch),
             "sam_kinds": F.cross_entropy(kinds, batch.sam_kinds, ignore_index=IGNORE_INDEX),
             "sam_parts": F.cross_entropy(parts, batch.sam_parts, ignore_index=IGNORE_INDEX),
         }
 
+    def clip_losses(self, batch: SceneBatch) -> dict[str, Tensor]:
+        """CLIP's token multi-label BCE, the present labels weighted CLIP_POS_WEIGHT times."""
+        hidden = self.clip(batch.clip, output_hidden_states=True).hidden_states
+        token_logits = self.clip_head(hidden[self.feature_layer][:, 1:])  # CLS dropped
+        targets = token_targets(batch.clip_kinds, self.clip.config.patch_size)
+        weight = torch.full(targets.shape[-1:], CLIP_POS_WEIGHT)
+        loss = F.binary_cross_entropy_with_logits(token_logits, targets, pos_weight=weight)
+        return {"clip_tokens": loss}
 
-def sample(pool: ScenePool, indexes: Tensor) -> ScenePool:
-    """The pool's scenes at `indexes` (int64 [B]) as a smaller pool: one batch."""
-    tensors = [getattr(pool, name)[indexes] for name in TENSOR_FIELDS]
-    return ScenePool(*tensors, [pool.texts[i] for i in indexes.tolist()])
+    def clip_parameters(self) -> list[nn.Parameter]:
+        return [*self.clip.parameters(), *self.clip_head.parameters()]
+
+
+def scene_text(scene: Scene, rng: np.random.Generator, count: int) -> str:
+    """LLaVA's pretraining text for a scene: `count` yes/no questions, then the caption."""
+    return questions(scene, rng, count) + " " + caption(scene)
 
 
 def caption(scene: Scene) -> str:
     """'From left to right: a red circle, a blue star and a green house.'"""
     objects = sorted(scene.objects, key=lambda obj: obj.centre[0])
     return "From left to right: " + join_words([with_article(o.name) for o in objects]) + "."
+
+
+def questions(scene: Scene, rng: np.random.Generator, count: int) -> str:
+    """'the red circle: yes, the stars: no, ...': `count` questions in the "name:answer" form of
+    GSVA's answers (`question`)."""
+    items = []
+    for _ in range(count):
+        name, present = question(scene, rng)
+        items.append(f"{name}: {'yes' if present else 'no'}")
+    return ", ".join(items) + "."
+
+
+def question(scene: Scene, rng: np.random.Generator) -> tuple[str, bool]:
+    """A name and whether the scene holds it, present or absent with even odds: a kind
+    ("the red circle"; absent: a near miss, `absent_kind`) or, as gRefCOCO's groups name them,
+    a colour ("the red things") or a shape ("the circles"). Colours and shapes are the easier
+    questions that start the language model reading the image tokens; kinds need both bound."""
+    present = bool(rng.random() < PRESENT_ODDS)
+    form = QUESTION_FORMS[int(rng.integers(len(QUESTION_FORMS)))]
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    if form == "colour":
+        colours = {o.colour for o in scene.objects}
+        colour = obj.colour if present else _pick(rng, [c for c in COLOURS if c not in colours])
+        return f"the {colour} things", present
+    if form == "shape":
+        shapes = {o.shape for o in scene.objects}
+        shape = obj.shape if present else _pick(rng, [s for s in OBJECT_SHAPES if s not in shapes])
+        return f"the {plural(shape)}", present
+    if present:
+        name = obj.name
+    else:
+        shape, colour = absent_kind(scene, rng)
+        name = f"{colour} {shape}"
+    return ("the " if rng.random() < ARTICLE_ODDS else "") + name, present
+
+
+def _pick(rng: np.random.Generator, items: list[str]) -> str:
+    return items[int(rng.integers(len(items)))]
 
 
 def text_batch(
@@ -226,42 +314,75 @@ def text_batch(
 def pretrain_llava(
     llava: LlavaForConditionalGeneration,
     tokenizer: PreTrainedTokenizerBase,
-    pool: ScenePool,
+    draw: Callable[[Tensor], SceneBatch],
     options: PretrainOptions,
 ) -> list[dict[str, float]]:
     """LLaVA's own pretraining in small: the projector and the language model (CLIP frozen)
-    learn to caption the image, listing its objects from left to right. Returns the losses
-    per step."""
-    image_tokens = image_token_count(llava.config)
+    learn to answer whether named kinds are in the image and to caption it, listing its
+    objects from left to right (`scene_text`). Returns the losses per step."""
     llava.model.vision_tower.requires_grad_(False)
     trained = [p for n, p in llava.named_parameters() if not n.startswith("model.vision_tower.")]
 
-    def losses(batch: ScenePool) -> dict[str, Tensor]:
-        inputs = text_batch(tokenizer, batch.texts, image_tokens, llava.config.image_token_index)
-        return {"llava": llava(pixel_values=batch.clip, **inputs).loss}
+    def losses(batch: SceneBatch) -> dict[str, Tensor]:
+        return {"llava": llava(**llava_inputs(llava, tokenizer, batch)).loss}
 
     llava.train()
-    return run_steps("LLaVA", trained, losses, pool, options.llava_steps, options.llava_lr, options)
+    return run_steps("LLaVA", trained, losses, draw, options.llava_steps, options.llava_lr, options)
+
+
+def llava_inputs(
+    llava: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, batch: SceneBatch
+) -> dict[str, Tensor]:
+    """The batch's images and texts as LLaVA's keyword arguments (`text_batch` plus
+    pixel_values)."""
+    image_tokens = image_token_count(llava.config)
+    texts = text_batch(tokenizer, batch.texts, image_tokens, llava.config.image_token_index)
+    return {"pixel_values": batch.clip, **texts}
+
+
+@torch.no_grad()
+def yes_no_accuracy(
+    llava: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, batch: SceneBatch
+) -> float:
+    """Teacher-forced accuracy of LLaVA's yes/no answers in the batch's texts: at each answer,
+    is "yes" or "no" the likelier next token, as the text says?"""
+    yes, no = (answer_token(tokenizer, word) for word in ("yes", "no"))
+    inputs = llava_inputs(llava, tokenizer, batch)
+    logits = llava(**inputs).logits[:, :-1]
+    targets = inputs["labels"][:, 1:]
+    asked = (targets == yes) | (targets == no)
+    said_yes = logits[..., yes] > logits[..., no]
+    return (said_yes[asked] == (targets[asked] == yes)).float().mean().item()
+
+
+def answer_token(tokenizer: PreTrainedTokenizerBase, word: str) -> int:
+    """The id of the first token of `word` after ": " (how `questions` writes answers)."""
+    with_word = tokenizer("the circle: " + word, add_special_tokens=False).input_ids
+    without = tokenizer("the circle:", add_special_tokens=False).input_ids
+    if with_word[: len(without)] != without:
+        raise ValueError(f"the tokenizer splits ': {word}' across the colon")
+    return with_word[len(without)]
 
 
 def run_steps(
     name: str,
     parameters: list[nn.Parameter],
-    losses_of: Callable[[ScenePool], dict[str, Tensor]],
-    pool: ScenePool,
+    losses_of: Callable[[SceneBatch], dict[str, Tensor]],
+    draw: Callable[[Tensor], SceneBatch],
     steps: int,
     lr: float,
     options: PretrainOptions,
 ) -> list[dict[str, float]]:
-    """`steps` AdamW steps (one-cycle schedule) on the sum of `losses_of(batch)`, batches drawn
-    from the pool. Returns the losses per step."""
+    """`steps` AdamW steps (one-cycle schedule) on the sum of `losses_of(batch)`, each batch
+    `draw(indexes)` of `options.batch_size` pool indexes drawn with repeats. Returns the losses
+    per step."""
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
     generator = torch.Generator().manual_seed(options.seed)
     history: list[dict[str, float]] = []
     for step in range(steps):
-        indexes = torch.randint(len(pool.texts), (options.batch_size,), generator=generator)
-        losses = losses_of(sample(pool, indexes))
+        indexes = torch.randint(options.pool_size, (options.batch_size,), generator=generator)
+        losses = losses_of(draw(indexes))
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
@@ -278,22 +399,48 @@ def pretrain_tiny_models(
 ) -> dict[str, float]:
     """Pretrain the LLaVA directory's CLIP and the SAM checkpoint's image encoder, then (with
     `options.llava_steps`) the LLaVA's projector and language model, in place (see the module
-    docstring). Returns the mean losses of the first and last LOG_EVERY steps of each."""
+    docstring). Returns the mean losses of the first and last LOG_EVERY steps of each and, with
+    LLaVA's stage, its yes/no accuracy on HELD_OUT_SCENES new scenes before and after."""
     llava = LlavaForConditionalGeneration.from_pretrained(llava_directory)
     sam = load_sam_checkpoint(sam_path)
-    sam_size = sam.config.vision_config.image_size
+    processors = ImageProcessors.from_pretrained(
+        llava_directory, sam.config.vision_config.image_size
+    )
     torch.manual_seed(options.seed)
     start = time.perf_counter()
-    pool = build_pool(options, ImageProcessors.from_pretrained(llava_directory, sam_size))
+    pool = build_pool(options)
     print(f"pretraining: {options.pool_size} scenes in {time.perf_counter() - start:.0f} s")
+
+    def draw(indexes: Tensor) -> SceneBatch:
+        return preprocess(pool, indexes, processors)
+
     encoders = Encoders(llava, sam).train()
     params = list(encoders.parameters())
     summary = _ends(
-        run_steps("encoder", params, encoders, pool, options.steps, options.lr, options)
+        run_steps("encoder", params, encoders, draw, options.steps, options.lr, options)
     )
+    if options.clip_steps > 0:
+        clip_history = run_steps(
+            "CLIP",
+            encoders.clip_parameters(),
+            encoders.clip_losses,
+            draw,
+            options.clip_steps,
+            options.lr,
+            options,
+        )
+        summary |= {f"clip_stage_{k}": v for k, v in _ends(clip_history).items()}
     if options.llava_steps > 0:
         tokenizer = AutoTokenizer.from_pretrained(llava_directory)
-        summary |= _ends(pretrain_llava(llava, tokenizer, pool, options))
+        held_out = build_pool(replace(options, pool_size=HELD_OUT_SCENES), stream=HELD_OUT_STREAM)
+        held_out_batch = preprocess(held_out, torch.arange(HELD_OUT_SCENES), processors)
+        summary["yes_no_accuracy_before"] = yes_no_accuracy(llava.eval(), tokenizer, held_out_batch)
+        summary |= _ends(pretrain_llava(llava, tokenizer, draw, options))
+        summary["yes_no_accuracy"] = yes_no_accuracy(llava.eval(), tokenizer, held_out_batch)
+        print(
+            f"LLaVA yes/no accuracy on {HELD_OUT_SCENES} new scenes: "
+            f"{summary['yes_no_accuracy_before']:.3f} -> {summary['yes_no_accuracy']:.3f}"
+        )
     llava.eval().save_pretrained(llava_directory)
     save_sam_checkpoint(sam.eval(), sam_path)
     return {**summary, "seconds": time.perf_counter() - start}
