@@ -22,12 +22,12 @@ from tools.tiny_assets.pretrain import (
     KIND_INDEX,
     KINDS,
     PART_INDEX,
+    Batches,
     PretrainOptions,
     answer_token,
     build_pool,
     caption,
     label_maps,
-    preprocess,
     pretrain_llava,
     pretrain_tiny_models,
     question,
@@ -155,8 +155,8 @@ def test_llava_pretraining_trains_the_projector_and_language_model_not_clip(
     options = PretrainOptions(batch_size=8, pool_size=32, llava_steps=60, llava_lr=3e-3)
     pool = build_pool(options)
     processors = ImageProcessors.from_pretrained(llava_dir, sam_image_size=64)
-    draw = lambda indexes: preprocess(pool, indexes, processors)  # noqa: E731
-    losses = [row["llava"] for row in pretrain_llava(llava, tokenizer, draw, options)]
+    batches = Batches(pool, processors)
+    losses = [row["llava"] for row in pretrain_llava(llava, tokenizer, batches, options)]
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10]), losses
     changed = {n for n, p in llava.named_parameters() if not torch.equal(before[n], p)}
     assert not any(".vision_tower." in name for name in changed)
@@ -227,7 +227,7 @@ def test_pool_keeps_uint8_scenes_and_preprocesses_them_as_the_dataset_images(
     held_out = build_pool(options, stream=1)
     assert not np.array_equal(held_out.images, pool.images)
     processors = ImageProcessors.from_pretrained(write_tiny_llava(tmp_path / "llava"), 64)
-    batch = preprocess(pool, torch.tensor([2, 0]), processors)
+    batch = Batches(pool, processors)(torch.tensor([2, 0]))
     clip, sam, _ = processors(pool.images[2])
     assert torch.equal(batch.clip[0], clip) and torch.equal(batch.sam[0], sam)
     assert batch.texts == [pool.texts[2], pool.texts[0]]

@@ -152,25 +152,36 @@ def build_pool(options: PretrainOptions, stream: int = 0) -> ScenePool:
     return ScenePool(np.stack(images), np.stack(kinds), np.stack(parts), texts)
 
 
-def preprocess(pool: ScenePool, indexes: Tensor, processors: ImageProcessors) -> SceneBatch:
-    """The pool's scenes at `indexes` (int64 [B]), preprocessed as the models' inputs."""
-    clip, sam, clip_kinds, sam_kinds, sam_parts = [], [], [], [], []
-    for index in indexes.tolist():
-        clip_pixels, sam_pixels, _ = processors(pool.images[index])
-        clip.append(clip_pixels)
-        sam.append(sam_pixels)
-        kinds = processors.clip.resize_and_crop(pool.kinds[index], Image.Resampling.NEAREST)
-        clip_kinds.append(torch.from_numpy(kinds.astype(np.int64)))
-        sam_kinds.append(sam_labels(pool.kinds[index], processors.sam.image_size))
-        sam_parts.append(sam_labels(pool.parts[index], processors.sam.image_size))
-    return SceneBatch(
-        torch.stack(clip),
-        torch.stack(sam),
-        torch.stack(clip_kinds),
-        torch.stack(sam_kinds),
-        torch.stack(sam_parts),
-        [pool.texts[i] for i in indexes.tolist()],
-    )
+@dataclass(frozen=True)
+class Batches:
+    """The pool's scenes preprocessed as the models' inputs, a batch at a time."""
+
+    pool: ScenePool
+    processors: ImageProcessors
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __call__(self, indexes: Tensor) -> SceneBatch:
+        """The scenes at `indexes` (int64 [B])."""
+        pool, processors = self.pool, self.processors
+        clip, sam, clip_kinds, sam_kinds, sam_parts = [], [], [], [], []
+        for index in indexes.tolist():
+            clip_pixels, sam_pixels, _ = processors(pool.images[index])
+            clip.append(clip_pixels)
+            sam.append(sam_pixels)
+            kinds = processors.clip.resize_and_crop(pool.kinds[index], Image.Resampling.NEAREST)
+            clip_kinds.append(torch.from_numpy(kinds.astype(np.int64)))
+            sam_kinds.append(sam_labels(pool.kinds[index], processors.sam.image_size))
+            sam_parts.append(sam_labels(pool.parts[index], processors.sam.image_size))
+        return SceneBatch(
+            torch.stack(clip),
+            torch.stack(sam),
+            torch.stack(clip_kinds),
+            torch.stack(sam_kinds),
+            torch.stack(sam_parts),
+            [pool.texts[i] for i in indexes.tolist()],
+        )
 
 
 def kind_attributes() -> Tensor:
@@ -314,7 +325,7 @@ def text_batch(
 def pretrain_llava(
     llava: LlavaForConditionalGeneration,
     tokenizer: PreTrainedTokenizerBase,
-    draw: Callable[[Tensor], SceneBatch],
+    batches: Batches,
     options: PretrainOptions,
 ) -> list[dict[str, float]]:
     """LLaVA's own pretraining in small: the projector and the language model (CLIP frozen)
@@ -327,7 +338,9 @@ def pretrain_llava(
         return {"llava": llava(**llava_inputs(llava, tokenizer, batch)).loss}
 
     llava.train()
-    return run_steps("LLaVA", trained, losses, draw, options.llava_steps, options.llava_lr, options)
+    return run_steps(
+        "LLaVA", trained, losses, batches, options.llava_steps, options.llava_lr, options
+    )
 
 
 def llava_inputs(
@@ -368,21 +381,20 @@ def run_steps(
     name: str,
     parameters: list[nn.Parameter],
     losses_of: Callable[[SceneBatch], dict[str, Tensor]],
-    draw: Callable[[Tensor], SceneBatch],
+    batches: Batches,
     steps: int,
     lr: float,
     options: PretrainOptions,
 ) -> list[dict[str, float]]:
     """`steps` AdamW steps (one-cycle schedule) on the sum of `losses_of(batch)`, each batch
-    `draw(indexes)` of `options.batch_size` pool indexes drawn with repeats. Returns the losses
-    per step."""
+    `options.batch_size` scenes of `batches` drawn with repeats. Returns the losses per step."""
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
     generator = torch.Generator().manual_seed(options.seed)
     history: list[dict[str, float]] = []
     for step in range(steps):
-        indexes = torch.randint(options.pool_size, (options.batch_size,), generator=generator)
-        losses = losses_of(draw(indexes))
+        indexes = torch.randint(len(batches), (options.batch_size,), generator=generator)
+        losses = losses_of(batches(indexes))
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
@@ -408,23 +420,20 @@ def pretrain_tiny_models(
     )
     torch.manual_seed(options.seed)
     start = time.perf_counter()
-    pool = build_pool(options)
+    batches = Batches(build_pool(options), processors)
     print(f"pretraining: {options.pool_size} scenes in {time.perf_counter() - start:.0f} s")
-
-    def draw(indexes: Tensor) -> SceneBatch:
-        return preprocess(pool, indexes, processors)
 
     encoders = Encoders(llava, sam).train()
     params = list(encoders.parameters())
     summary = _ends(
-        run_steps("encoder", params, encoders, draw, options.steps, options.lr, options)
+        run_steps("encoder", params, encoders, batches, options.steps, options.lr, options)
     )
     if options.clip_steps > 0:
         clip_history = run_steps(
             "CLIP",
             encoders.clip_parameters(),
             encoders.clip_losses,
-            draw,
+            batches,
             options.clip_steps,
             options.lr,
             options,
@@ -433,9 +442,9 @@ def pretrain_tiny_models(
     if options.llava_steps > 0:
         tokenizer = AutoTokenizer.from_pretrained(llava_directory)
         held_out = build_pool(replace(options, pool_size=HELD_OUT_SCENES), stream=HELD_OUT_STREAM)
-        held_out_batch = preprocess(held_out, torch.arange(HELD_OUT_SCENES), processors)
+        held_out_batch = Batches(held_out, processors)(torch.arange(HELD_OUT_SCENES))
         summary["yes_no_accuracy_before"] = yes_no_accuracy(llava.eval(), tokenizer, held_out_batch)
-        summary |= _ends(pretrain_llava(llava, tokenizer, draw, options))
+        summary |= _ends(pretrain_llava(llava, tokenizer, batches, options))
         summary["yes_no_accuracy"] = yes_no_accuracy(llava.eval(), tokenizer, held_out_batch)
         print(
             f"LLaVA yes/no accuracy on {HELD_OUT_SCENES} new scenes: "
