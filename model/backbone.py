@@ -13,7 +13,12 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -88,6 +93,51 @@ def resize_embeddings_to_mean(llava: LlavaForConditionalGeneration, vocab_size: 
     with torch.no_grad():
         for weight in matrices.values():
             weight[old_size:] = weight[:old_size].mean(dim=0, keepdim=True)
+
+
+def parse_token_init(text: str) -> dict[str, str]:
+    """`--new_token_init` "[SEG]=yes,[REJ]=no" -> {"[SEG]": "yes", "[REJ]": "no"} ("" -> {})."""
+    pairs = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        token, sep, word = (piece.strip() for piece in item.partition("="))
+        if not sep or not token or not word:
+            raise ValueError(
+                f"--new_token_init item {item!r} must read TOKEN=WORD, as in '[SEG]=yes,[REJ]=no'"
+            )
+        pairs[token] = word
+    return pairs
+
+
+def init_new_token_rows(
+    llava: LlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    sources: dict[str, str],
+    first_new_id: int,
+) -> None:
+    """Copy into each new token's input-embedding and LM-head rows those of the first token of
+    a word (`sources`: {token: word}), so that the token starts where the word stands: the
+    model predicts it where it would predict the word. Only tokens added by this run (id >=
+    first_new_id) may be set; ValueError naming the token otherwise, or when a word is unknown.
+    """
+    for token, word in sources.items():
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id or token_id < first_new_id:
+            raise ValueError(
+                f"--new_token_init names {token!r}, which is not a token this run adds to the "
+                f"vocabulary (new ids start at {first_new_id}); a checkpoint's own tokens keep "
+                "their trained rows"
+            )
+        pieces = tokenizer.encode(word, add_special_tokens=False)
+        if not pieces or pieces[0] == tokenizer.unk_token_id or pieces[0] >= first_new_id:
+            raise ValueError(
+                f"--new_token_init: the word {word!r} for {token!r} does not encode to a token "
+                f"of the original vocabulary (it gives ids {pieces})"
+            )
+        with torch.no_grad():
+            for matrix in (llava.get_input_embeddings().weight, llava.lm_head.weight):
+                matrix[token_id] = matrix[pieces[0]]
 
 
 def image_features(

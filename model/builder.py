@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.backbone import load_llava, load_tokenizer, resize_embeddings_to_mean
+from model.backbone import (
+    init_new_token_rows,
+    load_llava,
+    load_tokenizer,
+    resize_embeddings_to_mean,
+)
 from model.checkpoint import (
     FUSION_PREFIX,
     PROJECTOR_PREFIX,
@@ -61,6 +66,8 @@ class ModelConfig:
     train_mm_projector: also train LLaVA's multimodal projector (frozen by default).
     early_fusion: M2SA early-feature fusion (first global-attention block of the SAM ViT).
     loss_weights: weights of CE, BCE and Dice.
+    new_token_init: (token, word) pairs, new tokens whose rows start as the word's first token
+        (`model.backbone.init_new_token_rows`); the others start as the mean row.
     """
 
     version: str
@@ -79,6 +86,7 @@ class ModelConfig:
     train_mm_projector: bool = False
     early_fusion: bool = False
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    new_token_init: tuple[tuple[str, str], ...] = ()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -99,7 +107,9 @@ def build_segmenter(config: ModelConfig):
     """
     dtype = config.dtype
     llava, tokenizer, token_ids, parts = load_backbone(config)
+    first_new_id = llava.get_input_embeddings().weight.shape[0]
     resize_embeddings_to_mean(llava, len(tokenizer))
+    init_new_token_rows(llava, tokenizer, dict(config.new_token_init), first_new_id)
     apply_lora(
         llava, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
     )

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.backbone import parse_token_init
 from model.builder import PRECISIONS, ModelConfig
 from model.losses import LossWeights
 from utils.datasets.base import SamplingOptions
@@ -70,6 +71,7 @@ class TrainConfig:
     lora_alpha: int
     lora_dropout: float
     lora_target_modules: str
+    new_token_init: str
     explanatory: float
     beta1: float
     beta2: float
@@ -163,6 +165,7 @@ class TrainConfig:
             train_mask_decoder=self.train_mask_decoder,
             train_mm_projector=self.train_mm_projector,
             early_fusion=self.early_fusion,
+            new_token_init=tuple(parse_token_init(self.new_token_init).items()),
             loss_weights=LossWeights(
                 ce_loss_weight=self.ce_loss_weight,
                 bce_loss_weight=self.bce_loss_weight,
@@ -202,6 +205,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     add("--lora_alpha", default=16, type=int)
     add("--lora_dropout", default=0.05, type=float)
     add("--lora_target_modules", default="q_proj,v_proj")
+    add(
+        "--new_token_init",
+        default="",
+        help="start new tokens' embedding and LM-head rows as a word's, e.g. '[SEG]=yes,[REJ]=no' "
+        "(default: the mean row)",
+    )
     add("--conv_type", default="llava_v1", choices=CONV_TYPES)
     add("--attn_implementation", default="sdpa", choices=("sdpa", "flash_attention_2", "eager"))
     add("--early_fusion", action="store_true", help="M2SA early-feature fusion")

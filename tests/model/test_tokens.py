@@ -5,11 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.backbone import load_llava, load_tokenizer, resize_embeddings_to_mean
+from model.backbone import (
+    init_new_token_rows,
+    load_llava,
+    load_tokenizer,
+    parse_token_init,
+    resize_embeddings_to_mean,
+)
 from model.tiny import build_tiny_tokenizer, tiny_model_config
 from model.tokens import (
     IM_END_TOKEN,
     IM_START_TOKEN,
+    REJ_TOKEN,
     SEG_TOKEN,
     _single_id,
     add_segmentation_tokens,
@@ -74,3 +81,35 @@ def test_new_embedding_rows_start_at_the_mean(tiny_dir) -> None:
         torch.testing.assert_close(llava.lm_head.weight[row], old_head.mean(0))
     assert llava.config.text_config.vocab_size == len(tokenizer)
     assert SEG_TOKEN in tokenizer.get_vocab()
+
+
+def test_new_token_rows_can_start_as_a_words_first_token(tiny_dir) -> None:
+    config = tiny_model_config(tiny_dir)
+    llava = load_llava(config.version, torch.float32)
+    tokenizer = load_tokenizer(config.version)
+    first_new = len(tokenizer)
+    yes, no = (tokenizer.encode(word, add_special_tokens=False)[0] for word in ("yes", "no"))
+    ids = add_segmentation_tokens(tokenizer, use_mm_start_end=True)
+    resize_embeddings_to_mean(llava, len(tokenizer))
+    mean_row = llava.lm_head.weight[ids.im_start].detach().clone()
+    init_new_token_rows(llava, tokenizer, parse_token_init("[SEG]=yes, [REJ]=no"), first_new)
+    for matrix in (llava.get_input_embeddings().weight, llava.lm_head.weight):
+        torch.testing.assert_close(matrix[ids.seg], matrix[yes])
+        torch.testing.assert_close(matrix[ids.rej], matrix[no])
+    assert not torch.equal(llava.lm_head.weight[ids.seg], llava.lm_head.weight[ids.rej])
+    torch.testing.assert_close(llava.lm_head.weight[ids.im_start], mean_row)  # not named: mean
+
+
+def test_new_token_init_refuses_old_tokens_unknown_words_and_bad_items(tiny_dir) -> None:
+    config = tiny_model_config(tiny_dir)
+    llava = load_llava(config.version, torch.float32)
+    tokenizer = load_tokenizer(config.version)
+    add_segmentation_tokens(tokenizer, use_mm_start_end=False)
+    resize_embeddings_to_mean(llava, len(tokenizer))
+    with pytest.raises(ValueError, match=r"'\[SEG\]', which is not a token this run adds"):
+        init_new_token_rows(llava, tokenizer, {SEG_TOKEN: "yes"}, len(tokenizer))
+    with pytest.raises(ValueError, match="does not encode to a token of the original"):
+        init_new_token_rows(llava, tokenizer, {REJ_TOKEN: "[SEG]"}, len(tokenizer) - 2)
+    with pytest.raises(ValueError, match="must read TOKEN=WORD"):
+        parse_token_init("[SEG]:yes")
+    assert parse_token_init("") == {}

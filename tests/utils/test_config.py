@@ -142,9 +142,12 @@ def test_typed_configs_follow_the_flags() -> None:
             "fp16",
             "--explanatory",
             "-1",
+            "--new_token_init=[SEG]=yes,[REJ]=no",
         ]
     )
     model = config.model_config()
+    assert model.new_token_init == (("[SEG]", "yes"), ("[REJ]", "no"))
+    assert parse_args([]).model_config().new_token_init == ()
     assert model.lora_target_modules == ("q_proj", "k_proj", "v_proj")
     assert model.loss_weights.ce_loss_weight == 0.5 and model.early_fusion
     assert model.precision == "fp16" and model.vision_pretrained.endswith("sam_vit_h_4b8939.pth")
