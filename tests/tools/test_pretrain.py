@@ -16,23 +16,24 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from model.sam import load_sam_checkpoint
 from model.tiny import write_tiny_llava, write_tiny_sam
+from model.tokens import IGNORE_INDEX
 from tools.tiny_assets.common import jpeg_round_trip, write_jpeg
 from tools.tiny_assets.pretrain import (
-    IGNORE_INDEX,
     KIND_INDEX,
     KINDS,
     PART_INDEX,
+    PRESENCE_QUESTIONS,
     Batches,
     PretrainOptions,
     answer_token,
     build_pool,
     caption,
+    conversation_batch,
     label_maps,
     pretrain_llava,
     pretrain_tiny_models,
     question,
-    questions,
-    text_batch,
+    scene_rounds,
     token_targets,
     yes_no_accuracy,
 )
@@ -132,17 +133,30 @@ def test_captions_list_every_object_from_left_to_right() -> None:
         assert len(ordered) == len(scene.objects) >= 2
 
 
-def test_text_batch_puts_the_loss_on_the_text_only(tmp_path: Path) -> None:
+def test_conversation_batch_renders_the_segmentation_template_with_the_loss_on_answers(
+    tmp_path: Path,
+) -> None:
     tokenizer = AutoTokenizer.from_pretrained(write_tiny_llava(tmp_path / "llava"))
-    batch = text_batch(tokenizer, ["Is there a red circle? Yes.", "No."], 4, image_id=7)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    conversations = [
+        [("<image>\nWhich of these are in the image: the red circle?", "the red circle: yes.")],
+        [
+            ("<image>\nWhich of these are in the image: a star, a car?", "a star: no, a car: no."),
+            ("Describe the image from left to right.", "From left to right: a red circle."),
+        ],
+    ]
+    batch = conversation_batch(tokenizer, conversations, 4, image_id)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    assert ids[:, 0].eq(tokenizer.bos_token_id).all() and ids[:, 1:5].eq(7).all()
-    assert labels[:, :5].eq(IGNORE_INDEX).all()
-    long_text = tokenizer("Is there a red circle? Yes.", add_special_tokens=False).input_ids
-    end = 5 + len(long_text) + 1
-    assert labels[0, 5:end].tolist() == [*long_text, tokenizer.eos_token_id]
-    assert mask[0].sum() == end and mask[1].sum() < end
-    assert labels[1][mask[1] == 0].eq(IGNORE_INDEX).all()
+    assert ids.shape == labels.shape == mask.shape and mask[0].sum() < mask[1].sum()
+    text = tokenizer.decode(ids[1][mask[1].bool()])
+    assert text.startswith("<s> A chat between") and text.count("<image>") == 4
+    assert "ASSISTANT: a star: no, a car: no.</s>USER: Describe" in text
+    answers = tokenizer.decode(labels[1][labels[1] != IGNORE_INDEX])
+    assert answers == "a star: no, a car: no.</s> From left to right: a red circle.</s>"
+    assert ids[0][mask[0] == 0].eq(tokenizer.pad_token_id or 0).all()
+    assert labels[0][mask[0] == 0].eq(IGNORE_INDEX).all()
+    first = labels[0][labels[0] != IGNORE_INDEX]
+    assert tokenizer.decode(first) == "the red circle: yes.</s>"
 
 
 def test_llava_pretraining_trains_the_projector_and_language_model_not_clip(
@@ -172,15 +186,29 @@ def test_jpeg_round_trip_equals_writing_and_reading_the_file(tmp_path: Path) -> 
     assert not np.array_equal(jpeg_round_trip(image), image)  # it is lossy: the test can fail
 
 
+def names_asked(question_text: str, form: str) -> str | None:
+    """The names a presence question in `form` asks about, None if it has another form."""
+    prefix, suffix = ("<image>\n" + form).split("{names}")
+    if question_text.startswith(prefix) and question_text.endswith(suffix):
+        return question_text.removeprefix(prefix).removesuffix(suffix)
+    return None
+
+
 def test_questions_answer_yes_exactly_for_what_the_scene_holds() -> None:
     rng = np.random.default_rng(8)
     plurals = {plural(shape): shape for shape in OBJECT_SHAPES}
-    answers, forms = [], []
+    answers, forms, counts, wordings = [], [], [], set()
     for _ in range(60):
         scene = generate_scene(rng, 64, 64, (2, 5))
-        text = questions(scene, rng, count=6)
-        items = [item.rsplit(": ", 1) for item in text.removesuffix(".").split(", ")]
-        assert len(items) == 6 and text.endswith(".")
+        (asked, said), (describe, described) = scene_rounds(scene, rng, (4, 8))
+        form = next(f for f in PRESENCE_QUESTIONS if names_asked(asked, f) is not None)
+        names = names_asked(asked, form)
+        wordings.add(form)
+        items = [item.rsplit(": ", 1) for item in said.removesuffix(".").split(", ")]
+        assert [name for name, _ in items] == names.split(", ") and said.endswith(".")
+        assert len(set(names.split(", "))) == len(items) <= 8 and described == caption(scene)
+        assert describe == "Describe the image from left to right."
+        counts.append(len(items))
         for name, answer in items:
             words = name.removeprefix("the ").split()
             if name.endswith(" things"):
@@ -189,9 +217,10 @@ def test_questions_answer_yes_exactly_for_what_the_scene_holds() -> None:
                 holds, form = any(o.shape == plurals[words[0]] for o in scene.objects), "shape"
             else:
                 holds, form = scene.has(words[0], words[1]), "kind"
-            assert holds == (answer == "yes"), (text, scene.objects)
+            assert holds == (answer == "yes"), (said, scene.objects)
             answers.append(answer)
             forms.append(form)
+    assert min(counts) == 4 and max(counts) == 8 and len(wordings) == len(PRESENCE_QUESTIONS)
     assert 0.4 < answers.count("yes") / len(answers) < 0.6
     assert 0.4 < forms.count("kind") / len(forms) < 0.6 and min(map(forms.count, forms)) > 40
 
@@ -215,22 +244,21 @@ def test_absent_kinds_in_questions_are_near_misses_when_the_scene_allows() -> No
 def test_pool_keeps_uint8_scenes_and_preprocesses_them_as_the_dataset_images(
     tmp_path: Path,
 ) -> None:
-    options = PretrainOptions(pool_size=4, questions=2)
+    options = PretrainOptions(pool_size=4, questions=(2, 2))
     pool = build_pool(options)
     assert pool.images.dtype == np.uint8 and pool.images.shape == (4, 64, 64, 3)
     assert pool.kinds.shape == pool.parts.shape == (4, 64, 64) and pool.kinds.max() > 0
-    for text in pool.texts:
-        asked, described = text.split(". From left to right: ")
-        assert len(re.findall(r": (yes|no)", asked)) == 2 and described.endswith(".")
+    for (_, said), (_, described) in pool.conversations:
+        assert len(re.findall(r": (yes|no)", said)) == 2 and described.endswith(".")
     again = build_pool(options)
-    assert np.array_equal(again.images, pool.images) and again.texts == pool.texts
+    assert np.array_equal(again.images, pool.images) and again.conversations == pool.conversations
     held_out = build_pool(options, stream=1)
     assert not np.array_equal(held_out.images, pool.images)
     processors = ImageProcessors.from_pretrained(write_tiny_llava(tmp_path / "llava"), 64)
     batch = Batches(pool, processors)(torch.tensor([2, 0]))
     clip, sam, _ = processors(pool.images[2])
     assert torch.equal(batch.clip[0], clip) and torch.equal(batch.sam[0], sam)
-    assert batch.texts == [pool.texts[2], pool.texts[0]]
+    assert batch.conversations == [pool.conversations[2], pool.conversations[0]]
     assert batch.sam_kinds.shape == (2, 64, 64) and batch.clip_kinds.dtype == torch.int64
 
 
@@ -252,6 +280,10 @@ def test_yes_no_accuracy_reads_the_answer_after_each_colon(tmp_path: Path) -> No
             logits[..., yes] = 1.0
             return SimpleNamespace(logits=logits)
 
-    texts = ["the red circle: yes, the red star: no, the blue star: yes.", "the red car: no."]
-    batch = SimpleNamespace(clip=torch.zeros(2, 3, 64, 64), texts=texts)
+    question = "<image>\nWhich of these are in the image: the red circle, the red star?"
+    conversations = [
+        [(question, "the red circle: yes, the red star: no.")],
+        [(question, "the red circle: no, the red star: yes.")],
+    ]
+    batch = SimpleNamespace(clip=torch.zeros(2, 3, 64, 64), conversations=conversations)
     assert yes_no_accuracy(SaysYes(), tokenizer, batch) == pytest.approx(2 / 4)
