@@ -65,8 +65,8 @@ class Profile:
     seed: int = 0
     batch_size: int = 8
     lr: float = 2e-3
-    clip_steps: int = 3000
-    llava_steps: int = 3000
+    clip_steps: int = 1000
+    llava_steps: int = 1600
     asset_flags: tuple[str, ...] = (
         "--absent_refs=3",
         "--model_preset=demo",
@@ -83,6 +83,8 @@ MODEL_FLAGS = (
     "--lora_target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     "--train_mm_projector",
     "--no-gradient_checkpointing",
+    # the pretrained LLaVA answers "name: yes/no" where GSVA's answers put [SEG]/[REJ]
+    "--new_token_init=[SEG]=yes,[REJ]=no",
 )
 DATA_FLAGS = (
     "--dataset=sem_seg||refer_seg||vqa||reason_seg||multi_part_reason_seg",
@@ -95,7 +97,7 @@ PROFILES = {
     "demo": Profile(out=ROOT / "runs" / "demo", epochs=4, steps_per_epoch=400),
     "demo-long": Profile(
         out=ROOT / "runs" / "demo-long",
-        epochs=6,
+        epochs=5,
         steps_per_epoch=800,
         clip_steps=6000,
         llava_steps=6000,
