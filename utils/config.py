@@ -18,7 +18,14 @@ from pathlib import Path
 from model.backbone import parse_token_init
 from model.builder import PRECISIONS, ModelConfig
 from model.losses import LossWeights
-from utils.datasets.base import SamplingOptions
+from utils.datasets.base import (
+    IGNORE_PIXEL_CHOICES,
+    MMR_PAIRING_CHOICES,
+    NO_TARGET_ANSWER_CHOICES,
+    PART_TARGET_CHOICES,
+    TOO_LONG_CHOICES,
+    SamplingOptions,
+)
 from utils.datasets.mixer import DEFAULT_FAMILY_DATA, FAMILY_BUILDERS, DataConfig, check_rates
 from utils.datasets.templates import PROMPT_STYLES
 from utils.datasets.validation import parse_val_datasets
@@ -79,6 +86,11 @@ class TrainConfig:
     num_classes_per_question: int
     use_expand_question_list: bool
     prompt_style: str
+    ignore_pixels: str
+    part_targets: str
+    mmr_pairing: str
+    no_target_answer: str
+    too_long: str
     exclude_val: bool
     skip_bad_samples: bool
     no_eval: bool
@@ -106,6 +118,9 @@ class TrainConfig:
     no_sampling: bool
     val_refzom: bool
     merge_lora_path: str
+    warmup_steps: int
+    recipe: str
+    print_config: bool
 
     @property
     def log_dir(self) -> Path:
@@ -134,6 +149,10 @@ class TrainConfig:
             prompt_style=self.prompt_style,
             explanatory=self.explanatory,
             exclude_val=self.exclude_val,
+            ignore_pixels=self.ignore_pixels,
+            part_targets=self.part_targets,
+            mmr_pairing=self.mmr_pairing,
+            no_target_answer=self.no_target_answer,
         )
 
     def data_config(self) -> DataConfig:
@@ -238,6 +257,38 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     add("--num_classes_per_question", default=3, type=int)
     add("--use_expand_question_list", default=True, action=argparse.BooleanOptionalAction)
     add("--prompt_style", default="mmr", choices=PROMPT_STYLES)
+    add(
+        "--ignore_pixels",
+        default="background",
+        choices=IGNORE_PIXEL_CHOICES,
+        help="sem_seg/ReasonSeg ignore pixels (255): trained as background (the papers) or "
+        "excluded from the mask loss",
+    )
+    add(
+        "--part_targets",
+        default="instance",
+        choices=PART_TARGET_CHOICES,
+        help="PACO-LVIS/PASCAL-Part: one target per annotation (the papers) or per category",
+    )
+    add(
+        "--mmr_pairing",
+        default="aligned",
+        choices=MMR_PAIRING_CHOICES,
+        help="MMR questions with their own answers, or the released M2SA loader's pairing",
+    )
+    add(
+        "--no_target_answer",
+        default="rej",
+        choices=NO_TARGET_ANSWER_CHOICES,
+        help="lisa/mmr styles, referring sentences without a target: [REJ], or [SEG] with an "
+        "empty mask (LISA, MMR)",
+    )
+    add(
+        "--too_long",
+        default="truncate",
+        choices=TOO_LONG_CHOICES,
+        help="conversations over --model_max_length: cut (the papers) or dropped whole",
+    )
     add("--exclude_val", action="store_true", help="keep refCOCO val/test images out of training")
     add(
         "--skip_bad_samples",
@@ -250,6 +301,12 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
+    add("--recipe", default="", help="a recipe name under configs/ or a recipe file's path")
+    add(
+        "--print_config",
+        action="store_true",
+        help="print the resolved configuration as JSON and exit",
+    )
     add("--local_rank", "--local-rank", dest="local_rank", default=0, type=int)
     add("--log_base_dir", default="./runs")
     add("--exp_name", default="m2sa")
@@ -262,6 +319,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     add("--lr", default=0.0003, type=float)
     add("--beta1", default=0.9, type=float)
     add("--beta2", default=0.95, type=float)
+    add("--warmup_steps", default=100, type=int, help="linear warm-up steps of WarmupDecayLR")
     add("--ce_loss_weight", default=1.0, type=float)
     add("--dice_loss_weight", default=0.5, type=float)
     add("--bce_loss_weight", default=2.0, type=float)

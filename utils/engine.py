@@ -52,10 +52,10 @@ from utils.weights import weights_only_loads
 
 LOGGER = logging.getLogger(__name__)
 
-# Reference run behaviour (LISA / MMR): 100 linear warm-up steps, 5e8-element ZeRO buckets,
-# gradient-norm clipping at 1.0, no weight decay.
+# Reference run behaviour (LISA / MMR): 100 linear warm-up steps (--warmup_steps), 5e8-element
+# ZeRO buckets, gradient-norm clipping at 1.0, no weight decay.
 WARMUP_STEPS = 100
-# Runs not longer than WARMUP_STEPS (tests, the demo) would never reach the peak lr; they warm
+# Runs not longer than their warm-up (tests, the demo) would never reach the peak lr; they warm
 # up over this fraction of their steps instead, at least DeepSpeed's minimum of 2.
 SHORT_RUN_WARMUP_FRACTION = 0.1
 MIN_WARMUP_STEPS = 2
@@ -92,10 +92,10 @@ CRASH_POINT_SLEEP_S = 600
 
 
 # --- Config ---
-def warmup_steps(total_steps: int) -> int:
-    """WARMUP_STEPS, or a SHORT_RUN_WARMUP_FRACTION of a run that is not longer than that."""
-    if total_steps > WARMUP_STEPS:
-        return WARMUP_STEPS
+def warmup_steps(total_steps: int, warmup: int = WARMUP_STEPS) -> int:
+    """`warmup`, or a SHORT_RUN_WARMUP_FRACTION of a run that is not longer than that."""
+    if total_steps > warmup:
+        return warmup
     return max(MIN_WARMUP_STEPS, math.ceil(total_steps * SHORT_RUN_WARMUP_FRACTION))
 
 
@@ -121,7 +121,7 @@ def scheduler_config(config: TrainConfig) -> dict[str, Any]:
             "total_num_steps": total,
             "warmup_min_lr": 0,
             "warmup_max_lr": config.lr,
-            "warmup_num_steps": warmup_steps(total),
+            "warmup_num_steps": warmup_steps(total, config.warmup_steps),
             "warmup_type": "linear",
         },
     }

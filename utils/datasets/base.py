@@ -99,6 +99,14 @@ class SamplingOptions:
     prompt_style: "lisa" | "mmr" | "gsva" (see utils.datasets.templates).
     explanatory: probability of ReasonSeg's explanation-only answer; -1 disables.
     exclude_val: keep the refCOCO-family val/test images out of training.
+    ignore_pixels: "background" (LISA, GSVA, MMR: ignore pixels (255) of sem_seg and ReasonSeg
+        masks are trained as background) | "exclude" (kept as 255, left out of the mask loss).
+    part_targets: "instance" (LISA, GSVA, MMR: one target per PACO-LVIS / PASCAL-Part
+        annotation) | "category" (one target per part category, the union of its instances).
+    mmr_pairing: "aligned" (each MMR question with its own answer and masks) | "upstream" (the
+        released M2SA loader's pairing: sampled questions with answers 0, 1, 2 in file order).
+    no_target_answer: how "lisa"/"mmr" styles answer a referring sentence without a target
+        (gRefCOCO, RefZOM): "rej" (`[REJ]`) | "empty_seg" (LISA/MMR: `[SEG]` with an empty mask).
     """
 
     num_classes_per_sample: int = 3
@@ -107,6 +115,20 @@ class SamplingOptions:
     prompt_style: str = "mmr"
     explanatory: float = 0.1
     exclude_val: bool = False
+    ignore_pixels: str = "background"
+    part_targets: str = "instance"
+    mmr_pairing: str = "aligned"
+    no_target_answer: str = "rej"
+
+
+IGNORE_PIXEL_CHOICES = ("background", "exclude")
+PART_TARGET_CHOICES = ("instance", "category")
+MMR_PAIRING_CHOICES = ("aligned", "upstream")
+NO_TARGET_ANSWER_CHOICES = ("rej", "empty_seg")
+# what happens to a conversation longer than --model_max_length (counted with its image tokens):
+# "truncate" (LISA, GSVA, MMR: cut to the limit) | "drop" (left out whole with its masks; a
+# sample left with none is redrawn from the same family)
+TOO_LONG_CHOICES = ("truncate", "drop")
 
 
 class Source(Protocol):

@@ -270,6 +270,7 @@ def finish_sample(
         image.shape[:2],
         options.num_classes_per_sample,
         options.use_expand_question_list,
+        options.num_classes_per_question,
     )
     return Sample(image, conversations, masks, str(image_path), source)
 

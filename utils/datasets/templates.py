@@ -161,16 +161,22 @@ def gsva_conversation(targets: list[Target], rng: np.random.Generator) -> tuple[
 
 
 def split_into_questions(
-    count: int, num_questions: int, rng: np.random.Generator
+    count: int, num_questions: int, rng: np.random.Generator, cap: int | None = None
 ) -> list[list[int]]:
-    """Spread `count` shuffled item indices over `num_questions` questions, at least one each."""
+    """Spread `count` shuffled item indices over `num_questions` questions as MMR's
+    `allocate_class` does: each item goes to a random question that has none yet, else to a
+    random question below `cap` items (no cap when None), so every question gets 1..cap.
+
+    ValueError when `count` items cannot fit (count > num_questions * cap)."""
+    if cap is not None and count > num_questions * cap:
+        raise ValueError(f"{count} targets do not fit {num_questions} questions of {cap}")
     order = rng.permutation(count).tolist()
     groups: list[list[int]] = [[] for _ in range(num_questions)]
-    for position, item in enumerate(order):
-        if position < num_questions:
-            groups[position].append(item)
-        else:
-            groups[int(rng.integers(num_questions))].append(item)
+    for item in order:
+        sizes = np.array([len(group) for group in groups])
+        empty = np.flatnonzero(sizes == 0)
+        open_ = empty if len(empty) else np.flatnonzero(sizes < (cap or count))
+        groups[int(open_[int(rng.integers(len(open_)))])].append(item)
     return groups
 
 
@@ -181,18 +187,25 @@ def build_conversations(
     shape: tuple[int, int],
     num_classes_per_sample: int = 3,
     expand: bool = False,
+    num_classes_per_question: int | None = None,
 ) -> tuple[list[list[tuple[str, str]]], np.ndarray]:
     """Conversations about `targets` in `style`, and their masks in token order.
 
     Returns (conversations, masks uint8 [k, H, W]); absent targets contribute zero masks.
-    For "mmr", the targets are spread over min(len, num_classes_per_sample) questions.
+    For "mmr", the targets are spread over min(len, num_classes_per_sample) questions of
+    1..num_classes_per_question targets each (`split_into_questions`).
     """
     if style not in PROMPT_STYLES:
         raise ValueError(f"--prompt_style must be one of {PROMPT_STYLES}, not {style!r}")
     if style == "gsva":
         groups = [list(range(len(targets)))]
     elif style == "mmr":
-        groups = split_into_questions(len(targets), min(len(targets), num_classes_per_sample), rng)
+        groups = split_into_questions(
+            len(targets),
+            min(len(targets), num_classes_per_sample),
+            rng,
+            num_classes_per_question,
+        )
     else:
         groups = [[index] for index in range(len(targets))]
     conversations, ordered = [], []
