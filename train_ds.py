@@ -1,15 +1,25 @@
 """Train or evaluate the segmenter: `deepspeed [--num_gpus N] train_ds.py [flags]`.
 
-The recipe: parse flags into a TrainConfig, build the model and data, run the visible loop,
-validate every epoch, save a checkpoint. Plain `python train_ds.py ...` runs one process. With
+The recipe: resolve the flags over a paper's recipe (`--recipe lisa|gsva|m2sa|PATH`, default
+m2sa; `configs/`) into a TrainConfig, build the model and data, run the visible loop, validate
+every epoch, save a checkpoint. Plain `python train_ds.py ...` runs one process. With
 `--eval_only` it evaluates `--version` on every `--val_dataset` entry and exits (no training
-data, no optimizer, no resume). Outputs go to `<log_base_dir>/<exp_name>/`.
+data, no optimizer, no resume). `--print_config` prints the resolved configuration as JSON and
+exits. Outputs go to `<log_base_dir>/<exp_name>/`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import sys
+
+# DeepSpeed's logger writes to the stdout it finds when first imported (and logs the accelerator
+# it detects right then); binding it to stderr keeps stdout for what this script prints itself
+# (the --print_config JSON, the metrics table)
+with contextlib.redirect_stdout(sys.stderr):
+    import deepspeed  # noqa: F401
 
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
@@ -17,7 +27,7 @@ from deepspeed.accelerator import get_accelerator
 from model.builder import build_segmenter
 from model.legacy import image_settings_directory
 from utils.collate import SampleProcessor
-from utils.config import TrainConfig, parse_args
+from utils.config import ResolvedConfig, TrainConfig, resolve_config
 from utils.datasets.base import DataError
 from utils.engine import (
     checkpoint_directory,
@@ -164,9 +174,28 @@ def train(model, tokenizer, jobs, processor, config: TrainConfig, rank: int, wor
     return history
 
 
+def report_recipe(resolved: ResolvedConfig) -> None:
+    """Say which recipe the run follows and which of its settings the command line changed."""
+    changed = [
+        f"{name}={getattr(resolved.config, name)!r}"
+        for name, source in resolved.sources.items()
+        if source == "command line" and name in resolved.recipe.values
+    ]
+    LOGGER.info(
+        "recipe %s (%s); overridden on the command line: %s",
+        resolved.recipe.name,
+        resolved.recipe.path,
+        ", ".join(changed) or "nothing",
+    )
+
+
 def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = parse_args(argv)
+    resolved = resolve_config(argv)
+    config = resolved.config
+    if config.print_config:
+        print(json.dumps(resolved.to_json(), indent=2), flush=True)
+        return None
     rank, world = init_distributed()
     seed_everything(config.seed)
     model, tokenizer = build_segmenter(config.model_config())
@@ -180,6 +209,7 @@ def main(argv: list[str] | None = None):
     eval_processor = SampleProcessor.for_model(model, tokenizer, images, config.conv_type)
     if rank == 0:
         describe_run(config.log_dir, config, model.token_ids, tokenizer)
+        report_recipe(resolved)
         LOGGER.info("configuration: %s", config)
         report_unused_flags(config, model)
     needs_validation = config.eval_only or not config.no_eval

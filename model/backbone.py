@@ -95,6 +95,27 @@ def resize_embeddings_to_mean(llava: LlavaForConditionalGeneration, vocab_size: 
             weight[old_size:] = weight[:old_size].mean(dim=0, keepdim=True)
 
 
+# how the rows of tokens a run adds start (`--new_token_rows`): the mean of the old rows, or
+# N(0, initializer_range) as transformers 4.31's resize_token_embeddings drew them for LISA,
+# GSVA and MMR
+NEW_TOKEN_ROWS = ("mean", "normal")
+
+
+def init_new_rows_normal(
+    llava: LlavaForConditionalGeneration, first_new_id: int, generator: torch.Generator | None = None
+) -> None:
+    """Redraw the input-embedding and LM-head rows from `first_new_id` on from N(0, std), std =
+    the language model's `initializer_range` (transformers 4.31 `_init_weights`, which
+    `resize_token_embeddings` applied to the new rows in the LISA-family code)."""
+    std = llava.config.text_config.initializer_range
+    matrices = {id(m.weight): m.weight for m in (llava.get_input_embeddings(), llava.lm_head)}
+    with torch.no_grad():
+        for weight in matrices.values():
+            rows = weight[first_new_id:]
+            draw = torch.empty(rows.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+            rows.copy_(draw.to(rows.dtype))
+
+
 def parse_token_init(text: str) -> dict[str, str]:
     """`--new_token_init` "[SEG]=yes,[REJ]=no" -> {"[SEG]": "yes", "[REJ]": "no"} ("" -> {})."""
     pairs = {}

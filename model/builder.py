@@ -5,6 +5,7 @@ trainable set. The `Segmenter` constructor itself does no I/O; this is the one p
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,7 @@ from model.backbone import (
     init_new_token_rows,
     load_llava,
     load_tokenizer,
+    init_new_rows_normal,
     resize_embeddings_to_mean,
 )
 from model.checkpoint import (
@@ -45,6 +47,8 @@ PRECISIONS: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 
+LOGGER = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -67,7 +71,9 @@ class ModelConfig:
     early_fusion: M2SA early-feature fusion (first global-attention block of the SAM ViT).
     loss_weights: weights of CE, BCE and Dice.
     new_token_init: (token, word) pairs, new tokens whose rows start as the word's first token
-        (`model.backbone.init_new_token_rows`); the others start as the mean row.
+        (`model.backbone.init_new_token_rows`); the others start as `new_token_rows` says.
+    new_token_rows: "mean" (the mean of the old rows) or "normal" (N(0, initializer_range), as
+        the LISA family's transformers 4.31 drew them).
     """
 
     version: str
@@ -87,6 +93,7 @@ class ModelConfig:
     early_fusion: bool = False
     loss_weights: LossWeights = field(default_factory=LossWeights)
     new_token_init: tuple[tuple[str, str], ...] = ()
+    new_token_rows: str = "mean"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,6 +116,8 @@ def build_segmenter(config: ModelConfig):
     llava, tokenizer, token_ids, parts = load_backbone(config)
     first_new_id = llava.get_input_embeddings().weight.shape[0]
     resize_embeddings_to_mean(llava, len(tokenizer))
+    if config.new_token_rows == "normal":
+        init_new_rows_normal(llava, first_new_id)
     init_new_token_rows(llava, tokenizer, dict(config.new_token_init), first_new_id)
     apply_lora(
         llava, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
@@ -124,7 +133,11 @@ def build_segmenter(config: ModelConfig):
         )
     projector = build_projector(llava.config.text_config.hidden_size, prompt_dim).to(dtype)
     early_fusion = early_layer = None
-    if config.early_fusion or (parts and parts.fusion):
+    # a trained checkpoint's architecture is what it was trained with, whatever the recipe says
+    fusion = bool(parts.fusion) if parts else config.early_fusion
+    if parts and config.early_fusion and not fusion:
+        LOGGER.warning("%s was trained without early fusion; --early_fusion is ignored", source)
+    if fusion:
         early_layer = first_global_layer(sam.config)
         early_fusion = EarlyFusion(sam.config.vision_config.hidden_size, prompt_dim).to(dtype)
     if parts:

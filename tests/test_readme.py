@@ -178,7 +178,7 @@ def parse_chat(argv: list[str]) -> Any:
 
 
 def parse_train(argv: list[str]) -> Any:
-    config = script_module("train_ds.py").parse_args(argv)
+    config = script_module("train_ds.py").resolve_config(argv).config
     if "MultiPartReasonSeg" in config.val_dataset and config.val_json_name not in (
         "",
         *MMR_JSON_NAMES,

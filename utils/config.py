@@ -1,21 +1,25 @@
 """Command line of train_ds.py: every flag of the LISA / MMR / GSVA scripts (same spelling and
-defaults), plus ours, parsed into one typed `TrainConfig`.
+defaults), plus ours, resolved into one typed `TrainConfig`.
 
 This is the only place that knows LISA's string formats ("sem_seg||refer_seg", "9,3,3,1",
 "q_proj,v_proj"). Flags that default to True are `BooleanOptionalAction`, so the original bare
-switch still works and `--no-<flag>` turns it off (the originals could not). Defaults follow the
-MMR README (the M2SA recipe); the LISA and GSVA command lines parse to their own settings
-because they spell out what differs.
+switch still works and `--no-<flag>` turns it off (the originals could not).
+
+Three layers decide each field, the later winning: the built-in default of its flag, the recipe
+(`--recipe NAME|PATH`, `utils.recipes`; without one the `m2sa` recipe, so the MMR README's
+command trains M2SA as its README says), and the flags given on the command line.
+`resolve_config` also says where each field came from (`--print_config`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from model.backbone import parse_token_init
+from model.backbone import NEW_TOKEN_ROWS, parse_token_init
 from model.builder import PRECISIONS, ModelConfig
 from model.losses import LossWeights
 from utils.datasets.base import (
@@ -29,6 +33,7 @@ from utils.datasets.base import (
 from utils.datasets.mixer import DEFAULT_FAMILY_DATA, FAMILY_BUILDERS, DataConfig, check_rates
 from utils.datasets.templates import PROMPT_STYLES
 from utils.datasets.validation import parse_val_datasets
+from utils.recipes import DEFAULT_RECIPE, Recipe, RecipeError, load_recipe
 
 LOGGER = logging.getLogger(__name__)
 CONV_TYPES = ("llava_v1", "llava_llama_2")
@@ -37,6 +42,8 @@ ZERO_STAGES = (2, 3)
 # GSVA flags accepted for command-line compatibility but without effect here
 IGNORED_FLAGS = ("no_sampling", "val_refzom", "merge_lora_path")
 USAGE_ERROR = 2  # argparse's exit status for a bad command line
+# where a field's value came from (`ResolvedConfig.sources`)
+FROM_DEFAULT, FROM_RECIPE, FROM_COMMAND_LINE = "default", "recipe", "command line"
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class TrainConfig:
     lora_dropout: float
     lora_target_modules: str
     new_token_init: str
+    new_token_rows: str
     explanatory: float
     beta1: float
     beta2: float
@@ -185,6 +193,7 @@ class TrainConfig:
             train_mm_projector=self.train_mm_projector,
             early_fusion=self.early_fusion,
             new_token_init=tuple(parse_token_init(self.new_token_init).items()),
+            new_token_rows=self.new_token_rows,
             loss_weights=LossWeights(
                 ce_loss_weight=self.ce_loss_weight,
                 bce_loss_weight=self.bce_loss_weight,
@@ -229,6 +238,13 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         default="",
         help="start new tokens' embedding and LM-head rows as a word's, e.g. '[SEG]=yes,[REJ]=no' "
         "(default: the mean row)",
+    )
+    add(
+        "--new_token_rows",
+        default="mean",
+        choices=NEW_TOKEN_ROWS,
+        help="rows of tokens this run adds: the mean row, or N(0, initializer_range) as the "
+        "LISA family's transformers 4.31",
     )
     add("--conv_type", default="llava_v1", choices=CONV_TYPES)
     add("--attn_implementation", default="sdpa", choices=("sdpa", "flash_attention_2", "eager"))
@@ -353,19 +369,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse a train_ds.py command line into a TrainConfig (last of repeated flags wins)."""
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A TrainConfig with its recipe and, per field, where its value came from
+    (FROM_DEFAULT, FROM_RECIPE or FROM_COMMAND_LINE)."""
+
+    config: TrainConfig
+    recipe: Recipe
+    sources: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, plus "recipe_file" and the "sources" map (`--print_config`)."""
+        return {**asdict(self.config), "recipe_file": str(self.recipe.path), "sources": self.sources}
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, object]:
+    """The destinations the command line sets itself, with their parsed values."""
+    saved = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return vars(parser.parse_args(argv))
+    finally:
+        for action in parser._actions:
+            action.default = saved[action.dest]
+
+
+def layered_values(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[dict[str, Any], Recipe, dict[str, str]]:
+    """(values, recipe, sources): the parser's defaults, overridden by the recipe named on the
+    command line (or DEFAULT_RECIPE), overridden by the flags given. RecipeError for a bad
+    recipe."""
+    values = vars(parser.parse_args(argv))
+    given = explicit_flags(parser, argv)
+    recipe = load_recipe(str(given.get("recipe") or DEFAULT_RECIPE), parser)
+    sources = dict.fromkeys(values, FROM_DEFAULT)
+    for layer, source in ((recipe.values, FROM_RECIPE), (given, FROM_COMMAND_LINE)):
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
+    values["recipe"] = recipe.name
+    return values, recipe, sources
+
+
+def resolve_config(argv: list[str] | None = None) -> ResolvedConfig:
+    """Parse a train_ds.py command line (last of repeated flags wins) over its recipe; a bad
+    recipe or data flag exits with one line and argparse's usage status."""
     parser = build_parser()
-    namespace = vars(parser.parse_args(argv))
+    try:
+        values, recipe, sources = layered_values(parser, argv)
+    except RecipeError as error:
+        parser.exit(USAGE_ERROR, f"{parser.prog}: error: {error}\n")
     for flag in IGNORED_FLAGS:
-        if namespace[flag]:
+        if values[flag]:
             LOGGER.warning("--%s is accepted for compatibility and has no effect", flag)
-    config = TrainConfig(**namespace)
+    config = TrainConfig(**values)
     problem = data_flag_problem(config)
     if problem:
         # parser.error's 50-line usage would bury the one line that matters
         parser.exit(USAGE_ERROR, f"{parser.prog}: error: {problem}\n")
-    return config
+    return ResolvedConfig(config, recipe, sources)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The TrainConfig of a train_ds.py command line (see `resolve_config`)."""
+    return resolve_config(argv).config
 
 
 def data_flag_problem(config: TrainConfig) -> str | None:

@@ -2,9 +2,9 @@
 training run, rebuild its model, load the trained weights strictly, fold LoRA in and write our
 merged checkpoint (`model.checkpoint`).
 
-Settings come from three layers: train_ds.py's defaults, then the run's own `config.json`
-(written by train_ds.py next to `ckpt_model/`, found by walking up from `--weight`), then the
-flags given on the command line. A given flag that changes the model's structure (LoRA rank,
+Settings come in layers: train_ds.py's defaults and recipe (`--recipe`, else the default
+recipe), then the run's own `config.json` (written by train_ds.py next to `ckpt_model/`, found
+by walking up from `--weight`), then the flags given on the command line. A given flag that changes the model's structure (LoRA rank,
 alpha, targets, image-token wrapping, fusion, projector width) and disagrees with the run stops
 the merge: it could only produce a model that is not the one trained.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from model.builder import build_segmenter
 from model.checkpoint import DEFAULT_MAX_SHARD_SIZE, merge_lora, save_merged
 from model.legacy import image_settings_directory
-from utils.config import TrainConfig, build_parser
+from utils.config import TrainConfig, build_parser, explicit_flags, layered_values
 from utils.weights import load_weights
 
 LOGGER = logging.getLogger(__name__)
@@ -51,18 +51,6 @@ def build_merge_parser() -> argparse.ArgumentParser:
         "--run_config", default="", help="the run's config.json (default: found from --weight)"
     )
     return parser
-
-
-def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, object]:
-    """The destinations the command line sets itself, with their parsed values."""
-    saved = {action.dest: action.default for action in parser._actions}
-    try:
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        return vars(parser.parse_args(argv))
-    finally:
-        for action in parser._actions:
-            action.default = saved[action.dest]
 
 
 def find_run_config(weight: str | Path) -> Path | None:
@@ -100,7 +88,8 @@ def resolve_merge_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespa
     if not options.weight:
         parser.error("--weight is required (a pytorch_model.bin, a directory, or ckpt_model)")
     given = explicit_flags(parser, argv)
-    settings = {key: value for key, value in vars(options).items() if key in TRAIN_FIELDS}
+    values, recipe, _ = layered_values(parser, argv)
+    settings = {key: value for key, value in values.items() if key in TRAIN_FIELDS}
     run_path = Path(options.run_config) if options.run_config else find_run_config(options.weight)
     if run_path is not None:
         run = json.loads(run_path.read_text())
@@ -109,9 +98,10 @@ def resolve_merge_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespa
         LOGGER.info("settings of the training run read from %s", run_path)
     else:
         LOGGER.warning(
-            "no train_ds.py config.json at or above %s: using the flags as given (LoRA rank, "
-            "alpha and targets must equal the training run's)",
+            "no train_ds.py config.json at or above %s: using the flags as given over the %s "
+            "recipe (LoRA rank, alpha and targets must equal the training run's)",
             options.weight,
+            recipe.name,
         )
     return TrainConfig(**settings), options
 

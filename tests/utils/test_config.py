@@ -58,7 +58,10 @@ def bash_argv(arguments: str) -> list[str]:
 
 
 def test_lisa_train_line() -> None:
-    config = parse_args(["--local_rank=0", *bash_argv(LISA_TRAIN)])
+    # verbatim, LISA's line trains LISA's families over the default (m2sa) recipe
+    verbatim = parse_args(["--local_rank=0", *bash_argv(LISA_TRAIN)])
+    assert verbatim.recipe == "m2sa" and verbatim.rates == (9.0, 3.0, 3.0, 1.0)
+    config = parse_args(["--local_rank=0", "--recipe", "lisa", *bash_argv(LISA_TRAIN)])
     assert config.version == "PATH_TO_LLaVA" and config.vision_pretrained == "PATH_TO_SAM"
     assert config.datasets == ("sem_seg", "refer_seg", "vqa", "reason_seg")
     assert config.rates == (9.0, 3.0, 3.0, 1.0)
