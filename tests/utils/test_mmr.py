@@ -1,5 +1,6 @@
-"""MMR training source and validation: question/answer/mask pairing by the same index,
-templates, masks from compressed RLE, determinism and the bad-record checks."""
+"""MMR training source and validation: question/answer/mask pairing by the same index
+("aligned") or as the released M2SA loader ("upstream"), templates, masks from compressed RLE,
+determinism and the bad-record checks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from pycocotools import mask as coco_mask
 
 from tests.utils import fixtures_refer as fx
 from utils.datasets.base import DataError, SamplingOptions
-from utils.datasets.mmr import MMRSource, MMRValidation, build_mmr_source, build_mmr_sources
+from utils.datasets.mmr import (
+    MMRQuestion,
+    MMRSource,
+    MMRValidation,
+    build_mmr_source,
+    build_mmr_sources,
+    draw_question_indices,
+    pair_questions,
+)
 from utils.datasets.templates import EXPANDED_LONG_QUESTIONS, IMAGE_PREFIX, LONG_QUESTIONS, SEG
 
 
@@ -198,3 +207,186 @@ def test_tiny_assets_source(tiny_dataset: Path) -> None:
                 assert np.array_equal(sample.masks[row], expected)
                 row += 1
         assert row == len(sample.masks)
+
+
+# A record with five questions (one with a trailing space, kept in training as upstream does),
+# 1 to 3 `{seg}`s each and distinct masks.
+FIVE_MASKS = [
+    [fx.box(0, 2, 0, 2)],
+    [fx.box(4, 6, 0, 2), fx.box(8, 10, 0, 2)],
+    [fx.box(0, 2, 6, 8), fx.box(4, 6, 6, 8), fx.box(8, 10, 6, 8)],
+    [fx.box(12, 14, 0, 2)],
+    [fx.box(12, 14, 6, 8), fx.box(16, 18, 6, 8)],
+]
+FIVE_QUESTIONS = [
+    "What holds the soup?",
+    "Which parts carry the tray? ",
+    "What is on the shelf?",
+    "What keeps the door shut?",
+    "Which parts touch the floor?",
+]
+FIVE_TEXT_ANSWERS = [
+    "The {seg} holds the soup",
+    "The {seg} and the {seg} carry it.",
+    "A {seg}, a {seg} and a {seg} are on the shelf",
+    "The {seg} keeps it shut.",
+    "The {seg} and the {seg} touch the floor",
+]
+
+
+def five_question_record() -> dict:
+    record = fx.mmr_record()
+    answers = [
+        [fx.mmr_ann(m, f"obj{k}:part{j}") for j, m in enumerate(masks)]
+        for k, masks in enumerate(FIVE_MASKS)
+    ]
+    record.update(
+        questions=list(FIVE_QUESTIONS),
+        answers=answers,
+        annotations=[a for group in answers for a in group],
+        text_answers=list(FIVE_TEXT_ANSWERS),
+        raw_answers=list(FIVE_TEXT_ANSWERS),
+    )
+    return record
+
+
+def decode(ann: dict) -> np.ndarray:
+    rle = dict(ann["segmentation"], counts=ann["segmentation"]["counts"].encode())
+    return coco_mask.decode(rle)
+
+
+def upstream_conversations(record: dict, sampled_inds: list[int]) -> list[tuple]:
+    """(question text, text answer, masks) per conversation, as the released loader builds them
+    from `sampled_inds` (jdg900/MMR @702a7b60e993b0c8ce24f93f57ed5fc3f425b0fa,
+    utils/multi_part_reason_seg_dataset.py:128-158): the sampled questions zipped with the
+    answers and text answers in file order, `{seg}` filled by str.format."""
+    question, gt_answer = record["questions"], record["answers"]
+    sampled_sents = [question[i] for i in sampled_inds]
+    conversations = []
+    for text, answer_list, text_answer in zip(
+        sampled_sents, gt_answer, record["text_answers"], strict=False
+    ):
+        masks = [decode(answer) for answer in answer_list]
+        conversations.append((text, text_answer.format(seg="[SEG]"), masks))
+    return conversations
+
+
+def own_conversation(record: dict, k: int) -> tuple:
+    """(question text, text answer, masks) of question k with its own answer."""
+    answer = record["text_answers"][k].format(seg="[SEG]")
+    return record["questions"][k], answer, [decode(a) for a in record["answers"][k]]
+
+
+def asked(question: str, templates: tuple[str, ...]) -> int:
+    """The index of the FIVE_QUESTIONS entry `question` asks, checking the long template."""
+    body = question.removeprefix(IMAGE_PREFIX)
+    (k,) = [k for k, text in enumerate(FIVE_QUESTIONS) if body.replace(text, "{sent}") in templates]
+    return k
+
+
+def drawn_conversations(source: MMRSource, seed: int) -> tuple[list[int], list[tuple]]:
+    """(question index of each conversation, (question text, answer, masks) per conversation)."""
+    sample = source.sample(np.random.default_rng(seed))
+    indices = [asked(c[0][0], LONG_QUESTIONS) for c in sample.conversations]
+    rows, got = iter(sample.masks), []
+    for ((_, answer),), k in zip(sample.conversations, indices, strict=True):
+        got.append((FIVE_QUESTIONS[k], answer, [next(rows) for _ in range(answer.count(SEG))]))
+    assert next(rows, None) is None  # one mask per [SEG], nothing left over
+    return indices, got
+
+
+def assert_same_conversations(got: list[tuple], expected: list[tuple]) -> None:
+    assert len(got) == len(expected)
+    for (text, answer, masks), (text_e, answer_e, masks_e) in zip(got, expected, strict=True):
+        assert (text, answer) == (text_e, answer_e)
+        assert len(masks) == len(masks_e)
+        for mask, mask_e in zip(masks, masks_e, strict=True):
+            np.testing.assert_array_equal(mask, mask_e)
+
+
+def test_upstream_pairing_reproduces_the_released_loader(tmp_path: Path) -> None:
+    record = five_question_record()
+    fx.write_mmr(tmp_path, records=[record])
+    options = SamplingOptions(
+        num_classes_per_sample=3, use_expand_question_list=False, mmr_pairing="upstream"
+    )
+    source = MMRSource(tmp_path, options)
+    asked_questions, misaligned = set(), 0
+    for seed in range(40):
+        sampled_inds, got = drawn_conversations(source, seed)
+        assert len(sampled_inds) == len(set(sampled_inds)) == 3  # sampled without replacement
+        assert_same_conversations(got, upstream_conversations(record, sampled_inds))
+        # the answers are always text_answers[0..2]: 3 and 4 are never trained
+        assert [answer for _, answer, _ in got] == [
+            FIVE_TEXT_ANSWERS[k].replace("{seg}", SEG) for k in range(3)
+        ]
+        asked_questions.update(sampled_inds)
+        misaligned += sum(i != k for k, i in enumerate(sampled_inds))
+    assert asked_questions == set(range(5))
+    assert misaligned > 40  # about 3 * 4/5 per draw; "aligned" would give none
+
+
+def test_aligned_pairing_keeps_each_question_with_its_answer(tmp_path: Path) -> None:
+    record = five_question_record()
+    fx.write_mmr(tmp_path, records=[record])
+    options = SamplingOptions(num_classes_per_sample=3, use_expand_question_list=False)
+    source = MMRSource(tmp_path, options)
+    trained_answers = set()
+    for seed in range(40):
+        sampled_inds, got = drawn_conversations(source, seed)
+        assert len(sampled_inds) == len(set(sampled_inds)) == 3
+        assert_same_conversations(got, [own_conversation(record, i) for i in sampled_inds])
+        trained_answers.update(sampled_inds)
+    assert trained_answers == set(range(5))
+
+
+@pytest.mark.parametrize("pairing", ["aligned", "upstream"])
+def test_fewer_questions_than_per_sample_are_all_used_in_file_order(
+    tmp_path: Path, pairing: str
+) -> None:
+    record = five_question_record()
+    for key in ("questions", "answers", "text_answers"):
+        record[key] = record[key][:2]
+    fx.write_mmr(tmp_path, records=[record])
+    options = SamplingOptions(
+        num_classes_per_sample=3, use_expand_question_list=False, mmr_pairing=pairing
+    )
+    source = MMRSource(tmp_path, options)
+    for seed in range(5):
+        sampled_inds, got = drawn_conversations(source, seed)
+        assert sampled_inds == [0, 1]
+        assert_same_conversations(got, upstream_conversations(record, [0, 1]))
+        assert got[1][0].endswith("tray? ")  # the question text as written, not stripped
+
+
+def test_question_draws_and_pairings_directly() -> None:
+    rng = np.random.default_rng(0)
+    assert draw_question_indices(2, 3, rng) == [0, 1]
+    drawn = draw_question_indices(5, 3, rng)
+    assert len(set(drawn)) == 3 and set(drawn) <= set(range(5))
+    parsed = [MMRQuestion(k, f"q{k}", f"answer {k}", ()) for k in range(4)]
+    drawn = [3, 0, 2]
+    aligned = pair_questions(parsed, drawn, "aligned")
+    upstream = pair_questions(parsed, drawn, "upstream")
+    assert [(text, q.index) for text, q in aligned] == [("q3", 3), ("q0", 0), ("q2", 2)]
+    assert [(text, q.index) for text, q in upstream] == [("q3", 0), ("q0", 1), ("q2", 2)]
+    with pytest.raises(ValueError, match="--mmr_pairing must be one of"):
+        pair_questions(parsed, drawn, "legacy")
+
+
+def test_unknown_pairing_is_refused(tmp_path: Path) -> None:
+    fx.write_mmr(tmp_path)
+    with pytest.raises(ValueError, match=r"--mmr_pairing must be one of \('aligned', 'upstream'\)"):
+        MMRSource(tmp_path, SamplingOptions(mmr_pairing="legacy"))
+
+
+def test_validation_strips_the_question(tmp_path: Path) -> None:
+    """MMR utils/dataset.py:500 (`sampled_sents[i].strip()`); training keeps it as written."""
+    fx.write_mmr(tmp_path, "MMR_val.json", records=[five_question_record()])
+    conversations = MMRValidation(tmp_path)[0].conversations
+    assert conversations[1] == [
+        (
+            "<image>\n Which parts carry the tray? Please output segmentation mask.",
+            "The [SEG] and the [SEG] carry it.",
+        )
+    ]

@@ -1,5 +1,6 @@
 """ReasonSeg training source and validation set: polygon masks (ignore = 255, largest first,
-flag skipped), cp1252 fallback, the explanatory branches, record checks and determinism."""
+flag skipped), ignore pixels as background or excluded in training, the short/long query splits,
+cp1252 fallback, the explanatory branches, record checks and determinism."""
 
 from __future__ import annotations
 
@@ -38,20 +39,31 @@ def shape(label: str, points: list) -> dict:
     return {"label": label, "points": points, "shape_type": "polygon"}
 
 
-def nested() -> tuple[dict, np.ndarray]:
+def nested_masks() -> tuple[np.ndarray, np.ndarray]:
+    """The masks of `nested()`, drawn by hand: (ignore square kept as IGNORE_LABEL, as validation
+    and `--ignore_pixels exclude` see it; ignore square as background, LISA's `mask == 1`)."""
+    excluded = np.zeros((fx.H, fx.W), np.uint8)
+    excluded[2:17, 2:21] = 1
+    excluded[5:10, 5:10] = IGNORE_LABEL
+    excluded[6:8, 6:8] = 1
+    background = np.zeros((fx.H, fx.W), np.uint8)
+    background[2:17, 2:21] = 1
+    background[5:10, 5:10] = 0
+    background[6:8, 6:8] = 1
+    return excluded, background
+
+
+def nested(ignore_label: str = "ignore") -> tuple[dict, np.ndarray]:
     """Shapes listed small-first: a drawing in file order would let the big target cover the
-    ignore square; largest-first keeps it, and the tiny target inside it on top."""
+    ignore square; largest-first keeps it, and the tiny target inside it on top. Returns (json,
+    mask with IGNORE_LABEL)."""
     shapes = [
-        shape("ignore", box(5, 9, 5, 9)),
+        shape(ignore_label, box(5, 9, 5, 9)),
         shape("target", [[2.7, 2.2], [20.9, 2.0], [20.5, 16.99], [2.0, 16.0]]),  # truncated
         shape("target", box(6, 7, 6, 7)),
         shape("flag", box(0, fx.H - 1, 0, fx.W - 1)),
     ]
-    mask = np.zeros((fx.H, fx.W), np.uint8)
-    mask[2:17, 2:21] = 1
-    mask[5:10, 5:10] = IGNORE_LABEL
-    mask[6:8, 6:8] = 1
-    return {"text": SENTENCES, "is_sentence": True, "shapes": shapes}, mask
+    return {"text": SENTENCES, "is_sentence": True, "shapes": shapes}, nested_masks()[0]
 
 
 def short() -> tuple[dict, np.ndarray]:
@@ -59,6 +71,10 @@ def short() -> tuple[dict, np.ndarray]:
     mask[10:21, 12:31] = 1
     shapes = [shape("target", box(10, 20, 12, 30))]
     return {"text": ["Red Cup", "Mug"], "is_sentence": False, "shapes": shapes}, mask
+
+
+# the training masks with the default --ignore_pixels background ("short" has no ignore region)
+TRAINING_MASKS = {"nested.jpg": nested_masks()[1], "short.jpg": short()[1]}
 
 
 def write_record(root: Path, split: str, name: str, data: dict, encoding: str = "utf-8") -> None:
@@ -91,7 +107,7 @@ def test_plain_training_samples(tmp_path):
     asked = set()
     for seed in fx.RNG_SEEDS:
         sample, name = sample_record(source, seed)
-        data, mask = records[name]
+        data, mask = records[name][0], TRAINING_MASKS[name]
         assert fx.token_count(sample.conversations) == (len(sample.masks), 0)
         assert len(sample.conversations) == min(len(data["text"]), 2)
         texts = data["text"] if data["is_sentence"] else [t.lower() for t in data["text"]]
@@ -106,7 +122,7 @@ def test_plain_training_samples(tmp_path):
 
 
 def test_explanation_only_with_probability_one(tmp_path):
-    records = write_reason_seg(tmp_path)
+    write_reason_seg(tmp_path)
     source = ReasonSegSource(tmp_path, replace(OPTIONS, explanatory=1.0))
     for seed in fx.RNG_SEEDS:
         sample, name = sample_record(source, seed)
@@ -116,11 +132,12 @@ def test_explanation_only_with_probability_one(tmp_path):
             for ((question, answer),) in sample.conversations:
                 assert question.removeprefix(IMAGE_PREFIX) in SENTENCES and answer == OUTPUTS
         else:  # no explanation for this image: plain
-            np.testing.assert_array_equal(sample.masks[0], records[name][1])
+            np.testing.assert_array_equal(sample.masks[0], TRAINING_MASKS[name])
 
 
 def test_explained_and_plain_with_probability_zero(tmp_path):
-    _, mask = write_reason_seg(tmp_path)["nested.jpg"]
+    write_reason_seg(tmp_path)
+    mask = TRAINING_MASKS["nested.jpg"]
     source = ReasonSegSource(tmp_path, replace(OPTIONS, explanatory=0.0))
     forms = set()
     for seed in fx.RNG_SEEDS:
@@ -253,3 +270,121 @@ def test_tiny_assets_load(tmp_path):
     validation = ReasonSegValidation(root, "val")
     assert list(validation.check(deep=True)) == []
     assert all((validation[i].masks == 1).any() for i in range(len(validation)))
+    test = ReasonSegValidation(root, "test").images
+    short_split, long_split = (
+        ReasonSegValidation(root, s).images for s in ("testshort", "testlong")
+    )
+    assert short_split and long_split and sorted(short_split + long_split) == test
+    for images, is_sentence in ((short_split, False), (long_split, True)):
+        for image in images:
+            assert json.loads(image.with_suffix(".json").read_text())["is_sentence"] is is_sentence
+
+
+@pytest.mark.parametrize("ignore_label", ["ignore", "Ignore region"])
+def test_ignore_pixels_background_or_excluded_in_training(tmp_path, ignore_label):
+    """LISA utils/reason_seg_dataset.py:131-133 trains `(mask == 1)` (dvlab-research/LISA
+    @3cb2d4301f1af4691bd4f3938335ef06e76f155a): the ignore square is background; "exclude"
+    keeps it IGNORE_LABEL; validation keeps it either way (LISA utils/data_processing.py:52
+    lower-cases the label, so any case marks "ignore")."""
+    write_record(tmp_path, "train", "nested", nested(ignore_label)[0])
+    write_record(tmp_path, "val", "nested", nested(ignore_label)[0])
+    excluded, background = nested_masks()
+    assert (excluded == IGNORE_LABEL).sum() == 25 - 4 and not (background == IGNORE_LABEL).any()
+    for ignore_pixels, expected in (("background", background), ("exclude", excluded)):
+        for explanatory in (-1, 0.0):  # plain, and plain/explained (same mask for both)
+            options = replace(OPTIONS, ignore_pixels=ignore_pixels, explanatory=explanatory)
+            if explanatory >= 0:
+                items = [{"image": "nested.jpg", "query": SENTENCES[0], "outputs": OUTPUTS}]
+                fx.write_json(tmp_path / "reason_seg/ReasonSeg/explanatory/train.json", items)
+            source = ReasonSegSource(tmp_path, options)
+            for seed in range(8):
+                sample = source.sample(np.random.default_rng(seed))
+                assert len(sample.masks) == 2
+                for row in sample.masks:
+                    np.testing.assert_array_equal(row, expected)
+    np.testing.assert_array_equal(ReasonSegValidation(tmp_path, "val")[0].masks[0], excluded)
+    with pytest.raises(ValueError, match="--ignore_pixels must be one of"):
+        ReasonSegSource(tmp_path, replace(OPTIONS, ignore_pixels="zero"))
+
+
+def long_record(index: int) -> dict:
+    return {**nested()[0], "text": [f"Which thing number {index} holds water?"]}
+
+
+def short_record(index: int) -> dict:
+    return {**short()[0], "text": [f"cup {index}", "mug"]}
+
+
+# a test split of mixed query types, file names sorted as the loader lists them
+TEST_KINDS = {"a_long": True, "b_short": False, "c_long": True, "d_long": True, "e_short": False}
+
+
+def write_test_split(root: Path, kinds: dict[str, bool]) -> None:
+    for index, (name, is_sentence) in enumerate(kinds.items()):
+        data = long_record(index) if is_sentence else short_record(index)
+        write_record(root, "test", name, data)
+
+
+@pytest.mark.parametrize(
+    ("split", "expected"),
+    [
+        ("test_short", ["b_short.jpg", "e_short.jpg"]),
+        ("testshort", ["b_short.jpg", "e_short.jpg"]),  # CoReS's README spelling
+        ("test_long", ["a_long.jpg", "c_long.jpg", "d_long.jpg"]),
+        ("testlong", ["a_long.jpg", "c_long.jpg", "d_long.jpg"]),
+        ("test", ["a_long.jpg", "b_short.jpg", "c_long.jpg", "d_long.jpg", "e_short.jpg"]),
+    ],
+)
+def test_short_and_long_query_splits(tmp_path, split, expected):
+    write_test_split(tmp_path, TEST_KINDS)
+    dataset = ReasonSegValidation(tmp_path, split)
+    assert dataset.name == f"ReasonSeg|{split}"
+    assert [dataset[i].record_id for i in range(len(dataset))] == expected
+    for index in range(len(dataset)):
+        item = dataset[index]
+        is_sentence = TEST_KINDS[item.record_id[:-4]]
+        text = item.target_names[0]
+        assert item.conversations == [[(validation_question(text, is_sentence), "[SEG].")]]
+        assert item.source == f"reason_seg/ReasonSeg|{split}"
+
+
+def test_query_split_of_joined_splits_and_training(tmp_path):
+    write_reason_seg(tmp_path)  # train: nested (long), short (short); val: nested (long)
+    long_val = ReasonSegValidation(tmp_path, "train_val_long")
+    assert [Path(p).parent.name + "/" + p.name for p in long_val.images] == [
+        "train/nested.jpg",
+        "val/nested.jpg",
+    ]
+    (source,) = build_reason_seg_sources(tmp_path, ["ReasonSeg|train_short"], OPTIONS)
+    assert [p.name for p in source.images] == ["short.jpg"]
+    assert source.name == "reason_seg/ReasonSeg|train_short"
+
+
+def test_query_split_without_records_of_the_kind_is_an_error(tmp_path):
+    write_test_split(tmp_path, {"a_long": True, "c_long": True})
+    with pytest.raises(DataError, match="is_sentence false, so 'ReasonSeg|test_short' is empty"):
+        ReasonSegValidation(tmp_path, "test_short")
+    with pytest.raises(DataError, match="is_sentence false, so 'ReasonSeg|testshort' is empty"):
+        ReasonSegValidation(tmp_path, "testshort")
+    assert len(ReasonSegValidation(tmp_path, "test_long")) == 2
+
+
+def test_query_split_with_an_unreadable_json_is_an_error(tmp_path):
+    write_test_split(tmp_path, TEST_KINDS)
+    (tmp_path / "reason_seg/ReasonSeg/test/c_long.json").write_text('{"text": [')
+    with pytest.raises(DataError, match="c_long.json, record c_long.jpg: is not valid json"):
+        ReasonSegValidation(tmp_path, "test_short")
+    assert len(ReasonSegValidation(tmp_path, "test")) == 5  # the plain split reads jsons lazily
+
+
+def test_a_folder_named_like_the_query_split_takes_precedence(tmp_path):
+    """CoReS (as every LISA-family ValDataset) globs `reason_seg/ReasonSeg/<split>/*.jpg`: a
+    `testshort/` folder is read whole, whatever the query types inside."""
+    write_test_split(tmp_path, TEST_KINDS)
+    write_record(tmp_path, "testshort", "z_long", long_record(9))
+    dataset = ReasonSegValidation(tmp_path, "testshort")
+    assert [p.name for p in dataset.images] == ["z_long.jpg"]
+    assert [p.name for p in ReasonSegValidation(tmp_path, "test_short").images] == [
+        "b_short.jpg",
+        "e_short.jpg",
+    ]

@@ -5,9 +5,28 @@ images `refer_seg/images/mscoco/images/<file_name>` (file names start with "trai
 "val2017/"). A record is one image with `questions[k]`, `answers[k]` (the annotations answering
 question k, each a compressed RLE) and `text_answers[k]` (with one `{seg}` per answer).
 
-Question k, its text answer and its masks always use the same index k (the original sampled
-question indices but not the answers). A question whose `{seg}` count differs from
-`len(answers[k])` is a bad record: `check` reports it and `sample`/`__getitem__` raise DataError.
+Training (as the released M2SA loader, MMR utils/multi_part_reason_seg_dataset.py:121-158): an
+image with n >= `num_classes_per_sample` (N) questions gets a random sample of N question indices,
+one with fewer gets all of them in file order; each drawn question is its own conversation: a long
+question template (`templates.question`) around the question text as written, answered by a text
+answer with every `{seg}` made `[SEG]` and no ending added, one mask per `{seg}` in order (not
+merged). `--mmr_pairing` says which answer a drawn question gets:
+- "aligned" (default): its own (question k with `text_answers[k]` and `answers[k]`);
+- "upstream": the released loader's `zip(sampled_sents, answers, text_answers)`: conversation k
+  pairs the k-th sampled question with `text_answers[k]` and `answers[k]` (not re-indexed). With
+  n >= N each conversation gets its own answer with probability 1/n, and answers N.. are never
+  trained; with n < N it equals "aligned". This is the data of the published M2SA rows.
+`{seg}` is filled by `str.replace`; upstream's `str.format(seg=...)` gives the same text for
+every answer it accepts except ones with escaped braces `{{`/`}}`.
+
+Validation (MMR utils/dataset.py:446-461, 486-529): every question of a record in file order,
+stripped, in the validation template, answered with its own text answer + "." (not doubled).
+
+A question whose `{seg}` count differs from `len(answers[k])` is a bad record: `check` reports it
+and `sample`/`__getitem__` raise DataError, in both pairings. Upstream instead draws another
+record (`return self[0]`, a random record since its index is ignored) when the text answer of a
+drawn conversation k < `num_classes_per_sample` mismatches, and never looks at the others;
+`--skip_bad_samples` draws another record here too.
 """
 
 from __future__ import annotations
@@ -19,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.datasets.base import (
+    MMR_PAIRING_CHOICES,
     DataError,
     Sample,
     SamplingOptions,
@@ -44,7 +64,8 @@ RECORDS_DESCRIPTION = "non-empty JSON list of image records (MMR annotations)"
 
 @dataclass(frozen=True)
 class MMRQuestion:
-    """Question k of a record: its text, its answer with `[SEG]`s, one annotation per `[SEG]`."""
+    """Question k of a record: its text as written, its answer with `[SEG]`s, one annotation per
+    `[SEG]`."""
 
     index: int
     text: str
@@ -102,9 +123,7 @@ def parse_questions(record: object, file: Path, label: str) -> list[MMRQuestion]
                 f"text_answers[{k}] has {placeholders} {SEG_PLACEHOLDER}"
                 f" but answers[{k}] has {len(anns)} annotations",
             )
-        parsed.append(
-            MMRQuestion(k, text.strip(), answer.replace(SEG_PLACEHOLDER, SEG), tuple(anns))
-        )
+        parsed.append(MMRQuestion(k, text, answer.replace(SEG_PLACEHOLDER, SEG), tuple(anns)))
     return parsed
 
 
@@ -178,13 +197,40 @@ def _declared_shape(record: dict) -> tuple[int, int] | None:
     return None
 
 
+def draw_question_indices(count: int, limit: int, rng: np.random.Generator) -> list[int]:
+    """The questions an image trains on, as the released loader draws them: `limit` distinct
+    indices in random order when `count >= limit`, else all `count` in file order."""
+    if count >= limit:
+        return [int(k) for k in rng.choice(count, size=limit, replace=False)]
+    return list(range(count))
+
+
+def checked_pairing(pairing: str) -> str:
+    """`pairing` itself; ValueError naming the choices if it is none of them."""
+    if pairing not in MMR_PAIRING_CHOICES:
+        raise ValueError(f"--mmr_pairing must be one of {MMR_PAIRING_CHOICES}, not {pairing!r}")
+    return pairing
+
+
+def pair_questions(
+    parsed: list[MMRQuestion], drawn: list[int], pairing: str
+) -> list[tuple[str, MMRQuestion]]:
+    """(question text, the MMRQuestion whose answer and annotations it is trained with) per
+    conversation: "aligned" pairs question `drawn[k]` with its own answer, "upstream" with
+    answer k (`zip(sampled_sents, answers, text_answers)` in the released loader)."""
+    if checked_pairing(pairing) == "aligned":
+        return [(parsed[i].text, parsed[i]) for i in drawn]
+    return [(parsed[i].text, parsed[k]) for k, i in enumerate(drawn)]
+
+
 class MMRSource:
-    """MMR training source: per image up to `num_classes_per_sample` questions (distinct indices),
-    each its own conversation: long template with the question, answer `text_answers[k]`."""
+    """MMR training source: per image up to `num_classes_per_sample` drawn questions, each its
+    own conversation, paired with answers as `options.mmr_pairing` says (module docstring)."""
 
     def __init__(
         self, dataset_dir: Path, options: SamplingOptions, json_name: str = MMR_TRAIN_JSON
     ) -> None:
+        checked_pairing(options.mmr_pairing)
         self.name = SOURCE_NAME
         self.options = options
         self.data = MMRRecords(dataset_dir, json_name)
@@ -196,14 +242,14 @@ class MMRSource:
         """One image, its drawn questions as conversations; masks uint8 [#[SEG], H, W]."""
         position = int(rng.integers(len(self.data)))
         label, parsed = self.data.questions(position)
-        count = min(len(parsed), self.options.num_classes_per_sample)
-        chosen = [parsed[int(k)] for k in rng.choice(len(parsed), size=count, replace=False)]
+        drawn = draw_question_indices(len(parsed), self.options.num_classes_per_sample, rng)
+        pairs = pair_questions(parsed, drawn, self.options.mmr_pairing)
         image, path = self.data.image(position, label)
+        expand = self.options.use_expand_question_list
         conversations = [
-            [(question([q.text], True, rng, self.options.use_expand_question_list), q.answer)]
-            for q in chosen
+            [(question([text], True, rng, expand), answered.answer)] for text, answered in pairs
         ]
-        masks = self.data.masks(chosen, image.shape[:2], label)
+        masks = self.data.masks([answered for _, answered in pairs], image.shape[:2], label)
         return Sample(image, conversations, masks, str(path), self.name)
 
     def check(self, deep: bool = False) -> Iterator[DataError]:
@@ -256,10 +302,12 @@ class MMRValidation:
         label, parsed = self.data.questions(position)
         image, path = self.data.image(position, label)
         conversations = [
-            [(validation_question(q.text, is_sentence=True), validation_answer(q.answer))]
+            [(validation_question(q.text.strip(), True), validation_answer(q.answer))]
             for q in parsed
         ]
-        names = [str(ann.get("category_name", q.text)) for q in parsed for ann in q.annotations]
+        names = [
+            str(ann.get("category_name", q.text.strip())) for q in parsed for ann in q.annotations
+        ]
         record = self.data.records[position]
         return ValidationSample(
             image,

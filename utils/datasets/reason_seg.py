@@ -1,12 +1,24 @@
-"""ReasonSeg (LISA's `reason_seg` task, `--reason_seg_data`) and its validation set.
+"""ReasonSeg (LISA's `reason_seg` task, `--reason_seg_data`) and its validation/test sets.
 
 Layout: `reason_seg/<name>/<split>/<image>.jpg` beside `<image>.json` = `{text: [str], is_sentence,
 shapes: [{label, points}]}` (UTF-8, some files cp1252), and `reason_seg/<name>/explanatory/
 train.json` = `[{image, query, outputs}]`. "ReasonSeg|train_val" joins the splits train and val.
 
-Mask: shapes labelled "flag" are skipped; a label containing "ignore" paints IGNORE_LABEL, any
-other 1; polygons are drawn largest first so smaller shapes win (ties: the earlier shape in the
-file). The ignore pixels stay IGNORE_LABEL in training masks too, so the loss ignores them.
+Query-type splits (the LISA paper's test columns "short query" / "long query"; the LISA README:
+`is_sentence` says "whether the text instructions are long sentences"): "<splits>_short" keeps
+the records whose `is_sentence` is false and "<splits>_long" those where it is true, e.g.
+"ReasonSeg|test_short", "ReasonSeg|test_long", "ReasonSeg|val_long"; CoReS's README spelling
+"testshort" / "testlong" means the same. A folder of exactly that name (`<name>/testshort/`), if
+present, takes precedence and is read whole, as the LISA-family loaders glob it. No record of the
+kind, or a json whose kind cannot be read (it would be left out silently), is a DataError.
+
+Mask (LISA utils/data_processing.py): shapes labelled "flag" are skipped; a label containing
+"ignore" (any case) paints IGNORE_LABEL, any other 1; polygons are drawn largest first so smaller
+shapes win (ties: the earlier shape in the file). Training masks follow `--ignore_pixels`:
+"background" (LISA, GSVA, MMR: `(mask == 1)` in utils/reason_seg_dataset.py) trains the ignore
+regions as background (0); "exclude" keeps IGNORE_LABEL, which the loss leaves out. Validation
+masks keep IGNORE_LABEL, which the metrics skip (LISA's `intersectionAndUnionGPU(...,
+ignore_index=255)` in validate()).
 
 Training: up to `num_classes_per_sample` of the image's texts, each its own LISA-style
 conversation with one `[SEG]` and the same mask. For an image with an explanation (unless
@@ -26,6 +38,7 @@ import numpy as np
 
 from utils.datasets.base import (
     IGNORE_LABEL,
+    IGNORE_PIXEL_CHOICES,
     DataError,
     Sample,
     SamplingOptions,
@@ -55,6 +68,11 @@ IGNORE_MARK = "ignore"
 TARGET_VALUE = 1
 MIN_POLYGON_POINTS = 3
 VALIDATION_ANSWER = SEG + "."
+SPLIT_JOINER = "_"
+# query-type suffix of a split name -> the `is_sentence` it keeps
+QUERY_KINDS = {"short": False, "long": True}
+# CoReS's README spelling -> ours
+QUERY_SPLIT_ALIASES = {"testshort": "test_short", "testlong": "test_long"}
 PLAIN, EXPLANATION_ONLY, EXPLAINED = "plain", "explanation_only", "explained"
 
 
@@ -67,12 +85,21 @@ class Annotation:
     polygons: list[tuple[str, np.ndarray]]
 
 
-def parse_spec(spec: str) -> tuple[str, list[str]]:
-    """ "ReasonSeg|train_val" -> ("ReasonSeg", ["train", "val"])."""
+def parse_spec(spec: str) -> tuple[str, str]:
+    """ "ReasonSeg|train_val" -> ("ReasonSeg", "train_val")."""
     name, separator, splits = spec.partition("|")
     if not (name and separator and splits):
         raise ValueError(f"expected 'name|split[_split]' such as 'ReasonSeg|train', not {spec!r}")
-    return name, splits.split("_")
+    return name, splits
+
+
+def query_split(splits: str) -> tuple[list[str], bool | None]:
+    """(split folders, `is_sentence` to keep or None for every record): "train_val" ->
+    (["train", "val"], None); "test_short" and "testshort" -> (["test"], False)."""
+    folders = QUERY_SPLIT_ALIASES.get(splits, splits).split(SPLIT_JOINER)
+    if len(folders) > 1 and folders[-1] in QUERY_KINDS:
+        return folders[:-1], QUERY_KINDS[folders[-1]]
+    return folders, None
 
 
 def list_images(dataset_dir: Path, name: str, splits: list[str]) -> list[Path]:
@@ -88,6 +115,35 @@ def list_images(dataset_dir: Path, name: str, splits: list[str]) -> list[Path]:
             raise DataError(folder, None, "has no *.jpg images", hint)
         images.extend(found)
     return images
+
+
+def select_images(dataset_dir: Path, spec: str) -> list[Path]:
+    """The images of "name|splits" (module docstring): the split folders' images, only those of
+    one query type for a "_short"/"_long" split unless a folder of that exact name exists."""
+    name, splits = parse_spec(spec)
+    folders, is_sentence = query_split(splits)
+    if is_sentence is None or (dataset_dir / REASON_SEG_DIR / name / splits).is_dir():
+        return list_images(dataset_dir, name, folders if is_sentence is None else [splits])
+    images = list_images(dataset_dir, name, folders)
+    kept = [path for path in images if query_is_sentence(path, spec) == is_sentence]
+    if not kept:
+        problem = (
+            f"split(s) {', '.join(folders)} have no record with is_sentence "
+            f"{str(is_sentence).lower()}, so {spec!r} is empty"
+        )
+        hint = f"all {len(images)} images are of the other query type"
+        raise DataError(dataset_dir / REASON_SEG_DIR / name, None, problem, hint)
+    return kept
+
+
+def query_is_sentence(image_path: Path, spec: str) -> bool:
+    """The `is_sentence` of an image's json; DataError if unreadable, since the record would
+    silently be left out of both query types."""
+    try:
+        return read_annotation(image_path.with_suffix(".json"), image_path.name).is_sentence
+    except DataError as error:
+        hint = f"its query type is needed to select {spec!r}; tools/check_dataset.py lists all"
+        raise DataError(error.file, error.record, error.problem, hint) from error
 
 
 def polygon_points(points: object, file: Path, record: str) -> np.ndarray:
@@ -145,7 +201,25 @@ def draw_mask(polygons: list[tuple[str, np.ndarray]], shape: tuple[int, int]) ->
     mask = np.zeros(shape, np.uint8)
     for index in np.argsort(areas, kind="stable")[::-1]:
         label, points = polygons[index]
-        fill_polygon(mask, points, IGNORE_LABEL if IGNORE_MARK in label else TARGET_VALUE)
+        value = IGNORE_LABEL if IGNORE_MARK in label.lower() else TARGET_VALUE
+        fill_polygon(mask, points, value)
+    return mask
+
+
+def checked_ignore_pixels(ignore_pixels: str) -> str:
+    """`ignore_pixels` itself; ValueError naming the choices if it is none of them."""
+    if ignore_pixels not in IGNORE_PIXEL_CHOICES:
+        raise ValueError(
+            f"--ignore_pixels must be one of {IGNORE_PIXEL_CHOICES}, not {ignore_pixels!r}"
+        )
+    return ignore_pixels
+
+
+def training_mask(mask: np.ndarray, ignore_pixels: str) -> np.ndarray:
+    """uint8 [H, W] mask to train on: "background" keeps only the target (LISA's `mask == 1`),
+    "exclude" keeps IGNORE_LABEL for the loss to leave out."""
+    if checked_ignore_pixels(ignore_pixels) == "background":
+        return (mask == TARGET_VALUE).astype(np.uint8)
     return mask
 
 
@@ -175,9 +249,10 @@ class ReasonSegSource:
     def __init__(
         self, dataset_dir: Path, options: SamplingOptions, spec: str = "ReasonSeg|train"
     ) -> None:
-        dataset, splits = parse_spec(spec)
+        checked_ignore_pixels(options.ignore_pixels)
+        dataset, _ = parse_spec(spec)
         self.name, self.options = f"reason_seg/{spec}", options
-        self.images = list_images(Path(dataset_dir), dataset, splits)
+        self.images = select_images(Path(dataset_dir), spec)
         self.explanation_file = Path(dataset_dir) / REASON_SEG_DIR / dataset / EXPLANATORY_JSON
         self.explanations: dict[str, tuple[int, dict]] = {}
         self.explanation_errors: list[DataError] = []
@@ -212,7 +287,8 @@ class ReasonSegSource:
 
     def sample(self, rng: np.random.Generator) -> Sample:
         path = self.images[int(rng.integers(len(self.images)))]
-        image, annotation, mask = load_record(path)
+        image, annotation, drawn = load_record(path)
+        mask = training_mask(drawn, self.options.ignore_pixels)
         count = min(self.options.num_classes_per_sample, len(annotation.texts))
         texts = [
             annotation.texts[i] for i in rng.choice(len(annotation.texts), count, replace=False)
@@ -272,13 +348,14 @@ def explanation_conversations(
 
 class ReasonSegValidation:
     """ReasonSeg validation/test images (`--val_dataset "ReasonSeg|val"` gives split "val"; "a_b"
-    joins splits): one question about `text[0]` per image."""
+    joins splits; "test_short"/"test_long" (or "testshort"/"testlong") keep one query type):
+    one question about `text[0]` per image."""
 
     def __init__(
         self, dataset_dir: str | Path, split: str = "val", dataset: str = "ReasonSeg"
     ) -> None:
         self.name = f"{dataset}|{split}"
-        self.images = list_images(Path(dataset_dir), *parse_spec(self.name))
+        self.images = select_images(Path(dataset_dir), self.name)
 
     def __len__(self) -> int:
         return len(self.images)
