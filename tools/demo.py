@@ -85,12 +85,20 @@ MODEL_FLAGS = (
     "--no-gradient_checkpointing",
     # the pretrained LLaVA answers "name: yes/no" where GSVA's answers put [SEG]/[REJ]
     "--new_token_init=[SEG]=yes,[REJ]=no",
+    # the demo's model is tuned as LISA's architecture with mean-row new tokens, not the default
+    # m2sa recipe's
+    "--no-early_fusion",
+    "--new_token_rows=mean",
 )
 DATA_FLAGS = (
     "--dataset=sem_seg||refer_seg||vqa||reason_seg||multi_part_reason_seg",
     "--refer_seg_data=refcoco||grefcoco",
     "--sample_rates=2,9,1,1,3",
     "--prompt_style=gsva",
+    # the shapes world's unlabelled background stays out of the mask loss, and a part target is
+    # a whole part category
+    "--ignore_pixels=exclude",
+    "--part_targets=category",
     "--workers=0",
 )
 PROFILES = {
