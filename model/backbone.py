@@ -102,7 +102,9 @@ NEW_TOKEN_ROWS = ("mean", "normal")
 
 
 def init_new_rows_normal(
-    llava: LlavaForConditionalGeneration, first_new_id: int, generator: torch.Generator | None = None
+    llava: LlavaForConditionalGeneration,
+    first_new_id: int,
+    generator: torch.Generator | None = None,
 ) -> None:
     """Redraw the input-embedding and LM-head rows from `first_new_id` on from N(0, std), std =
     the language model's `initializer_range` (transformers 4.31 `_init_weights`, which
@@ -112,7 +114,9 @@ def init_new_rows_normal(
     with torch.no_grad():
         for weight in matrices.values():
             rows = weight[first_new_id:]
-            draw = torch.empty(rows.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+            draw = torch.empty(rows.shape, dtype=torch.float32).normal_(
+                0.0, std, generator=generator
+            )
             rows.copy_(draw.to(rows.dtype))
 
 

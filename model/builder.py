@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import torch
 
 from model.backbone import (
+    init_new_rows_normal,
     init_new_token_rows,
     load_llava,
     load_tokenizer,
-    init_new_rows_normal,
     resize_embeddings_to_mean,
 )
 from model.checkpoint import (

@@ -380,7 +380,11 @@ class ResolvedConfig:
 
     def to_json(self) -> dict[str, Any]:
         """Every field, plus "recipe_file" and the "sources" map (`--print_config`)."""
-        return {**asdict(self.config), "recipe_file": str(self.recipe.path), "sources": self.sources}
+        return {
+            **asdict(self.config),
+            "recipe_file": str(self.recipe.path),
+            "sources": self.sources,
+        }
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, object]:

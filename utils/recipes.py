@@ -88,7 +88,9 @@ def load_recipe(name_or_path: str, parser: argparse.ArgumentParser) -> Recipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a mapping of flag names to values, not {type(raw).__name__}")
+        raise RecipeError(
+            f"{path}: expected a mapping of flag names to values, not {type(raw).__name__}"
+        )
     actions = {action.dest: action for action in parser._actions}  # noqa: SLF001
     values = {key: check_value(path, key, value, actions) for key, value in raw.items()}
     return Recipe(name=path.stem, path=path, values=values)

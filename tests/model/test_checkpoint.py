@@ -4,6 +4,7 @@ merged model that computes what the unmerged one computed (with and without fusi
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -78,9 +79,12 @@ def merged(request, tiny_dir, tmp_path):
     return before, directory, batch
 
 
-def test_the_merged_model_computes_what_the_unmerged_one_did(merged) -> None:
+@pytest.mark.parametrize("asked_fusion", [False, True], ids=["asked_lisa", "asked_fusion"])
+def test_the_merged_model_computes_what_the_unmerged_one_did(merged, asked_fusion) -> None:
+    """Whatever --early_fusion (or a recipe) asks, a checkpoint keeps the architecture it was
+    trained with: a random fusion block added to a LISA checkpoint would corrupt it."""
     before, directory, batch = merged
-    config = merged_config(directory)
+    config = replace(merged_config(directory), early_fusion=asked_fusion)
     model, _ = build_segmenter(config)
     after = outputs(model, batch)
     torch.testing.assert_close(after.logits, before.logits, atol=1e-4, rtol=1e-4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.backbone import (
+    init_new_rows_normal,
     init_new_token_rows,
     load_llava,
     load_tokenizer,
@@ -81,6 +82,28 @@ def test_new_embedding_rows_start_at_the_mean(tiny_dir) -> None:
         torch.testing.assert_close(llava.lm_head.weight[row], old_head.mean(0))
     assert llava.config.text_config.vocab_size == len(tokenizer)
     assert SEG_TOKEN in tokenizer.get_vocab()
+
+
+def test_new_rows_normal_draw_as_transformers_4_31(tiny_dir) -> None:
+    """`--new_token_rows normal`: the rows this run adds are N(0, initializer_range) draws in
+    both matrices (what resize_token_embeddings' _init_weights gave LISA, GSVA and MMR), the
+    old rows untouched; with a seeded generator, exactly the draws of that generator."""
+    config = tiny_model_config(tiny_dir)
+    llava = load_llava(config.version, torch.float32)
+    tokenizer = load_tokenizer(config.version)
+    first_new = len(tokenizer)
+    old = llava.get_input_embeddings().weight.detach().clone()
+    add_segmentation_tokens(tokenizer, use_mm_start_end=True)
+    resize_embeddings_to_mean(llava, len(tokenizer))
+    init_new_rows_normal(llava, first_new, torch.Generator().manual_seed(3))
+    std = llava.config.text_config.initializer_range
+    expected = torch.Generator().manual_seed(3)
+    for matrix in (llava.get_input_embeddings().weight, llava.lm_head.weight):
+        rows = matrix[first_new:]
+        draw = torch.empty(rows.shape).normal_(0.0, std, generator=expected)
+        torch.testing.assert_close(rows, draw)
+    torch.testing.assert_close(llava.get_input_embeddings().weight[:first_new], old)
+    assert std == 0.02  # LLaMA's initializer_range, as in the LLaVA-v1 configs
 
 
 def test_new_token_rows_can_start_as_a_words_first_token(tiny_dir) -> None:

@@ -236,7 +236,9 @@ def run_train_ds(*args: str) -> subprocess.CompletedProcess:
 
 def test_print_config_prints_one_json_object_and_loads_nothing() -> None:
     # a --version that does not exist proves no model is loaded
-    done = run_train_ds("--recipe", "gsva", "--version", "/nonexistent", "--lr=1e-4", "--print_config")
+    done = run_train_ds(
+        "--recipe", "gsva", "--version", "/nonexistent", "--lr=1e-4", "--print_config"
+    )
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
     assert printed["recipe"] == "gsva" and printed["recipe_file"].endswith("configs/gsva.yaml")
