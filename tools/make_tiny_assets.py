@@ -35,6 +35,7 @@ from tools.tiny_assets.mmr import write_mmr  # noqa: E402
 from tools.tiny_assets.parts import coco_file_name, write_paco, write_pascal_part  # noqa: E402
 from tools.tiny_assets.reason_seg import write_reason_seg  # noqa: E402
 from tools.tiny_assets.refer import train2014_pool, write_refer_family  # noqa: E402
+from tools.tiny_assets.refzom import write_refzom  # noqa: E402
 from tools.tiny_assets.semantic import write_ade20k, write_cocostuff, write_mapillary  # noqa: E402
 from tools.tiny_assets.vqa import write_vqa  # noqa: E402
 
@@ -49,13 +50,14 @@ FAMILIES = (
     "pascal_part",
     "refer_seg",
     "grefcoco",
+    "refzom",
     "refcocom",
     "mmr",
     "reason_seg",
     "vqa",
 )
 COCO2017_FAMILIES = {"cocostuff", "vqa"}
-TRAIN2014_FAMILIES = {"refer_seg", "grefcoco", "refcocom"}
+TRAIN2014_FAMILIES = {"refer_seg", "grefcoco", "refzom", "refcocom"}
 COCO2017_FIRST_ID = 200001
 DEFAULT_IMAGE_SIZE = (96, 72)
 
@@ -79,6 +81,8 @@ def write_train2014(ctx: Context, families: set[str]) -> None:
         write_refer_family(ctx, pool)
     if "grefcoco" in families:
         write_grefcoco(ctx, pool)
+    if "refzom" in families:
+        write_refzom(ctx, pool)
     if "refcocom" in families:
         write_refcocom(ctx, pool)
 

@@ -44,6 +44,8 @@ EXPECTED = [
     f"{REFER}/grefcoco/grefs(unc).json",
     f"{REFER}/grefcoco/grefs(unc).p",
     f"{REFER}/grefcoco/instances.json",
+    f"{REFER}/refzom/Ref_ZOM.p",
+    f"{REFER}/refzom/instances.json",
     f"{REFER}/images/mscoco/images/train2014/COCO_train2014_*.jpg",
     f"{REFER}/images/saiapr_tc-12/*/images/*.jpg",
     *[f"MMR/MMR_{split}.json" for split in MMR_SPLITS],
@@ -157,7 +159,7 @@ def test_instances_decode_to_the_scene_masks(root: Path) -> None:
             assert np.array_equal(coco.annToMask(ann).astype(bool), obj.mask)
             assert coco.loadCats(ann["category_id"])[0]["name"] == obj.shape
     assert kinds == {"list", "dict"}
-    for dataset in ("refcoco+", "refcocog", "grefcoco"):
+    for dataset in ("refcoco+", "refcocog", "grefcoco", "refzom"):
         assert (root / REFER / dataset / "instances.json").read_bytes() == (
             root / REFER / "refcoco" / "instances.json"
         ).read_bytes()
@@ -188,6 +190,18 @@ def test_part_datasets_decode_with_pycocotools(root: Path, path: str, counts_typ
     assert rle_counts == {counts_type}
 
 
+def assert_named_kind_is_absent(root: Path, coco: COCO, ref: dict) -> None:
+    """A no-target ref names a (colour, shape) that no object of its image has."""
+    colour, shape = ref["sentences"][0]["sent"].split()[-2:]
+    image = read_rgb(
+        root / REFER / "images/mscoco/images/train2014" / coco.imgs[ref["image_id"]]["file_name"]
+    )
+    same_shape = [
+        a for a in coco.imgToAnns[ref["image_id"]] if coco.cats[a["category_id"]]["name"] == shape
+    ]
+    assert all(dominant_colour(image, coco.annToMask(a)) != colour for a in same_shape)
+
+
 def test_grefcoco_lists_no_target_and_multi_target(root: Path) -> None:
     base = root / REFER / "grefcoco"
     refs = json.loads((base / "grefs(unc).json").read_text())
@@ -199,19 +213,29 @@ def test_grefcoco_lists_no_target_and_multi_target(root: Path) -> None:
     empty = [r for r in refs if r["no_target"]]
     assert empty and all(r["ann_id"] == [-1] == r["category_id"] for r in empty)
     for ref in empty:
-        colour, shape = ref["sentences"][0]["sent"].split()[-2:]
-        image = read_rgb(
-            root
-            / REFER
-            / "images/mscoco/images/train2014"
-            / coco.imgs[ref["image_id"]]["file_name"]
-        )
-        same_shape = [
-            a
-            for a in coco.imgToAnns[ref["image_id"]]
-            if coco.cats[a["category_id"]]["name"] == shape
-        ]
-        assert all(dominant_colour(image, coco.annToMask(a)) != colour for a in same_shape)
+        assert_named_kind_is_absent(root, coco, ref)
+
+
+def test_refzom_refs_as_gsva_reads_them(root: Path) -> None:
+    # GSVA data/refzom.py: refer_seg/refzom/Ref_ZOM.p + instances.json; `ann_id` a list, [] for
+    # no target (data/dataset.py:420); splits train / test ('refzom|final|test', main.py:201)
+    base = root / REFER / "refzom"
+    with open(base / "Ref_ZOM.p", "rb") as handle:
+        refs = pickle.load(handle)
+    coco = COCO(str(base / "instances.json"))
+    assert {r["split"] for r in refs} == {"train", "test"}
+    train = {r["image_id"] for r in refs if r["split"] == "train"}
+    test = {r["image_id"] for r in refs if r["split"] == "test"}
+    assert not train & test and len(train) == len(test) == len(coco.imgs) // 2
+    for ref in refs:
+        assert set(ref) == REF_KEYS | {"source"}
+        assert isinstance(ref["ann_id"], list) and len(ref["ann_id"]) == len(ref["category_id"])
+        assert all(coco.anns[a]["image_id"] == ref["image_id"] for a in ref["ann_id"])
+        count = len(ref["ann_id"])
+        assert ref["source"] == ("zero" if count == 0 else "one" if count == 1 else "many")
+        if count == 0:
+            assert_named_kind_is_absent(root, coco, ref)
+    assert {r["source"] for r in refs} == {"zero", "one", "many"}
 
 
 def test_refer_texts_name_the_masked_pixels_and_distractors_exist(root: Path) -> None:

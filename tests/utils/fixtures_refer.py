@@ -1,4 +1,5 @@
-"""Writers of tiny referring, gRefCOCO, MMR and RefCOCOm datasets in their real file formats.
+"""Writers of tiny referring, gRefCOCO, RefZOM, MMR and RefCOCOm datasets in their real file
+formats.
 
 The masks the writers encode are module constants (ANN_MASKS, MMR_MASKS, REFCOCOM_MASKS), so
 tests compare pixel-exactly. Images are H x W = 24 x 32; masks uint8 [H, W] in {0, 1}.
@@ -155,6 +156,34 @@ def grefcoco_refs() -> list[dict]:
     return refs
 
 
+# an annotation of image 1 whose RLE holds no pixel (GSVA answers such a target `[REJ]`)
+EMPTY_ANN_ID = 13
+
+
+def empty_annotation() -> dict:
+    return {
+        "id": EMPTY_ANN_ID,
+        "image_id": 1,
+        "segmentation": rle(np.zeros((H, W), np.uint8)),
+        "category_id": 1,
+    }
+
+
+def refzom_refs() -> list[dict]:
+    """Ref_ZOM.p refs: many (600), zero (601, `ann_id == []`), one (602) in train; one (603)
+    and zero (604) in test; `source` as Ref-ZOM writes it."""
+    refs = [
+        ref(600, 1, [11, 12], "train", ["both things"]),
+        ref(601, 1, [], "train", ["the purple cat"]),
+        ref(602, 2, [21], "train", ["parts"]),
+        ref(603, 3, [31], "test", ["The Test Thing."]),
+        ref(604, 3, [], "test", ["nothing here"]),
+    ]
+    for item in refs:
+        item["source"] = {0: "zero", 1: "one"}.get(len(item["ann_id"]), "many")
+    return refs
+
+
 # MMR: one record whose three questions have 1, 2 and 3 `{seg}`s and distinct masks
 MMR_MASKS = [
     [box(0, 4, 0, 4)],
@@ -257,7 +286,7 @@ def write_refcocom(
     return path
 
 
-TINY_FAMILIES = ("refer_seg", "grefcoco", "refcocom", "mmr")
+TINY_FAMILIES = ("refer_seg", "grefcoco", "refzom", "refcocom", "mmr")
 
 
 def tiny_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

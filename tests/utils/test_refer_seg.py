@@ -1,5 +1,12 @@
 """Referring-segmentation training sources: prompts, masks (polygon, RLE, union, no-target),
-sampling, determinism, `--exclude_val`, factories and the bad-record checks."""
+GSVA's `[REJ]` for empty targets and its all-`[REJ]` redraws, `--no_target_answer`, RefZOM,
+sampling, determinism, `--exclude_val`, factories and the bad-record checks.
+
+Upstream (the behaviour the expected values follow): GSVA LeapLabTHU/GSVA@618dc79
+`data/refer_seg_dataset.py:270-281` (`masks[t].sum() < 1` -> `[REJ]`, all-`[REJ]` redrawn),
+`data/refzom.py` (`Ref_ZOM.p`, `ann_id == []`); MMR jdg900/MMR@702a7b6
+`utils/refer_seg_dataset.py:249-256` and LISA dvlab-research/LISA@3cb2d43
+`utils/refer_seg_dataset.py:190` (a gRefCOCO `[-1]` target: zero mask, answered `[SEG]`)."""
 
 from __future__ import annotations
 
@@ -14,12 +21,18 @@ import pytest
 
 from tests.utils import fixtures_refer as fx
 from utils.datasets.base import DataError, SamplingOptions
-from utils.datasets.refer_seg import ReferSegSource, build_refer_seg_sources
+from utils.datasets.refer_seg import (
+    MAX_ALL_REJECT_DRAWS,
+    ReferSegSource,
+    build_refer_seg_sources,
+)
 from utils.datasets.templates import REJ, SEG
 
 LISA = SamplingOptions(
     num_classes_per_sample=3, prompt_style="lisa", use_expand_question_list=False
 )
+GSVA = SamplingOptions(num_classes_per_sample=5, prompt_style="gsva")
+ZEROS = np.zeros((fx.H, fx.W), np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +115,107 @@ def test_gsva_style_redraws_all_reject_samples(tmp_path: Path) -> None:
         assert SEG in source.sample(np.random.default_rng(seed)).conversations[0][0][1]
 
 
+def gsva_tokens(sample) -> list[tuple[str, str, np.ndarray]]:
+    """(text before the token, "SEG" or "REJ", mask) for each target of a gsva-style sample."""
+    ((_, answer),) = sample.conversations[0]
+    pieces = re.findall(r"(.*?)\[(SEG|REJ)\]", answer)
+    assert len(pieces) == len(sample.masks)
+    return [(text, token, mask) for (text, token), mask in zip(pieces, sample.masks, strict=True)]
+
+
+def test_gsva_style_rejects_targets_with_empty_masks(tmp_path: Path) -> None:
+    # GSVA data/refer_seg_dataset.py:275: any target whose mask sums below 1 is [REJ], also a
+    # refCOCO annotation that decodes to no pixel
+    refs = [
+        fx.ref(100, 1, 11, "train", ["the red box"]),
+        fx.ref(102, 1, fx.EMPTY_ANN_ID, "train", ["the empty box"]),
+    ]
+    fx.write_refer(tmp_path, refs=refs, instances_json=fx.instances([fx.empty_annotation()]))
+    sample = ReferSegSource(tmp_path, GSVA, "refcoco").sample(np.random.default_rng(0))
+    expected = {"the red box": ("SEG", fx.ANN_MASKS[11]), "the empty box": ("REJ", ZEROS)}
+    got = gsva_tokens(sample)
+    assert len(got) == len(expected)
+    for text, token, mask in got:
+        name = next(n for n in expected if n in text)
+        assert token == expected[name][0] and np.array_equal(mask, expected[name][1])
+    # LISA answers every refCOCO sentence [SEG] (LISA utils/refer_seg_dataset.py:169)
+    lisa = ReferSegSource(tmp_path, LISA, "refcoco").sample(np.random.default_rng(0))
+    assert fx.answer_tokens(lisa.conversations) == [SEG, SEG]
+
+
+def test_all_reject_redraws_count_empty_masks_as_absent(tmp_path: Path) -> None:
+    refs = [
+        fx.ref(102, 1, fx.EMPTY_ANN_ID, "train", ["the empty box"]),
+        fx.ref(200, 2, 21, "train", ["two parts"]),
+    ]
+    fx.write_refer(tmp_path, refs=refs, instances_json=fx.instances([fx.empty_annotation()]))
+    source = ReferSegSource(tmp_path, GSVA, "refcoco")
+    for seed in range(6):
+        sample = source.sample(np.random.default_rng(seed))
+        assert [token for _, token, _ in gsva_tokens(sample)] == ["SEG"]
+        assert np.array_equal(sample.masks[0], fx.ANN_MASKS[21])
+
+
+def test_all_reject_redraws_are_capped(tmp_path: Path) -> None:
+    refs = [fx.ref(1, 1, [-1], "train", ["nothing"]), fx.ref(2, 2, [-1], "train", ["no one"])]
+    fx.write_refer(tmp_path, "grefcoco", refs, "grefs(unc).p")
+    source = ReferSegSource(tmp_path, GSVA, "grefcoco")
+    draws = []
+    draw = source._draw
+    source._draw = lambda rng: draws.append(1) or draw(rng)
+    sample = source.sample(np.random.default_rng(0))
+    assert len(draws) == MAX_ALL_REJECT_DRAWS
+    assert [token for _, token, _ in gsva_tokens(sample)] == ["REJ"] and not sample.masks.any()
+
+
+@pytest.mark.parametrize(
+    ("style", "answer", "token"),
+    [
+        ("lisa", "rej", REJ),
+        ("lisa", "empty_seg", SEG),
+        ("mmr", "rej", REJ),
+        ("mmr", "empty_seg", SEG),
+        ("gsva", "empty_seg", REJ),  # GSVA always rejects an empty target
+    ],
+)
+def test_no_target_answer(tmp_path: Path, style: str, answer: str, token: str) -> None:
+    fx.write_refer(tmp_path, "grefcoco", fx.grefcoco_refs(), "grefs(unc).json")
+    options = SamplingOptions(num_classes_per_sample=3, prompt_style=style, no_target_answer=answer)
+    source = ReferSegSource(tmp_path, options, "grefcoco")
+    source.image_ids = [1]  # "both things" (anns 11 and 12) and "the purple cat" (no target)
+    sample = source.sample(np.random.default_rng(0))
+    tokens = fx.answer_tokens(sample.conversations)
+    assert len(tokens) == len(sample.masks) == 2
+    questions = [q for conversation in sample.conversations for q, _ in conversation]
+    if style == "gsva":
+        order = [0, 1] if questions[0].index("both") < questions[0].index("purple") else [1, 0]
+    else:  # one target per question here (two targets, up to three questions)
+        order = [0 if "both things" in q else 1 for q in questions]
+    expected = [(SEG, fx.ANN_MASKS[11] | fx.ANN_MASKS[12]), (token, ZEROS)]
+    for position, target in enumerate(order):
+        assert tokens[position] == expected[target][0]
+        assert np.array_equal(sample.masks[position], expected[target][1])
+
+
+def test_refzom_training_source(tmp_path: Path) -> None:
+    fx.write_refer(tmp_path, "refzom", fx.refzom_refs(), "Ref_ZOM.p")
+    (source,) = build_refer_seg_sources(tmp_path, "refzom", GSVA)
+    assert source.name == "refer_seg/refzom" and source.image_ids == [1, 2]
+    assert source.heldout_image_ids() == {3} and list(source.check(deep=True)) == []
+    source.image_ids = [1]
+    sample = source.sample(np.random.default_rng(0))
+    assert "refer_seg/images/mscoco/images/train2014/" in sample.image_path
+    expected = {
+        "both things": ("SEG", fx.ANN_MASKS[11] | fx.ANN_MASKS[12]),
+        "the purple cat": ("REJ", ZEROS),  # ann_id == []
+    }
+    got = gsva_tokens(sample)
+    assert len(got) == len(expected)
+    for text, token, mask in got:
+        name = next(n for n in expected if n in text)
+        assert token == expected[name][0] and np.array_equal(mask, expected[name][1])
+
+
 def test_exclude_val_drops_heldout_images(tmp_path: Path) -> None:
     fx.write_refer(tmp_path)
     fx.write_refer(tmp_path, "refcocog", refs_name="refs(umd).p")
@@ -113,7 +227,9 @@ def test_exclude_val_drops_heldout_images(tmp_path: Path) -> None:
 
 
 def test_factory_names_and_files(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="refclef, refcoco, refcoco\\+, refcocog, grefcoco"):
+    with pytest.raises(
+        ValueError, match="refclef, refcoco, refcoco\\+, refcocog, grefcoco, refzom"
+    ):
         build_refer_seg_sources(tmp_path, ["refcoco", "refcocoX"], LISA)
     fx.write_refer(tmp_path, "refcocog", refs_name="refs(unc).p")  # wrong split file for umd
     with pytest.raises(DataError, match=r"refs\(umd\)\.p"):
@@ -247,9 +363,11 @@ def test_sample_rejects_image_of_another_size(tmp_path: Path) -> None:
     assert "record ref_id 200" in str(problem)
 
 
-@pytest.mark.parametrize("name", ["refclef", "refcoco", "refcoco+", "refcocog", "grefcoco"])
+@pytest.mark.parametrize(
+    "name", ["refclef", "refcoco", "refcoco+", "refcocog", "grefcoco", "refzom"]
+)
 def test_tiny_assets_sources(tiny_dataset: Path, name: str) -> None:
-    style = "gsva" if name == "grefcoco" else "lisa"
+    style = "gsva" if name in ("grefcoco", "refzom") else "lisa"
     options = SamplingOptions(num_classes_per_sample=3, prompt_style=style)
     (source,) = build_refer_seg_sources(tiny_dataset, [name], options)
     assert len(source) > 0 and list(source.check(deep=True)) == []

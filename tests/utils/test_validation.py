@@ -1,5 +1,11 @@
-"""`--val_dataset` parsing and the refCOCO, gRefCOCO, MMR and RefCOCOm validation sets: exact
-prompts, masks, target names, paths under refer_seg/ and the bad-record checks."""
+"""`--val_dataset` parsing and the refCOCO, multi-refCOCO, gRefCOCO, RefZOM, MMR and RefCOCOm
+validation sets: exact prompts, masks, target names, paths under refer_seg/, GSVA's metrics on
+RefZOM and the bad-record checks.
+
+Reference strings are copied from the upstream code: GSVA LeapLabTHU/GSVA@618dc79
+`data/dataset.py:396-511` (gRefCOCO / RefZOM), `main.py:197-202` (`--val_refzom`); MMR
+jdg900/MMR@702a7b6 `utils/dataset.py:355-357,437,472,489-533` (multi-refCOCO, RefCOCOm); LISA
+dvlab-research/LISA@3cb2d43 `utils/dataset.py:372` (`strip().lower()`)."""
 
 from __future__ import annotations
 
@@ -9,10 +15,29 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from tests.utils import fixtures_refer as fx
 from utils.datasets.base import DataError
-from utils.datasets.validation import ValEntry, build_validation_set, parse_val_datasets
+from utils.datasets.validation import (
+    GSVA_GRES_VAL,
+    GSVA_REFZOM_VAL,
+    ValEntry,
+    build_validation_set,
+    gsva_epoch_validation,
+    multi_groups,
+    parse_val_datasets,
+)
+from utils.evaluation import build_validation_jobs
+from utils.metrics import (
+    CIOU,
+    GIOU,
+    N_ACC,
+    T_ACC,
+    GresAccumulator,
+    MaskIoUAccumulator,
+    target_stats,
+)
 
 ACCEPTED = {
     "ReasonSeg|val": ("ReasonSeg", "", "val"),
@@ -30,6 +55,12 @@ ACCEPTED = {
     "RefCOCOm|val": ("RefCOCOm", "", "val"),
     "RefCOCOm|testA": ("RefCOCOm", "", "testA"),
     "RefCOCOm|testB": ("RefCOCOm", "", "testB"),
+    "refzom|final|test": ("refzom", "final", "test"),
+    "multirefcoco|unc|val": ("multirefcoco", "unc", "val"),
+    "multirefcoco|unc|testA": ("multirefcoco", "unc", "testA"),
+    "multirefcoco+|unc|testB": ("multirefcoco+", "unc", "testB"),
+    "multirefcocog|umd|test": ("multirefcocog", "umd", "test"),
+    "multirefclef|unc|val": ("multirefclef", "unc", "val"),
 }
 
 
@@ -57,6 +88,11 @@ def test_parse_joined_entries() -> None:
         "grefcoco|unc|val|extra",
         "RefCOCOm|unc|val",
         "ReasonSeg|",
+        "refzom|unc|test",
+        "refzom|test",
+        "multirefcoco|umd|val",
+        "multigrefcoco|unc|val",
+        "multirefzom|final|test",
     ],
 )
 def test_parse_rejects_with_accepted_forms(text: str) -> None:
@@ -97,17 +133,151 @@ def test_grefcoco_validation_gsva_protocol(tmp_path: Path) -> None:
     fx.write_refer(tmp_path, "grefcoco", fx.grefcoco_refs(), "grefs(unc).json")
     dataset = build_validation_set(tmp_path, ValEntry("grefcoco", "unc", "val"))
     sample = dataset[0]
+    # GSVA data/dataset.py:496-511: no space before "in", none after "Sure,"
     assert sample.conversations == [
         [
             (
-                "<image>\n What are val thing, nothing here in this image? "
+                "<image>\n What are val thing, nothing herein this image? "
                 "Please output segmentation masks.",
-                "Sure, val thing:[SEG], nothing here:[REJ].",
+                "Sure,val thing:[SEG], nothing here:[REJ].",
             )
         ]
     ]
     assert np.array_equal(sample.masks, np.stack([fx.ANN_MASKS[31], np.zeros((fx.H, fx.W))]))
     assert sample.target_names == ["val thing", "nothing here"]
+
+
+def test_grefcoco_validation_exact_strings_of_a_hand_made_record(tmp_path: Path) -> None:
+    refs = [
+        fx.ref(800, 1, [11, 12], "val", ["  The Two Things. ", "both"]),
+        fx.ref(801, 1, [-1], "val", ["A purple cat."]),
+        fx.ref(802, 1, [fx.EMPTY_ANN_ID], "val", ["the .empty. one"]),
+    ]
+    refs[1]["no_target"] = True
+    extra = [fx.empty_annotation()]
+    fx.write_refer(tmp_path, "grefcoco", refs, "grefs(unc).json", fx.instances(extra))
+    sample = build_validation_set(tmp_path, ValEntry("grefcoco", "unc", "val"))[0]
+    # sentences .strip().lower() (GSVA :398), then .strip().strip('.') (:496); an expression
+    # whose mask sums below 1 is [REJ] (:506), the no-target one and the empty annotation alike
+    question = (
+        "<image>\n What are the two things, both, a purple cat, the .empty. onein this image? "
+        "Please output segmentation masks."
+    )
+    answer = "Sure,the two things:[SEG], both:[SEG], a purple cat:[REJ], the .empty. one:[REJ]."
+    assert sample.conversations == [[(question, answer)]]
+    assert sample.target_names == ["the two things", "both", "a purple cat", "the .empty. one"]
+    union = fx.ANN_MASKS[11] | fx.ANN_MASKS[12]
+    zeros = np.zeros_like(union)
+    assert np.array_equal(sample.masks, np.stack([union, union, zeros, zeros]))
+
+
+def test_refcoco_family_sentences_are_normalised(tmp_path: Path) -> None:
+    refs = [fx.ref(300, 3, 31, "val", ["  The VAL Thing. "])]
+    fx.write_refer(tmp_path, refs=refs)
+    sample = build_validation_set(tmp_path, ValEntry("refcoco", "unc", "val"))[0]
+    # LISA utils/dataset.py:372, MMR utils/dataset.py:437: sent.strip().lower()
+    assert sample.conversations == [
+        [
+            (
+                "<image>\n What is the val thing. in this image? Please output segmentation mask.",
+                "[SEG].",
+            )
+        ]
+    ]
+    assert sample.target_names == ["the val thing."]
+    records = fx.refcocom_records()
+    records[0]["sentences"][0]["sent"] = " The Handle of the CUP "
+    path = fx.write_refcocom(tmp_path, records=records)
+    refcocom = build_validation_set(tmp_path, ValEntry("RefCOCOm", "", "val"), path.name)[0]
+    # MMR utils/dataset.py:472
+    assert refcocom.target_names == ["the handle of the cup", "cup handle"]
+
+
+def test_refzom_validation_gsva_protocol(tmp_path: Path) -> None:
+    fx.write_refer(tmp_path, "refzom", fx.refzom_refs(), "Ref_ZOM.p")
+    (entry,) = parse_val_datasets(GSVA_REFZOM_VAL)
+    dataset = build_validation_set(tmp_path, entry)
+    assert dataset.name == "refzom|final|test" and len(dataset) == 1  # the test split: image 3
+    sample = dataset[0]
+    assert sample.conversations == [
+        [
+            (
+                "<image>\n What are the test thing, nothing herein this image? "
+                "Please output segmentation masks.",
+                "Sure,the test thing:[SEG], nothing here:[REJ].",
+            )
+        ]
+    ]
+    assert np.array_equal(sample.masks, np.stack([fx.ANN_MASKS[31], np.zeros((fx.H, fx.W))]))
+    assert sample.source == "refer_seg/refzom" and sample.record_id == "3"
+    assert "refer_seg/images/mscoco/images/train2014/" in sample.image_path
+    assert list(dataset.check(deep=True)) == []
+
+
+def test_gsva_val_refzom_entry() -> None:
+    # GSVA main.py:201: 'refzom|final|test' if args.val_refzom else 'grefcoco|unc|val'
+    assert gsva_epoch_validation(True) == GSVA_REFZOM_VAL == "refzom|final|test"
+    assert gsva_epoch_validation(False) == GSVA_GRES_VAL == "grefcoco|unc|val"
+
+
+def test_refzom_is_scored_with_gsva_metrics(tmp_path: Path) -> None:
+    fx.write_refer(tmp_path, "refzom", fx.refzom_refs(), "Ref_ZOM.p")
+    (job,) = build_validation_jobs(tmp_path, "refzom|final|test")
+    accumulator = job.new_accumulator()
+    assert isinstance(accumulator, GresAccumulator)
+    sample = job.dataset[0]  # "the test thing" (box 4:20 x 4:28), "nothing here" (empty)
+    pred = torch.full((2, fx.H, fx.W), -1.0)
+    pred[0, 4:20, 4:16] = 1.0  # the left half of the target: I = 16 * 12, U = 16 * 24
+    pred[1, 0:2, 0:3] = 1.0  # 6 pixels predicted for the absent target, which is called REJ
+    gt = torch.from_numpy(sample.masks)
+    accumulator.update(target_stats(pred, gt), torch.tensor([True, False]))
+    summary = accumulator.summary()
+    # GSVA solver.py:255-300: empty GT called REJ -> IoU 1 (N-acc hit), non-empty -> I/U
+    target_iou = (16 * 12) / (16 * 24 + 1e-8)
+    assert summary[GIOU] == pytest.approx((target_iou + 1.0) / 2)
+    assert summary[CIOU] == pytest.approx(0.5)
+    assert summary[N_ACC] == 1.0 and summary[T_ACC] == 1.0
+
+
+def test_multi_groups_cycle_six_five_four() -> None:
+    # MMR utils/dataset.py:489-497,527-531: multi_sample_num = [6, 5, 4], cycled per image
+    sizes = [len(group) for group in multi_groups(22)]
+    assert sizes == [6, 5, 4, 6, 1]
+    assert [list(g) for g in multi_groups(7)] == [[0, 1, 2, 3, 4, 5], [6]]
+    assert multi_groups(0) == []
+
+
+def test_multirefcoco_validation_mmr_strings(tmp_path: Path) -> None:
+    first = ["A Red Box "] + [f"box {k}" for k in range(1, 7)]  # 7 sentences of ann 11
+    second = [f"blob {k}" for k in range(5)]  # 5 sentences of ann 12
+    refs = [fx.ref(700, 1, 11, "val", first), fx.ref(701, 1, 12, "val", second)]
+    fx.write_refer(tmp_path, refs=refs)
+    (entry,) = parse_val_datasets("multirefcoco|unc|val")
+    dataset = build_validation_set(tmp_path, entry)
+    assert dataset.name == "multirefcoco|unc|val" and len(dataset) == 1
+    sample = dataset[0]
+    question = "<image>\n What is {} in this image? Please output segmentation mask."
+    assert sample.conversations == [
+        [
+            (
+                question.format("a red box, box 1, box 2, box 3, box 4 and box 5"),
+                "[SEG], [SEG], [SEG], [SEG], [SEG] and [SEG].",
+            )
+        ],
+        [
+            (
+                question.format("box 6, blob 0, blob 1, blob 2 and blob 3"),
+                "[SEG], [SEG], [SEG], [SEG] and [SEG].",
+            )
+        ],
+        [(question.format("blob 4"), "[SEG]")],  # MMR's `answer[0]`: no period
+    ]
+    assert sample.target_names == ["a red box", *first[1:], *second]
+    expected = [fx.ANN_MASKS[11]] * len(first) + [fx.ANN_MASKS[12]] * len(second)
+    assert np.array_equal(sample.masks, np.stack(expected))
+    assert sample.source == "refer_seg/refcoco" and sample.record_id == "1"
+    (job,) = build_validation_jobs(tmp_path, "multirefcoco|unc|val")
+    assert isinstance(job.new_accumulator(), MaskIoUAccumulator)  # per target, as MMR
 
 
 def test_grefcoco_validation_union_of_instances(tmp_path: Path) -> None:
@@ -204,6 +374,9 @@ TINY_SETS = [
     ("refclef|unc|testB", ""),
     ("grefcoco|unc|val", ""),
     ("grefcoco|unc|testB", ""),
+    ("refzom|final|test", ""),
+    ("multirefcoco|unc|val", ""),
+    ("multirefcocog|umd|test", ""),
     ("MultiPartReasonSeg|val", ""),
     ("MultiPartReasonSeg|test", "MMR_test_obj_only.json"),
     ("MultiPartReasonSeg|test", "MMR_test_part_only.json"),

@@ -1,5 +1,11 @@
-"""Reader of REFER-format referring datasets (refCLEF, refCOCO, refCOCO+, refCOCOg, gRefCOCO):
-a refs file (pickle or json list of refs) plus a COCO-style `instances.json`.
+"""Reader of REFER-format referring datasets (refCLEF, refCOCO, refCOCO+, refCOCOg, gRefCOCO,
+RefZOM): a refs file (pickle or json list of refs) plus a COCO-style `instances.json`.
+
+RefZOM (GSVA `data/refzom.py`): `refer_seg/refzom/Ref_ZOM.p` + `instances.json`, splits "train"
+and "test", `ann_id` a list, `[]` for a no-target ref; its images are read from the COCO
+train2014 folder as GSVA does (`data/dataset.py:336-342`), so Ref-ZOM's val2014 images must be
+placed there too. GSVA names its validation entry "refzom|final|test"; "final" is the splitBy
+it passes (and ignores), so it is this dataset's only splitBy here.
 
 Shared by the training sources (`utils.datasets.refer_seg`) and the validation sets
 (`utils.datasets.validation`); masks are decoded by `utils.datasets.coco`. Opening an index reads
@@ -48,7 +54,9 @@ REFER_DATASETS: dict[str, tuple[str, str]] = {
     "refcoco+": ("unc", COCO_TRAIN2014),
     "refcocog": ("umd", COCO_TRAIN2014),
     "grefcoco": ("unc", COCO_TRAIN2014),
+    "refzom": ("final", COCO_TRAIN2014),
 }
+REFZOM_REFS = "Ref_ZOM.p"
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,15 @@ def refs_file_candidates(dataset: str, split_by: str) -> list[str]:
     """File names a dataset's refs may have, in order of preference."""
     if dataset == "grefcoco":
         return [f"grefs({split_by}).json", f"grefs({split_by}).p"]
+    if dataset == "refzom":
+        return [REFZOM_REFS]
     return [f"refs({split_by}).p"]
+
+
+def normalised_sentence(sent: str) -> str:
+    """A referring sentence as LISA, MMR and GSVA read it for evaluation: `strip().lower()`
+    (LISA `utils/dataset.py:372`, MMR `utils/dataset.py:437,472`, GSVA `data/dataset.py:398`)."""
+    return sent.strip().lower()
 
 
 def _unpickle(path: Path, dataset_dir: Path) -> object:

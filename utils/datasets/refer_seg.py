@@ -1,15 +1,25 @@
-"""Referring-segmentation training sources: refCLEF, refCOCO, refCOCO+, refCOCOg and gRefCOCO.
+"""Referring-segmentation training sources: refCLEF, refCOCO, refCOCO+, refCOCOg, gRefCOCO and
+RefZOM (`--refer_seg_data` names; see `utils.datasets.refer` for the files).
 
 Files (under `--dataset_dir`): `refer_seg/<name>/refs(unc).p` (refcocog: `refs(umd).p`; grefcoco:
-`grefs(unc).json` or `.p`) and `refer_seg/<name>/instances.json`. Images:
+`grefs(unc).json` or `.p`; refzom: `Ref_ZOM.p`) and `refer_seg/<name>/instances.json`. Images:
 `refer_seg/images/mscoco/images/train2014/<file_name>`; refclef:
 `refer_seg/images/saiapr_tc-12/<file_name>` (its file names carry their `NN/images/` folder).
 
 A sample is one training image (split "train") and up to `targets_to_draw(...)` of its
 sentences, drawn without replacement over all sentences of all its refs (two sentences may name
-the same object). Each sentence is a short-template target (LISA's choice, lower-cased as LISA
-does); a gRefCOCO no-target sentence becomes a `[REJ]` target with an all-zero mask, a
-multi-target one the union of its instances.
+the same object). Each sentence (`strip()`ped, case kept: the templates lower-case it where
+the references do) is a short-template target; a multi-target ref's mask is the union of its
+instances. A target without pixels is answered as the references answer it:
+- "gsva" style: `[REJ]` for every target whose mask is empty (GSVA
+  `data/refer_seg_dataset.py:275`, `masks[t].sum() < 1`: no-target refs and empty masks alike).
+  A sample whose every target is `[REJ]` is redrawn (GSVA `:280-281`, `__getitem__(0)` draws a
+  new image), at most MAX_ALL_REJECT_DRAWS times; the last draw is kept if all are `[REJ]`
+  (only a dataset made mostly of no-target images gets there).
+- "lisa" / "mmr" styles, a gRefCOCO / RefZOM no-target ref: `[REJ]` with an all-zero mask
+  (`--no_target_answer rej`, the default) or, as LISA and MMR train gRefCOCO (`[-1]` -> zero
+  mask, `[SEG]`; MMR `utils/refer_seg_dataset.py:249-256`), `[SEG]` with an all-zero mask
+  (`--no_target_answer empty_seg`). A ref whose annotations decode to no pixels keeps `[SEG]`.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ FAMILY = "refer_seg"
 # GSVA redraws samples whose every target is absent; bound the redraws so a dataset of only
 # no-target refs still yields samples instead of looping forever.
 MAX_ALL_REJECT_DRAWS = 8
+GSVA_STYLE = "gsva"
+EMPTY_SEG = "empty_seg"
 
 
 class ReferSegSource:
@@ -66,20 +78,31 @@ class ReferSegSource:
         chosen = rng.choice(len(pairs), size=count, replace=False)
         return image_id, [pairs[int(i)] for i in chosen]
 
-    def sample(self, rng: np.random.Generator) -> Sample:
-        """One image with its drawn sentences as conversations; masks uint8 [k, H, W]."""
-        for _ in range(MAX_ALL_REJECT_DRAWS):
-            image_id, drawn = self._draw(rng)
-            if self.options.prompt_style != "gsva" or any(ref.ann_ids for _, ref in drawn):
-                break
-        record = drawn[0][1].label
-        image, path = self.index.read_image(image_id, record)
-        masks: dict[int | str, np.ndarray | None] = {}
+    def _targets(self, drawn: list[tuple[str, Ref]], masks: dict) -> list[Target]:
+        """The drawn sentences as targets (mask None = answered `[REJ]`; module docstring).
+        `masks` caches each ref's mask (None for a no-target ref) across redraws."""
         targets = []
         for sent, ref in drawn:
             if ref.ref_id not in masks:
                 masks[ref.ref_id] = self.index.ref_mask(ref)
-            targets.append(Target(sent.strip().lower(), False, masks[ref.ref_id]))
+            mask = masks[ref.ref_id]
+            if self.options.prompt_style == GSVA_STYLE:
+                mask = mask if mask is not None and mask.any() else None
+            elif mask is None and self.options.no_target_answer == EMPTY_SEG:
+                shape = self.index.image_shape(ref.image_id, ref.label)
+                mask = np.zeros(shape, np.uint8)
+            targets.append(Target(sent.strip(), False, mask))
+        return targets
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        """One image with its drawn sentences as conversations; masks uint8 [k, H, W]."""
+        masks: dict[int | str, np.ndarray | None] = {}
+        for _ in range(MAX_ALL_REJECT_DRAWS):
+            image_id, drawn = self._draw(rng)
+            targets = self._targets(drawn, masks)
+            if self.options.prompt_style != GSVA_STYLE or any(t.mask is not None for t in targets):
+                break
+        image, path = self.index.read_image(image_id, drawn[0][1].label)
         return finish_sample(image, targets, self.options, rng, path, self.name)
 
     def check(self, deep: bool = False) -> Iterator[DataError]:

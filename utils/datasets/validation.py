@@ -1,17 +1,33 @@
 """Validation sets named by `--val_dataset` (entries joined by "||") and `--val_json_name`.
 
-Accepted entries:
+Accepted entries (upstream commits: LISA 3cb2d43, GSVA 618dc79, MMR 702a7b6):
 - "ReasonSeg|<split>": `utils.datasets.reason_seg.ReasonSegValidation`.
-- "<refclef|refcoco|refcoco+|refcocog>|<splitBy>|<val|testA|testB|test>": per image, each
-  sentence its own conversation "<image>\\n What is {sent} in this image? Please output
-  segmentation mask." answered "[SEG]."; one target per sentence (gIoU per sentence).
-- "grefcoco|unc|<val|testA|testB>": GSVA protocol, one conversation per image naming all its
-  expressions; an expression without target is answered `[REJ]` and has an all-zero mask.
+- "<refclef|refcoco|refcoco+|refcocog>|<splitBy>|<val|testA|testB|test>" (LISA / MMR): per
+  image, each sentence its own conversation "<image>\\n What is {sent} in this image? Please
+  output segmentation mask." answered "[SEG]."; one target per sentence (gIoU per sentence).
+- "multi<refclef|refcoco|refcoco+|refcocog>|<splitBy>|<split>" (MMR's multi-target referring
+  evaluation, MMR `utils/dataset.py:355-357,489-533`): per image, its sentences in file order
+  grouped 6, 5, 4, 6, 5, 4, ... per conversation, "What is a, b and c in this image? ..."
+  answered "[SEG], [SEG] and [SEG]." (a one-sentence group: "[SEG]", without the period, as
+  MMR writes it); one target per sentence, scored as refCOCO.
+- "grefcoco|unc|<val|testA|testB>" and "refzom|final|test" (GSVA protocol, GSVA
+  `data/dataset.py:396-511`): one conversation per image naming all its expressions, each
+  `strip().lower()` then `.strip().strip('.')`: "<image>\\n What are s1, s2in this image? Please
+  output segmentation masks." (no space before "in", as GSVA) answered "Sure,s1:[SEG],
+  s2:[REJ]." (no space after "Sure,"); an expression whose ground truth is empty (a no-target
+  ref, or annotations without pixels) is answered `[REJ]`. Scored with GSVA's gIoU / cIoU /
+  N-acc / T-acc (GSVA_PROTOCOL_SETS).
 - "MultiPartReasonSeg|<val|test>": the MMR json chosen by `--val_json_name` (default MMR_val.json).
 - "RefCOCOm|<val|testA|testB>": `refer_seg/RefCOCOm/annotations/<--val_json_name>`, masks
   `refer_seg/RefCOCOm/masks/<segment_id>.png` (0/255), images train2014; per annotation, each
   sentence its own conversation as refCOCO.
+Sentences are read `strip().lower()` as LISA, MMR and GSVA read them (`normalised_sentence`).
 Referring files are read under `<dataset_dir>/refer_seg/`, as in training.
+
+GSVA's `--val_refzom` (GSVA `main.py:86,197-202,321-343,365`): GSVA validates every epoch on
+`--val_dataset` and, beside it, on "grefcoco|unc|val", which the switch replaces by
+"refzom|final|test" (`gsva_epoch_validation`); with `--eval_only` only `--val_dataset` is
+evaluated.
 """
 
 from __future__ import annotations
@@ -32,8 +48,13 @@ from utils.datasets.base import (
     stack_masks,
 )
 from utils.datasets.mmr import MMR_VAL_JSON, MMRValidation
-from utils.datasets.refer import COCO_TRAIN2014, REFER_ROOT, open_refer_index
-from utils.datasets.templates import IMAGE_PREFIX, REJ, SEG, validation_question
+from utils.datasets.refer import (
+    COCO_TRAIN2014,
+    REFER_ROOT,
+    normalised_sentence,
+    open_refer_index,
+)
+from utils.datasets.templates import IMAGE_PREFIX, REJ, SEG, join_names, validation_question
 
 ENTRY_SEPARATOR = "||"
 FIELD_SEPARATOR = "|"
@@ -44,8 +65,24 @@ REFER_SPLIT_BYS = {
     "refcoco+": ("unc",),
     "refcocog": ("umd", "google"),
     "grefcoco": ("unc",),
+    "refzom": ("final",),
 }
 REFER_SPLITS = ("val", "testA", "testB", "test")
+# MMR's "multi<dataset>" entries -> the referring dataset they read
+MULTI_PREFIX = "multi"
+MULTI_REFER_SETS = {
+    MULTI_PREFIX + name: name for name in ("refclef", "refcoco", "refcoco+", "refcocog")
+}
+# sizes of MMR's consecutive sentence groups, cycled per image (MMR utils/dataset.py:489)
+MMR_MULTI_GROUP_SIZES = (6, 5, 4)
+# sets scored with GSVA's eval_gres (gIoU, cIoU, N-acc, T-acc) after its two passes
+GSVA_PROTOCOL_SETS = ("grefcoco", "refzom")
+GSVA_GRES_VAL = "grefcoco|unc|val"
+GSVA_REFZOM_VAL = "refzom|final|test"
+# GSVA data/dataset.py:496-511 (GSVA's own spacing: no space before "in", none after "Sure,")
+GSVA_QUESTION = " What are {sentences}in this image? Please output segmentation masks."
+GSVA_ANSWER_START = "Sure,"
+GSVA_JOINER = ", "
 # two-field forms -> accepted splits (None: the dataset checks its own split)
 TWO_FIELD_SPLITS: dict[str, tuple[str, ...] | None] = {
     "ReasonSeg": None,
@@ -86,7 +123,19 @@ def accepted_forms() -> str:
         f"{name}|<{'|'.join(by)}>|<{'|'.join(REFER_SPLITS)}>"
         for name, by in REFER_SPLIT_BYS.items()
     ]
+    forms.append(f"{MULTI_PREFIX}<{'|'.join(MULTI_REFER_SETS.values())}>|<splitBy>|<split>")
     return "; ".join(forms)
+
+
+def split_bys(dataset: str) -> tuple[str, ...]:
+    """The splitBy values a three-field entry of `dataset` accepts (none if it has no such form)."""
+    return REFER_SPLIT_BYS.get(MULTI_REFER_SETS.get(dataset, dataset), ())
+
+
+def gsva_epoch_validation(val_refzom: bool) -> str:
+    """The entry GSVA evaluates every epoch beside `--val_dataset`: "grefcoco|unc|val", or
+    "refzom|final|test" with `--val_refzom` (GSVA `main.py:197-202`)."""
+    return GSVA_REFZOM_VAL if val_refzom else GSVA_GRES_VAL
 
 
 def _parse_entry(text: str) -> ValEntry:
@@ -99,9 +148,8 @@ def _parse_entry(text: str) -> ValEntry:
         if not fields[1] or (splits is not None and fields[1] not in splits):
             raise error
         return ValEntry(fields[0], "", fields[1])
-    if len(fields) == 3 and fields[0] in REFER_SPLIT_BYS:
-        if fields[1] in REFER_SPLIT_BYS[fields[0]] and fields[2] in REFER_SPLITS:
-            return ValEntry(*fields)
+    if len(fields) == 3 and fields[1] in split_bys(fields[0]) and fields[2] in REFER_SPLITS:
+        return ValEntry(*fields)
     raise error
 
 
@@ -111,17 +159,24 @@ def parse_val_datasets(spec: str) -> list[ValEntry]:
     return [_parse_entry(text) for text in spec.split(ENTRY_SEPARATOR) if text.strip()]
 
 
-def _token(mask: np.ndarray | None) -> str:
-    return REJ if mask is None else SEG
+def _is_empty(mask: np.ndarray | None) -> bool:
+    """No ground-truth pixel: GSVA's `masks[t].sum() < 1` (masks are 0/1)."""
+    return mask is None or not mask.any()
+
+
+Targets = list[tuple[str, np.ndarray | None]]  # (sentence, mask; None: no target)
+Conversations = list[list[tuple[str, str]]]
 
 
 class ReferValidation:
-    """refCOCO-family validation: per image, one conversation and one target per sentence."""
+    """refCOCO-family validation (LISA / MMR): per image, one conversation and one target per
+    sentence, answered "[SEG]."."""
 
     def __init__(self, dataset_dir: Path, entry: ValEntry) -> None:
         self.name = str(entry)
         self.entry = entry
-        self.index = open_refer_index(dataset_dir, entry.dataset, entry.split_by)
+        self.dataset = MULTI_REFER_SETS.get(entry.dataset, entry.dataset)
+        self.index = open_refer_index(dataset_dir, self.dataset, entry.split_by)
         unreadable = self.index.unreadable_refs(entry.split)
         if unreadable:
             # left out of the index, the ref would silently be left out of the scores
@@ -138,18 +193,23 @@ class ReferValidation:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def _targets(self, index: int) -> tuple[np.ndarray, Path, list[tuple[str, np.ndarray | None]]]:
-        """(image, path, [(sentence, mask or None)]) of image `index`."""
+    def sentence(self, sent: str) -> str:
+        """A sentence as this protocol names it (LISA / MMR: `strip().lower()`)."""
+        return normalised_sentence(sent)
+
+    def _targets(self, index: int) -> tuple[np.ndarray, Path, Targets]:
+        """(image, path, [(sentence, mask or None)]) of image `index`, refs and sentences in
+        file order."""
         refs = self.refs_by_image[self.image_ids[index]]
         image, path = self.index.read_image(refs[0].image_id, refs[0].label)
         targets = []
         for ref in refs:
             mask = self.index.ref_mask(ref)
-            targets.extend((sent, mask) for sent in ref.sentences)
+            targets.extend((self.sentence(sent), mask) for sent in ref.sentences)
         return image, path, targets
 
-    def _conversations(self, targets: list[tuple[str, np.ndarray | None]]) -> list:
-        return [[(validation_question(sent, False), f"{_token(mask)}.")] for sent, mask in targets]
+    def _conversations(self, targets: Targets) -> Conversations:
+        return [[(validation_question(sent, False), f"{SEG}.")] for sent, _ in targets]
 
     def __getitem__(self, index: int) -> ValidationSample:
         image, path, targets = self._targets(index)
@@ -160,7 +220,7 @@ class ReferValidation:
             self._conversations(targets),
             stack_masks(masks, shape),
             str(path),
-            f"{REFER_ROOT}/{self.entry.dataset}",
+            f"{REFER_ROOT}/{self.dataset}",
             target_names=[sent for sent, _ in targets],
             record_id=str(self.image_ids[index]),
         )
@@ -169,16 +229,59 @@ class ReferValidation:
         yield from self.index.check(self.entry.split, deep)
 
 
-class GReferValidation(ReferValidation):
-    """gRefCOCO validation (GSVA protocol): one conversation per image naming every expression,
-    "What are s1, s2 in this image? ..." (with the space GSVA forgot before "in"), answered
-    "Sure, s1:[SEG], s2:[REJ]."; empty ground truth for a no-target expression."""
+def multi_groups(count: int) -> list[range]:
+    """MMR's grouping of an image's `count` sentences: consecutive runs of 6, 5, 4, 6, ...
+    sentences, the last run shorter (MMR `utils/dataset.py:489-497,527-531`)."""
+    groups, start = [], 0
+    while start < count:
+        size = MMR_MULTI_GROUP_SIZES[len(groups) % len(MMR_MULTI_GROUP_SIZES)]
+        groups.append(range(start, min(start + size, count)))
+        start += size
+    return groups
 
-    def _conversations(self, targets: list[tuple[str, np.ndarray | None]]) -> list:
-        sentences = ", ".join(sent for sent, _ in targets)
-        prompt = f" What are {sentences} in this image? Please output segmentation masks."
-        parts = ", ".join(f"{sent}:{_token(mask)}" for sent, mask in targets)
-        return [[(IMAGE_PREFIX + prompt, f"Sure, {parts}.")]]
+
+def multi_answer(count: int) -> str:
+    """MMR's answer to a group of `count` sentences: "[SEG], [SEG] and [SEG]."; one sentence
+    gets "[SEG]" without the period (MMR `utils/dataset.py:523-524`, `answer[0]`)."""
+    return join_names([SEG] * count) + "." if count > 1 else SEG
+
+
+class MultiReferValidation(ReferValidation):
+    """MMR's "multirefcoco"-style validation: an image's sentences asked several at a time
+    (`multi_groups`), "What is a, b and c in this image? Please output segmentation mask."
+    answered `multi_answer`; one target (mask) per sentence, in order."""
+
+    def _conversations(self, targets: Targets) -> Conversations:
+        conversations = []
+        for group in multi_groups(len(targets)):
+            names = [targets[i][0].strip() for i in group]
+            conversations.append(
+                [(validation_question(join_names(names), False), multi_answer(len(names)))]
+            )
+        return conversations
+
+
+def gsva_expression(sent: str) -> str:
+    """A referring expression as GSVA's evaluation names it: `strip().lower()`, then
+    `.strip().strip('.')` (GSVA `data/dataset.py:398,496`)."""
+    return normalised_sentence(sent).strip().strip(".")
+
+
+class GReferValidation(ReferValidation):
+    """gRefCOCO and RefZOM validation (GSVA protocol, strings as GSVA `data/dataset.py:494-511`):
+    one conversation per image naming every expression, "<image>\\n What are s1, s2in this
+    image? Please output segmentation masks." answered "Sure,s1:[SEG], s2:[REJ]."; an
+    expression with an empty ground truth (no-target ref, or no pixel) is answered `[REJ]`."""
+
+    def sentence(self, sent: str) -> str:
+        return gsva_expression(sent)
+
+    def _conversations(self, targets: Targets) -> Conversations:
+        question = GSVA_QUESTION.format(sentences=GSVA_JOINER.join(sent for sent, _ in targets))
+        parts = GSVA_JOINER.join(
+            f"{sent}:{REJ if _is_empty(mask) else SEG}" for sent, mask in targets
+        )
+        return [[(IMAGE_PREFIX + question, f"{GSVA_ANSWER_START}{parts}.")]]
 
 
 class RefCOCOmValidation:
@@ -225,7 +328,7 @@ class RefCOCOmValidation:
             raise DataError(self.file, label, "'sentences' must be a non-empty list of {sent}")
         image = resolve_inside(self.image_dir, record["img_name"], self.file, label)
         mask = resolve_inside(self.mask_dir, f"{record['segment_id']}.png", self.file, label)
-        return label, [s["sent"] for s in sentences], image, mask
+        return label, [normalised_sentence(s["sent"]) for s in sentences], image, mask
 
     def _mask(self, path: Path, shape: tuple[int, int], label: str) -> np.ndarray:
         raw = read_label_map(path, shape, self.file, label)
@@ -280,8 +383,10 @@ def build_validation_set(
         return MMRValidation(dataset_dir, val_json_name or MMR_VAL_JSON, entry.split)
     if entry.dataset == "RefCOCOm":
         return RefCOCOmValidation(dataset_dir, entry, val_json_name)
-    if entry.dataset == "grefcoco":
+    if entry.dataset in GSVA_PROTOCOL_SETS:
         return GReferValidation(dataset_dir, entry)
+    if entry.dataset in MULTI_REFER_SETS:
+        return MultiReferValidation(dataset_dir, entry)
     if entry.dataset in REFER_SPLIT_BYS:
         return ReferValidation(dataset_dir, entry)
     raise ValueError(f"unknown validation dataset {entry.dataset!r}; accepted: {accepted_forms()}")
