@@ -1,6 +1,8 @@
 """Fixture writers for the sem_seg tests: tiny datasets in the real formats (a few 24 x 32 images
-whose classes are known rectangles and circles), each returning the masks a loader must produce;
-plus image/json writers and question parsers shared with the vqa and reason_seg tests."""
+whose classes are known rectangles and circles), each returning the masks a loader must produce
+(label maps: as `--ignore_pixels exclude` gives them, IGNORE_LABEL where the annotation ignores;
+under "background" a mask is its pixels equal to 1); plus image/json writers and question
+parsers shared with the vqa and reason_seg tests."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from utils.datasets.base import IGNORE_LABEL
+from utils.datasets.sem_seg import ADE20K_CLASSES
 from utils.datasets.templates import (
     EXPANDED_LONG_QUESTIONS,
     EXPANDED_SHORT_QUESTIONS,
@@ -111,6 +114,30 @@ def write_mapillary(root: Path) -> dict[str, dict[str, np.ndarray]]:
     return {"k1": {name.lower(): expected(raw == v, no_ignore) for v, name in enumerate(readable)}}
 
 
+def many_class_names(count: int) -> list[str]:
+    """`count` mixed-case class names without ',' or ' and ' (so joined names stay readable)."""
+    return [f"Kind{index} Thing" for index in range(count)]
+
+
+def write_ade20k_many(root: Path, count: int) -> dict[str, np.ndarray]:
+    """ADE20K record "m" with `count` (<= W / 2) classes of a 150-name `ade20k_classes.json`
+    whose first names are `many_class_names(count)`: class k (raw k + 1) fills columns 2k, 2k+1
+    below row 0; row 0 and the other columns are raw 0 ("other", ignored). Returns {class name:
+    its inside, bool [H, W]}."""
+    stripe = 2
+    raw = np.zeros((H, W), np.uint8)
+    names = many_class_names(count)
+    inside = {}
+    for k, name in enumerate(names):
+        inside[name] = rectangle(1, H, stripe * k, stripe * (k + 1))
+        raw[inside[name]] = k + 1
+    vocabulary = names + [f"unused {i}" for i in range(len(ADE20K_CLASSES) - count)]
+    write_json(root / "ade20k/ade20k_classes.json", vocabulary)
+    write_jpeg(root / "ade20k/images/training/m.jpg")
+    write_png(root / "ade20k/annotations/training/m.png", raw)
+    return inside
+
+
 def polygon(y0: int, y1: int, x0: int, x1: int) -> list[list[float]]:
     """A COCO polygon that pycocotools rasterises as `rectangle(y0, y1, x0, x1)`."""
     return [[x0, y0, x1, y0, x1, y1, x0, y1]]
@@ -132,10 +159,11 @@ def uncompressed_rle(mask: np.ndarray) -> dict:
     return {"size": [H, W], "counts": [*counts, run]}
 
 
-def write_paco(root: Path) -> dict[str, dict[tuple[str, str | None], np.ndarray]]:
-    """PACO-LVIS json with one image: "dog" (two polygon annotations, unioned), "dog:ear"
-    (compressed RLE), "bag_(container)" (uncompressed RLE) and "mug_(drinking_vessel):handle"
-    (polygon). Returns {file_name: {(obj, part): expected mask}}."""
+def write_paco(root: Path) -> dict[str, dict[tuple[str, str | None], list[np.ndarray]]]:
+    """PACO-LVIS json with one image: "dog" (two instances, one polygon annotation each),
+    "dog:ear" (compressed RLE), "bag_(container)" (uncompressed RLE) and
+    "mug_(drinking_vessel):handle" (polygon). Returns {file_name: {(obj, part): the masks of its
+    annotations, in file order}}."""
     dog_a, dog_b = rectangle(2, 8, 2, 10), rectangle(10, 14, 4, 8)
     ear, bag, handle = rectangle(2, 4, 2, 5), circle(18, 24, 4), rectangle(16, 22, 2, 6)
     categories = ["dog", "dog:ear", "bag_(container)", "mug_(drinking_vessel):handle"]
@@ -146,13 +174,13 @@ def write_paco(root: Path) -> dict[str, dict[tuple[str, str | None], np.ndarray]
     data = coco_json(categories, [(file_name, segmentations, category_ids)])
     write_json(root / "vlpart/paco/annotations/paco_lvis_v1_train.json", data)
     write_jpeg(root / "coco" / file_name)
-    masks = {("dog", None): dog_a | dog_b, ("dog", "ear"): ear, ("bag", None): bag}
-    masks[("mug", "handle")] = handle
-    return {file_name: {key: mask.astype(np.uint8) for key, mask in masks.items()}}
+    masks = {("dog", None): [dog_a, dog_b], ("dog", "ear"): [ear], ("bag", None): [bag]}
+    masks[("mug", "handle")] = [handle]
+    return {file_name: {key: [m.astype(np.uint8) for m in ms] for key, ms in masks.items()}}
 
 
-def write_pascal_part(root: Path) -> dict[str, dict[tuple[str, str | None], np.ndarray]]:
-    """PASCAL-Part json: one image with "dog:head" and "dog:torso" polygons."""
+def write_pascal_part(root: Path) -> dict[str, dict[tuple[str, str | None], list[np.ndarray]]]:
+    """PASCAL-Part json: one image with "dog:head" and "dog:torso" polygons (one each)."""
     head, torso = rectangle(2, 8, 2, 8), rectangle(8, 20, 2, 20)
     file_name = "2008_000001.jpg"
     data = coco_json(
@@ -161,8 +189,8 @@ def write_pascal_part(root: Path) -> dict[str, dict[tuple[str, str | None], np.n
     )
     write_json(root / "vlpart/pascal_part/train.json", data)
     write_jpeg(root / "vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages" / file_name)
-    masks = {("dog", "head"): head, ("dog", "torso"): torso}
-    return {file_name: {key: mask.astype(np.uint8) for key, mask in masks.items()}}
+    masks = {("dog", "head"): [head], ("dog", "torso"): [torso]}
+    return {file_name: {key: [m.astype(np.uint8) for m in ms] for key, ms in masks.items()}}
 
 
 def coco_json(categories: list[str], images: list[tuple[str, list, list[int]]]) -> dict:
@@ -188,7 +216,9 @@ def template_pattern(template: str, field: str) -> re.Pattern:
     return re.compile(re.escape(IMAGE_PREFIX + template).replace(re.escape(field), "(.+)"))
 
 
-SHORT_PATTERNS = [template_pattern(t, "{class_name}") for t in EXPANDED_SHORT_QUESTIONS]
+SHORT_PATTERNS = [
+    template_pattern(t, "{class_name}") for t in dict.fromkeys(EXPANDED_SHORT_QUESTIONS)
+]
 LONG_PATTERNS = [template_pattern(t, "{sent}") for t in EXPANDED_LONG_QUESTIONS]
 
 

@@ -1,9 +1,11 @@
 """Semantic and part segmentation sources: names in the prompts, masks equal to the annotations,
-label conventions, record checks and determinism, on tiny datasets in the real formats."""
+label conventions, ignore pixels as background or excluded, part targets per instance or per
+category, record checks and determinism, on tiny datasets in the real formats."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,42 +14,81 @@ from PIL import Image
 
 from tests.utils import fixtures_sem as fx
 from utils.datasets.base import IGNORE_LABEL, DataError, SamplingOptions
-from utils.datasets.parts import PartSource
+from utils.datasets.parts import PART_SPECS, PartSource
 from utils.datasets.sem_seg import ADE20K_CLASSES, LabelMapSource, build_sem_seg_sources
+from utils.datasets.templates import GSVA_PARTS, GSVA_QUESTIONS, GSVA_STARTS
 
 LISA = SamplingOptions(num_classes_per_sample=3, prompt_style="lisa", use_expand_question_list=True)
+IGNORE_MODES = ["background", "exclude"]
+GSVA_PATTERNS = [fx.template_pattern(template, "{x}") for template in GSVA_QUESTIONS]
 
 
-def asked_masks(sample) -> dict[str, np.ndarray]:
-    """{asked name: its mask}; also checks one [SEG] per mask row and no [REJ]."""
+def asked_masks(sample, unique: bool = True) -> list[tuple[str, np.ndarray]]:
+    """(asked name, its mask) per conversation; also checks one [SEG] per mask row and no
+    [REJ], and (`unique`) that no name is asked twice."""
     assert fx.token_count(sample.conversations) == (len(sample.masks), 0)
     names = [fx.asked_name(conversation[0][0]) for conversation in sample.conversations]
-    assert len(set(names)) == len(names), names
-    return dict(zip(names, sample.masks, strict=True))
+    assert not unique or len(set(names)) == len(names), names
+    return list(zip(names, sample.masks, strict=True))
 
 
-def assert_label_map_samples(source, truth: dict[str, dict[str, np.ndarray]]) -> set[str]:
+def training_mask(truth: np.ndarray, ignore_pixels: str) -> np.ndarray:
+    """The mask a loader must give for a fixture mask (which marks ignored pixels IGNORE_LABEL):
+    unchanged when they are excluded; as background (LISA/GSVA/MMR `label == class_id`), only
+    the class's own pixels are 1."""
+    return truth if ignore_pixels == "exclude" else (truth == 1).astype(np.uint8)
+
+
+def assert_label_map_samples(
+    source, truth: dict[str, dict[str, np.ndarray]], ignore_pixels: str = "background"
+) -> set[str]:
     """Every sample's masks equal the expected masks of the asked names; returns the names."""
     seen = set()
     for seed in fx.RNG_SEEDS:
         sample = source.sample(np.random.default_rng(seed))
         stem = Path(sample.image_path).stem
         assert sample.image.shape == (fx.H, fx.W, 3) and sample.source == source.name
-        for name, mask in asked_masks(sample).items():
-            np.testing.assert_array_equal(mask, truth[stem][name], err_msg=name)
+        for name, mask in asked_masks(sample):
+            expected = training_mask(truth[stem][name], ignore_pixels)
+            np.testing.assert_array_equal(mask, expected, err_msg=name)
             seen.add(name)
     return seen
 
 
-def test_ade20k_shift_ignore_and_builtin_vocabulary(tmp_path):
+@pytest.mark.parametrize("ignore_pixels", IGNORE_MODES)
+def test_ade20k_shift_ignore_and_builtin_vocabulary(tmp_path, ignore_pixels):
     truth = fx.write_ade20k(tmp_path)
-    source = LabelMapSource(tmp_path, LISA, "ade20k")
+    options = replace(LISA, ignore_pixels=ignore_pixels)
+    source = LabelMapSource(tmp_path, options, "ade20k")
     assert source.classes == list(ADE20K_CLASSES) and len(source.classes) == 150
     assert len(source) == 2 and source.name == "sem_seg/ade20k"
     # raw 1 -> "wall", raw 3 -> "sky"; raw 0 and 255 ignored; record "b" (all 0) never drawn
-    assert assert_label_map_samples(source, truth) == {"wall", "sky"}
+    assert assert_label_map_samples(source, truth, ignore_pixels) == {"wall", "sky"}
     mask = truth["a"]["wall"]
     assert set(np.unique(mask)) == {0, 1, IGNORE_LABEL}
+
+
+@pytest.mark.parametrize("ignore_pixels", IGNORE_MODES)
+def test_ignore_pixels_are_background_or_excluded(tmp_path, ignore_pixels):
+    """Raw 0 ("other") and 255 of ADE20K: 0 in every mask (background) or IGNORE_LABEL."""
+    fx.write_ade20k(tmp_path, with_empty=False)
+    raw = np.array(Image.open(tmp_path / "ade20k/annotations/training/a.png"))
+    ignored = (raw == 0) | (raw == IGNORE_LABEL)
+    source = LabelMapSource(tmp_path, replace(LISA, ignore_pixels=ignore_pixels), "ade20k")
+    for seed in range(5):
+        masks = source.sample(np.random.default_rng(seed)).masks
+        expected_at_ignored = 0 if ignore_pixels == "background" else IGNORE_LABEL
+        assert (masks[:, ignored] == expected_at_ignored).all()
+        assert set(np.unique(masks)) == {0, 1} | {expected_at_ignored}
+
+
+def test_unknown_option_values_are_errors(tmp_path):
+    fx.write_ade20k(tmp_path)
+    fx.write_paco(tmp_path)
+    with pytest.raises(ValueError, match="--ignore_pixels must be one of .* not 'zero'"):
+        LabelMapSource(tmp_path, replace(LISA, ignore_pixels="zero"), "ade20k")
+    with pytest.raises(ValueError, match="--part_targets must be one of .* not 'part'"):
+        PartSource(tmp_path, replace(LISA, part_targets="part"), "paco_lvis")
 
 
 def test_ade20k_vocabulary_file_wins(tmp_path):
@@ -59,11 +100,13 @@ def test_ade20k_vocabulary_file_wins(tmp_path):
     assert assert_label_map_samples(source, renamed) == {"thing 0", "thing 2"}
 
 
-def test_cocostuff_hyphen_classes_are_ignored(tmp_path):
+@pytest.mark.parametrize("ignore_pixels", IGNORE_MODES)
+def test_cocostuff_hyphen_classes_are_ignored(tmp_path, ignore_pixels):
     truth = fx.write_cocostuff(tmp_path)
-    (source,) = build_sem_seg_sources(tmp_path, ["cocostuff"], LISA)
+    options = replace(LISA, ignore_pixels=ignore_pixels)
+    (source,) = build_sem_seg_sources(tmp_path, ["cocostuff"], options)
     assert source.classes == ["person", "wall-brick", "grass"]
-    assert assert_label_map_samples(source, truth) == {"person", "grass"}
+    assert assert_label_map_samples(source, truth, ignore_pixels) == {"person", "grass"}
 
 
 def test_mapillary_palette_read_by_index(tmp_path):
@@ -86,32 +129,84 @@ def part_names(key: tuple[str, str | None]) -> set[str]:
     return {obj} if part is None else {f"{obj} {part}", f"the {part} of the {obj}"}
 
 
+def masks_by_name(truth: dict, combine) -> dict[str, list[np.ndarray]]:
+    """{asked name: the masks it may have}; `combine` maps a category's instance masks to them."""
+    return {name: combine(masks) for key, masks in truth.items() for name in part_names(key)}
+
+
+def union(masks: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.bitwise_or.reduce(masks)]
+
+
 @pytest.mark.parametrize("dataset", ["paco_lvis", "pascal_part"])
-def test_part_names_and_masks(tmp_path, dataset):
+def test_part_category_targets_union_instances(tmp_path, dataset):
     writer = fx.write_paco if dataset == "paco_lvis" else fx.write_pascal_part
-    truth = next(iter(writer(tmp_path).values()))
-    by_name = {name: mask for key, mask in truth.items() for name in part_names(key)}
-    (source,) = build_sem_seg_sources(tmp_path, [dataset], LISA)
+    by_name = masks_by_name(next(iter(writer(tmp_path).values())), union)
+    options = replace(LISA, part_targets="category")
+    (source,) = build_sem_seg_sources(tmp_path, [dataset], options)
     assert len(source) == 1 and source.name == f"sem_seg/{dataset}"
     seen = set()
     for seed in fx.RNG_SEEDS:
-        for name, mask in asked_masks(source.sample(np.random.default_rng(seed))).items():
-            np.testing.assert_array_equal(mask, by_name[name], err_msg=name)
+        for name, mask in asked_masks(source.sample(np.random.default_rng(seed))):
+            np.testing.assert_array_equal(mask, by_name[name][0], err_msg=name)
             seen.add(name)
     # "_(...)" suffixes stripped, both part renderings drawn, two "dog" polygons unioned
     assert seen == set(by_name)
 
 
-def test_mmr_and_gsva_styles_count_tokens(tmp_path):
+@pytest.mark.parametrize("dataset", ["paco_lvis", "pascal_part"])
+def test_part_instance_targets_one_per_annotation(tmp_path, dataset):
+    """LISA utils/sem_seg_dataset.py:219-236,306-310: annotations drawn without replacement,
+    one `annToMask` each; the two "dog" annotations may both be asked, each with its own mask."""
+    writer = fx.write_paco if dataset == "paco_lvis" else fx.write_pascal_part
+    truth = next(iter(writer(tmp_path).values()))
+    by_name = masks_by_name(truth, list)
+    annotations = sum(len(masks) for masks in truth.values())
+    (source,) = build_sem_seg_sources(tmp_path, [dataset], LISA)
+    seen, both_dogs = set(), False
+    for seed in fx.RNG_SEEDS:
+        pairs = asked_masks(source.sample(np.random.default_rng(seed)), unique=False)
+        assert len(pairs) == min(LISA.num_classes_per_sample, annotations)
+        for name, mask in pairs:
+            index = next(k for k, m in enumerate(by_name[name]) if np.array_equal(mask, m))
+            seen.add((name, index))
+        # drawn without replacement: no annotation twice
+        assert len({mask.tobytes() for _, mask in pairs}) == len(pairs)
+        both_dogs |= sum(name == "dog" for name, _ in pairs) == 2
+    assert seen == {(name, k) for name, masks in by_name.items() for k in range(len(masks))}
+    assert both_dogs == (dataset == "paco_lvis")
+
+
+@pytest.mark.parametrize("part_targets", ["instance", "category"])
+def test_mmr_and_gsva_styles_count_tokens(tmp_path, part_targets):
     fx.write_paco(tmp_path)
     for style in ("mmr", "gsva"):
-        options = SamplingOptions(2, 2, prompt_style=style)
+        options = SamplingOptions(2, 2, prompt_style=style, part_targets=part_targets)
         (source,) = build_sem_seg_sources(tmp_path, ["paco_lvis"], options)
         for seed in range(10):
             sample = source.sample(np.random.default_rng(seed))
             segs, rejs = fx.token_count(sample.conversations)
             assert segs == len(sample.masks) and rejs == 0
-            assert 1 <= len(sample.masks) <= 4  # four classes in the image, 2 x 2 drawn at most
+            # five annotations of four categories; 2 (gsva) or 2 x 2 (mmr) drawn at most
+            assert 1 <= len(sample.masks) <= (4 if style == "mmr" else 2)
+
+
+def test_gsva_style_part_answers_join_with_a_bare_comma(tmp_path):
+    """GSVA data/sem_seg_dataset.py:323-333: the parts of a sem_seg answer are joined with ","."""
+    truth = next(iter(fx.write_paco(tmp_path).values()))
+    names = {name for key in truth for name in part_names(key)}
+    options = SamplingOptions(3, prompt_style="gsva")
+    (source,) = build_sem_seg_sources(tmp_path, ["paco_lvis"], options)
+    for seed in range(20):
+        ((question, answer),) = source.sample(np.random.default_rng(seed)).conversations[0]
+        (asked,) = [m.group(1) for p in GSVA_PATTERNS if (m := p.fullmatch(question))]
+        parts = asked.split(", ")
+        assert set(parts) <= names and len(parts) == 3
+        composed = {
+            start + " " + ",".join(template.format(x=n) for n in parts) + "."
+            for start, template in zip(GSVA_STARTS, GSVA_PARTS, strict=True)
+        }
+        assert answer in composed, answer
 
 
 def test_same_seed_same_sample(tmp_path):
@@ -254,7 +349,8 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return make_tiny_assets(out, 0, families=families, models=False) / "dataset"
 
 
-def test_tiny_assets_load_with_shape_names(tiny_dataset):
+@pytest.mark.parametrize("part_targets", ["instance", "category"])
+def test_tiny_assets_load_with_shape_names(tiny_dataset, part_targets):
     from utils.shapes_world import OBJECT_SHAPES, PART_NAMES
 
     # the tiny vocabularies put fillers between the shape names, so an off-by-one reads a filler
@@ -262,11 +358,19 @@ def test_tiny_assets_load_with_shape_names(tiny_dataset):
     for obj, parts in PART_NAMES.items():
         allowed |= {name for part in parts for name in part_names((obj, part))}
     names = ["ade20k", "cocostuff", "mapillary", "paco_lvis", "pascal_part"]
-    for source in build_sem_seg_sources(tiny_dataset, names, LISA):
+    options = replace(LISA, part_targets=part_targets)
+    repeated = set()
+    for source in build_sem_seg_sources(tiny_dataset, names, options):
         assert list(source.check(deep=True)) == [], source.name
+        unique = part_targets == "category" or source.name.split("/")[1] not in PART_SPECS
         for seed in range(5):
-            for name, mask in asked_masks(source.sample(np.random.default_rng(seed))).items():
+            pairs = asked_masks(source.sample(np.random.default_rng(seed)), unique)
+            for name, mask in pairs:
                 assert name in allowed and (mask == 1).any(), (source.name, name)
+            if len({name for name, _ in pairs}) < len(pairs):
+                repeated.add(source.name)
+    # the tiny scenes repeat shapes and parts, so instance targets repeat names somewhere
+    assert bool(repeated) == (part_targets == "instance"), repeated
 
 
 def test_part_degenerate_polygon_part_is_dropped_and_warned(tmp_path):
@@ -278,9 +382,9 @@ def test_part_degenerate_polygon_part_is_dropped_and_warned(tmp_path):
     source = PartSource(tmp_path, LISA, "pascal_part")
     (warning,) = source.check(deep=True)
     assert not warning.fatal and "record annotation 1: polygon 1 has 2 points" in str(warning)
-    head = {name: truth[("dog", "head")] for name in part_names(("dog", "head"))}
+    head = {name: truth[("dog", "head")][0] for name in part_names(("dog", "head"))}
     for seed in fx.RNG_SEEDS:
-        for name, mask in asked_masks(source.sample(np.random.default_rng(seed))).items():
+        for name, mask in asked_masks(source.sample(np.random.default_rng(seed))):
             if name in head:
                 np.testing.assert_array_equal(mask, head[name], err_msg=name)
 

@@ -2,9 +2,16 @@
 jsons of images, categories and annotations (`--sem_seg_data paco_lvis||pascal_part`).
 
 Category names are "obj" or "obj:part", each with any "_(...)" suffix stripped; a part is asked
-as "obj part" or "the part of the obj" (50/50, as LISA). One target is a category name; its mask
-is the union of the image's annotations of that name, decoded by `utils.datasets.coco` (whose
-policy drops degenerate polygon parts, reported by `check` as warnings).
+as "obj part" or "the part of the obj" (50/50, drawn per target, as LISA, GSVA and MMR).
+Targets follow `--part_targets`:
+- "instance" (default; LISA `utils/sem_seg_dataset.py:216-236,305-310`, GSVA and MMR alike): up
+  to `target_count` of the image's annotations drawn without replacement, each its own target
+  with its own mask, so one name can be asked twice with different instance masks.
+- "category": up to `target_count` distinct categories, each mask the union of the image's
+  annotations of that category.
+Masks are decoded by `utils.datasets.coco` (whose policy drops degenerate polygon parts,
+reported by `check` as warnings). Names keep the json's spelling; the templates lower-case them
+where the references do.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.datasets.base import (
+    PART_TARGET_CHOICES,
     DataError,
     Sample,
     SamplingOptions,
@@ -26,7 +34,7 @@ from utils.datasets.base import (
 )
 from utils.datasets.coco import check_segmentation, decode_segmentation
 from utils.datasets.sem_seg import MAX_DRAWS, finish_sample, target_count
-from utils.datasets.templates import Target
+from utils.datasets.templates import GSVA_SEM_SEG, Target
 
 PART_NAME_PROBABILITY = 0.5  # "obj part" rather than "the part of the obj"
 COCO_LISTS = ("images", "annotations", "categories")
@@ -89,6 +97,10 @@ class PartSource:
     """PACO-LVIS or PASCAL-Part: COCO-format images, categories and annotations."""
 
     def __init__(self, dataset_dir: Path, options: SamplingOptions, dataset: str) -> None:
+        if options.part_targets not in PART_TARGET_CHOICES:
+            raise ValueError(
+                f"--part_targets must be one of {PART_TARGET_CHOICES}, not {options.part_targets!r}"
+            )
         spec = PART_SPECS[dataset]
         self.name, self.options = f"sem_seg/{dataset}", options
         self.file = Path(dataset_dir) / spec.annotations
@@ -136,12 +148,16 @@ class PartSource:
             raise DataError(self.file, f"annotation {ann.get('id')}", problem)
         return self.names[key]
 
+    def annotation_mask(self, ann: dict, shape: tuple[int, int]) -> np.ndarray:
+        """uint8 [H, W] in {0, 1}: the segmentation of one annotation."""
+        record = f"annotation {ann.get('id')}"
+        return decode_segmentation(ann.get("segmentation"), shape, self.file, record)
+
     def union_mask(self, anns: list[dict], shape: tuple[int, int]) -> np.ndarray:
         """uint8 [H, W] union of the segmentations of `anns`."""
         mask = np.zeros(shape, np.uint8)
         for ann in anns:
-            record = f"annotation {ann.get('id')}"
-            mask |= decode_segmentation(ann.get("segmentation"), shape, self.file, record)
+            mask |= self.annotation_mask(ann, shape)
         return mask
 
     def sample(self, rng: np.random.Generator) -> Sample:
@@ -154,20 +170,41 @@ class PartSource:
         else:
             raise DataError(self.file, None, f"no annotated image in {MAX_DRAWS} drawn images")
         image = read_image(path, self.file, record)
+        if self.options.part_targets == "instance":
+            targets = self.instance_targets(anns, image.shape[:2], rng)
+        else:
+            targets = self.category_targets(anns, image.shape[:2], rng)
+        return finish_sample(
+            image, targets, self.options, rng, path, self.name, gsva_format=GSVA_SEM_SEG
+        )
+
+    def instance_targets(
+        self, anns: list[dict], shape: tuple[int, int], rng: np.random.Generator
+    ) -> list[Target]:
+        """Up to `target_count` annotations, each a target with its own uint8 [H, W] mask."""
+        chosen = rng.choice(len(anns), min(target_count(self.options), len(anns)), replace=False)
+        return [
+            Target(
+                render_name(self.category(anns[k]), rng),
+                False,
+                self.annotation_mask(anns[k], shape),
+            )
+            for k in chosen
+        ]
+
+    def category_targets(
+        self, anns: list[dict], shape: tuple[int, int], rng: np.random.Generator
+    ) -> list[Target]:
+        """Up to `target_count` distinct categories, each the union of its annotations."""
         groups: dict[PartKey, list[dict]] = {}
         for ann in anns:
             groups.setdefault(self.category(ann), []).append(ann)
         keys = list(groups)
         chosen = rng.choice(len(keys), min(target_count(self.options), len(keys)), replace=False)
-        targets = [
-            Target(
-                render_name(keys[k], rng).lower(),
-                False,
-                self.union_mask(groups[keys[k]], image.shape[:2]),
-            )
+        return [
+            Target(render_name(keys[k], rng), False, self.union_mask(groups[keys[k]], shape))
             for k in chosen
         ]
-        return finish_sample(image, targets, self.options, rng, path, self.name)
 
     def check(self, deep: bool = False) -> Iterator[DataError]:
         yield from self.orphans

@@ -3,9 +3,12 @@
 ADE20K, COCO-Stuff and Mapillary read per-pixel class maps (here); PACO-LVIS and PASCAL-Part
 read COCO-format part annotations (`utils.datasets.parts`, built by `build_sem_seg_sources` too).
 A sample asks about up to `targets_to_draw(...)` distinct classes present in its image, one
-`[SEG]` each (sem_seg never emits `[REJ]`); pixels the annotation ignores stay IGNORE_LABEL in
-the masks, so the loss ignores them. `target_count` and `finish_sample` are shared with the part
-and referring sources.
+`[SEG]` each (sem_seg never emits `[REJ]`). Pixels the annotation ignores (IGNORE_LABEL after the
+label conventions below) follow `--ignore_pixels`: "background" (default; LISA, GSVA and MMR build
+each mask as `label == class_id`, so ignored pixels are 0) or "exclude" (they stay IGNORE_LABEL
+in the masks and the loss leaves them out). Class names keep the vocabulary's spelling; the
+templates lower-case them where the references do. `target_count` and `finish_sample` are
+shared with the part and referring sources.
 
 Label conventions (REFERENCE 4.2); after them a map holds class indices or IGNORE_LABEL:
 - ADE20K: pixel 0 ("other") -> 255, pixel v -> v - 1 (150 classes). Vocabulary:
@@ -30,6 +33,7 @@ import numpy as np
 
 from utils.datasets.base import (
     IGNORE_LABEL,
+    IGNORE_PIXEL_CHOICES,
     DataError,
     Sample,
     SamplingOptions,
@@ -38,7 +42,14 @@ from utils.datasets.base import (
     read_json,
     read_label_map,
 )
-from utils.datasets.templates import Target, build_conversations, targets_to_draw
+from utils.datasets.templates import (
+    GSVA_REFER_SEG,
+    GSVA_SEM_SEG,
+    GsvaAnswerFormat,
+    Target,
+    build_conversations,
+    targets_to_draw,
+)
 
 # Records drawn while looking for an image with at least one usable class before giving up.
 MAX_DRAWS = 10
@@ -167,6 +178,11 @@ class LabelMapSource:
     """ADE20K, COCO-Stuff or Mapillary: (image, label map) pairs and a class vocabulary."""
 
     def __init__(self, dataset_dir: Path, options: SamplingOptions, dataset: str) -> None:
+        if options.ignore_pixels not in IGNORE_PIXEL_CHOICES:
+            raise ValueError(
+                f"--ignore_pixels must be one of {IGNORE_PIXEL_CHOICES}, "
+                f"not {options.ignore_pixels!r}"
+            )
         self.name = f"sem_seg/{dataset}"
         self.options = options
         self.spec = LABEL_MAP_SPECS[dataset]
@@ -220,11 +236,12 @@ class LabelMapSource:
             raise DataError(self.label_dir, None, f"no labelled pixel in {MAX_DRAWS} drawn maps")
         count = target_count(self.options)
         chosen = rng.choice(present, size=min(count, len(present)), replace=False)
-        ignored = label == IGNORE_LABEL
-        targets = [
-            Target(self.classes[c].lower(), False, class_mask(label == c, ignored)) for c in chosen
-        ]
-        return finish_sample(image, targets, self.options, rng, self.paths(index)[0], self.name)
+        ignored = label == IGNORE_LABEL if self.options.ignore_pixels == "exclude" else None
+        targets = [Target(self.classes[c], False, class_mask(label == c, ignored)) for c in chosen]
+        image_path = self.paths(index)[0]
+        return finish_sample(
+            image, targets, self.options, rng, image_path, self.name, gsva_format=GSVA_SEM_SEG
+        )
 
     def check(self, deep: bool = False) -> Iterator[DataError]:
         for index, stem in enumerate(self.stems):
@@ -240,10 +257,11 @@ class LabelMapSource:
                 yield error
 
 
-def class_mask(inside: np.ndarray, ignored: np.ndarray) -> np.ndarray:
-    """uint8 [H, W]: 1 inside the class, IGNORE_LABEL where the annotation ignores, else 0."""
+def class_mask(inside: np.ndarray, ignored: np.ndarray | None) -> np.ndarray:
+    """uint8 [H, W]: 1 inside the class, IGNORE_LABEL where `ignored` (None: nowhere), else 0."""
     mask = inside.astype(np.uint8)
-    mask[ignored] = IGNORE_LABEL
+    if ignored is not None:
+        mask[ignored] = IGNORE_LABEL
     return mask
 
 
@@ -261,8 +279,15 @@ def finish_sample(
     rng: np.random.Generator,
     image_path: Path,
     source: str,
+    *,
+    gsva_format: GsvaAnswerFormat = GSVA_REFER_SEG,
 ) -> Sample:
-    """Conversations about `targets` in the configured prompt style, as a Sample."""
+    """Conversations about `targets` in the configured prompt style, as a Sample.
+
+    gsva_format: how the "gsva" style writes its answer; GSVA_REFER_SEG (", " between parts,
+    sentences stripped of '.', empty masks answered `[REJ]`) for referring sources, GSVA_SEM_SEG
+    ("," between parts) for semantic and part sources.
+    """
     conversations, masks = build_conversations(
         targets,
         options.prompt_style,
@@ -271,6 +296,7 @@ def finish_sample(
         options.num_classes_per_sample,
         options.use_expand_question_list,
         options.num_classes_per_question,
+        gsva_format,
     )
     return Sample(image, conversations, masks, str(image_path), source)
 

@@ -1,12 +1,28 @@
 """Question and answer templates of the LISA, MMR and GSVA families, and the one function that
 turns a list of named targets into conversations plus masks in `[SEG]`/`[REJ]` order.
 
+Every string is copied from the reference code (LISA `utils/utils.py`, MMR `utils/utils.py`,
+GSVA `model/llava/constants.py`); nothing here is our own wording.
+
 Prompt styles (`--prompt_style`):
-- "lisa": one target per conversation, one `[SEG]` per answer.
-- "mmr": several targets per question (`--num_classes_per_question`), answers naming each
-  target with its own token ("separate") or listing the tokens ("multi"), 50/50.
-- "gsva": all targets of the image in one conversation, "Sure, a:[SEG], b:[REJ]." style.
-Absent targets (the source says the named thing is not in the image) get `[REJ]` in every style.
+- "lisa": one target per conversation, a short (class name) or long (sentence) question and one
+  of LISA's five answers.
+- "mmr": several targets per question (1..`--num_classes_per_question`, MMR's
+  `allocate_class`). One target: LISA's answers. Several, 50/50: one SINGLE_ANSWER_LIST template
+  drawn per question and applied to every target ("a is [SEG], b is [SEG] and c is [SEG].",
+  "separate"), or a MULTI_ANSWER_LIST template listing all the tokens ("multi").
+- "gsva": all targets of the image in one conversation, "Sure, a:[SEG], b:[REJ]." style; the
+  answer's joiner, name cleaning and empty-mask rule differ between GSVA's sem_seg and refer_seg
+  loaders (`GsvaAnswerFormat`).
+Names are lower-cased in questions and in the "multi" answers and keep their case elsewhere, as
+the references do. A target whose mask is None (the source says the named thing is not in the
+image) is answered `[REJ]` in every style.
+
+`--use_expand_question_list` reproduces MMR's draw probabilities: MMR's SemSegDataset and
+ReferSegDataset each `extend` the shared module-level SHORT_QUESTION_LIST with the 14 expanded
+questions (MMR `utils/sem_seg_dataset.py:167-168`, `utils/refer_seg_dataset.py:57-58`), so with
+its default mix the list holds 4 + 14 + 14 entries (each original drawn 1/32, each expanded one
+2/32); the MultiPartReasonSegDataset extends LONG_QUESTION_LIST once (2 + 5 entries).
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ REJ = "[REJ]"
 PROMPT_STYLES = ("lisa", "mmr", "gsva")
 IMAGE_PREFIX = IMAGE_PLACEHOLDER + "\n"
 
+# LISA utils/utils.py (MMR and GSVA carry the same lists)
 SHORT_QUESTIONS = (
     "Can you segment the {class_name} in this image?",
     "Please segment the {class_name} in this image.",
@@ -31,23 +48,6 @@ SHORT_QUESTIONS = (
 LONG_QUESTIONS = (
     "{sent} Please respond with segmentation mask.",
     "{sent} Please output segmentation mask.",
-)
-EXPANDED_SHORT_QUESTIONS = SHORT_QUESTIONS + (
-    "Could you identify the {class_name} in this picture?",
-    "Where is the {class_name} in this image? Please give its segmentation mask.",
-    "Please find the {class_name} in this picture and segment it.",
-    "Segment the {class_name} shown in this image.",
-    "Can you highlight the {class_name} in this image with a mask?",
-    "Show me the segmentation of the {class_name} in this image.",
-    "Which region of this image is the {class_name}? Please output a segmentation mask.",
-    "Please mark the {class_name} in this image with a segmentation mask.",
-    "Could you outline the {class_name} in this picture?",
-    "I need a mask of the {class_name} in this image.",
-)
-EXPANDED_LONG_QUESTIONS = LONG_QUESTIONS + (
-    "{sent} Provide the segmentation mask.",
-    "{sent} Please answer with a segmentation mask.",
-    "{sent} Show the answer as a segmentation mask.",
 )
 EXPLANATORY_QUESTIONS = (
     "Please output segmentation mask and explain why.",
@@ -61,16 +61,58 @@ ANSWERS = (
     "Sure, the segmentation result is [SEG].",
     "[SEG].",
 )
-MMR_SEPARATE_ITEMS = (
-    "{class_name} is {seg}",
-    "The segmentation result of {class_name} is {seg}",
-    "{seg}",
+
+# MMR utils/utils.py: EXPAND_QUESTION_LIST, EXPAND_LONG_QUESTION_LIST, SINGLE_ANSWER_LIST,
+# MULTI_ANSWER_LIST (typos such as "asegment" are MMR's own)
+MMR_EXPAND_QUESTIONS = (
+    "Could you identify the {class_name} in this picture?",
+    "Are you able to delineate the {class_name} in the image?",
+    "Can you pinpoint the {class_name} in this photo?",
+    "Is it possible for you to highlight the {class_name} in this image?",
+    "Can you discern the {class_name} in the given picture?",
+    "Can you provide me with asegment of the {class_name}?",
+    "Please perform image segmentation to isolate the {class_name} in this image.",
+    "Help me segment the {class_name}.",
+    "Would you be willing to segment the {class_name}?",
+    "Can you identify {class_name} in this picture? Please provide a segmentation mask.",
+    "Could you point out {class_name} in this image and show it with a segmentation mask?",
+    "In this image, where is {class_name}? I'd appreciate a segmentation mask.",
+    "Please highlight {class_name} in this image using a segmentation mask.",
+    "In the picture provided, can you show where {class_name} is with a segmentation mask?",
+)
+MMR_EXPAND_LONG_QUESTIONS = (
+    "{sent} Provide the segmentation mask.",
+    "{sent} Output the segmentation mask.",
+    "{sent} Please show the segmentation mask.",
+    "{sent} I'd appreciate segmentation masks.",
+    "{sent} Please highlight the segmentation mask.",
+)
+MMR_SINGLE_ANSWERS = (
+    "{class_name} is {seg}.",
+    "The segmentation result of {class_name} is {seg}.",
+    "{seg}.",
 )
 MMR_MULTI_ANSWERS = (
-    "Sure, the segmentation result of {class_name} are {seg}, separately.",
+    "{class_name} are {seg}, separately.",
+    "{class_name} are {seg}.",
     "Sure, {class_name} are {seg}, separately.",
-    "The segmentation results of {class_name} are {seg}, respectively.",
+    "Sure, {class_name} are {seg}.",
+    "the segmentation result of {class_name} are {seg}.",
+    "the segmentation result of {class_name} are {seg}, separately.",
+    "Sure, the segmentation result of {class_name} are {seg}.",
+    "Sure, the segmentation result of {class_name} are {seg}, separately.",
+    "Sure, they are {seg}.",
+    "They are {seg}.",
+    "{seg}.",
 )
+# How many times MMR's default mix extends the shared short list (sem_seg and refer_seg).
+MMR_SHORT_EXTENSIONS = 2
+EXPANDED_SHORT_QUESTIONS = SHORT_QUESTIONS + MMR_EXPAND_QUESTIONS * MMR_SHORT_EXTENSIONS
+EXPANDED_LONG_QUESTIONS = LONG_QUESTIONS + MMR_EXPAND_LONG_QUESTIONS
+SEPARATE_ANSWER_PROBABILITY = 0.5  # MMR: `separate_answer = random.randint(0, 1)`
+
+# GSVA model/llava/constants.py: SHORT_QUESTION_LIST_MODE4 and ANSWER_LIST_MODE4_START /
+# _TEMPLATE / _END, drawn with one shared index
 GSVA_QUESTIONS = (
     "Can you segment {x} in this image?",
     "Please segment {x} in this image.",
@@ -85,6 +127,8 @@ GSVA_PARTS = (
     "the segmentation of {x} is [SEG]",
     "the referred {x} is [SEG]",
 )
+GSVA_ENDS = (".", ".", ".", ".", ".")
+GSVA_QUESTION_JOINER = ", "
 
 
 @dataclass
@@ -99,6 +143,26 @@ class Target:
     mask: np.ndarray | None
 
 
+@dataclass(frozen=True)
+class GsvaAnswerFormat:
+    """How one of GSVA's loaders writes its answer (GSVA `data/sem_seg_dataset.py:323-333`,
+    `data/refer_seg_dataset.py:263-285`).
+
+    joiner: between the answer's parts ("," in sem_seg, ", " in refer_seg).
+    clean_names: names `.strip().strip('.')` before the question and the answer (refer_seg).
+    reject_empty: a target whose mask is all zero (`masks[t].sum() < 1`) is answered `[REJ]`
+        (refer_seg; sem_seg's targets are always `[SEG]`).
+    """
+
+    joiner: str
+    clean_names: bool
+    reject_empty: bool
+
+
+GSVA_SEM_SEG = GsvaAnswerFormat(joiner=",", clean_names=False, reject_empty=False)
+GSVA_REFER_SEG = GsvaAnswerFormat(joiner=", ", clean_names=True, reject_empty=True)
+
+
 def join_names(names: list[str]) -> str:
     """'a', 'a and b', 'a, b and c'."""
     if len(names) <= 1:
@@ -107,21 +171,24 @@ def join_names(names: list[str]) -> str:
 
 
 def choose(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    """One of `options`, uniformly (Python's `random.choice`)."""
     return options[int(rng.integers(len(options)))]
 
 
 def question(
     target_names: list[str], is_sentence: bool, rng: np.random.Generator, expand: bool
 ) -> str:
-    """A segmentation question about one or several names (LISA/MMR templates)."""
+    """A LISA/MMR segmentation question: a long template with the sentence, or a short one with
+    the names joined 'a, b and c' and lower-cased."""
     if is_sentence:
         template = choose(rng, EXPANDED_LONG_QUESTIONS if expand else LONG_QUESTIONS)
         return IMAGE_PREFIX + template.format(sent=" ".join(target_names))
     template = choose(rng, EXPANDED_SHORT_QUESTIONS if expand else SHORT_QUESTIONS)
-    return IMAGE_PREFIX + template.format(class_name=join_names(target_names))
+    return IMAGE_PREFIX + template.format(class_name=join_names(target_names).lower())
 
 
 def token_of(target: Target) -> str:
+    """`[REJ]` for an absent target (mask None), else `[SEG]`."""
     return REJ if target.mask is None else SEG
 
 
@@ -130,34 +197,39 @@ def lisa_answer(target: Target, rng: np.random.Generator) -> str:
 
 
 def mmr_answer(targets: list[Target], rng: np.random.Generator) -> str:
-    """'A is [SEG], B is [REJ] and C is [SEG].' or 'Sure, ... of A, B and C are [SEG], ...'."""
+    """MMR's answer to one question (MMR `utils/sem_seg_dataset.py:463-484`): LISA's answers for
+    one target; else "separate" (one SINGLE_ANSWER_LIST template for every target, each without
+    its '.', joined 'x, y and z.') or "multi" (lower-cased names, tokens joined 'a, b and c')."""
     if len(targets) == 1:
         return lisa_answer(targets[0], rng)
-    names = [t.name for t in targets]
     tokens = [token_of(t) for t in targets]
-    if rng.random() < 0.5:
+    if rng.random() < SEPARATE_ANSWER_PROBABILITY:
+        template = choose(rng, MMR_SINGLE_ANSWERS)
         items = [
-            choose(rng, MMR_SEPARATE_ITEMS).format(class_name=n, seg=s)
-            for n, s in zip(names, tokens, strict=True)
+            template.format(class_name=t.name, seg=token).removesuffix(".")
+            for t, token in zip(targets, tokens, strict=True)
         ]
         return join_names(items) + "."
-    return choose(rng, MMR_MULTI_ANSWERS).format(
-        class_name=join_names(names), seg=join_names(tokens)
-    )
+    names = join_names([t.name for t in targets])
+    return choose(rng, MMR_MULTI_ANSWERS).format(class_name=names.lower(), seg=join_names(tokens))
 
 
-def gsva_conversation(targets: list[Target], rng: np.random.Generator) -> tuple[str, str]:
-    """One GSVA-style round naming every target."""
-    names = [t.name.lower().rstrip(".") for t in targets]
+def gsva_conversation(
+    targets: list[Target], rng: np.random.Generator, answer_format: GsvaAnswerFormat
+) -> tuple[str, str]:
+    """One GSVA-style round naming every target: the question lists the names lower-cased, the
+    answer keeps their case, one start/part/end index for the whole answer."""
+    names = [t.name.strip().strip(".") if answer_format.clean_names else t.name for t in targets]
+    question_text = choose(rng, GSVA_QUESTIONS).format(x=GSVA_QUESTION_JOINER.join(names).lower())
     index = int(rng.integers(len(GSVA_STARTS)))
-    parts = [
-        GSVA_PARTS[index].format(x=n).replace(SEG, token_of(t))
-        for n, t in zip(names, targets, strict=True)
-    ]
-    return (
-        IMAGE_PREFIX + choose(rng, GSVA_QUESTIONS).format(x=", ".join(names)),
-        GSVA_STARTS[index] + " " + ", ".join(parts) + ".",
-    )
+    parts = []
+    for name, target in zip(names, targets, strict=True):
+        # masks are non-negative, so GSVA's `sum() < 1` means "all zero"
+        empty = target.mask is not None and not target.mask.any()
+        token = REJ if empty and answer_format.reject_empty else token_of(target)
+        parts.append(GSVA_PARTS[index].format(x=name).replace(SEG, token))
+    answer = GSVA_STARTS[index] + " " + answer_format.joiner.join(parts) + GSVA_ENDS[index]
+    return IMAGE_PREFIX + question_text, answer
 
 
 def split_into_questions(
@@ -188,12 +260,14 @@ def build_conversations(
     num_classes_per_sample: int = 3,
     expand: bool = False,
     num_classes_per_question: int | None = None,
+    gsva_format: GsvaAnswerFormat = GSVA_REFER_SEG,
 ) -> tuple[list[list[tuple[str, str]]], np.ndarray]:
     """Conversations about `targets` in `style`, and their masks in token order.
 
     Returns (conversations, masks uint8 [k, H, W]); absent targets contribute zero masks.
     For "mmr", the targets are spread over min(len, num_classes_per_sample) questions of
-    1..num_classes_per_question targets each (`split_into_questions`).
+    1..num_classes_per_question targets each (`split_into_questions`). `gsva_format` says how
+    the "gsva" answer is written (GSVA_REFER_SEG or GSVA_SEM_SEG).
     """
     if style not in PROMPT_STYLES:
         raise ValueError(f"--prompt_style must be one of {PROMPT_STYLES}, not {style!r}")
@@ -212,12 +286,13 @@ def build_conversations(
     for group in groups:
         chosen = [targets[i] for i in group]
         if style == "gsva":
-            conversations.append([gsva_conversation(chosen, rng)])
+            conversations.append([gsva_conversation(chosen, rng, gsva_format)])
         else:
             is_sentence = all(t.is_sentence for t in chosen)
             names = [t.name for t in chosen]
+            asked = question(names, is_sentence, rng, expand)
             answer = lisa_answer(chosen[0], rng) if style == "lisa" else mmr_answer(chosen, rng)
-            conversations.append([(question(names, is_sentence, rng, expand), answer)])
+            conversations.append([(asked, answer)])
         ordered.extend(chosen)
     masks = [t.mask if t.mask is not None else np.zeros(shape, np.uint8) for t in ordered]
     return conversations, np.stack(masks).astype(np.uint8) if masks else np.zeros(
