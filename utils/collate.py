@@ -8,10 +8,20 @@ code with other tokenizers. `<image>` is expanded in the text
 to one image-token id per image feature (`model.backbone.image_token_count`), so ids, labels and
 the language model's hidden states align 1:1.
 
-Too-long conversations (more tokens than `model_max_length`, counted after the image
-expansion, i.e. the length the language model sees; LISA's `model_max_length - 255` columns
-before expansion bound the same thing) are dropped whole with their masks rather than cut, so a
-`[SEG]` never loses its answer or its mask. `ProcessedSample.dropped_conversations` counts them.
+Too-long conversations (more tokens than `model_max_length`, counted after the image expansion,
+i.e. the length the language model sees) follow `too_long`:
+- "truncate" (default; LISA utils/dataset.py:138-143, MMR utils/dataset.py:161-166, GSVA
+  data/dataset.py:133-139 cut the padded batch to `model_max_length - 255` columns before the
+  expansion, the same bound): ids and labels keep their first `model_max_length` tokens. A
+  `[SEG]`/`[REJ]` token that is cut off loses its mask (the targets that stay are the
+  conversation's first ones, so their rows are the first ones of its range): masks still equal
+  tokens. The reference code keeps those masks and stops on the count mismatch (LISA
+  model/LISA.py:316-320, GSVA model/modeling_lisa_gsva.py:294); normally only VQA dialogues,
+  which have no masks, are that long. A limit that cuts into the image tokens is an error.
+  `ProcessedSample.truncated_conversations` counts the cut conversations.
+- "drop": each too-long conversation is left out whole with its masks, so a `[SEG]` never loses
+  its answer; `ProcessedSample.dropped_conversations` counts them, and a sample left with none
+  raises AllConversationsDropped (the mixer redraws from the same family).
 """
 
 from __future__ import annotations
@@ -28,14 +38,17 @@ from model.backbone import image_token_count
 from model.batch import Batch
 from model.tokens import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, TokenIds
 from utils.conversation import DEFAULT_CONV_TYPE, Span, Template, get_template
-from utils.datasets.base import IMAGE_PLACEHOLDER, Sample, UnusableSample
+from utils.datasets.base import IMAGE_PLACEHOLDER, TOO_LONG_CHOICES, Sample, UnusableSample
 from utils.preprocess import ImageProcessors
 
 logger = logging.getLogger(__name__)
+# the papers' handling of conversations over --model_max_length (see the module docstring)
+DEFAULT_TOO_LONG = "truncate"
 
 
 class AllConversationsDropped(UnusableSample):
-    """Every conversation of a sample is longer than `model_max_length`; draw another sample."""
+    """With too_long "drop", every conversation of a sample is longer than `model_max_length`;
+    draw another sample."""
 
 
 @dataclass
@@ -47,6 +60,7 @@ class ProcessedSample:
     input_ids, labels: per conversation long [L_c] (labels IGNORE_INDEX outside the answers).
     masks: uint8 [k, H, W], one per `[SEG]`/`[REJ]` of the kept conversations, in order.
     dropped_conversations: how many too-long conversations (and their masks) were left out.
+    truncated_conversations: how many too-long conversations were cut to `model_max_length`.
     skipped_samples: bad records the mixer skipped before drawing this one ({source: count};
         set by `HybridDataset` with `--skip_bad_samples`, else None).
     """
@@ -61,6 +75,7 @@ class ProcessedSample:
     image_path: str
     source: str
     dropped_conversations: int = 0
+    truncated_conversations: int = 0
     skipped_samples: dict[str, int] | None = None
 
 
@@ -160,23 +175,77 @@ def count_targets(input_ids: torch.Tensor, token_ids: TokenIds) -> int:
     return int(((input_ids == token_ids.seg) | (input_ids == token_ids.rej)).sum())
 
 
-def keep_short_conversations(
+@dataclass
+class FittedConversations:
+    """The conversations of one sample within `model_max_length` (see `fit_to_length`).
+
+    conversations: (input_ids long [L_c], labels long [L_c]) of each conversation kept, in order.
+    rows: the mask rows of the targets still in them, in order.
+    dropped / truncated: how many conversations were left out / cut.
+    """
+
+    conversations: list[tuple[torch.Tensor, torch.Tensor]]
+    rows: list[int]
+    dropped: int = 0
+    truncated: int = 0
+
+
+def truncate_conversation(
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    model_max_length: int,
+    token_ids: TokenIds,
+    image_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, labels long [L] -> their first `model_max_length` tokens; ValueError if that cuts
+    into the image tokens (the model needs all of them)."""
+    cut_ids = ids[:model_max_length]
+    kept_image_tokens = int((cut_ids == token_ids.image).sum())
+    if kept_image_tokens != image_tokens:
+        last = int(torch.nonzero(ids == token_ids.image)[-1])
+        raise ValueError(
+            f"--model_max_length {model_max_length} keeps {kept_image_tokens} of the "
+            f"{image_tokens} image tokens of a {len(ids)}-token conversation; raise it to at "
+            f"least {last + 1}"
+        )
+    return cut_ids, labels[:model_max_length]
+
+
+def fit_to_length(
     encoded: list[tuple[torch.Tensor, torch.Tensor]],
     targets: list[int],
     model_max_length: int | None,
-) -> tuple[list[int], list[int]]:
-    """(indices of the conversations that fit, indices of their mask rows), in order.
+    too_long: str,
+    token_ids: TokenIds,
+    image_tokens: int,
+) -> FittedConversations:
+    """Conversations longer than `model_max_length` (None: no limit) cut ("truncate") or left out
+    ("drop"), with the mask rows of the targets that remain.
 
-    Conversations' targets are consecutive mask rows, so each kept conversation keeps the
-    rows from its running target offset.
+    Conversations' targets are consecutive mask rows (`targets[c]` of them for conversation c),
+    in token order, so a cut conversation keeps the first rows of its range.
     """
-    kept, rows, offset = [], [], 0
-    for index, ((ids, _), count) in enumerate(zip(encoded, targets, strict=True)):
+    fitted = FittedConversations([], [])
+    offset = 0
+    for (ids, labels), count in zip(encoded, targets, strict=True):
         if model_max_length is None or len(ids) <= model_max_length:
-            kept.append(index)
-            rows.extend(range(offset, offset + count))
+            fitted.conversations.append((ids, labels))
+            fitted.rows.extend(range(offset, offset + count))
+        elif too_long == "drop":
+            fitted.dropped += 1
+        else:
+            cut = truncate_conversation(ids, labels, model_max_length, token_ids, image_tokens)
+            fitted.conversations.append(cut)
+            fitted.rows.extend(range(offset, offset + count_targets(cut[0], token_ids)))
+            fitted.truncated += 1
         offset += count
-    return kept, rows
+    return fitted
+
+
+def check_too_long(too_long: str) -> None:
+    """ValueError unless `too_long` is one of TOO_LONG_CHOICES."""
+    if too_long not in TOO_LONG_CHOICES:
+        raise ValueError(f"too_long must be one of {TOO_LONG_CHOICES}, not {too_long!r}")
 
 
 def process_sample(
@@ -187,13 +256,16 @@ def process_sample(
     image_tokens: int,
     conv_type: str = DEFAULT_CONV_TYPE,
     model_max_length: int | None = None,
+    too_long: str = DEFAULT_TOO_LONG,
 ) -> ProcessedSample:
     """Tokenize, label and transform one sample (each transform runs once for the image).
 
-    model_max_length: conversations with more tokens are dropped with their masks (None keeps
-    all, as evaluation does). Raises ValueError naming the image when the `[SEG]`/`[REJ]` count
-    differs from the number of masks, and AllConversationsDropped when nothing fits.
+    model_max_length: conversations with more tokens are cut or dropped as `too_long` says (see
+    the module docstring; None keeps all whole, as evaluation does). Raises ValueError naming
+    the image when the `[SEG]`/`[REJ]` count differs from the number of masks or the limit cuts
+    into the image tokens, and AllConversationsDropped when "drop" leaves nothing.
     """
+    check_too_long(too_long)
     if not sample.conversations:
         raise ValueError(f"{sample.image_path} ({sample.source}): the sample has no conversations")
     template = template_for(tokenizer, conv_type)
@@ -210,37 +282,60 @@ def process_sample(
             f"[SEG]/[REJ] tokens but there are {masks.shape[0]} masks "
             f"(masks {tuple(masks.shape)}, image {image_size})"
         )
-    kept, rows = keep_short_conversations(encoded, targets, model_max_length)
-    dropped = len(encoded) - len(kept)
-    if dropped:
-        lengths = [len(ids) for ids, _ in encoded]
-        logger.debug(
-            "%s: dropped %d of %d conversations longer than model_max_length %s (lengths %s)",
-            sample.image_path,
-            dropped,
-            len(encoded),
-            model_max_length,
-            lengths,
+    try:
+        fitted = fit_to_length(
+            encoded, targets, model_max_length, too_long, token_ids, image_tokens
         )
-        if not kept:
-            raise AllConversationsDropped(
-                f"{sample.image_path} ({sample.source}): all {len(encoded)} conversations are "
-                f"longer than model_max_length {model_max_length} (token lengths {lengths}); "
-                "draw another sample or raise --model_max_length"
-            )
+    except ValueError as error:
+        raise ValueError(f"{sample.image_path} ({sample.source}): {error}") from error
+    report_too_long(sample, encoded, targets, fitted, model_max_length)
     clip_pixels, sam_pixels, resized_size = images(sample.image)
     return ProcessedSample(
         clip_pixels=clip_pixels,
         sam_pixels=sam_pixels,
         resized_size=resized_size,
         original_size=image_size,
-        input_ids=[encoded[index][0] for index in kept],
-        labels=[encoded[index][1] for index in kept],
-        masks=torch.from_numpy(np.ascontiguousarray(masks[rows], dtype=np.uint8)),
+        input_ids=[ids for ids, _ in fitted.conversations],
+        labels=[labels for _, labels in fitted.conversations],
+        masks=torch.from_numpy(np.ascontiguousarray(masks[fitted.rows], dtype=np.uint8)),
         image_path=sample.image_path,
         source=sample.source,
-        dropped_conversations=dropped,
+        dropped_conversations=fitted.dropped,
+        truncated_conversations=fitted.truncated,
     )
+
+
+def report_too_long(
+    sample: Sample,
+    encoded: list[tuple[torch.Tensor, torch.Tensor]],
+    targets: list[int],
+    fitted: FittedConversations,
+    model_max_length: int | None,
+) -> None:
+    """Debug-log what `fit_to_length` cut or dropped; AllConversationsDropped when "drop" left
+    no conversation."""
+    if not (fitted.dropped or fitted.truncated):
+        return
+    lengths = [len(ids) for ids, _ in encoded]
+    logger.debug(
+        "%s: %d of %d conversations longer than model_max_length %s (lengths %s): %d dropped, "
+        "%d cut; %d of %d targets lost",
+        sample.image_path,
+        fitted.dropped + fitted.truncated,
+        len(encoded),
+        model_max_length,
+        lengths,
+        fitted.dropped,
+        fitted.truncated,
+        sum(targets) - len(fitted.rows),
+        sum(targets),
+    )
+    if not fitted.conversations:
+        raise AllConversationsDropped(
+            f"{sample.image_path} ({sample.source}): all {len(encoded)} conversations are "
+            f"longer than model_max_length {model_max_length} (token lengths {lengths}); "
+            "draw another sample or raise --model_max_length"
+        )
 
 
 @dataclass
@@ -253,6 +348,10 @@ class SampleProcessor:
     image_tokens: int
     conv_type: str = DEFAULT_CONV_TYPE
     model_max_length: int | None = None
+    too_long: str = DEFAULT_TOO_LONG
+
+    def __post_init__(self) -> None:
+        check_too_long(self.too_long)
 
     @classmethod
     def for_model(
@@ -262,9 +361,11 @@ class SampleProcessor:
         llava_directory: str,
         conv_type: str = DEFAULT_CONV_TYPE,
         model_max_length: int | None = None,
+        too_long: str = DEFAULT_TOO_LONG,
     ) -> SampleProcessor:
         """Settings read from a built Segmenter (token ids, image-token count, SAM input size)
-        and its LLaVA directory (CLIP image settings)."""
+        and its LLaVA directory (CLIP image settings); `model_max_length` and `too_long` as in
+        `process_sample`."""
         return cls(
             tokenizer=tokenizer,
             token_ids=model.token_ids,
@@ -272,6 +373,7 @@ class SampleProcessor:
             image_tokens=image_token_count(model.llava.config),
             conv_type=conv_type,
             model_max_length=model_max_length,
+            too_long=too_long,
         )
 
     def __call__(self, sample: Sample) -> ProcessedSample:
@@ -283,10 +385,21 @@ class SampleProcessor:
             self.image_tokens,
             self.conv_type,
             self.model_max_length,
+            self.too_long,
         )
 
 
-def collate(samples: Sequence[ProcessedSample], pad_id: int) -> Batch:
+@dataclass
+class CollatedBatch(Batch):
+    """A `Batch` as `collate` makes it, with one more count for the training log.
+
+    truncated_conversations: conversations of this batch cut to `--model_max_length`.
+    """
+
+    truncated_conversations: int = 0
+
+
+def collate(samples: Sequence[ProcessedSample], pad_id: int) -> CollatedBatch:
     """Batch N processed samples with C conversations in total, right-padded to the longest L.
 
     input_ids padded with pad_id, labels with IGNORE_INDEX; attention_mask marks each row's
@@ -308,7 +421,7 @@ def collate(samples: Sequence[ProcessedSample], pad_id: int) -> Batch:
         input_ids[row, : len(ids)] = ids
         labels[row, : len(ids)] = row_labels
         attention_mask[row, : len(ids)] = True
-    return Batch(
+    return CollatedBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         labels=labels,
@@ -321,6 +434,7 @@ def collate(samples: Sequence[ProcessedSample], pad_id: int) -> Batch:
         image_paths=[sample.image_path for sample in samples],
         sources=[sample.source for sample in samples],
         dropped_conversations=sum(sample.dropped_conversations for sample in samples),
+        truncated_conversations=sum(sample.truncated_conversations for sample in samples),
         skipped_samples=sum_counts([sample.skipped_samples for sample in samples]),
     )
 
@@ -342,5 +456,5 @@ class Collator:
 
     pad_id: int
 
-    def __call__(self, samples: Sequence[ProcessedSample]) -> Batch:
+    def __call__(self, samples: Sequence[ProcessedSample]) -> CollatedBatch:
         return collate(samples, self.pad_id)

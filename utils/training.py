@@ -1,7 +1,8 @@
 """Helpers of the train_ds.py recipe: distributed set-up, the run directory that describes
-itself, the per-rank sampler, step logging (TensorBoard with a global step, metrics.jsonl, a
-progress heartbeat) and one training epoch, which skips micro-batches with a non-finite loss
-and reports the bad records `--skip_bad_samples` skipped.
+itself, the training set and its per-rank sampler (the weighted mix, or GSVA's `--no_sampling`
+full pass), step logging (TensorBoard with a global step, metrics.jsonl, a progress heartbeat)
+and one training epoch, which skips micro-batches with a non-finite loss and reports the bad
+records `--skip_bad_samples` skipped.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -27,14 +29,22 @@ from tqdm import tqdm
 from utils.collate import Collator
 from utils.datasets.doctor import check_training_data
 from utils.datasets.mixer import (
+    FullPassBatchSampler,
+    FullPassDataset,
     HybridDataset,
+    SeededDataset,
+    build_full_pass_source,
     build_sources,
+    check_single_source,
+    full_pass_batches,
 )
 from utils.engine import samples_per_epoch
 
 LOGGER = logging.getLogger(__name__)
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "tokenizers", "numpy")
 LOSS_PARTS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_loss")
+# batch counts of conversations over --model_max_length, logged per step as train/<name>
+LENGTH_COUNTS = ("dropped_conversations", "truncated_conversations")
 PROGRESS_FILE = "progress.json"
 # non-finite losses in a row (micro-batches, all ranks agreeing) after which the run stops
 MAX_NONFINITE_IN_A_ROW = 3
@@ -93,11 +103,15 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def training_dataset(config, processor, world: int, check: bool = True) -> HybridDataset:
-    """The weighted mix of `config`, `samples_per_epoch` items per epoch, each processed by
-    `processor`; with `check`, the doctor's cheap checks run first and stop on bad data. With
-    `--skip_bad_samples`, records that fail to read later are skipped and counted."""
+def training_dataset(config, processor, world: int, check: bool = True) -> SeededDataset:
+    """The training set of `config`, each item processed by `processor`: the weighted mix with
+    `samples_per_epoch` items per epoch, or with `--no_sampling` one pass over the records of
+    its one source (`full_pass_dataset`). With `check`, the doctor's cheap checks run first and
+    stop on bad data. With `--skip_bad_samples`, records that fail to read later are skipped
+    and counted."""
     data = config.data_config()
+    if config.no_sampling:
+        return full_pass_dataset(config, processor, world, check)
     if check:
         check_training_data(data)
     return HybridDataset(
@@ -110,15 +124,55 @@ def training_dataset(config, processor, world: int, check: bool = True) -> Hybri
     )
 
 
+def full_pass_dataset(config, processor, world: int, check: bool = True) -> FullPassDataset:
+    """GSVA's `--no_sampling` (main.py:85, data/dataset.py:265-283, solver.py:43-99): every
+    record of the one `--dataset` source once per epoch, in a seeded order, instead of
+    `samples_per_epoch` weighted draws. An epoch then has ceil(records / (world x batch_size))
+    micro-batches per rank (`FullPassBatchSampler`) and that number / grad_accumulation_steps
+    optimizer steps (a partial accumulation continues into the next epoch), as in GSVA;
+    `--steps_per_epoch` keeps only its other uses (GSVA: the LR schedule's length, epochs x
+    steps_per_epoch). Logs both numbers, with a warning when they differ. (GSVA's own loop reads
+    `args.distributed`, which main.py never sets (solver.py:79), so the released code stops
+    with an AttributeError at its first log line; the loop here logs as usual.)"""
+    data = config.data_config()
+    check_single_source(data)
+    if check:
+        check_training_data(data)
+    source = build_full_pass_source(data)
+    dataset = FullPassDataset(
+        source, data.seed, process=processor, skip_bad_samples=config.skip_bad_samples
+    )
+    micro_batches = len(full_pass_batches(len(dataset), world, config.batch_size)[0])
+    steps = micro_batches / config.grad_accumulation_steps
+    message = (
+        "--no_sampling: each epoch is one pass over the %d records of %s: %d micro-batches per "
+        "rank, %.1f optimizer steps; --steps_per_epoch %d still sets the LR schedule's length "
+        "(epochs x steps_per_epoch)"
+    )
+    level = logging.INFO if math.isclose(steps, config.steps_per_epoch) else logging.WARNING
+    LOGGER.log(
+        level, message, len(dataset), source.name, micro_batches, steps, config.steps_per_epoch
+    )
+    return dataset
+
+
 def training_loader(dataset, config, rank: int, world: int, pad_id: int) -> DataLoader:
+    """The rank's loader: `ShardSampler` over the mix, `FullPassBatchSampler` with
+    `--no_sampling`."""
+    workers = {
+        "num_workers": config.workers,
+        "collate_fn": Collator(pad_id),
+        "persistent_workers": False,
+        "pin_memory": False,
+    }
+    if config.no_sampling:
+        batches = FullPassBatchSampler(len(dataset), rank, world, config.batch_size)
+        return DataLoader(dataset, batch_sampler=batches, **workers)
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
         sampler=ShardSampler(len(dataset), rank, world),
-        num_workers=config.workers,
-        collate_fn=Collator(pad_id),
-        persistent_workers=False,
-        pin_memory=False,
+        **workers,
     )
 
 
@@ -208,6 +262,15 @@ def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(values, vector.tolist(), strict=True))
 
 
+def sum_over_ranks(values: dict[str, int], device) -> dict[str, int]:
+    """Sum logged counts over ranks (one all-reduce of a small vector; same keys on all)."""
+    if _world_size() == 1:
+        return values
+    vector = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(vector)
+    return dict(zip(values, (round(value) for value in vector.tolist()), strict=True))
+
+
 def sum_counts_over_ranks(counts: dict[str, int]) -> dict[str, int]:
     """{key: count} summed over ranks (keys may differ between ranks)."""
     if _world_size() == 1:
@@ -275,7 +338,7 @@ class StepWindow:
 
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_PARTS, 0.0))
     micro: int = 0
-    dropped: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LENGTH_COUNTS, 0))
     images: int = 0
     data_time: float = 0.0
     start: float = field(default_factory=time.perf_counter)
@@ -284,18 +347,21 @@ class StepWindow:
         for part in LOSS_PARTS:
             self.sums[part] += float(torch.as_tensor(getattr(output, part)).detach())
         self.micro += 1
-        self.dropped += batch.dropped_conversations
+        for name in LENGTH_COUNTS:
+            self.counts[name] += getattr(batch, name)
         self.images += batch.num_images
 
     def values(self, engine, device) -> dict[str, float]:
-        """The step's logged values: mean losses over micro-batches and ranks, lr, timing."""
+        """The step's logged values: mean losses over micro-batches and ranks, conversations
+        dropped or cut for `--model_max_length` summed over ranks, lr, timing."""
         values = {f"train/{part}": total / self.micro for part, total in self.sums.items()}
         values = mean_over_ranks(values, device)
+        counts = sum_over_ranks({f"train/{name}": n for name, n in self.counts.items()}, device)
         elapsed = time.perf_counter() - self.start
+        values.update(counts)
         values.update(
             {
                 "train/lr": engine.get_lr()[0],
-                "train/dropped_conversations": self.dropped,
                 "metrics/total_secs_per_batch": elapsed / self.micro,
                 "metrics/data_secs_per_batch": self.data_time / self.micro,
                 "metrics/samples_per_s": self.images / elapsed,

@@ -194,14 +194,68 @@ def test_too_long_conversations_are_dropped_with_their_masks(processor) -> None:
     lengths = [len(ids) for ids in full.input_ids]
     limit = max(lengths[0], lengths[2])
     assert lengths[1] > limit and full.dropped_conversations == 0
-    kept = replace(processor, model_max_length=limit)(sample)
-    assert kept.dropped_conversations == 1
+    drop = replace(processor, too_long="drop")
+    kept = replace(drop, model_max_length=limit)(sample)
+    assert kept.dropped_conversations == 1 and kept.truncated_conversations == 0
     assert [len(ids) for ids in kept.input_ids] == [lengths[0], lengths[2]]
     assert torch.equal(kept.masks, torch.from_numpy(sample.masks[[0, 1, 4]]))
-    other = processor(make_sample((20, 30), [[SEGMENT[0]]], num_masks=2, seed=1))
+    other = drop(make_sample((20, 30), [[SEGMENT[0]]], num_masks=2, seed=1))
     assert collate([kept, other], processor.token_ids.pad).dropped_conversations == 1
     with pytest.raises(AllConversationsDropped, match=r"img_0\.jpg.*all 3 conversations"):
-        replace(processor, model_max_length=min(lengths) - 1)(sample)
+        replace(drop, model_max_length=min(lengths) - 1)(sample)
+
+
+# targets 2 and 3 of TRUNCATED: the limit falls between them
+LONG_ANSWER = "[SEG] is the circle. " + "It is round and red and small. " * 12 + "[SEG] is the dog."
+TRUNCATED = [
+    [SEGMENT[0]],  # targets 0, 1
+    [("<image>\nWhere are the circle and the dog?", LONG_ANSWER)],  # targets 2, 3
+    [("<image>\nThe square?", "[REJ].")],  # target 4
+]
+
+
+def test_truncation_equals_cutting_the_padded_batch_as_lisa_does(processor) -> None:
+    """LISA utils/dataset.py:138-143 cuts the padded ids and labels to a fixed width; with the
+    width counted after the image expansion that is `model_max_length`. A cut [SEG] loses its
+    mask, so the masks stay one per [SEG]/[REJ] left."""
+    sample = make_sample((20, 30), TRUNCATED)
+    full = processor(sample)  # no limit: nothing is cut
+    seg_positions = torch.nonzero(full.input_ids[1] == processor.token_ids.seg).flatten()
+    limit = int(seg_positions[1])  # keeps the first [SEG] of the answer, cuts the second
+    assert limit > max(len(full.input_ids[0]), len(full.input_ids[2]))
+    cut = replace(processor, model_max_length=limit)(sample)
+    assert (cut.truncated_conversations, cut.dropped_conversations) == (1, 0)
+    assert torch.equal(cut.masks, torch.from_numpy(sample.masks[[0, 1, 2, 4]]))
+    pad = processor.token_ids.pad
+    expected, batch = collate([full], pad), collate([cut], pad)
+    assert batch.input_ids.shape == (3, limit)
+    assert torch.equal(batch.input_ids, expected.input_ids[:, :limit])
+    assert torch.equal(batch.labels, expected.labels[:, :limit])
+    assert torch.equal(batch.attention_mask, expected.attention_mask[:, :limit])
+    assert batch.truncated_conversations == 1 and expected.truncated_conversations == 0
+    # the cut conversation's answer is still labelled up to the limit, without its EOS
+    assert cut.labels[1][-1] == cut.input_ids[1][-1] != processor.token_ids.eos
+    assert collate([cut, cut], pad).truncated_conversations == 2
+
+
+def test_truncation_keeps_a_seg_on_the_last_position_and_needs_the_image(processor) -> None:
+    sample = make_sample((20, 30), TRUNCATED[1:])  # targets 0, 1 and [REJ] 2
+    full = processor(sample)
+    ids = full.input_ids[0]
+    first_seg = int(torch.nonzero(ids == processor.token_ids.seg)[0])
+    assert first_seg > len(full.input_ids[1])  # the [REJ] conversation stays whole
+    cut = replace(processor, model_max_length=first_seg + 1)(sample)
+    assert torch.equal(cut.input_ids[0], ids[: first_seg + 1])
+    assert cut.input_ids[0][-1] == processor.token_ids.seg
+    assert torch.equal(cut.masks, torch.from_numpy(sample.masks[[0, 2]]))
+    before = replace(processor, model_max_length=first_seg)(sample)
+    assert torch.equal(before.input_ids[0], ids[:first_seg])
+    assert torch.equal(before.masks, torch.from_numpy(sample.masks[[2]]))
+    first_image = int(torch.nonzero(ids == processor.token_ids.image)[0])
+    with pytest.raises(ValueError, match=r"img_0\.jpg.*keeps 2 of the 4 image tokens"):
+        replace(processor, model_max_length=first_image + 2)(sample)
+    with pytest.raises(ValueError, match=r"too_long must be one of \('truncate', 'drop'\)"):
+        replace(processor, too_long="cut")
 
 
 def test_collate_pads_right_and_stores_each_image_once(processor) -> None:

@@ -1,7 +1,10 @@
-"""End to end on the tiny assets: every training family through HybridDataset, and every
-validation set, into a Batch that the tiny model consumes."""
+"""End to end on the tiny assets: every training family through HybridDataset (also with
+conversations cut to --model_max_length), and every validation set, into a Batch that the tiny
+model consumes."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -90,3 +93,48 @@ def test_every_validation_set_reaches_the_model(assets, tiny, entry, json_name) 
     if entry.startswith("grefcoco"):
         empty = [bool((m.flatten(1) == 0).all(1).any()) for m in batch.gt_masks]
         assert any(empty), "gRefCOCO validation should hold no-target expressions"
+
+
+def target_rows(input_ids: list[torch.Tensor], limit: int, targets: torch.Tensor) -> list[int]:
+    """Mask rows of the [SEG]/[REJ] tokens among each conversation's first `limit` tokens."""
+    rows, offset = [], 0
+    for ids in input_ids:
+        is_target = torch.isin(ids, targets)
+        rows += range(offset, offset + int(is_target[:limit].sum()))
+        offset += int(is_target.sum())
+    return rows
+
+
+@pytest.mark.parametrize("family", ["vqa", "sem_seg", "multi_part_reason_seg"])
+def test_truncated_conversations_reach_the_model(assets, tiny, family) -> None:
+    """--too_long truncate at the median conversation length: the same samples, each
+    conversation its first `limit` tokens, the masks of the targets left, and a batch the model
+    takes ([SEG]/[REJ] tokens = masks, checked by run_model)."""
+    model, _, processor = tiny
+    config = DataConfig(
+        dataset_dir=assets / "dataset",
+        dataset=(family,),
+        sample_rates=(1,),
+        family_data={family: tuple(FAMILY_DATA[family].split("||"))},
+    )
+    whole = HybridDataset(build_sources(config), [1], length=ITEMS, process=processor)
+    full = [whole[index] for index in range(ITEMS)]
+    lengths = sorted(len(ids) for sample in full for ids in sample.input_ids)
+    limit = lengths[len(lengths) // 2]
+    cut_processor = replace(processor, model_max_length=limit, too_long="truncate")
+    cut_set = HybridDataset(build_sources(config), [1], length=ITEMS, process=cut_processor)
+    cut = [cut_set[index] for index in range(ITEMS)]
+    targets = torch.tensor([model.token_ids.seg, model.token_ids.rej])
+    for before, after in zip(full, cut, strict=True):
+        assert after.image_path == before.image_path
+        assert [ids.tolist() for ids in after.input_ids] == [
+            ids[:limit].tolist() for ids in before.input_ids
+        ]
+        assert after.truncated_conversations == sum(len(i) > limit for i in before.input_ids)
+        rows = target_rows(before.input_ids, limit, targets)
+        assert torch.equal(after.masks, before.masks[rows])
+    assert sum(sample.truncated_conversations for sample in cut) > 0
+    lost = sum(len(sample.masks) for sample in full) - sum(len(sample.masks) for sample in cut)
+    assert lost > 0 if family != "vqa" else lost == 0  # cut [SEG]s took their masks along
+    batch, _ = run_model(model, cut)
+    assert batch.truncated_conversations == sum(sample.truncated_conversations for sample in cut)

@@ -1,5 +1,6 @@
-"""The training-loop helpers: sampler sharding, the epoch loop's mode, logging and callbacks,
-`--skip_bad_samples` counts from loader workers to the epoch report, and non-finite losses."""
+"""The training-loop helpers: sampler sharding, GSVA's --no_sampling full pass over two ranks,
+the epoch loop's mode, logging and callbacks, `--skip_bad_samples` counts from loader workers to
+the epoch report, and non-finite losses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,12 +19,14 @@ from torch.utils.data import DataLoader
 
 from utils.collate import Collator, ProcessedSample
 from utils.datasets.base import DataError, Sample
-from utils.datasets.mixer import HybridDataset, skipped_samples
+from utils.datasets.mixer import DataConfig, HybridDataset, full_pass_batches, skipped_samples
 from utils.training import (
     NonFiniteLossError,
     RunLogger,
     ShardSampler,
     train_epoch,
+    training_dataset,
+    training_loader,
 )
 
 
@@ -44,6 +48,7 @@ class FakeOutput:
 
 class FakeBatch:
     dropped_conversations = 1
+    truncated_conversations = 3
     num_images = 2
     skipped_samples = None
 
@@ -98,6 +103,7 @@ def test_epoch_trains_in_training_mode_logs_steps_and_calls_back(tmp_path) -> No
     assert losses == [0.5, 2.5, 4.5]  # mean of micro-steps (0,1), (2,3), (4,5)
     assert [step for step, _ in logged] == [2]
     assert logged[0][1]["train/dropped_conversations"] == 2
+    assert logged[0][1]["train/truncated_conversations"] == 6
     assert logged[0][1]["metrics/samples_per_s"] > 0
     assert called == [1, 2, 3]
 
@@ -134,6 +140,83 @@ class FlakySource:
 
     def check(self, deep: bool = False):
         return iter(())
+
+
+# --- GSVA --no_sampling over two simulated ranks ---
+class RecordSource:
+    """`size` records; a sample's image path is its record number."""
+
+    name = "refer_seg/refcoco"
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        return self.sample_at(int(rng.integers(self.size)), rng)
+
+    def sample_at(self, index: int, rng: np.random.Generator) -> Sample:
+        image = np.zeros((4, 4, 3), np.uint8)
+        return Sample(image, [], np.zeros((0, 4, 4), np.uint8), str(index), self.name)
+
+
+def no_sampling_config(workers: int) -> SimpleNamespace:
+    """The TrainConfig fields the training set and loader read, with --no_sampling."""
+    data = DataConfig(Path("."), ("refer_seg",), (1,), {"refer_seg": ("refcoco",)}, seed=4)
+    return SimpleNamespace(
+        data_config=lambda: data,
+        no_sampling=True,
+        skip_bad_samples=False,
+        batch_size=4,
+        grad_accumulation_steps=2,
+        steps_per_epoch=500,
+        workers=workers,
+    )
+
+
+def test_no_sampling_visits_every_record_once_per_epoch_across_two_ranks(
+    monkeypatch, caplog
+) -> None:
+    records, world = 23, 2  # neither a multiple of batch_size nor of world x batch_size
+    monkeypatch.setattr("utils.training.build_full_pass_source", lambda data: RecordSource(23))
+    with caplog.at_level("INFO", logger="utils.training"):
+        dataset = training_dataset(no_sampling_config(0), tiny_processed, world, check=False)
+    assert len(dataset) == records
+    # ceil(23 / (2 x 4)) = 3 micro-batches per rank, / 2 accumulation steps; 500 differs
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        "one pass over the 23 records of refer_seg/refcoco: 3 micro-batches per rank, "
+        "1.5 optimizer steps; --steps_per_epoch 500" in warning.getMessage()
+    )
+    orders = []
+    for epoch, workers in ((0, 0), (1, 1)):
+        dataset.set_epoch(epoch)
+        per_rank = [
+            [
+                batch.image_paths
+                for batch in training_loader(
+                    dataset, no_sampling_config(workers), rank, world, pad_id=0
+                )
+            ]
+            for rank in range(world)
+        ]
+        assert [len(batches) for batches in per_rank] == [3, 3]
+        visited = [int(path) for batches in per_rank for batch in batches for path in batch]
+        assert Counter(visited) == Counter(range(records))  # each record exactly once
+        orders.append(visited)
+    assert orders[0] != orders[1]  # a new seeded order each epoch
+
+
+def test_full_pass_batches_give_every_rank_the_same_number_of_micro_batches() -> None:
+    # rounds of 2 x 2 positions; 9 leaves 1 < 2 ranks, which joins rank 0's last batch
+    assert full_pass_batches(9, 2, 2) == [[[0, 1], [4, 5, 8]], [[2, 3], [6, 7]]]
+    # 11 leaves 3, split 2 + 1
+    assert full_pass_batches(11, 2, 2) == [[[0, 1], [4, 5], [8, 9]], [[2, 3], [6, 7], [10]]]
+    assert full_pass_batches(3, 3, 20) == [[[0]], [[1]], [[2]]]
+    with pytest.raises(ValueError, match="2 training records cannot give each of 3 ranks"):
+        full_pass_batches(2, 3, 1)
 
 
 def tiny_processed(sample: Sample) -> ProcessedSample:
