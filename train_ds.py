@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None):
     # CLIP's image settings: --version's own, or --vision-tower's for the legacy layouts
     images = image_settings_directory(config.version, config.vision_tower)
     processor = SampleProcessor.for_model(
-        model, tokenizer, images, config.conv_type, config.model_max_length
+        model, tokenizer, images, config.conv_type, config.model_max_length, config.too_long
     )
     eval_processor = SampleProcessor.for_model(model, tokenizer, images, config.conv_type)
     if rank == 0:

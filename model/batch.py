@@ -32,6 +32,7 @@ class Batch:
     sources: per image, the dataset it came from (logging).
     dropped_conversations: conversations left out of this batch for exceeding
         `--model_max_length` (with their masks), for the training log.
+    truncated_conversations: conversations of this batch cut to `--model_max_length`.
     skipped_samples: with `--skip_bad_samples`, the bad records skipped while drawing this
         batch's samples ({source name: count}); None when the mixer does not count.
     """
@@ -48,6 +49,7 @@ class Batch:
     image_paths: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     dropped_conversations: int = 0
+    truncated_conversations: int = 0
     skipped_samples: dict[str, int] | None = None
 
     @property

@@ -63,7 +63,8 @@ class ModelConfig:
     attn_implementation: sdpa | flash_attention_2 | eager.
     gradient_checkpointing: recompute LLM activations in backward to save memory.
     use_mm_start_end: add `<im_start>`/`<im_end>` tokens around the image tokens.
-    out_dim: width of the projected `[SEG]` embedding; must equal SAM's prompt width.
+    out_dim: width of the projected `[SEG]` embedding: SAM's prompt width, read from the SAM
+        file (or the merged checkpoint's SAM) when None; a given value must equal it.
     lora_r, lora_alpha, lora_dropout, lora_target_modules: LoRA on the language model
         (lora_r 0 = no LoRA, language model frozen apart from embeddings and LM head).
     train_mask_decoder: train SAM's mask decoder (else frozen).
@@ -83,7 +84,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True
     use_mm_start_end: bool = True
-    out_dim: int = 256
+    out_dim: int | None = None
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -127,7 +128,7 @@ def build_segmenter(config: ModelConfig):
     sam = parts.sam if parts else load_sam_checkpoint(config.vision_pretrained, dtype=dtype)
     source = config.version if parts else config.vision_pretrained
     prompt_dim = sam.config.mask_decoder_config.hidden_size
-    if config.out_dim != prompt_dim:
+    if config.out_dim is not None and config.out_dim != prompt_dim:
         raise ValueError(
             f"--out_dim {config.out_dim} must equal the SAM prompt width {prompt_dim} of {source}"
         )

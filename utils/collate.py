@@ -389,17 +389,7 @@ class SampleProcessor:
         )
 
 
-@dataclass
-class CollatedBatch(Batch):
-    """A `Batch` as `collate` makes it, with one more count for the training log.
-
-    truncated_conversations: conversations of this batch cut to `--model_max_length`.
-    """
-
-    truncated_conversations: int = 0
-
-
-def collate(samples: Sequence[ProcessedSample], pad_id: int) -> CollatedBatch:
+def collate(samples: Sequence[ProcessedSample], pad_id: int) -> Batch:
     """Batch N processed samples with C conversations in total, right-padded to the longest L.
 
     input_ids padded with pad_id, labels with IGNORE_INDEX; attention_mask marks each row's
@@ -421,7 +411,7 @@ def collate(samples: Sequence[ProcessedSample], pad_id: int) -> CollatedBatch:
         input_ids[row, : len(ids)] = ids
         labels[row, : len(ids)] = row_labels
         attention_mask[row, : len(ids)] = True
-    return CollatedBatch(
+    return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         labels=labels,
@@ -456,5 +446,5 @@ class Collator:
 
     pad_id: int
 
-    def __call__(self, samples: Sequence[ProcessedSample]) -> CollatedBatch:
+    def __call__(self, samples: Sequence[ProcessedSample]) -> Batch:
         return collate(samples, self.pad_id)

@@ -30,9 +30,15 @@ from utils.datasets.base import (
     TOO_LONG_CHOICES,
     SamplingOptions,
 )
-from utils.datasets.mixer import DEFAULT_FAMILY_DATA, FAMILY_BUILDERS, DataConfig, check_rates
+from utils.datasets.mixer import (
+    DEFAULT_FAMILY_DATA,
+    FAMILY_BUILDERS,
+    DataConfig,
+    check_rates,
+    check_single_source,
+)
 from utils.datasets.templates import PROMPT_STYLES
-from utils.datasets.validation import parse_val_datasets
+from utils.datasets.validation import gsva_epoch_validation, parse_val_datasets
 from utils.recipes import DEFAULT_RECIPE, Recipe, RecipeError, load_recipe
 
 LOGGER = logging.getLogger(__name__)
@@ -40,7 +46,7 @@ CONV_TYPES = ("llava_v1", "llava_llama_2")
 EVAL_PROTOCOLS = ("teacher_forced", "generate")
 ZERO_STAGES = (2, 3)
 # GSVA flags accepted for command-line compatibility but without effect here
-IGNORED_FLAGS = ("no_sampling", "val_refzom", "merge_lora_path")
+IGNORED_FLAGS = ("merge_lora_path",)
 USAGE_ERROR = 2  # argparse's exit status for a bad command line
 # where a field's value came from (`ResolvedConfig.sources`)
 FROM_DEFAULT, FROM_RECIPE, FROM_COMMAND_LINE = "default", "recipe", "command line"
@@ -107,7 +113,7 @@ class TrainConfig:
     eval_protocol: str
     max_new_tokens: int
     vision_pretrained: str
-    out_dim: int
+    out_dim: int | None
     resume: str
     weight: str
     print_freq: int
@@ -228,7 +234,13 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     add("--precision", default="bf16", choices=sorted(PRECISIONS))
     add("--image_size", default=1024, type=int, help="SAM input side")
     add("--model_max_length", default=2048, type=int)
-    add("--out_dim", default=256, type=int, help="projected [SEG] width = SAM prompt width")
+    add(
+        "--out_dim",
+        default=None,
+        type=int,
+        help="projected [SEG] width; default: the SAM checkpoint's prompt width (256 for every "
+        "released SAM); a value that differs from it stops the run",
+    )
     add("--lora_r", default=8, type=int, help="0: no LoRA (LLM frozen)")
     add("--lora_alpha", default=16, type=int)
     add("--lora_dropout", default=0.05, type=float)
@@ -353,8 +365,17 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     add("--offload_optimizer", action="store_true", help="ZeRO optimizer state on the CPU")
     add("--load_in_8bit", action="store_true", help="quantised LLM (GPU inference only)")
     add("--load_in_4bit", action="store_true", help="quantised LLM (GPU inference only)")
-    for flag in ("no_sampling", "val_refzom"):
-        add(f"--{flag}", action="store_true", help=argparse.SUPPRESS)
+    add(
+        "--no_sampling",
+        action="store_true",
+        help="GSVA: each epoch is one shuffled pass over the one --dataset source (one family, "
+        "one sub-dataset) instead of --sample_rates draws",
+    )
+    add(
+        "--val_refzom",
+        action="store_true",
+        help="GSVA: validate on RefZOM (refzom|final|test) in place of grefcoco|unc|val",
+    )
     add("--merge_lora_path", default="", help=argparse.SUPPRESS)
 
 
@@ -413,7 +434,20 @@ def layered_values(
         values.update(layer)
         sources.update(dict.fromkeys(layer, source))
     values["recipe"] = recipe.name
+    if values["val_refzom"]:
+        values["val_dataset"] = with_refzom_validation(values["val_dataset"])
+        sources["val_dataset"] = FROM_COMMAND_LINE
     return values, recipe, sources
+
+
+def with_refzom_validation(val_dataset: str) -> str:
+    """GSVA's `--val_refzom`: its per-epoch GRES evaluation runs on RefZOM's test split instead
+    of gRefCOCO val. Here: "grefcoco|unc|val" in `val_dataset` is replaced by
+    "refzom|final|test", which is added when there is nothing to replace."""
+    entries = [entry for entry in val_dataset.split("||") if entry]
+    gres, refzom = gsva_epoch_validation(False), gsva_epoch_validation(True)
+    replaced = [refzom if entry == gres else entry for entry in entries]
+    return "||".join(replaced if gres in entries else [*entries, refzom])
 
 
 def resolve_config(argv: list[str] | None = None) -> ResolvedConfig:
@@ -458,7 +492,10 @@ def data_flag_problem(config: TrainConfig) -> str | None:
         except ValueError:
             return f"--sample_rates {config.sample_rates!r} is not comma-separated numbers"
         try:
-            check_rates(config.datasets, rates)
+            if config.no_sampling:  # one source and no rates (GSVA)
+                check_single_source(config.data_config())
+            else:
+                check_rates(config.datasets, rates)
         except ValueError as error:
             return str(error)
     if config.eval_only or not config.no_eval:

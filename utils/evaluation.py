@@ -7,9 +7,8 @@ scores it. gRefCOCO and RefZOM follow GSVA (REFERENCE.md section 2.6): the prese
 decisions come from pass 1 (argmax of the logits before each target, `predicted_present`); then,
 only for batches whose input holds a `[REJ]`, every `[REJ]` id is replaced by `[SEG]` and the
 batch is run again, and the masks of that pass 2 are scored. Without pass 2 a `[REJ]` target has
-no decoded mask, so an absent target wrongly called present would add nothing to cIoU's union.
-GSVA adds that predicted area to cIoU's union for gRefCOCO only (`solver.py:230,272`); RefZOM
-shares gRefCOCO's accumulator here, so its cIoU counts it too (gIoU, N-acc, T-acc are GSVA's).
+no decoded mask, so an absent target wrongly called present would add nothing to cIoU's union
+(GSVA counts that area for gRefCOCO, not RefZOM: `utils.metrics.GresAccumulator`).
 
 Sharding: rank r evaluates `shard_indices(n, r, world_size)` (no padding duplicates; shards may
 be unequal or empty). `reduce()` and `gather_records` are collectives: every rank reaches them
@@ -38,7 +37,6 @@ from utils.collate import ProcessedSample, SampleProcessor, collate
 from utils.datasets.base import ValidationSample
 from utils.datasets.mmr import MMR_VAL_JSON
 from utils.datasets.validation import (
-    GSVA_PROTOCOL_SETS,
     ValEntry,
     ValidationSet,
     build_validation_set,
@@ -62,8 +60,6 @@ OUTPUT_PREFIX = "eval_"
 UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._+-]+")
 JSON_SUFFIX = ".json"
 TEACHER_FORCED, GENERATE = "teacher_forced", "generate"
-# the accumulator key of GSVA's eval_gres (utils.metrics.GRES_DATASETS)
-GRES_METRIC = "grefcoco"
 
 
 @dataclass
@@ -72,8 +68,7 @@ class ValidationJob:
 
     name: `str(entry)`, plus ":<json name>" for sets read from `--val_json_name` (MMR, RefCOCOm),
         so several annotation files of one split are reported separately.
-    metric: the key `accumulator_for` picks the accumulator with: GSVA's for the sets GSVA
-        scores with `eval_gres` (gRefCOCO, RefZOM), else the entry's dataset.
+    metric: the key `accumulator_for` picks the accumulator with ("grefcoco", "refzom" -> GSVA's).
     """
 
     name: str
@@ -82,8 +77,6 @@ class ValidationJob:
 
     @property
     def metric(self) -> str:
-        if self.entry.dataset in GSVA_PROTOCOL_SETS:
-            return GRES_METRIC
         return self.entry.dataset
 
     def new_accumulator(self, device: torch.device | str | None = None) -> Accumulator:

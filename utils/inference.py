@@ -106,7 +106,6 @@ class Segmentation:
             lora_r=0,
         )
         saved = read_segmenter_config(version) if is_merged_checkpoint(version) else None
-        config = replace(config, out_dim=saved.out_dim if saved else config.out_dim)
         model, tokenizer = build_segmenter(config)
         device = device or device_default()
         model = model.to(device).eval()

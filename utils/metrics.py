@@ -13,9 +13,10 @@ dict per target for the JSONL (RECORD_KEYS; `gather_records` collects every rank
   I / (U + 1e-5), 1 when U = 0; gIoU = mean IoU; cIoU = sum I / (sum U + 1e-10). LISA divides
   by (count + 1e-5) because its padded DistributedSampler counts duplicates; we count each
   target once (`shard_indices`) and divide by the count: at most 1e-5 / count apart, relative.
-- `GresAccumulator` (gRefCOCO): non-empty GT -> IoU = I / (U + 1e-8) on the decoded mask
-  whatever the decision; empty GT -> 1 if `[REJ]` was predicted else 0; cIoU sums I and U over
-  non-empty targets plus, in U, the predicted area of empty targets wrongly called `[SEG]`;
+- `GresAccumulator` (gRefCOCO, RefZOM): non-empty GT -> IoU = I / (U + 1e-8) on the decoded
+  mask whatever the decision; empty GT -> 1 if `[REJ]` was predicted else 0; cIoU sums I and U
+  over non-empty targets plus, in U and for gRefCOCO only (GSVA solver.py), the predicted area
+  of empty targets wrongly called `[SEG]`;
   N-acc = #(empty and REJ) / #empty; T-acc = #(non-empty and SEG) / #non-empty.
   GSVA decides from the teacher-forced pass (`predicted_present`), then replaces every `[REJ]`
   of the input by `[SEG]` and reruns, so every target has a decoded mask: the caller passes
@@ -51,7 +52,9 @@ MEAN_IOU_EPS = 1e-5  # LISA's smoothing of each mask's IoU denominator (gIoU)
 GRES_IOU_EPS = 1e-8  # GSVA's smoothing of each non-empty target's IoU denominator
 CUMULATIVE_IOU_EPS = 1e-10  # keeps cIoU finite when every union is 0
 GT_FOREGROUND = 1
-GRES_DATASETS = ("grefcoco",)  # validation sets scored with GSVA's protocol
+GRES_DATASETS = ("grefcoco", "refzom")  # validation sets scored with GSVA's protocol
+# those whose cIoU also counts the area predicted for absent targets (GSVA: gRefCOCO only)
+FALSE_POSITIVE_AREA_DATASETS = ("grefcoco",)
 PERCENT = 100.0
 
 GIOU, CIOU, N_ACC, T_ACC, MIOU, TARGETS = "giou", "ciou", "n_acc", "t_acc", "miou", "targets"
@@ -264,10 +267,18 @@ class MaskIoUAccumulator(_TargetAccumulator):
 
 
 class GresAccumulator(_TargetAccumulator):
-    """GSVA's gRefCOCO gIoU / cIoU / N-acc / T-acc (see the module docstring for the two passes)."""
+    """GSVA's gRefCOCO / RefZOM gIoU / cIoU / N-acc / T-acc (see the module docstring for the two
+    passes). false_positive_area: add the predicted area of empty targets called `[SEG]` to
+    cIoU's union (gRefCOCO), or not (RefZOM)."""
 
     # empty_rej: empty GT called REJ (N-acc hits); nonempty_seg: non-empty called SEG (T-acc)
     FIELDS = MaskIoUAccumulator.FIELDS + ("empty", "empty_rej", "nonempty", "nonempty_seg")
+
+    def __init__(
+        self, device: torch.device | str | None = None, false_positive_area: bool = True
+    ) -> None:
+        super().__init__(device)
+        self.false_positive_area = false_positive_area
 
     def update(
         self,
@@ -284,11 +295,12 @@ class GresAccumulator(_TargetAccumulator):
         # An empty target scores 1 when called absent (REJ), 0 otherwise.
         iou = torch.where(nonempty, intersection / (union + GRES_IOU_EPS), (~present).double())
         # cIoU: an empty target wrongly called SEG adds I = 0 and U = its predicted area.
+        counted = nonempty | (empty & present) if self.false_positive_area else nonempty
         self._add(
             iou=iou,
             count=torch.ones_like(iou),
             intersection=intersection * nonempty,
-            union=union * (nonempty | (empty & present)),
+            union=union * counted,
             empty=empty,
             empty_rej=empty & ~present,
             nonempty=nonempty,
@@ -349,7 +361,7 @@ class SemanticIoUAccumulator(Accumulator):
 def accumulator_for(dataset: str, device: torch.device | str | None = None) -> Accumulator:
     """The mask accumulator a validation set is scored with (`ValEntry.dataset` names it)."""
     if dataset in GRES_DATASETS:
-        return GresAccumulator(device)
+        return GresAccumulator(device, dataset in FALSE_POSITIVE_AREA_DATASETS)
     return MaskIoUAccumulator(device)
 
 

@@ -245,3 +245,15 @@ def test_early_fusion_is_trained(tiny_dir) -> None:
     fusion = dict(model.early_fusion.named_parameters())
     assert set(fusion) == {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"}
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fusion.values())
+
+
+def test_out_dim_follows_the_sam_file_and_a_contradiction_stops(tiny_dir) -> None:
+    """Without --out_dim the projector ends at the SAM's prompt width (32 for the tiny SAM,
+    256 for every released one); an explicit other value stops, naming the file."""
+    model, _ = build_tiny_segmenter(tiny_dir, out_dim=None)
+    assert model.text_hidden_fcs[0][-1].out_features == 32
+    assert model.sam.config.mask_decoder_config.hidden_size == 32
+    with pytest.raises(
+        ValueError, match=r"--out_dim 256 must equal the SAM prompt width 32 of .*sam_tiny\.pth"
+    ):
+        build_tiny_segmenter(tiny_dir, out_dim=256)

@@ -163,3 +163,22 @@ def test_bad_values_are_refused() -> None:
     for argv in (["--precision", "fp8"], ["--conv_type", "chatml"], ["--zero_stage", "1"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
+
+
+def test_no_sampling_needs_one_source_and_no_rates() -> None:
+    config = parse_args(
+        [
+            "--no_sampling",
+            "--dataset",
+            "refer_seg",
+            "--refer_seg_data",
+            "refcoco",
+            "--sample_rates",
+            "1",
+        ]
+    )
+    assert config.no_sampling and config.data_config().family_data == {"refer_seg": ("refcoco",)}
+    with pytest.raises(SystemExit):
+        parse_args(["--no_sampling", "--dataset", "refer_seg", "--sample_rates", "1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--no_sampling", "--dataset", "sem_seg||vqa", "--sample_rates", "1,1"])

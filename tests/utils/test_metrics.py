@@ -147,6 +147,19 @@ def test_gres_metrics_on_rej_and_false_positive_targets():
     assert [r["empty_gt"] for r in acc.records] == [True, False, True, False]
 
 
+def test_refzom_cumulative_iou_leaves_out_absent_targets_called_present():
+    """GSVA's solver adds the predicted area of an empty target called SEG to cIoU's union for
+    gRefCOCO only; RefZOM scores the same case with I 1 + 2 over U 3 + 2."""
+    pred, gt, present = gres_case()
+    refzom, grefcoco = accumulator_for("refzom"), accumulator_for("grefcoco")
+    for acc in (refzom, grefcoco):
+        acc.update(target_stats(pred, gt), present)
+    assert refzom.summary()[CIOU] == pytest.approx(3 / 5)
+    assert grefcoco.summary()[CIOU] == pytest.approx(3 / (5 + 3))
+    for metric in (GIOU, N_ACC, T_ACC):
+        assert refzom.summary()[metric] == grefcoco.summary()[metric]
+
+
 def test_gres_rates_are_none_without_a_denominator():
     acc = GresAccumulator()
     acc.update(target_stats(logits_of([[[0, 0]]]), gt_of([[[0, 0]]])), torch.tensor([False]))
@@ -236,6 +249,7 @@ def test_format_table_rows_and_blanks():
 
 def test_accumulator_for_picks_the_protocol():
     assert isinstance(accumulator_for("grefcoco"), GresAccumulator)
+    assert isinstance(accumulator_for("refzom"), GresAccumulator)
     assert isinstance(accumulator_for("MultiPartReasonSeg"), MaskIoUAccumulator)
 
 

@@ -42,7 +42,6 @@ COMMON = {
     "bce_loss_weight": 2.0,
     "precision": "bf16",
     "image_size": 1024,
-    "out_dim": 256,
     "conv_type": "llava_v1",
     "use_mm_start_end": True,
     "train_mask_decoder": True,
@@ -258,3 +257,13 @@ def test_a_bad_recipe_stops_train_ds_in_one_line(tmp_path: Path) -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert str(recipe) in last and "unknown key 'batch_sise'" in last
     assert "Traceback" not in done.stderr
+
+
+def test_val_refzom_replaces_gsva_grefcoco_validation_or_adds_it() -> None:
+    """GSVA main.py: --val_refzom runs the per-epoch GRES evaluation on RefZOM, not gRefCOCO."""
+    gsva = resolve_config(["--recipe", "gsva", "--val_refzom"])
+    assert gsva.config.val_dataset == "refzom|final|test||ReasonSeg|val"
+    assert gsva.sources["val_dataset"] == FROM_COMMAND_LINE
+    lisa = parse_args(["--recipe", "lisa", "--val_refzom"])
+    assert lisa.val_dataset == "ReasonSeg|val||refzom|final|test"
+    assert parse_args(["--recipe", "gsva"]).val_dataset == "grefcoco|unc|val||ReasonSeg|val"
