@@ -187,6 +187,12 @@ def parse_train(argv: list[str]) -> Any:
     return config
 
 
+def parse_show_samples(argv: list[str]) -> Any:
+    """The tool's own flags, then the train_ds.py part resolved as train_ds.py resolves it."""
+    options, train_argv = script_module("tools/show_samples.py").parse_flags(argv)
+    return options, parse_train(train_argv)
+
+
 SCRIPT_PARSERS: dict[str, ArgvParser] = {
     "train_ds.py": parse_train,
     "merge_lora_weights_and_save_hf_model.py": argv_parser(
@@ -196,6 +202,7 @@ SCRIPT_PARSERS: dict[str, ArgvParser] = {
     "tools/check_dataset.py": argv_parser("tools/check_dataset.py", "parse_args"),
     "tools/convert_checkpoint.py": argv_parser("tools/convert_checkpoint.py", "parse_args"),
     "tools/make_tiny_assets.py": argv_parser("tools/make_tiny_assets.py", "parse_args"),
+    "tools/show_samples.py": parse_show_samples,
     "benchmarks/data_throughput.py": sys_argv_parser("benchmarks/data_throughput.py", "parse_args"),
     "benchmarks/generate.py": sys_argv_parser("benchmarks/generate.py", "parse"),
     "benchmarks/train_step.py": sys_argv_parser("benchmarks/train_step.py", "parse"),
