@@ -2,11 +2,14 @@
 handed over by a stranger.
 
 - A scan of the project's source: every `torch.load` passes `weights_only=True`, no call turns
-  `trust_remote_code` on, and only the refCOCO reader unpickles.
+  `trust_remote_code` on, and only the plain-data reader (utils/datasets/safe_pickle.py)
+  unpickles.
 - `--weight` files and DeepSpeed directories (whose own reader passes weights_only=False) that
   hold code are refused, and the code does not run; `torch.load` is restored afterwards.
-- Pickled refs files are only read from inside `--dataset_dir`; splitBy names cannot point
-  elsewhere. (Annotation paths resolved inside their root: tests/test_bad_input.py.)
+- Pickled refs files (issue 21) build plain data only: one that would build anything else is
+  refused wherever it lies, and nothing runs (more in tests/utils/test_safe_pickle.py); they
+  are also only read from inside `--dataset_dir`, and splitBy names cannot point elsewhere.
+  (Annotation paths resolved inside their root: tests/test_bad_input.py.)
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from tests.utils.unsafe_checkpoints import (
 from tools.make_tiny_assets import make_tiny_assets
 from utils.datasets.base import DataError
 from utils.datasets.refer import ReferIndex, open_refer_index
+from utils.datasets.safe_pickle import UnsafePickleError
 from utils.weights import UnsafeCheckpointError, read_weights, weights_only_loads
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIPPED_DIRECTORIES = {".venv", ".git", "runs", "dataset", "node_modules", "__pycache__"}
-# the one library module that unpickles (annotation files from inside --dataset_dir)
-UNPICKLING_MODULES = {Path("utils/datasets/refer.py")}
-UNPICKLING_CALLS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler")}
+# the one library module that unpickles (refs files, plain data only)
+UNPICKLING_MODULES = {Path("utils/datasets/safe_pickle.py")}
+UNPICKLING_NAMES = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler")}
 # this file calls torch.load(weights_only=False) on purpose, under the guard it tests
 SCAN_EXCEPTIONS = {Path("tests/test_loading_safety.py")}
 
@@ -66,7 +70,8 @@ def keyword_is(call: ast.Call, name: str, value: object) -> bool:
 
 def unsafe_calls(path: Path) -> list[str]:
     """Where `path` loads unsafely: torch.load without weights_only=True, trust_remote_code
-    other than False, a `from torch import load`, or (library code) unpickling."""
+    other than False, a `from torch import load`, or (library code) any use of pickle's
+    loaders (a call, a subclass, an import by name) outside the plain-data reader."""
     relative = path.relative_to(ROOT)
     library = relative.parts[0] != "tests"
     found = []
@@ -74,6 +79,12 @@ def unsafe_calls(path: Path) -> list[str]:
         where = f"{relative}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.ImportFrom) and node.module == "torch":
             found += [f"{where} imports torch.load by name" for a in node.names if a.name == "load"]
+        unpickles = library and relative not in UNPICKLING_MODULES
+        if unpickles and isinstance(node, ast.ImportFrom) and node.module == "pickle":
+            names = [a.name for a in node.names if ("pickle", a.name) in UNPICKLING_NAMES]
+            found += [f"{where} imports pickle.{name} by name" for name in names]
+        if unpickles and isinstance(node, ast.Attribute) and dotted(node) in UNPICKLING_NAMES:
+            found.append(f"{where} unpickles ({'.'.join(dotted(node))})")
         if not isinstance(node, ast.Call):
             continue
         name = dotted(node.func)
@@ -82,8 +93,6 @@ def unsafe_calls(path: Path) -> list[str]:
         if any(k.arg == "trust_remote_code" for k in node.keywords):
             if not keyword_is(node, "trust_remote_code", False):
                 found.append(f"{where} trust_remote_code is not False")
-        if library and name in UNPICKLING_CALLS and relative not in UNPICKLING_MODULES:
-            found.append(f"{where} unpickles ({'.'.join(name)})")
     return found
 
 
@@ -102,8 +111,9 @@ def test_the_scan_finds_what_it_looks_for(tmp_path: Path, monkeypatch) -> None:
         "import pickle, torch\nfrom torch import load\n"
         "torch.load('a')\ntorch.load('a', weights_only=False)\n"
         "AutoModel.from_pretrained('x', trust_remote_code=True)\npickle.loads(b'')\n"
+        "from pickle import Unpickler\nclass U(pickle.Unpickler): pass\n"
     )
-    assert len(unsafe_calls(bad)) == 5
+    assert len(unsafe_calls(bad)) == 7
 
 
 def test_weights_holding_code_are_refused_and_never_run(tmp_path: Path) -> None:
@@ -137,23 +147,32 @@ def dataset(tmp_path: Path) -> Path:
     return make_tiny_assets(tmp_path / "assets", images_per_split=2, models=False) / "dataset"
 
 
-def test_refs_pickles_are_only_read_from_inside_the_dataset_dir(
+def test_refs_pickles_that_would_run_code_are_refused_inside_the_dataset_dir_too(
     dataset: Path, tmp_path: Path
 ) -> None:
     marker = tmp_path / "code_ran"
+    refcoco = dataset / "refer_seg" / "refcoco"
+    (refcoco / "refs(unc).p").write_bytes(pickle.dumps([MakesMarker(marker)]))
+    with pytest.raises(UnsafePickleError) as error:
+        open_refer_index(dataset, "refcoco")
+    message = str(error.value)
+    assert message.startswith(f"{refcoco / 'refs(unc).p'}: refusing to unpickle")
+    assert f"it would build {os.mkdir.__module__}.mkdir" in message
+    assert "tools/convert_refs.py" in message and not marker.exists()
+
+
+def test_refs_pickles_are_only_read_from_inside_the_dataset_dir(
+    dataset: Path, tmp_path: Path
+) -> None:
     outside = tmp_path / "elsewhere" / "refs(unc).p"
     outside.parent.mkdir()
-    outside.write_bytes(pickle.dumps([MakesMarker(marker)]))
     refcoco = dataset / "refer_seg" / "refcoco"
+    outside.write_bytes((refcoco / "refs(unc).p").read_bytes())  # plain refs, harmless
     image_dir = dataset / "refer_seg/images/mscoco/images/train2014"
     with pytest.raises(DataError) as error:
         ReferIndex(outside, refcoco / "instances.json", image_dir, dataset)
     message = str(error.value)
-    assert (
-        str(outside) in message and "refusing to unpickle a file outside --dataset_dir" in message
-    )
-    assert "can run code when loaded" in message and not marker.exists()
-    # the same file inside the dataset directory is the user's to trust
+    assert message.startswith(f"{outside}: refusing to unpickle a file outside --dataset_dir")
     assert len(
         ReferIndex(refcoco / "refs(unc).p", refcoco / "instances.json", image_dir, dataset).refs
     )

@@ -13,14 +13,18 @@ only the annotation files; images and masks are decoded on demand. Everything li
 `<dataset_dir>/refer_seg/` (the layout training uses; LISA's validation looked directly under
 `<dataset_dir>`, which we do not copy).
 
-The refs pickle files are Python pickles, which can run code when loaded: they are only read from
-inside `--dataset_dir` (keep untrusted files out of it); paths they name are resolved inside their
-dataset root or rejected.
+Refs files come as pickles (`refs(unc).p`, `grefs(unc).p`, `Ref_ZOM.p`) or JSON. A pickle can run
+code when loaded, so pickles are read by `utils.datasets.safe_pickle`, which builds plain data
+only and refuses (naming the file and what it would build) any file that would build an object;
+they are also read only from inside `--dataset_dir`. `tools/convert_refs.py` writes each
+pickle's JSON twin beside it (same name, `.json`): when the twin exists it is read and the
+pickle is never opened, so if the two disagree the JSON wins (`tools/convert_refs.py --check`
+reports a disagreement). gRefCOCO ships `grefs(unc).json` itself. Paths the refs name are
+resolved inside their dataset root or rejected.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from utils.datasets.base import (
     resolve_inside,
 )
 from utils.datasets.coco import check_segmentation, decode_segmentation
+from utils.datasets.safe_pickle import read_plain_pickle
 
 REFER_ROOT = "refer_seg"
 COCO_TRAIN2014 = "refer_seg/images/mscoco/images/train2014"
@@ -57,6 +62,10 @@ REFER_DATASETS: dict[str, tuple[str, str]] = {
     "refzom": ("final", COCO_TRAIN2014),
 }
 REFZOM_REFS = "Ref_ZOM.p"
+JSON_SUFFIX, PICKLE_SUFFIX = ".json", ".p"
+# datasets whose download is the JSON refs file (gRefCOCO); the others ship the pickle
+SHIPPED_AS_JSON = frozenset({"grefcoco"})
+CONVERT_TOOL = "tools/convert_refs.py"
 
 
 @dataclass(frozen=True)
@@ -74,13 +83,29 @@ class Ref:
         return f"ref_id {self.ref_id}"
 
 
-def refs_file_candidates(dataset: str, split_by: str) -> list[str]:
-    """File names a dataset's refs may have, in order of preference."""
+def refs_pickle_name(dataset: str, split_by: str) -> str:
+    """The name of a dataset's pickled refs file ("refs(unc).p", "grefs(unc).p", "Ref_ZOM.p")."""
     if dataset == "grefcoco":
-        return [f"grefs({split_by}).json", f"grefs({split_by}).p"]
+        return f"grefs({split_by}){PICKLE_SUFFIX}"
     if dataset == "refzom":
-        return [REFZOM_REFS]
-    return [f"refs({split_by}).p"]
+        return REFZOM_REFS
+    return f"refs({split_by}){PICKLE_SUFFIX}"
+
+
+def json_twin(path: Path) -> Path:
+    """The JSON twin of a refs pickle: the same name with `.json` ("refs(unc).json")."""
+    return path.with_suffix(JSON_SUFFIX)
+
+
+def refs_file_candidates(dataset: str, split_by: str) -> list[str]:
+    """File names a dataset's refs may have, in order of preference: the JSON twin, the pickle."""
+    pickle_name = refs_pickle_name(dataset, split_by)
+    return [json_twin(Path(pickle_name)).name, pickle_name]
+
+
+def convert_command(dataset_dir: Path) -> str:
+    """The command line that writes the JSON twins of `dataset_dir`'s refs pickles."""
+    return f"python {CONVERT_TOOL} --dataset_dir {dataset_dir}"
 
 
 def normalised_sentence(sent: str) -> str:
@@ -89,29 +114,33 @@ def normalised_sentence(sent: str) -> str:
     return sent.strip().lower()
 
 
-def _unpickle(path: Path, dataset_dir: Path) -> object:
-    """A refs pickle, read only from inside `dataset_dir`: unpickling can run code."""
+def read_refs_pickle(path: Path, dataset_dir: Path) -> object:
+    """The plain data of a refs pickle inside `dataset_dir`. DataError if it lies elsewhere or
+    is damaged; `UnsafePickleError` (nothing built) if it would build any object."""
     if not is_inside(dataset_dir, path):
         raise DataError(
             path,
             None,
             f"refusing to unpickle a file outside --dataset_dir {normalised(dataset_dir)}",
-            "pickled annotation files can run code when loaded, so they are only read from "
-            "inside --dataset_dir; put the dataset there",
+            "refs pickles are only read from inside --dataset_dir; put the dataset there",
         )
-    try:
-        with path.open("rb") as handle:
-            return pickle.load(handle)
-    # unpickling a damaged file can raise almost any exception type
-    except Exception as error:
-        raise DataError(path, None, f"cannot be read: {error}", REDOWNLOAD) from error
+    refused = (
+        f"re-download it from the dataset's source; then `{convert_command(dataset_dir)}` "
+        f"writes its JSON twin {json_twin(path).name} beside it, which is read instead"
+    )
+    return read_plain_pickle(path, refused, REDOWNLOAD)
 
 
 def _load_refs(path: Path, dataset_dir: Path) -> list:
-    if path.suffix == ".json":
-        refs = read_json(path, REDOWNLOAD)
+    if path.suffix == JSON_SUFFIX:
+        pickled = path.with_suffix(PICKLE_SUFFIX)
+        hint = REDOWNLOAD
+        if pickled.is_file():
+            rewrite = f"`{convert_command(dataset_dir)}` rewrites it from {pickled.name}"
+            hint = f"delete it; {rewrite}"
+        refs = read_json(path, hint)
     else:
-        refs = _unpickle(path, dataset_dir)
+        refs = read_refs_pickle(path, dataset_dir)
     if not isinstance(refs, list):
         raise DataError(path, None, f"holds a {type(refs).__name__}, expected a list of refs")
     if not refs:
@@ -345,7 +374,8 @@ def open_refer_index(dataset_dir: str | Path, dataset: str, split_by: str = "") 
     if refs_file is None:
         names = " or ".join(path.name for path in candidates)
         hint = f"expected {names} beside instances.json in <dataset_dir>/{REFER_ROOT}/{dataset}/"
-        raise DataError(candidates[0], None, "does not exist", hint)
+        shipped = candidates[0] if dataset in SHIPPED_AS_JSON else candidates[-1]
+        raise DataError(shipped, None, "does not exist", hint)
     return ReferIndex(
         refs_file, directory / "instances.json", Path(dataset_dir) / image_dir, Path(dataset_dir)
     )
