@@ -12,6 +12,7 @@ import pytest
 from pycocotools import mask as coco_mask
 
 from tests.utils import fixtures_refer as fx
+from tests.utils.test_sem_seg import assert_records_read_by_index
 from utils.datasets.base import DataError, SamplingOptions
 from utils.datasets.mmr import (
     MMRQuestion,
@@ -390,3 +391,14 @@ def test_validation_strips_the_question(tmp_path: Path) -> None:
             "The [SEG] and the [SEG] carry it.",
         )
     ]
+
+
+@pytest.mark.parametrize("pairing", ["aligned", "upstream"])
+def test_sample_at_reads_record(assets: Path, pairing: str) -> None:
+    """Record i: the json's record i (its image under the COCO folder)."""
+    root = assets / "dataset"
+    records = json.loads((root / "MMR/MMR_train.json").read_text())
+    options = SamplingOptions(num_classes_per_sample=2, mmr_pairing=pairing)
+    (source,) = build_mmr_sources(root, ["MMR_train.json"], options)
+    images = root / "refer_seg/images/mscoco/images"
+    assert_records_read_by_index(source, [images / record["file_name"] for record in records])

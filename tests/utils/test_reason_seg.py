@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.utils import fixtures_sem as fx
+from tests.utils.test_sem_seg import assert_records_read_by_index
 from utils.datasets.base import IGNORE_LABEL, DataError, SamplingOptions
 from utils.datasets.reason_seg import (
     ReasonSegSource,
@@ -388,3 +389,13 @@ def test_a_folder_named_like_the_query_split_takes_precedence(tmp_path):
         "b_short.jpg",
         "e_short.jpg",
     ]
+
+
+@pytest.mark.parametrize("explanatory", [-1, 0.5])
+def test_sample_at_reads_image(assets, explanatory):
+    """Record i: the i-th image of the split folder, by name (explanations drawn or not)."""
+    root = assets / "dataset"
+    paths = sorted((root / "reason_seg/ReasonSeg/train").glob("*.jpg"))
+    options = replace(OPTIONS, explanatory=explanatory)
+    (source,) = build_reason_seg_sources(root, ["ReasonSeg|train"], options)
+    assert_records_read_by_index(source, paths)

@@ -1,6 +1,7 @@
 """Referring-segmentation training sources: prompts, masks (polygon, RLE, union, no-target),
-GSVA's `[REJ]` for empty targets and its all-`[REJ]` redraws, `--no_target_answer`, RefZOM,
-sampling, determinism, `--exclude_val`, factories and the bad-record checks.
+GSVA's `[REJ]` for empty targets and its all-`[REJ]` redraws (unusable samples the mixer
+redraws), `--no_target_answer`, RefZOM, sampling, determinism, `--exclude_val`, factories, the
+bad-record checks and the per-image `sample_at` of GSVA's `--no_sampling`.
 
 Upstream (the behaviour the expected values follow): GSVA LeapLabTHU/GSVA@618dc79
 `data/refer_seg_dataset.py:270-281` (`masks[t].sum() < 1` -> `[REJ]`, all-`[REJ]` redrawn),
@@ -11,21 +12,23 @@ Upstream (the behaviour the expected values follow): GSVA LeapLabTHU/GSVA@618dc7
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.e2e import run, tiny_flags
 from tests.utils import fixtures_refer as fx
-from utils.datasets.base import DataError, SamplingOptions
-from utils.datasets.refer_seg import (
-    MAX_ALL_REJECT_DRAWS,
-    ReferSegSource,
-    build_refer_seg_sources,
-)
+from tests.utils.test_engine import free_port
+from tests.utils.test_sem_seg import assert_records_read_by_index
+from utils.datasets.base import DataError, SamplingOptions, UnusableSample
+from utils.datasets.mixer import MAX_DRAWS, HybridDataset
+from utils.datasets.refer_seg import ReferSegSource, build_refer_seg_sources
 from utils.datasets.templates import REJ, SEG
 
 LISA = SamplingOptions(
@@ -107,12 +110,22 @@ def test_grefcoco_union_and_no_target(tmp_path: Path) -> None:
         assert token == expected[name][0] and np.array_equal(mask, expected[name][1])
 
 
-def test_gsva_style_redraws_all_reject_samples(tmp_path: Path) -> None:
+def mixed(source: ReferSegSource, length: int) -> list:
+    """`length` items of the weighted mix over `source` alone (redraws as in training)."""
+    return [HybridDataset([("refer_seg", [source])], [1], length)[i] for i in range(length)]
+
+
+def test_gsva_style_all_reject_samples_are_unusable_and_redrawn(tmp_path: Path) -> None:
     refs = [fx.ref(1, 1, [-1], "train", ["nothing"]), fx.ref(2, 2, [21], "train", ["parts"])]
     fx.write_refer(tmp_path, "grefcoco", refs, "grefs(unc).p")
     source = ReferSegSource(tmp_path, SamplingOptions(prompt_style="gsva"), "grefcoco")
-    for seed in range(6):
-        assert SEG in source.sample(np.random.default_rng(seed)).conversations[0][0][1]
+    assert source.image_ids == [1, 2]
+    with pytest.raises(UnusableSample, match="every sentence drawn for image 1 is answered"):
+        source.sample_at(0, np.random.default_rng(0))
+    assert SEG in source.sample_at(1, np.random.default_rng(0)).conversations[0][0][1]
+    # the mixer draws another image of the family, as GSVA's `return self.__getitem__(0)`
+    items = mixed(source, 12)
+    assert all(SEG in item.conversations[0][0][1] for item in items)
 
 
 def gsva_tokens(sample) -> list[tuple[str, str, np.ndarray]]:
@@ -150,22 +163,23 @@ def test_all_reject_redraws_count_empty_masks_as_absent(tmp_path: Path) -> None:
     ]
     fx.write_refer(tmp_path, refs=refs, instances_json=fx.instances([fx.empty_annotation()]))
     source = ReferSegSource(tmp_path, GSVA, "refcoco")
-    for seed in range(6):
-        sample = source.sample(np.random.default_rng(seed))
+    with pytest.raises(UnusableSample):
+        source.sample_at(source.image_ids.index(1), np.random.default_rng(0))
+    for sample in mixed(source, 6):
         assert [token for _, token, _ in gsva_tokens(sample)] == ["SEG"]
         assert np.array_equal(sample.masks[0], fx.ANN_MASKS[21])
 
 
-def test_all_reject_redraws_are_capped(tmp_path: Path) -> None:
+def test_a_source_of_only_no_target_images_stops_with_a_clear_error(tmp_path: Path) -> None:
+    # GSVA would redraw forever; the mixer gives up after MAX_DRAWS draws (no [REJ]-only sample)
     refs = [fx.ref(1, 1, [-1], "train", ["nothing"]), fx.ref(2, 2, [-1], "train", ["no one"])]
     fx.write_refer(tmp_path, "grefcoco", refs, "grefs(unc).p")
     source = ReferSegSource(tmp_path, GSVA, "grefcoco")
-    draws = []
-    draw = source._draw
-    source._draw = lambda rng: draws.append(1) or draw(rng)
-    sample = source.sample(np.random.default_rng(0))
-    assert len(draws) == MAX_ALL_REJECT_DRAWS
-    assert [token for _, token, _ in gsva_tokens(sample)] == ["REJ"] and not sample.masks.any()
+    for index in range(len(source)):
+        with pytest.raises(UnusableSample):
+            source.sample_at(index, np.random.default_rng(0))
+    with pytest.raises(RuntimeError, match=f"{MAX_DRAWS} draws in a row gave unusable samples"):
+        mixed(source, 1)
 
 
 @pytest.mark.parametrize(
@@ -378,3 +392,63 @@ def test_tiny_assets_sources(tiny_dataset: Path, name: str) -> None:
         assert sample.masks.shape[1:] == sample.image.shape[:2]
         for token, mask in zip(tokens, sample.masks, strict=True):
             assert mask.any() == (token == SEG)
+
+
+# refs file and image folder of each dataset, as the reference loaders name them
+REFS_FILES = {
+    "refclef": ("refclef/refs(unc).p", "saiapr_tc-12"),
+    "refcoco": ("refcoco/refs(unc).p", "mscoco/images/train2014"),
+    "refcoco+": ("refcoco+/refs(unc).p", "mscoco/images/train2014"),
+    "refcocog": ("refcocog/refs(umd).p", "mscoco/images/train2014"),
+    "grefcoco": ("grefcoco/grefs(unc).json", "mscoco/images/train2014"),
+    "refzom": ("refzom/Ref_ZOM.p", "mscoco/images/train2014"),
+}
+
+
+def training_image_paths(dataset_dir: Path, name: str) -> list[Path]:
+    """The images with a "train" ref, in order of first appearance in the refs file."""
+    root = dataset_dir / "refer_seg"
+    refs_file, images = REFS_FILES[name]
+    if refs_file.endswith(".json"):
+        refs = json.loads((root / refs_file).read_text())
+    else:
+        refs = pickle.loads((root / refs_file).read_bytes())
+    image_ids = list(dict.fromkeys(ref["image_id"] for ref in refs if ref["split"] == "train"))
+    instances = json.loads((root / name / "instances.json").read_text())
+    file_names = {info["id"]: info["file_name"] for info in instances["images"]}
+    return [root / "images" / images / file_names[image_id] for image_id in image_ids]
+
+
+@pytest.mark.parametrize("name", sorted(REFS_FILES))
+@pytest.mark.parametrize("style", ["mmr", "gsva"])
+def test_sample_at_reads_training_image(assets: Path, name: str, style: str) -> None:
+    (source,) = build_refer_seg_sources(
+        assets / "dataset", [name], SamplingOptions(prompt_style=style)
+    )
+    assert_records_read_by_index(source, training_image_paths(assets / "dataset", name))
+
+
+def test_no_sampling_trains_one_pass_over_refcoco(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train_ds.py --no_sampling` (GSVA) on one process: an epoch is one pass over refCOCO's
+    training images, in micro-batches of 2, one optimizer step each."""
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    batch = 2
+    flags = tiny_flags(assets, tmp_path, "full_pass") + [
+        "--no_sampling",
+        "--dataset=refer_seg",
+        "--refer_seg_data=refcoco",
+        "--sample_rates=1",
+        f"--batch_size={batch}",
+        "--grad_accumulation_steps=1",
+        "--epochs=1",
+        "--no_eval",
+    ]
+    run([sys.executable, "train_ds.py", *flags])
+    records = len(training_image_paths(assets / "dataset", "refcoco"))
+    steps = math.ceil(records / batch)
+    log = (tmp_path / "full_pass" / "train_ds.log").read_text()
+    assert f"one pass over the {records} records of refer_seg/refcoco: {steps} micro-batches" in log
+    progress = json.loads((tmp_path / "full_pass" / "progress.json").read_text())
+    assert (progress["epoch"], progress["global_step"]) == (0, steps)

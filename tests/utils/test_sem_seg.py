@@ -1,10 +1,15 @@
 """Semantic and part segmentation sources: names in the prompts, masks equal to the annotations,
 label conventions, ignore pixels as background or excluded, part targets per instance or per
-category, record checks and determinism, on tiny datasets in the real formats."""
+category, record checks and determinism, on tiny datasets in the real formats; GSVA's
+`--no_sampling` record-indexed `sample_at` (its checks, `assert_records_read_by_index`, are
+shared with the other family test modules)."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Sequence
+from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +18,8 @@ import pytest
 from PIL import Image
 
 from tests.utils import fixtures_sem as fx
-from utils.datasets.base import IGNORE_LABEL, DataError, SamplingOptions
+from utils.datasets.base import IGNORE_LABEL, DataError, Sample, SamplingOptions, UnusableSample
+from utils.datasets.mixer import MAX_DRAWS, FullPassBatchSampler, FullPassDataset, HybridDataset
 from utils.datasets.parts import PART_SPECS, PartSource
 from utils.datasets.sem_seg import ADE20K_CLASSES, LabelMapSource, build_sem_seg_sources
 from utils.datasets.templates import GSVA_PARTS, GSVA_QUESTIONS, GSVA_STARTS
@@ -21,6 +27,8 @@ from utils.datasets.templates import GSVA_PARTS, GSVA_QUESTIONS, GSVA_STARTS
 LISA = SamplingOptions(num_classes_per_sample=3, prompt_style="lisa", use_expand_question_list=True)
 IGNORE_MODES = ["background", "exclude"]
 GSVA_PATTERNS = [fx.template_pattern(template, "{x}") for template in GSVA_QUESTIONS]
+SAMPLE_SEEDS = range(6)
+RANKS, MICRO_BATCH, EPOCHS = 2, 3, 2
 
 
 def asked_masks(sample, unique: bool = True) -> list[tuple[str, np.ndarray]]:
@@ -42,10 +50,13 @@ def training_mask(truth: np.ndarray, ignore_pixels: str) -> np.ndarray:
 def assert_label_map_samples(
     source, truth: dict[str, dict[str, np.ndarray]], ignore_pixels: str = "background"
 ) -> set[str]:
-    """Every sample's masks equal the expected masks of the asked names; returns the names."""
+    """Every sample's masks equal the expected masks of the asked names; returns the names.
+    The samples are drawn as training draws them (a mix of `source` alone), so a record without
+    a usable class is replaced by another."""
     seen = set()
-    for seed in fx.RNG_SEEDS:
-        sample = source.sample(np.random.default_rng(seed))
+    mix = HybridDataset([("sem_seg", [source])], [1], length=len(fx.RNG_SEEDS))
+    for index in range(len(mix)):
+        sample = mix[index]
         stem = Path(sample.image_path).stem
         assert sample.image.shape == (fx.H, fx.W, 3) and sample.source == source.name
         for name, mask in asked_masks(sample):
@@ -62,7 +73,10 @@ def test_ade20k_shift_ignore_and_builtin_vocabulary(tmp_path, ignore_pixels):
     source = LabelMapSource(tmp_path, options, "ade20k")
     assert source.classes == list(ADE20K_CLASSES) and len(source.classes) == 150
     assert len(source) == 2 and source.name == "sem_seg/ade20k"
-    # raw 1 -> "wall", raw 3 -> "sky"; raw 0 and 255 ignored; record "b" (all 0) never drawn
+    # record "b" (all 0) is unusable; the mixer draws another record in its place
+    with pytest.raises(UnusableSample, match=r"b.png \(record b\) has no labelled pixel"):
+        source.sample_at(1, np.random.default_rng(0))
+    # raw 1 -> "wall", raw 3 -> "sky"; raw 0 and 255 ignored
     assert assert_label_map_samples(source, truth, ignore_pixels) == {"wall", "sky"}
     mask = truth["a"]["wall"]
     assert set(np.unique(mask)) == {0, 1, IGNORE_LABEL}
@@ -120,8 +134,24 @@ def test_no_usable_class_raises_after_bounded_draws(tmp_path):
     (tmp_path / "ade20k/images/training/a.jpg").unlink()
     (tmp_path / "ade20k/annotations/training/a.png").unlink()
     source = LabelMapSource(tmp_path, LISA, "ade20k")
-    with pytest.raises(DataError, match="no labelled pixel"):
+    with pytest.raises(UnusableSample, match="record b"):
         source.sample(np.random.default_rng(0))
+    mix = HybridDataset([("sem_seg", [source])], [1], length=1)
+    with pytest.raises(RuntimeError, match=f"{MAX_DRAWS} draws in a row gave unusable samples"):
+        mix[0]
+
+
+def test_part_image_without_annotations_is_unusable(tmp_path):
+    fx.write_pascal_part(tmp_path)
+    path = tmp_path / "vlpart/pascal_part/train.json"
+    data = json.loads(path.read_text())
+    data["images"].append({"id": 2, "file_name": "bare.jpg", "height": fx.H, "width": fx.W})
+    fx.write_json(path, data)
+    source = PartSource(tmp_path, LISA, "pascal_part")
+    assert len(source) == 2
+    with pytest.raises(UnusableSample, match="train.json, image 2 has no annotation"):
+        source.sample_at(1, np.random.default_rng(0))
+    assert source.sample_at(0, np.random.default_rng(0)).image_path.endswith("2008_000001.jpg")
 
 
 def part_names(key: tuple[str, str | None]) -> set[str]:
@@ -210,7 +240,7 @@ def test_gsva_style_part_answers_join_with_a_bare_comma(tmp_path):
 
 
 def test_same_seed_same_sample(tmp_path):
-    fx.write_ade20k(tmp_path)
+    fx.write_ade20k(tmp_path, with_empty=False)  # record "b" is unusable (no sample to compare)
     fx.write_paco(tmp_path)
     for source in build_sem_seg_sources(tmp_path, ["ade20k", "paco_lvis"], LISA):
         first, second = (source.sample(np.random.default_rng(7)) for _ in range(2))
@@ -398,3 +428,75 @@ def test_multi_channel_label_map_is_an_error(tmp_path):
         source.sample(np.random.default_rng(0))
     (error,) = source.check(deep=True)
     assert "has 3 channels" in str(error)
+
+
+# --- GSVA's --no_sampling: the sample of a given record ---
+def assert_same_sample(got: Sample, expected: Sample) -> None:
+    assert (got.image_path, got.source) == (expected.image_path, expected.source)
+    assert got.conversations == expected.conversations
+    np.testing.assert_array_equal(got.image, expected.image)
+    np.testing.assert_array_equal(got.masks, expected.masks)
+
+
+def assert_records_read_by_index(source, image_paths: Sequence[Path]) -> None:
+    """`source.sample_at(i, rng)` is record i, whose image is `image_paths[i]` (composed by the
+    caller from the dataset's own files); `sample(rng)` is `sample_at` of the first integer drawn
+    from a copy of `rng`, continued with that copy; an index outside 0..len-1 is an IndexError;
+    and a two-rank `--no_sampling` pass builds every record once in each epoch."""
+    assert len(source) == len(image_paths) > RANKS
+    for index, path in enumerate(image_paths):
+        assert source.sample_at(index, np.random.default_rng(index)).image_path == str(path)
+    for seed in SAMPLE_SEEDS:
+        rng = np.random.default_rng(seed)
+        copy = deepcopy(rng)
+        index = int(copy.integers(len(image_paths)))
+        assert_same_sample(source.sample(rng), source.sample_at(index, copy))
+        assert rng.bit_generator.state == copy.bit_generator.state
+    for outside in (-1, len(image_paths)):
+        with pytest.raises(IndexError, match=f"there is no record {outside}$"):
+            source.sample_at(outside, np.random.default_rng(0))
+    dataset = FullPassDataset(source, seed=1)
+    for epoch in range(EPOCHS):
+        dataset.set_epoch(epoch)
+        built = [
+            dataset[position].image_path
+            for rank in range(RANKS)
+            for batch in FullPassBatchSampler(len(dataset), rank, RANKS, MICRO_BATCH)
+            for position in batch
+        ]
+        assert Counter(built) == Counter(str(path) for path in image_paths), epoch
+
+
+@pytest.mark.parametrize(
+    ("name", "listed", "images"),
+    [
+        ("ade20k", "ade20k/images/training/*.jpg", "ade20k/images/training"),
+        ("cocostuff", "cocostuff/train2017/*.png", "coco/train2017"),
+        ("mapillary", "mapillary/training/v2.0/labels/*.png", "mapillary/training/images"),
+    ],
+)
+def test_label_map_sample_at_reads_record(assets, name, listed, images):
+    """Record i: the i-th file of the listed folder, by name (LabelMapSpec.listed)."""
+    root = assets / "dataset"
+    stems = sorted(path.stem for path in root.glob(listed))
+    (source,) = build_sem_seg_sources(root, [name], LISA)
+    assert_records_read_by_index(source, [root / images / f"{stem}.jpg" for stem in stems])
+
+
+@pytest.mark.parametrize(
+    ("name", "annotations", "images"),
+    [
+        ("paco_lvis", "vlpart/paco/annotations/paco_lvis_v1_train.json", "coco"),
+        (
+            "pascal_part",
+            "vlpart/pascal_part/train.json",
+            "vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages",
+        ),
+    ],
+)
+def test_part_sample_at_reads_record(assets, name, annotations, images):
+    """Record i: the json's images[i]."""
+    root = assets / "dataset"
+    (source,) = build_sem_seg_sources(root, [name], LISA)
+    listed = json.loads((root / annotations).read_text())["images"]
+    assert_records_read_by_index(source, [root / images / info["file_name"] for info in listed])

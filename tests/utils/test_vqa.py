@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.utils import fixtures_sem as fx
+from tests.utils.test_sem_seg import assert_records_read_by_index
 from utils.datasets.base import DataError, SamplingOptions
 from utils.datasets.templates import IMAGE_PREFIX, SEG
 from utils.datasets.vqa import VqaSource, build_vqa_sources
@@ -142,3 +143,12 @@ def test_tiny_assets_load(tmp_path):
         assert questions[0].startswith(IMAGE_PREFIX)
         assert sum(question.count("<image>") for question in questions) == 1
         assert sample.masks.shape == (0, *sample.image.shape[:2])
+
+
+def test_sample_at_reads_dialogue(assets):
+    """Record i: the json's dialogue i (its image under coco/train2017)."""
+    root = assets / "dataset"
+    records = json.loads((root / INDEX).read_text())
+    (source,) = build_vqa_sources(root, ["llava_instruct_150k"], OPTIONS)
+    paths = [root / "coco/train2017" / record["image"] for record in records]
+    assert_records_read_by_index(source, paths)

@@ -132,16 +132,35 @@ TOO_LONG_CHOICES = ("truncate", "drop")
 
 
 class Source(Protocol):
-    """A training source: `len` records, a random sample drawn with the caller's generator, and
-    a check of every record (the dataset doctor; `deep` also decodes images)."""
+    """A training source: `len` records, the sample of a given record (`sample_at`), a random
+    sample drawn with the caller's generator, and a check of every record (the dataset doctor;
+    `deep` also decodes images)."""
 
     name: str
 
     def __len__(self) -> int: ...
 
-    def sample(self, rng: np.random.Generator) -> Sample: ...
+    def sample_at(self, index: int, rng: np.random.Generator) -> Sample:
+        """The sample of record `index` (an image: one sem_seg map, part-json image, referring
+        training image, VQA dialogue, ReasonSeg image or MMR record), its other choices (which
+        targets, templates...) drawn from `rng` (GSVA's `--no_sampling` `data[idx]`).
+        IndexError unless 0 <= index < len; UnusableSample when the record cannot be used as
+        drawn (e.g. no labelled pixel), never another record in its place."""
+        ...
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        """`sample_at(int(rng.integers(len(self))), rng)`: a uniformly random record."""
+        ...
 
     def check(self, deep: bool = False) -> Iterator[DataError]: ...
+
+
+def check_record_index(index: int, length: int, source: str) -> int:
+    """`index` itself when it names one of the `length` records of `source` (0 <= index <
+    length); IndexError naming both otherwise (a negative index does not count from the end)."""
+    if not 0 <= index < length:
+        raise IndexError(f"{source} has records 0..{length - 1}; there is no record {index}")
+    return index
 
 
 def resolve_inside(root: str | Path, relative: str, file: str | Path, record: object) -> Path:

@@ -44,6 +44,7 @@ from utils.datasets.base import (
     SamplingOptions,
     ValidationSample,
     check_image,
+    check_record_index,
     read_image,
     read_json,
     resolve_inside,
@@ -239,8 +240,12 @@ class MMRSource:
         return len(self.data)
 
     def sample(self, rng: np.random.Generator) -> Sample:
-        """One image, its drawn questions as conversations; masks uint8 [#[SEG], H, W]."""
-        position = int(rng.integers(len(self.data)))
+        return self.sample_at(int(rng.integers(len(self))), rng)
+
+    def sample_at(self, index: int, rng: np.random.Generator) -> Sample:
+        """Record `index` with its drawn questions as conversations; masks uint8
+        [#[SEG], H, W]."""
+        position = check_record_index(index, len(self), self.name)
         label, parsed = self.data.questions(position)
         drawn = draw_question_indices(len(parsed), self.options.num_classes_per_sample, rng)
         pairs = pair_questions(parsed, drawn, self.options.mmr_pairing)

@@ -27,13 +27,15 @@ from utils.datasets.base import (
     DataError,
     Sample,
     SamplingOptions,
+    UnusableSample,
     check_image,
+    check_record_index,
     read_image,
     read_json,
     resolve_inside,
 )
 from utils.datasets.coco import check_segmentation, decode_segmentation
-from utils.datasets.sem_seg import MAX_DRAWS, finish_sample, target_count
+from utils.datasets.sem_seg import finish_sample, target_count
 from utils.datasets.templates import GSVA_SEM_SEG, Target
 
 PART_NAME_PROBABILITY = 0.5  # "obj part" rather than "the part of the obj"
@@ -161,14 +163,17 @@ class PartSource:
         return mask
 
     def sample(self, rng: np.random.Generator) -> Sample:
-        for _ in range(MAX_DRAWS):
-            index = int(rng.integers(len(self.images)))
-            record, path = self.image_path(index)
-            anns = self.annotations.get(self.images[index]["id"], [])
-            if anns:
-                break
-        else:
-            raise DataError(self.file, None, f"no annotated image in {MAX_DRAWS} drawn images")
+        return self.sample_at(int(rng.integers(len(self))), rng)
+
+    def sample_at(self, index: int, rng: np.random.Generator) -> Sample:
+        """Targets of image `index` as `--part_targets` says, drawn from `rng`; UnusableSample
+        when the image has no annotation (LISA and GSVA draw another image,
+        `return self.__getitem__(0)`, LISA utils/sem_seg_dataset.py:217-218, GSVA
+        data/sem_seg_dataset.py:242-243; the mixer does that here)."""
+        record, path = self.image_path(check_record_index(index, len(self), self.name))
+        anns = self.annotations.get(self.images[index]["id"], [])
+        if not anns:
+            raise UnusableSample(f"{self.name}: {self.file}, {record} has no annotation")
         image = read_image(path, self.file, record)
         if self.options.part_targets == "instance":
             targets = self.instance_targets(anns, image.shape[:2], rng)

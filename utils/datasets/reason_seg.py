@@ -44,6 +44,7 @@ from utils.datasets.base import (
     SamplingOptions,
     Source,
     ValidationSample,
+    check_record_index,
     read_image,
     read_json,
     stack_masks,
@@ -286,7 +287,12 @@ class ReasonSegSource:
         return len(self.images)
 
     def sample(self, rng: np.random.Generator) -> Sample:
-        path = self.images[int(rng.integers(len(self.images)))]
+        return self.sample_at(int(rng.integers(len(self))), rng)
+
+    def sample_at(self, index: int, rng: np.random.Generator) -> Sample:
+        """Image `index` with up to `num_classes_per_sample` of its texts and the explanation
+        mode drawn from `rng` (module docstring); masks uint8 [k, H, W]."""
+        path = self.images[check_record_index(index, len(self), self.name)]
         image, annotation, drawn = load_record(path)
         mask = training_mask(drawn, self.options.ignore_pixels)
         count = min(self.options.num_classes_per_sample, len(annotation.texts))

@@ -13,9 +13,9 @@ the references do) is a short-template target; a multi-target ref's mask is the 
 instances. A target without pixels is answered as the references answer it:
 - "gsva" style: `[REJ]` for every target whose mask is empty (GSVA
   `data/refer_seg_dataset.py:275`, `masks[t].sum() < 1`: no-target refs and empty masks alike).
-  A sample whose every target is `[REJ]` is redrawn (GSVA `:280-281`, `__getitem__(0)` draws a
-  new image), at most MAX_ALL_REJECT_DRAWS times; the last draw is kept if all are `[REJ]`
-  (only a dataset made mostly of no-target images gets there).
+  A sample whose every target is `[REJ]` is unusable (`UnusableSample`): GSVA `:280-281`
+  `return self.__getitem__(0)` draws a new sub-dataset and image of the family, as the mixer
+  does with it here (`--no_sampling`: a random record of the same source).
 - "lisa" / "mmr" styles, a gRefCOCO / RefZOM no-target ref: `[REJ]` with an all-zero mask
   (`--no_target_answer rej`, the default) or, as LISA and MMR train gRefCOCO (`[-1]` -> zero
   mask, `[SEG]`; MMR `utils/refer_seg_dataset.py:249-256`), `[SEG]` with an all-zero mask
@@ -29,15 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.datasets.base import DataError, Sample, SamplingOptions
+from utils.datasets.base import (
+    DataError,
+    Sample,
+    SamplingOptions,
+    UnusableSample,
+    check_record_index,
+)
 from utils.datasets.refer import REFER_DATASETS, TRAIN_SPLIT, Ref, open_refer_index
 from utils.datasets.sem_seg import finish_sample, target_count
 from utils.datasets.templates import Target
 
 FAMILY = "refer_seg"
-# GSVA redraws samples whose every target is absent; bound the redraws so a dataset of only
-# no-target refs still yields samples instead of looping forever.
-MAX_ALL_REJECT_DRAWS = 8
 GSVA_STYLE = "gsva"
 EMPTY_SEG = "empty_seg"
 
@@ -71,16 +74,17 @@ class ReferSegSource:
                 "no training image is left after excluding the validation and test images",
             )
 
-    def _draw(self, rng: np.random.Generator) -> tuple[int, list[tuple[str, Ref]]]:
-        image_id = self.image_ids[int(rng.integers(len(self.image_ids)))]
+    def _draw(self, image_id: int, rng: np.random.Generator) -> list[tuple[str, Ref]]:
+        """Up to `target_count` (sentence, ref) pairs of the image, without replacement."""
         pairs = [(sent, ref) for ref in self.refs_by_image[image_id] for sent in ref.sentences]
         count = min(len(pairs), target_count(self.options))
         chosen = rng.choice(len(pairs), size=count, replace=False)
-        return image_id, [pairs[int(i)] for i in chosen]
+        return [pairs[int(i)] for i in chosen]
 
-    def _targets(self, drawn: list[tuple[str, Ref]], masks: dict) -> list[Target]:
-        """The drawn sentences as targets (mask None = answered `[REJ]`; module docstring).
-        `masks` caches each ref's mask (None for a no-target ref) across redraws."""
+    def _targets(self, drawn: list[tuple[str, Ref]]) -> list[Target]:
+        """The drawn sentences as targets (mask None = answered `[REJ]`; module docstring);
+        a ref drawn with two sentences is decoded once."""
+        masks: dict[int | str, np.ndarray | None] = {}
         targets = []
         for sent, ref in drawn:
             if ref.ref_id not in masks:
@@ -95,13 +99,18 @@ class ReferSegSource:
         return targets
 
     def sample(self, rng: np.random.Generator) -> Sample:
-        """One image with its drawn sentences as conversations; masks uint8 [k, H, W]."""
-        masks: dict[int | str, np.ndarray | None] = {}
-        for _ in range(MAX_ALL_REJECT_DRAWS):
-            image_id, drawn = self._draw(rng)
-            targets = self._targets(drawn, masks)
-            if self.options.prompt_style != GSVA_STYLE or any(t.mask is not None for t in targets):
-                break
+        return self.sample_at(int(rng.integers(len(self))), rng)
+
+    def sample_at(self, index: int, rng: np.random.Generator) -> Sample:
+        """Training image `index` with its drawn sentences as conversations; masks uint8
+        [k, H, W]. UnusableSample when the "gsva" style answers every drawn sentence `[REJ]`."""
+        image_id = self.image_ids[check_record_index(index, len(self), self.name)]
+        drawn = self._draw(image_id, rng)
+        targets = self._targets(drawn)
+        if self.options.prompt_style == GSVA_STYLE and all(t.mask is None for t in targets):
+            raise UnusableSample(
+                f"{self.name}: every sentence drawn for image {image_id} is answered [REJ]"
+            )
         image, path = self.index.read_image(image_id, drawn[0][1].label)
         return finish_sample(image, targets, self.options, rng, path, self.name)
 

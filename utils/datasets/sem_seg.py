@@ -38,6 +38,8 @@ from utils.datasets.base import (
     Sample,
     SamplingOptions,
     Source,
+    UnusableSample,
+    check_record_index,
     read_image,
     read_json,
     read_label_map,
@@ -50,9 +52,6 @@ from utils.datasets.templates import (
     build_conversations,
     targets_to_draw,
 )
-
-# Records drawn while looking for an image with at least one usable class before giving up.
-MAX_DRAWS = 10
 
 ADE20K_CLASSES = tuple(
     (
@@ -226,14 +225,20 @@ class LabelMapSource:
         return image, label
 
     def sample(self, rng: np.random.Generator) -> Sample:
-        for _ in range(MAX_DRAWS):
-            index = int(rng.integers(len(self.stems)))
-            image, label = self.load(index)
-            present = [int(v) for v in np.unique(label) if v != IGNORE_LABEL]
-            if present:
-                break
-        else:
-            raise DataError(self.label_dir, None, f"no labelled pixel in {MAX_DRAWS} drawn maps")
+        return self.sample_at(int(rng.integers(len(self))), rng)
+
+    def sample_at(self, index: int, rng: np.random.Generator) -> Sample:
+        """Up to `target_count` of the classes present in map `index`, drawn from `rng`;
+        UnusableSample when the map has no labelled pixel (LISA and GSVA draw another image,
+        `return self.__getitem__(0)`, LISA utils/sem_seg_dataset.py:264-265, GSVA
+        data/sem_seg_dataset.py:293-294; the mixer does that here)."""
+        image, label = self.load(check_record_index(index, len(self), self.name))
+        present = [int(v) for v in np.unique(label) if v != IGNORE_LABEL]
+        if not present:
+            raise UnusableSample(
+                f"{self.name}: {self.paths(index)[1]} (record {self.stems[index]}) has no "
+                "labelled pixel"
+            )
         count = target_count(self.options)
         chosen = rng.choice(present, size=min(count, len(present)), replace=False)
         ignored = label == IGNORE_LABEL if self.options.ignore_pixels == "exclude" else None

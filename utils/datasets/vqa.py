@@ -20,6 +20,7 @@ from utils.datasets.base import (
     SamplingOptions,
     Source,
     check_image,
+    check_record_index,
     read_image,
     read_json,
     resolve_inside,
@@ -89,7 +90,11 @@ class VqaSource:
         return name, resolve_inside(self.image_dir, record["image"], self.file, name), rounds
 
     def sample(self, rng: np.random.Generator) -> Sample:
-        name, path, rounds = self.load(int(rng.integers(len(self.records))))
+        return self.sample_at(int(rng.integers(len(self))), rng)
+
+    def sample_at(self, index: int, rng: np.random.Generator) -> Sample:
+        """Dialogue `index` as one conversation, no masks (`rng` is not used: nothing is drawn)."""
+        name, path, rounds = self.load(check_record_index(index, len(self), self.name))
         image = read_image(path, self.file, name)
         return Sample(image, [rounds], stack_masks([], image.shape[:2]), str(path), self.name)
 
