@@ -14,6 +14,8 @@ import contextlib
 import json
 import logging
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 # DeepSpeed's logger writes to the stdout it finds when first imported (and logs the accelerator
 # it detects right then); binding it to stderr keeps stdout for what this script prints itself
@@ -23,6 +25,7 @@ with contextlib.redirect_stdout(sys.stderr):
 
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
 
 from model.builder import build_segmenter
 from model.legacy import image_settings_directory
@@ -39,11 +42,14 @@ from utils.engine import (
 )
 from utils.evaluation import build_validation_jobs, evaluate, write_eval_outputs
 from utils.metrics import format_table
+from utils.run_log import LOG_FORMAT, attach_run_log, report_error
+from utils.runlock import RunLock, RunLockedError
 from utils.training import (
     NonFiniteLossError,
     RunLogger,
     describe_run,
     init_distributed,
+    launcher_rank,
     seed_everything,
     train_epoch,
     training_dataset,
@@ -53,6 +59,16 @@ from utils.weights import UnsafeCheckpointError, load_weights
 
 LOGGER = logging.getLogger("train_ds")
 SCORE_METRIC = "giou"
+# errors that explain themselves (bad flags or files, model/SAM mismatches, data errors, a
+# locked run directory): reported in one line (utils.run_log.report_error)
+EXPLAINED_ERRORS = (
+    DataError,
+    UnsafeCheckpointError,
+    NonFiniteLossError,
+    RunLockedError,
+    ValueError,
+    OSError,
+)
 
 
 def validate(model, jobs, processor, config: TrainConfig, rank: int, world: int) -> dict:
@@ -189,14 +205,30 @@ def report_recipe(resolved: ResolvedConfig) -> None:
     )
 
 
-def main(argv: list[str] | None = None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    resolved = resolve_config(argv)
-    config = resolved.config
-    if config.print_config:
-        print(json.dumps(resolved.to_json(), indent=2), flush=True)
-        return None
-    rank, world = init_distributed()
+@dataclass
+class RunState:
+    """What reporting an error needs: the rank, its log file once there is one, and whether the
+    training loop had started (from then on an error may be met by one rank alone)."""
+
+    rank: int
+    log_file: Path | None = None
+    training: bool = False
+
+
+def take_run_lock(lock: RunLock, force: bool, rank: int) -> None:
+    """Rank 0 locks the run directory before the process group exists (a second run into the
+    same directory stops before it binds a port); a refusal ends rank 0, and the launcher then
+    ends the other ranks."""
+    if rank == 0:
+        note = lock.acquire(force)
+        if note:
+            LOGGER.warning("%s", note)
+
+
+def run(resolved: ResolvedConfig, state: RunState, world: int):
+    """Build the model and data, then train or evaluate (the run directory is locked)."""
+    config, rank = resolved.config, state.rank
+    state.log_file = attach_run_log(config.log_dir, rank)
     seed_everything(config.seed)
     model, tokenizer = build_segmenter(config.model_config())
     if config.weight:
@@ -219,18 +251,35 @@ def main(argv: list[str] | None = None):
         else []
     )
     if config.eval_only:
-        result = evaluate_only(model, jobs, eval_processor, config, rank, world)
-    else:
-        result = train(model, tokenizer, jobs, processor, config, rank, world)
-    dist.barrier()
-    return result
+        return evaluate_only(model, jobs, eval_processor, config, rank, world)
+    state.training = True
+    return train(model, tokenizer, jobs, processor, config, rank, world)
+
+
+def main(argv: list[str] | None = None):
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    resolved = resolve_config(argv)
+    config = resolved.config
+    if config.print_config:
+        print(json.dumps(resolved.to_json(), indent=2), flush=True)
+        return None
+    state, lock = RunState(launcher_rank()), RunLock(config.log_dir)
+    try:
+        take_run_lock(lock, config.force_unlock, state.rank)
+        state.rank, world = init_distributed()
+        result = run(resolved, state, world)
+        dist.barrier()
+        return result
+    # errors that say what is wrong and what to do: one line, once; the traceback goes to the
+    # run's log file
+    except EXPLAINED_ERRORS as error:
+        line = report_error(error, state.log_file, state.rank, met_alone=state.training)
+        if line:  # on a line of its own, below any progress bar
+            tqdm.write(line, file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    # errors that already say what is wrong and what to do: one line, not a traceback (every
-    # rank raises them at the same point, so no rank is left waiting)
-    except (DataError, UnsafeCheckpointError, NonFiniteLossError) as error:
-        LOGGER.error("%s", error)
-        sys.exit(1)
+    main(sys.argv[1:])

@@ -135,6 +135,7 @@ class TrainConfig:
     warmup_steps: int
     recipe: str
     print_config: bool
+    force_unlock: bool
 
     @property
     def log_dir(self) -> Path:
@@ -337,6 +338,11 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--local_rank", "--local-rank", dest="local_rank", default=0, type=int)
     add("--log_base_dir", default="./runs")
+    add(
+        "--force_unlock",
+        action="store_true",
+        help="take over the run directory even when its lock names a live run",
+    )
     add("--exp_name", default="m2sa")
     add("--vis_save_path", default="./vis_output")
     add("--epochs", default=10, type=int)

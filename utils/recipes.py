@@ -23,7 +23,7 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs"
 RECIPE_SUFFIXES = (".yaml", ".yml")
 DEFAULT_RECIPE = "m2sa"
 # flags that describe one invocation, not an experiment
-NOT_IN_RECIPES = frozenset({"local_rank", "recipe", "print_config", "help"})
+NOT_IN_RECIPES = frozenset({"local_rank", "recipe", "print_config", "force_unlock", "help"})
 # the flags whose string value is a list, and how train_ds.py joins its items
 LIST_SEPARATORS: dict[str, str] = {
     "dataset": "||",

@@ -50,6 +50,12 @@ PROGRESS_FILE = "progress.json"
 MAX_NONFINITE_IN_A_ROW = 3
 
 
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it (0 for a plain `python` run), known
+    before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (launcher env, or a 1-process group for
     plain `python train_ds.py`). Returns (rank, world_size)."""
