@@ -325,7 +325,7 @@ def handle_nonfinite(loss, batch, epoch: int, global_step: int, in_a_row: int, l
         raise NonFiniteLossError(
             f"{message}; {in_a_row} micro-batches in a row, so the run stops. The checkpoints "
             "it wrote are intact: resume from the last one with a lower --lr, or check those "
-            "sources with tools/check_dataset.py --deep"
+            "sources with tools/check_dataset.py"
         )
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
