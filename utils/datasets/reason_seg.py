@@ -39,6 +39,7 @@ import numpy as np
 from utils.datasets.base import (
     IGNORE_LABEL,
     IGNORE_PIXEL_CHOICES,
+    REPLACE_IMAGE,
     DataError,
     Sample,
     SamplingOptions,
@@ -232,8 +233,24 @@ def load_record(image_path: Path) -> tuple[np.ndarray, Annotation, np.ndarray]:
     return image, annotation, draw_mask(annotation.polygons, image.shape[:2])
 
 
+def images_missing(images: list[Path]) -> Iterator[DataError]:
+    """One error per annotation json in the folders of `images` whose image is not there (the
+    loaders list the images, so such a record would otherwise be left out without a word)."""
+    for folder in sorted({path.parent for path in images}):
+        for annotation in sorted(folder.glob("*.json")):
+            if not annotation.with_suffix(".jpg").is_file():
+                yield DataError(
+                    annotation,
+                    annotation.stem,
+                    f"has no image {annotation.with_suffix('.jpg').name} beside it",
+                    REPLACE_IMAGE,
+                )
+
+
 def check_records(images: list[Path], deep: bool) -> Iterator[DataError]:
-    """One error per bad image/json pair (deep: also decode the image and draw the mask)."""
+    """One error per bad image/json pair (deep: also decode the image and draw the mask), and
+    per annotation whose image is missing."""
+    yield from images_missing(images)
     for path in images:
         try:
             if deep:
