@@ -564,6 +564,7 @@ def translate_lisa_family_state_dict(
         f"{source} (read as LISA-family training-time names) against the model built from "
         "--version",
         "; check --lora_r, --lora_target_modules, --early_fusion and --version against the "
-        "training run",
+        "training run (the default m2sa recipe turns early fusion on: --recipe lisa|gsva or "
+        "--no-early_fusion turn it off)",
     )
     return translated

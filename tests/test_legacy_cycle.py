@@ -82,6 +82,7 @@ def test_a_gsva_bin_over_a_llava_v1_base_evaluates_on_grefcoco(
     write_training_state_dict(weight, GSVA_TOKENS, "old")
     python(
         "train_ds.py",
+        "--recipe=gsva",  # GSVA's architecture (no early fusion), as the README's line
         f"--version={legacy_assets.llava_v1.directory}",
         f"--vision-tower={legacy_assets.clip}",
         f"--vision_pretrained={legacy_assets.sam}",

@@ -123,6 +123,7 @@ def test_merged_masks_equal_the_unmerged_masks_on_the_same_inputs(
         out_dim=32,
         lora_r=4,
         gradient_checkpointing=False,
+        early_fusion=True,  # the launched run follows the default m2sa recipe
     )
     unmerged, tokenizer = build_segmenter(base)
     load_weights(unmerged, launched_run / "ckpt_model")

@@ -154,5 +154,6 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         state,
         f"--weight {path} does not match the model built from --version",
         hint=" (check --lora_r, --lora_target_modules, --early_fusion and --version against "
-        "the training run)",
+        "the training run; the default m2sa recipe turns early fusion on, --recipe lisa|gsva or "
+        "--no-early_fusion turn it off)",
     )
