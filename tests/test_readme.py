@@ -203,6 +203,7 @@ SCRIPT_PARSERS: dict[str, ArgvParser] = {
     "tools/convert_checkpoint.py": argv_parser("tools/convert_checkpoint.py", "parse_args"),
     "tools/make_tiny_assets.py": argv_parser("tools/make_tiny_assets.py", "parse_args"),
     "tools/show_samples.py": parse_show_samples,
+    "tools/convert_refs.py": argv_parser("tools/convert_refs.py", "parse_args"),
     "benchmarks/data_throughput.py": sys_argv_parser("benchmarks/data_throughput.py", "parse_args"),
     "benchmarks/generate.py": sys_argv_parser("benchmarks/generate.py", "parse"),
     "benchmarks/train_step.py": sys_argv_parser("benchmarks/train_step.py", "parse"),
