@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from tests.utils.unsafe_checkpoints import MakesMarker
+
 MMR_DIR, MSCOCO = "MMR", "refer_seg/images/mscoco/images"
 REFCOCO = "refer_seg/refcoco"
 TRAIN2014 = "refer_seg/images/mscoco/images/train2014"
@@ -136,6 +138,24 @@ def non_image_reason_seg(dataset: Path) -> Said:
         image.write_text("this is not an image")
         found += [image.with_suffix(".json").name, f"record {image.name}", "not a readable image"]
     return said
+
+
+def missing_image_reason_seg(dataset: Path) -> Said:
+    said = Said()
+    for split, found in (("train", said.train), ("val", said.val)):
+        image = reason_seg_image(dataset, split)
+        image.unlink()
+        found += [split, "without their .jpg image", image.with_suffix(".json").name]
+    return said
+
+
+def code_running_refs_refcoco(dataset: Path) -> Said:
+    """refs(unc).p replaced by a pickle that would create a directory when unpickled: it is
+    refused by name (the marker is checked in tests/utils/test_safe_pickle.py)."""
+    refs = dataset / REFCOCO / "refs(unc).p"
+    refs.write_bytes(pickle.dumps([MakesMarker(dataset / "MARKER")], protocol=2))
+    named = ["refs(unc).p", "posix.mkdir", "tools/convert_refs.py"]
+    return Said(train=list(named), val=list(named))
 
 
 def empty_json_mmr(dataset: Path) -> Said:
@@ -384,6 +404,10 @@ CASES = {
     "missing image (refCOCO)": Case(missing_image_refcoco, REFCOCO_TRAIN, REFCOCO_VAL),
     "truncated image (MMR)": Case(truncated_image_mmr, MMR_TRAIN, MMR_VAL, decoded=True),
     "non-image file (ReasonSeg)": Case(non_image_reason_seg, REASON_TRAIN, REASON_VAL, True),
+    "missing image (ReasonSeg)": Case(missing_image_reason_seg, REASON_TRAIN, REASON_VAL),
+    "code-running refs pickle (refCOCO)": Case(
+        code_running_refs_refcoco, REFCOCO_TRAIN, REFCOCO_VAL
+    ),
     "empty json (MMR)": Case(empty_json_mmr, MMR_TRAIN, MMR_VAL),
     "malformed json (refCOCO instances)": Case(malformed_json_refcoco, REFCOCO_TRAIN, REFCOCO_VAL),
     "malformed json (ReasonSeg record)": Case(malformed_json_reason_seg, REASON_TRAIN, REASON_VAL),

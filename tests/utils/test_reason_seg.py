@@ -5,6 +5,7 @@ cp1252 fallback, the explanatory branches, record checks and determinism."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -225,12 +226,9 @@ def test_check_finds_each_bad_record(tmp_path):
     fx.write_jpeg(folder / "f_malformed.jpg")
     fx.write_jpeg(folder / "g_no_json.jpg")
     (folder / "e_corrupt_image.jpg").write_bytes(b"\xff\xd8\xff")
-    write_record(tmp_path, "val", "h_no_image", good)
-    (folder / "h_no_image.jpg").unlink()
     dataset = ReasonSegValidation(tmp_path, "val")
     shallow = [str(error) for error in dataset.check()]
     expected = [
-        "h_no_image.json, record h_no_image: has no image h_no_image.jpg beside it",
         "a_no_text.json, record a_no_text.jpg: missing field 'text'",
         "b_no_sentence_flag.json, record b_no_sentence_flag.jpg: missing field 'is_sentence'",
         "c_two_points.json, record c_two_points.jpg shape 0: polygon has 2 points",
@@ -243,8 +241,21 @@ def test_check_finds_each_bad_record(tmp_path):
         assert part in message, message
     deep = [str(error) for error in dataset.check(deep=True)]
     assert len(deep) == len(expected) + 1
-    assert "e_corrupt_image.json, record e_corrupt_image.jpg: image" in deep[5]
-    assert "not a readable image" in deep[5]
+    assert "e_corrupt_image.json, record e_corrupt_image.jpg: image" in deep[4]
+    assert "not a readable image" in deep[4]
+
+
+def test_an_annotation_without_its_image_is_named(tmp_path):
+    write_reason_seg(tmp_path)
+    good, _ = short()
+    for name in ("h_no_image", "i_no_image"):
+        write_record(tmp_path, "val", name, good)
+        (tmp_path / f"reason_seg/ReasonSeg/val/{name}.jpg").unlink()
+    expected = "2 annotation(s) without their .jpg image: h_no_image.json, i_no_image.json"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        ReasonSegValidation(tmp_path, "val")
+    with pytest.raises(DataError, match=re.escape(expected)):
+        ReasonSegSource(tmp_path, OPTIONS, "ReasonSeg|val")
 
 
 def test_bad_explanation_entry_is_reported_and_raised(tmp_path):

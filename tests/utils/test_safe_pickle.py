@@ -302,3 +302,11 @@ def test_every_refs_pickle_has_its_twin_preferred(
     assert open_refer_index(tmp_path, dataset, split_by).refs_file.name == pickle_name
     (directory / twin).write_text(json.dumps(fx.refcoco_refs()))
     assert open_refer_index(tmp_path, dataset, split_by).refs_file.name == twin
+
+
+def test_the_refusal_crosses_processes_intact(tmp_path: Path) -> None:
+    """The doctor's and the loaders' worker processes send it back pickled."""
+    error = UnsafePickleError(tmp_path / "refs(unc).p", "posix.system", "convert it")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is UnsafePickleError and str(again) == str(error)
+    assert again.built == "posix.system" and again.file == error.file

@@ -61,6 +61,7 @@ from utils.datasets.templates import (
     validation_question,
 )
 
+MAX_NAMED = 5  # file names listed in one message
 REASON_SEG_DIR = "reason_seg"
 EXPLANATORY_JSON = "explanatory/train.json"
 # Some ReasonSeg jsons were saved in Windows-1252; LISA falls back to it too.
@@ -115,8 +116,23 @@ def list_images(dataset_dir: Path, name: str, splits: list[str]) -> list[Path]:
         found = sorted(folder.glob("*.jpg"))
         if not found:
             raise DataError(folder, None, "has no *.jpg images", hint)
+        check_images_present(folder)
         images.extend(found)
     return images
+
+
+def check_images_present(folder: Path) -> None:
+    """DataError naming the annotations of `folder` whose image is missing: the images are what
+    is listed, so such a record would otherwise be left out without a word."""
+    orphans = [p.name for p in sorted(folder.glob("*.json")) if not p.with_suffix(".jpg").is_file()]
+    if orphans:
+        shown = ", ".join(orphans[:MAX_NAMED]) + (", ..." if len(orphans) > MAX_NAMED else "")
+        raise DataError(
+            folder,
+            None,
+            f"{len(orphans)} annotation(s) without their .jpg image: {shown}",
+            REPLACE_IMAGE,
+        )
 
 
 def select_images(dataset_dir: Path, spec: str) -> list[Path]:
@@ -233,24 +249,8 @@ def load_record(image_path: Path) -> tuple[np.ndarray, Annotation, np.ndarray]:
     return image, annotation, draw_mask(annotation.polygons, image.shape[:2])
 
 
-def images_missing(images: list[Path]) -> Iterator[DataError]:
-    """One error per annotation json in the folders of `images` whose image is not there (the
-    loaders list the images, so such a record would otherwise be left out without a word)."""
-    for folder in sorted({path.parent for path in images}):
-        for annotation in sorted(folder.glob("*.json")):
-            if not annotation.with_suffix(".jpg").is_file():
-                yield DataError(
-                    annotation,
-                    annotation.stem,
-                    f"has no image {annotation.with_suffix('.jpg').name} beside it",
-                    REPLACE_IMAGE,
-                )
-
-
 def check_records(images: list[Path], deep: bool) -> Iterator[DataError]:
-    """One error per bad image/json pair (deep: also decode the image and draw the mask), and
-    per annotation whose image is missing."""
-    yield from images_missing(images)
+    """One error per bad image/json pair (deep: also decode the image and draw the mask)."""
     for path in images:
         try:
             if deep:

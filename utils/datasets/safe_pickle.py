@@ -48,6 +48,11 @@ class UnsafePickleError(DataError):
         )
         super().__init__(file, None, problem, hint)
 
+    def __reduce__(self) -> tuple:
+        """Rebuilt from its own arguments when it crosses processes (the doctor's workers,
+        DataLoader workers), not from the message alone."""
+        return (type(self), (self.file, self.built, self.hint))
+
 
 class PlainDataUnpickler(pickle.Unpickler):
     """`pickle.Unpickler` that builds plain data only; any class or callable (and any persistent
