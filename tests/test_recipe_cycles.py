@@ -1,8 +1,10 @@
 """The whole cycle with the LISA and GSVA recipes on the tiny assets: `--recipe lisa|gsva` trains
 under the real DeepSpeed launcher on two CPU ranks with the recipe's own data mix, prompt style
 and validation sets, the merge reads the run's settings, and `--eval_only` on the merged
-checkpoint reproduces the in-training validation. (The m2sa recipe's cycle is the shared
-`launched_run` of tests/test_train_ds.py and tests/test_merge_chat.py.)"""
+checkpoint reproduces the in-training validation. No `--out_dim` is given: the projector
+follows the tiny SAM's prompt width, in training (the SAM file) and in evaluation (the merged
+checkpoint's SAM). (The m2sa recipe's cycle is the shared `launched_run` of
+tests/test_train_ds.py and tests/test_merge_chat.py.)"""
 
 from __future__ import annotations
 
@@ -15,10 +17,9 @@ import pytest
 from tests.e2e import LAUNCHER_PORT, python, run
 from utils.evaluation import safe_name
 
-# what a tiny run changes: paths, the tiny models' precision and widths, a short schedule
+# what a tiny run changes: paths, the tiny models' precision and LoRA, a short schedule
 RUN_FLAGS = (
     "--precision=fp32",
-    "--out_dim=32",
     "--lora_r=4",
     "--workers=0",
     "--no-gradient_checkpointing",
