@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import ROOT, tiny_flags
+from tests.e2e import LAUNCHER_PORT, ROOT, tiny_flags
 from tests.utils.bad_data import truncated_image_mmr
 from tools.make_tiny_assets import make_tiny_assets
 from utils.run_log import one_line
@@ -170,3 +170,23 @@ def test_a_data_error_in_a_loader_worker_surfaces_as_one_line(tmp_path: Path) ->
     assert done.returncode == 1
     line = assert_one_line(stderr, *said.train)
     assert line.startswith("data error:") and "DataLoader worker" not in line
+
+
+def test_an_error_every_rank_meets_is_printed_once_under_the_launcher(
+    assets: Path, tmp_path: Path
+) -> None:
+    """Two ranks both fail to build the model: rank 0 alone prints the line."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    flags = [f for f in short_run(assets, tmp_path, "--eval_only") if not f.startswith("--out_dim")]
+    command = [str(deepspeed), "--num_gpus", "2", "--master_port", str(LAUNCHER_PORT + 2)]
+    done = subprocess.run(
+        [*command, "train_ds.py", *flags, "--out_dim=256"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert done.returncode != 0
+    assert_one_line(done.stdout + done.stderr, "--out_dim 256 must equal the SAM prompt width 32")
+    assert "Traceback (most recent call last)" in (tmp_path / "shared" / "train_ds.log").read_text()
+    assert (tmp_path / "shared" / "train_ds.rank1.log").is_file()

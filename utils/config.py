@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -385,8 +386,17 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     add("--merge_lora_path", default="", help=argparse.SUPPRESS)
 
 
+class RankZeroParser(argparse.ArgumentParser):
+    """Under the launcher every rank parses the same command line and meets the same mistake:
+    only rank 0 (the `RANK` the launcher sets; a plain run is rank 0) prints it."""
+
+    def _print_message(self, message: str, file=None) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            super()._print_message(message, file)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = RankZeroParser(
         description="Train or evaluate the segmenter (launch with deepspeed).",
         allow_abbrev=False,
     )

@@ -182,3 +182,13 @@ def test_no_sampling_needs_one_source_and_no_rates() -> None:
         parse_args(["--no_sampling", "--dataset", "refer_seg", "--sample_rates", "1"])
     with pytest.raises(SystemExit):
         parse_args(["--no_sampling", "--dataset", "sem_seg||vqa", "--sample_rates", "1,1"])
+
+
+def test_a_bad_flag_is_printed_by_rank_zero_only(capsys, monkeypatch) -> None:
+    """Every rank of a launch parses the same command line; one of them says what is wrong."""
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stopped:
+            parse_args(["--precision", "fp8"])
+        assert stopped.value.code == 2
+        assert ("invalid choice: 'fp8'" in capsys.readouterr().err) is printed
