@@ -12,6 +12,7 @@ import pytest
 
 from tools import demo, demo_report
 from tools.make_tiny_assets import make_tiny_assets
+from utils.config import resolve_config
 
 SIDE = 8
 # the shortened demo (800 steps; measured +0.25 over 0.08) must gain this much gIoU on present
@@ -139,6 +140,20 @@ def test_profiles_fit_their_budgets_and_commands_use_the_launcher() -> None:
     command = demo.train_command(profile)
     assert command[1:3] == ["--num_gpus", "2"] and "train_ds.py" in command
     assert "--eval_only" in demo.eval_command(profile, "untrained")
+
+
+def test_the_demos_train_ds_commands_resolve_to_its_settings() -> None:
+    """Every train_ds.py command the demo runs parses, over the default recipe, to the settings
+    the demo was tuned with (LISA's architecture, mean new rows, GSVA-style answers)."""
+    profile = demo.profile_from(demo.parse_args([]))
+    train, evaluate = (
+        resolve_config(command[command.index("train_ds.py") + 1 :]).config
+        for command in (demo.train_command(profile), demo.eval_command(profile, "untrained"))
+    )
+    for config in (train, evaluate):
+        assert not config.early_fusion and config.new_token_rows == "mean"
+    assert train.prompt_style == "gsva" and train.ignore_pixels == "exclude"
+    assert train.part_targets == "category" and evaluate.eval_only
 
 
 @pytest.mark.slow

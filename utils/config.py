@@ -262,7 +262,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--conv_type", default="llava_v1", choices=CONV_TYPES)
     add("--attn_implementation", default="sdpa", choices=("sdpa", "flash_attention_2", "eager"))
-    add("--early_fusion", action="store_true", help="M2SA early-feature fusion")
+    add(
+        "--early_fusion",
+        default=False,
+        action=argparse.BooleanOptionalAction,
+        help="M2SA early-feature fusion",
+    )
     add("--weight", default="", help="state dict / DeepSpeed checkpoint loaded over --version")
     for flag, help_text in (
         ("gradient_checkpointing", "recompute LLM activations in backward"),
@@ -270,7 +275,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         ("use_mm_start_end", "wrap image tokens in <im_start>/<im_end>"),
     ):
         add(f"--{flag}", default=True, action=argparse.BooleanOptionalAction, help=help_text)
-    add("--train_mm_projector", action="store_true", help="also train LLaVA's projector")
+    add(
+        "--train_mm_projector",
+        default=False,
+        action=argparse.BooleanOptionalAction,
+        help="also train LLaVA's projector",
+    )
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
@@ -319,7 +329,12 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
         choices=TOO_LONG_CHOICES,
         help="conversations over --model_max_length: cut (the papers) or dropped whole",
     )
-    add("--exclude_val", action="store_true", help="keep refCOCO val/test images out of training")
+    add(
+        "--exclude_val",
+        default=False,
+        action=argparse.BooleanOptionalAction,
+        help="keep refCOCO val/test images out of training",
+    )
     add(
         "--skip_bad_samples",
         default=False,
@@ -369,18 +384,25 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     add("--print_freq", default=1, type=int)
     add("--seed", default=42, type=int)
     add("--zero_stage", default=2, type=int, choices=ZERO_STAGES)
-    add("--offload_optimizer", action="store_true", help="ZeRO optimizer state on the CPU")
+    add(
+        "--offload_optimizer",
+        default=False,
+        action=argparse.BooleanOptionalAction,
+        help="ZeRO optimizer state on the CPU",
+    )
     add("--load_in_8bit", action="store_true", help="quantised LLM (GPU inference only)")
     add("--load_in_4bit", action="store_true", help="quantised LLM (GPU inference only)")
     add(
         "--no_sampling",
-        action="store_true",
+        default=False,
+        action=argparse.BooleanOptionalAction,
         help="GSVA: each epoch is one shuffled pass over the one --dataset source (one family, "
         "one sub-dataset) instead of --sample_rates draws",
     )
     add(
         "--val_refzom",
-        action="store_true",
+        default=False,
+        action=argparse.BooleanOptionalAction,
         help="GSVA: validate on RefZOM (refzom|final|test) in place of grefcoco|unc|val",
     )
     add("--merge_lora_path", default="", help=argparse.SUPPRESS)

@@ -120,6 +120,7 @@ def test_both_spellings_equals_and_space_forms_and_negations() -> None:
             "--no-use_mm_start_end",
             "--no-auto_resume",
             "--no-use_expand_question_list",
+            "--no-early_fusion",
         ]
     )
     assert not (
@@ -128,6 +129,7 @@ def test_both_spellings_equals_and_space_forms_and_negations() -> None:
         or config.use_mm_start_end
         or config.auto_resume
         or config.use_expand_question_list
+        or config.early_fusion  # on in the default m2sa recipe
     )
     config = parse_args(["--gradient_checkpointing", "--auto_resume"])
     assert config.gradient_checkpointing and config.auto_resume
