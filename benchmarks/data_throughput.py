@@ -31,7 +31,7 @@ from model.tiny import CLIP_MEAN, CLIP_STD  # noqa: E402
 from model.tokens import add_segmentation_tokens  # noqa: E402
 from tools.make_tiny_assets import make_tiny_assets  # noqa: E402
 from utils.collate import Collator, SampleProcessor  # noqa: E402
-from utils.datasets.base import SamplingOptions, read_image  # noqa: E402
+from utils.datasets.base import SamplingOptions, UnusableSample, read_image  # noqa: E402
 from utils.datasets.mixer import (  # noqa: E402
     DEFAULT_FAMILY_DATA,
     DataConfig,
@@ -85,8 +85,11 @@ def time_source(source, processor: SampleProcessor, samples: int) -> dict[str, f
     rng = np.random.default_rng(0)
     paths = []
     start = time.perf_counter()
-    for _ in range(samples):
-        sample = source.sample(rng)
+    while len(paths) < samples:
+        try:
+            sample = source.sample(rng)
+        except UnusableSample:  # a record with nothing to ask about: the mixer draws again
+            continue
         processor(sample)
         paths.append(sample.image_path)
     pipeline = time.perf_counter() - start

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from torch.utils.data import Dataset, Sampler
@@ -89,13 +88,6 @@ def family_factory(family: str) -> Callable[..., list[Source]]:
         raise ValueError(f"unknown --dataset family {family!r}; known: {sorted(FAMILY_BUILDERS)}")
     module, function = FAMILY_BUILDERS[family]
     return getattr(importlib.import_module(module), function)
-
-
-class RecordSource(Source, Protocol):
-    """A source that also builds the sample of a given record (`--no_sampling`): `sample_at`
-    reads record `index` (0 <= index < len) and draws its other choices from `rng`."""
-
-    def sample_at(self, index: int, rng: np.random.Generator) -> Sample: ...
 
 
 def build_family(config: DataConfig, family: str) -> list[Source]:
@@ -257,7 +249,7 @@ class FullPassDataset(SeededDataset):
 
     def __init__(
         self,
-        source: RecordSource,
+        source: Source,
         seed: int = 0,
         process: Callable[[Sample], object] | None = None,
         skip_bad_samples: bool = False,
