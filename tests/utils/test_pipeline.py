@@ -45,17 +45,22 @@ def run_model(model, processed: list) -> None:
     return batch, output
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_DATA))
-@pytest.mark.parametrize("style", ["mmr", "lisa", "gsva"])
-def test_every_training_family_reaches_the_model(assets, tiny, family, style) -> None:
-    model, _, processor = tiny
-    config = DataConfig(
+def one_family(assets, family: str, options: SamplingOptions | None = None) -> DataConfig:
+    """The mix of one family of the tiny assets, all its sub-datasets."""
+    return DataConfig(
         dataset_dir=assets / "dataset",
         dataset=(family,),
         sample_rates=(1,),
         family_data={family: tuple(FAMILY_DATA[family].split("||"))},
-        options=SamplingOptions(prompt_style=style),
+        options=options or SamplingOptions(),
     )
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_DATA))
+@pytest.mark.parametrize("style", ["mmr", "lisa", "gsva"])
+def test_every_training_family_reaches_the_model(assets, tiny, family, style) -> None:
+    model, _, processor = tiny
+    config = one_family(assets, family, SamplingOptions(prompt_style=style))
     dataset = HybridDataset(build_sources(config), [1], length=ITEMS, process=processor)
     batch, output = run_model(model, [dataset[index] for index in range(ITEMS)])
     if family == "vqa":
@@ -111,12 +116,7 @@ def test_truncated_conversations_reach_the_model(assets, tiny, family) -> None:
     conversation its first `limit` tokens, the masks of the targets left, and a batch the model
     takes ([SEG]/[REJ] tokens = masks, checked by run_model)."""
     model, _, processor = tiny
-    config = DataConfig(
-        dataset_dir=assets / "dataset",
-        dataset=(family,),
-        sample_rates=(1,),
-        family_data={family: tuple(FAMILY_DATA[family].split("||"))},
-    )
+    config = one_family(assets, family)
     whole = HybridDataset(build_sources(config), [1], length=ITEMS, process=processor)
     full = [whole[index] for index in range(ITEMS)]
     lengths = sorted(len(ids) for sample in full for ids in sample.input_ids)
