@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from model.builder import PRECISIONS
-from utils.config import CONV_TYPES
+from utils.flags import CONV_TYPES
 from utils.inference import Segmentation, describe, device_default, save_answer
 
 LOGGER = logging.getLogger("chat")
