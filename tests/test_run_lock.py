@@ -20,6 +20,7 @@ from utils.run_log import one_line
 from utils.runlock import LOCK_FILE, LockOwner, RunLock, RunLockedError
 
 LOCK_WAIT_S = 120
+FIRST_RUN_STEPS = 150  # optimizer steps of the run that holds the directory
 RUN_TIMEOUT_S = 600
 
 
@@ -116,16 +117,19 @@ def assert_one_line(stderr: str, *fragments: str) -> str:
 def test_a_second_run_into_the_same_directory_stops_and_the_first_finishes(
     assets: Path, tmp_path: Path
 ) -> None:
-    first = train_ds(*short_run(assets, tmp_path, "--steps_per_epoch=6"))
+    # long enough (tens of seconds) to still hold the directory when the second has started
+    first = train_ds(*short_run(assets, tmp_path, f"--steps_per_epoch={FIRST_RUN_STEPS}"))
     wait_for(tmp_path / "shared" / LOCK_FILE, first)
     second = train_ds(*short_run(assets, tmp_path, "--steps_per_epoch=6"))
     _, stderr = second.communicate(timeout=RUN_TIMEOUT_S)
+    assert first.poll() is None, "the first run ended before the second started: not concurrent"
     assert second.returncode == 1
     assert_one_line(stderr, "in use by another run", f"pid {first.pid}", "--exp_name")
     _, first_err = first.communicate(timeout=RUN_TIMEOUT_S)
     assert first.returncode == 0, first_err[-3000:]
     run_dir = tmp_path / "shared"
-    assert (run_dir / "ckpt_model" / "latest").read_text().strip() == "global_step6"
+    latest = (run_dir / "ckpt_model" / "latest").read_text().strip()
+    assert latest == f"global_step{FIRST_RUN_STEPS}"
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
     assert not (run_dir / LOCK_FILE).exists()
 
