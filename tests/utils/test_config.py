@@ -194,3 +194,14 @@ def test_a_bad_flag_is_printed_by_rank_zero_only(capsys, monkeypatch) -> None:
             parse_args(["--precision", "fp8"])
         assert stopped.value.code == 2
         assert ("invalid choice: 'fp8'" in capsys.readouterr().err) is printed
+
+
+@pytest.mark.parametrize(
+    "field", ["ignore_pixels", "part_targets", "mmr_pairing", "no_target_answer"]
+)
+def test_sampling_options_refuse_a_value_outside_the_choices(field: str) -> None:
+    """Sources built directly (not through the flags) get the flag's message too."""
+    from utils.datasets.base import SamplingOptions
+
+    with pytest.raises(ValueError, match=rf"--{field} must be one of .*, not 'other'"):
+        SamplingOptions(**{field: "other"})

@@ -372,7 +372,7 @@ def test_question_draws_and_pairings_directly() -> None:
     assert [(text, q.index) for text, q in aligned] == [("q3", 3), ("q0", 0), ("q2", 2)]
     assert [(text, q.index) for text, q in upstream] == [("q3", 0), ("q0", 1), ("q2", 2)]
     with pytest.raises(ValueError, match="--mmr_pairing must be one of"):
-        pair_questions(parsed, drawn, "legacy")
+        SamplingOptions(mmr_pairing="legacy")  # the options refuse it before any source reads it
 
 
 def test_unknown_pairing_is_refused(tmp_path: Path) -> None:

@@ -89,6 +89,12 @@ class ValidationSample(Sample):
     record_id: str = ""
 
 
+IGNORE_PIXEL_CHOICES = ("background", "exclude")
+PART_TARGET_CHOICES = ("instance", "category")
+MMR_PAIRING_CHOICES = ("aligned", "upstream")
+NO_TARGET_ANSWER_CHOICES = ("rej", "empty_seg")
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How a training source turns records into conversations (train_ds.py flags).
@@ -120,11 +126,20 @@ class SamplingOptions:
     mmr_pairing: str = "aligned"
     no_target_answer: str = "rej"
 
+    def __post_init__(self) -> None:
+        """ValueError naming the flag when a choice field holds none of its choices (the one
+        check every source relies on)."""
+        for flag, choices in (
+            ("ignore_pixels", IGNORE_PIXEL_CHOICES),
+            ("part_targets", PART_TARGET_CHOICES),
+            ("mmr_pairing", MMR_PAIRING_CHOICES),
+            ("no_target_answer", NO_TARGET_ANSWER_CHOICES),
+        ):
+            value = getattr(self, flag)
+            if value not in choices:
+                raise ValueError(f"--{flag} must be one of {choices}, not {value!r}")
 
-IGNORE_PIXEL_CHOICES = ("background", "exclude")
-PART_TARGET_CHOICES = ("instance", "category")
-MMR_PAIRING_CHOICES = ("aligned", "upstream")
-NO_TARGET_ANSWER_CHOICES = ("rej", "empty_seg")
+
 # what happens to a conversation longer than --model_max_length (counted with its image tokens):
 # "truncate" (LISA, GSVA, MMR: cut to the limit) | "drop" (left out whole with its masks; a
 # sample left with none is redrawn from the same family)

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 
 from utils.datasets.base import (
-    MMR_PAIRING_CHOICES,
     DataError,
     Sample,
     SamplingOptions,
@@ -206,20 +205,13 @@ def draw_question_indices(count: int, limit: int, rng: np.random.Generator) -> l
     return list(range(count))
 
 
-def checked_pairing(pairing: str) -> str:
-    """`pairing` itself; ValueError naming the choices if it is none of them."""
-    if pairing not in MMR_PAIRING_CHOICES:
-        raise ValueError(f"--mmr_pairing must be one of {MMR_PAIRING_CHOICES}, not {pairing!r}")
-    return pairing
-
-
 def pair_questions(
     parsed: list[MMRQuestion], drawn: list[int], pairing: str
 ) -> list[tuple[str, MMRQuestion]]:
     """(question text, the MMRQuestion whose answer and annotations it is trained with) per
     conversation: "aligned" pairs question `drawn[k]` with its own answer, "upstream" with
     answer k (`zip(sampled_sents, answers, text_answers)` in the released loader)."""
-    if checked_pairing(pairing) == "aligned":
+    if pairing == "aligned":
         return [(parsed[i].text, parsed[i]) for i in drawn]
     return [(parsed[i].text, parsed[k]) for k, i in enumerate(drawn)]
 
@@ -231,7 +223,6 @@ class MMRSource:
     def __init__(
         self, dataset_dir: Path, options: SamplingOptions, json_name: str = MMR_TRAIN_JSON
     ) -> None:
-        checked_pairing(options.mmr_pairing)
         self.name = SOURCE_NAME
         self.options = options
         self.data = MMRRecords(dataset_dir, json_name)

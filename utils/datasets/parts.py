@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from utils.datasets.base import (
-    PART_TARGET_CHOICES,
     DataError,
     Sample,
     SamplingOptions,
@@ -99,10 +98,6 @@ class PartSource:
     """PACO-LVIS or PASCAL-Part: COCO-format images, categories and annotations."""
 
     def __init__(self, dataset_dir: Path, options: SamplingOptions, dataset: str) -> None:
-        if options.part_targets not in PART_TARGET_CHOICES:
-            raise ValueError(
-                f"--part_targets must be one of {PART_TARGET_CHOICES}, not {options.part_targets!r}"
-            )
         spec = PART_SPECS[dataset]
         self.name, self.options = f"sem_seg/{dataset}", options
         self.file = Path(dataset_dir) / spec.annotations

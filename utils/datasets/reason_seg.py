@@ -38,7 +38,6 @@ import numpy as np
 
 from utils.datasets.base import (
     IGNORE_LABEL,
-    IGNORE_PIXEL_CHOICES,
     REPLACE_IMAGE,
     DataError,
     Sample,
@@ -224,19 +223,10 @@ def draw_mask(polygons: list[tuple[str, np.ndarray]], shape: tuple[int, int]) ->
     return mask
 
 
-def checked_ignore_pixels(ignore_pixels: str) -> str:
-    """`ignore_pixels` itself; ValueError naming the choices if it is none of them."""
-    if ignore_pixels not in IGNORE_PIXEL_CHOICES:
-        raise ValueError(
-            f"--ignore_pixels must be one of {IGNORE_PIXEL_CHOICES}, not {ignore_pixels!r}"
-        )
-    return ignore_pixels
-
-
 def training_mask(mask: np.ndarray, ignore_pixels: str) -> np.ndarray:
     """uint8 [H, W] mask to train on: "background" keeps only the target (LISA's `mask == 1`),
     "exclude" keeps IGNORE_LABEL for the loss to leave out."""
-    if checked_ignore_pixels(ignore_pixels) == "background":
+    if ignore_pixels == "background":
         return (mask == TARGET_VALUE).astype(np.uint8)
     return mask
 
@@ -267,7 +257,6 @@ class ReasonSegSource:
     def __init__(
         self, dataset_dir: Path, options: SamplingOptions, spec: str = "ReasonSeg|train"
     ) -> None:
-        checked_ignore_pixels(options.ignore_pixels)
         dataset, _ = parse_spec(spec)
         self.name, self.options = f"reason_seg/{spec}", options
         self.images = select_images(Path(dataset_dir), spec)

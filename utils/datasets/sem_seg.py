@@ -33,7 +33,6 @@ import numpy as np
 
 from utils.datasets.base import (
     IGNORE_LABEL,
-    IGNORE_PIXEL_CHOICES,
     DataError,
     Sample,
     SamplingOptions,
@@ -177,11 +176,6 @@ class LabelMapSource:
     """ADE20K, COCO-Stuff or Mapillary: (image, label map) pairs and a class vocabulary."""
 
     def __init__(self, dataset_dir: Path, options: SamplingOptions, dataset: str) -> None:
-        if options.ignore_pixels not in IGNORE_PIXEL_CHOICES:
-            raise ValueError(
-                f"--ignore_pixels must be one of {IGNORE_PIXEL_CHOICES}, "
-                f"not {options.ignore_pixels!r}"
-            )
         self.name = f"sem_seg/{dataset}"
         self.options = options
         self.spec = LABEL_MAP_SPECS[dataset]
