@@ -258,23 +258,20 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
-    """Average logged values over ranks (one all-reduce of a small vector)."""
+def reduce_over_ranks(
+    means: dict[str, float], sums: dict[str, int], device
+) -> tuple[dict[str, float], dict[str, int]]:
+    """`means` averaged and `sums` summed over ranks, in one all-reduce of a small vector (same
+    keys on every rank)."""
     if _world_size() == 1:
-        return values
-    vector = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+        return means, sums
+    vector = torch.tensor([*means.values(), *sums.values()], dtype=torch.float64, device=device)
     dist.all_reduce(vector)
-    vector /= dist.get_world_size()
-    return dict(zip(values, vector.tolist(), strict=True))
-
-
-def sum_over_ranks(values: dict[str, int], device) -> dict[str, int]:
-    """Sum logged counts over ranks (one all-reduce of a small vector; same keys on all)."""
-    if _world_size() == 1:
-        return values
-    vector = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(vector)
-    return dict(zip(values, (round(value) for value in vector.tolist()), strict=True))
+    reduced = vector.tolist()
+    world = dist.get_world_size()
+    averaged = {key: value / world for key, value in zip(means, reduced, strict=False)}
+    summed = {key: round(value) for key, value in zip(sums, reduced[len(means) :], strict=True)}
+    return averaged, summed
 
 
 def sum_counts_over_ranks(counts: dict[str, int]) -> dict[str, int]:
@@ -360,9 +357,9 @@ class StepWindow:
     def values(self, engine, device) -> dict[str, float]:
         """The step's logged values: mean losses over micro-batches and ranks, conversations
         dropped or cut for `--model_max_length` summed over ranks, lr, timing."""
-        values = {f"train/{part}": total / self.micro for part, total in self.sums.items()}
-        values = mean_over_ranks(values, device)
-        counts = sum_over_ranks({f"train/{name}": n for name, n in self.counts.items()}, device)
+        losses = {f"train/{part}": total / self.micro for part, total in self.sums.items()}
+        counts = {f"train/{name}": n for name, n in self.counts.items()}
+        values, counts = reduce_over_ranks(losses, counts, device)
         elapsed = time.perf_counter() - self.start
         values.update(counts)
         values.update(
