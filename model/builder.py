@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from model.backbone import (
     init_new_rows_normal,
@@ -172,14 +173,23 @@ def load_backbone(config: ModelConfig) -> LoadedBackbone:
         )
     merged = read_segmenter_config(config.version) if layout is Layout.MERGED else None
     llava = load_llava(config.version, config.dtype, config.attn_implementation)
-    tokenizer = load_tokenizer(config.version)
-    use_mm_start_end = merged.use_mm_start_end if merged else config.use_mm_start_end
-    token_ids = add_segmentation_tokens(
-        tokenizer, use_mm_start_end, strip_whitespace=uses_lisa_tokenization(tokenizer)
-    )
+    tokenizer, token_ids = segmentation_tokenizer(config.version, config.use_mm_start_end, merged)
     check_token_ids(config.version, llava, token_ids, merged)
     parts = merged_parts(config.version, merged, config.dtype) if merged else None
     return LoadedBackbone(llava, tokenizer, token_ids, parts)
+
+
+def segmentation_tokenizer(
+    version: str, use_mm_start_end: bool, merged: SegmenterFileConfig | None
+) -> tuple[PreTrainedTokenizerBase, TokenIds]:
+    """A Hugging Face layout's tokenizer with the segmentation tokens added (image wrapping as a
+    merged checkpoint saved it, else `use_mm_start_end`) and their ids."""
+    tokenizer = load_tokenizer(version)
+    wrap = merged.use_mm_start_end if merged else use_mm_start_end
+    token_ids = add_segmentation_tokens(
+        tokenizer, wrap, strip_whitespace=uses_lisa_tokenization(tokenizer)
+    )
+    return tokenizer, token_ids
 
 
 def check_token_ids(

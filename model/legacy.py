@@ -443,6 +443,18 @@ def build_legacy_llava(
     return llava.eval()
 
 
+def legacy_segmentation_tokenizer(
+    checkpoint: LegacyCheckpoint, use_mm_start_end: bool
+) -> tuple[PreTrainedTokenizerBase, TokenIds]:
+    """The checkpoint's tokenizer with the segmentation tokens added as its model was trained
+    (image wrapping as saved; LISA's 4.31 whitespace handling) and their ids."""
+    tokenizer = load_legacy_tokenizer(checkpoint)
+    token_ids = add_segmentation_tokens(
+        tokenizer, wraps_image(checkpoint, use_mm_start_end), strip_whitespace=True
+    )
+    return tokenizer, token_ids
+
+
 def load_legacy_backbone(
     version: str | Path,
     vision_tower: str | None,
@@ -452,10 +464,7 @@ def load_legacy_backbone(
 ) -> LoadedBackbone:
     """A LLaVA-v1 or LISA-family directory as the builder needs it (see LoadedBackbone)."""
     checkpoint = read_legacy_checkpoint(version)
-    tokenizer = load_legacy_tokenizer(checkpoint)
-    token_ids = add_segmentation_tokens(
-        tokenizer, wraps_image(checkpoint, use_mm_start_end), strip_whitespace=True
-    )
+    tokenizer, token_ids = legacy_segmentation_tokenizer(checkpoint, use_mm_start_end)
     llava = build_legacy_llava(
         checkpoint, vision_tower, token_ids.image, dtype, attn_implementation
     )

@@ -60,7 +60,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the project's packages importable
     sys.path.insert(0, str(ROOT))
 
-from model.backbone import image_token_count, load_tokenizer  # noqa: E402
+from model.backbone import image_token_count  # noqa: E402
+from model.builder import segmentation_tokenizer  # noqa: E402
 from model.checkpoint import read_segmenter_config  # noqa: E402
 from model.legacy import (  # noqa: E402
     LEGACY_LAYOUTS,
@@ -68,12 +69,10 @@ from model.legacy import (  # noqa: E402
     detect_layout,
     image_settings_directory,
     legacy_llava_config,
-    load_legacy_tokenizer,
+    legacy_segmentation_tokenizer,
     read_legacy_checkpoint,
-    uses_lisa_tokenization,
-    wraps_image,
 )
-from model.tokens import REJ_TOKEN, SEG_TOKEN, TokenIds, add_segmentation_tokens  # noqa: E402
+from model.tokens import REJ_TOKEN, SEG_TOKEN, TokenIds  # noqa: E402
 from tools.sample_pictures import render_preview  # noqa: E402
 from utils.collate import (  # noqa: E402
     ProcessedSample,
@@ -209,9 +208,7 @@ def load_tokenization(config: TrainConfig) -> Tokenization | None:
     images = image_settings_directory(config.version, config.vision_tower)
     if layout in LEGACY_LAYOUTS:
         checkpoint = read_legacy_checkpoint(config.version)
-        tokenizer = load_legacy_tokenizer(checkpoint)
-        wrap = wraps_image(checkpoint, config.use_mm_start_end)
-        token_ids = add_segmentation_tokens(tokenizer, wrap, strip_whitespace=True)
+        tokenizer, token_ids = legacy_segmentation_tokenizer(checkpoint, config.use_mm_start_end)
         if not Path(config.vision_tower).is_dir():  # nothing is downloaded
             raise FileNotFoundError(
                 f"--vision-tower {config.vision_tower!r} is not a local directory; this "
@@ -221,13 +218,8 @@ def load_tokenization(config: TrainConfig) -> Tokenization | None:
         vision = CLIPVisionConfig.from_pretrained(config.vision_tower)
         llava = legacy_llava_config(checkpoint.config, vision, token_ids.image, len(tokenizer))
         return Tokenization(tokenizer, token_ids, image_token_count(llava), images)
-    tokenizer = load_tokenizer(config.version)
-    wrap = config.use_mm_start_end
-    if layout is Layout.MERGED:
-        wrap = read_segmenter_config(config.version).use_mm_start_end
-    token_ids = add_segmentation_tokens(
-        tokenizer, wrap, strip_whitespace=uses_lisa_tokenization(tokenizer)
-    )
+    merged = read_segmenter_config(config.version) if layout is Layout.MERGED else None
+    tokenizer, token_ids = segmentation_tokenizer(config.version, config.use_mm_start_end, merged)
     llava = LlavaConfig.from_pretrained(config.version)
     return Tokenization(tokenizer, token_ids, image_token_count(llava), images)
 
