@@ -23,13 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.config import (  # noqa: E402
-    USAGE_ERROR,
-    TrainConfig,
-    explicit_flags,
-    layered_values,
-)
-from utils.config import build_parser as build_train_parser  # noqa: E402
+from utils.config import TrainConfig, resolve_config  # noqa: E402
 from utils.datasets.doctor import (  # noqa: E402
     MAX_LISTED_PROBLEMS,
     Check,
@@ -42,7 +36,8 @@ from utils.datasets.doctor import (  # noqa: E402
     validation_checks,
 )
 from utils.datasets.mixer import FAMILY_BUILDERS  # noqa: E402
-from utils.recipes import RecipeError  # noqa: E402
+from utils.flags import USAGE_ERROR, explicit_flags  # noqa: E402
+from utils.flags import build_parser as build_train_parser  # noqa: E402
 
 PROG = "check_dataset.py"
 CLEAN, FOUND_ERRORS = 0, 1
@@ -121,18 +116,11 @@ def parse_args(argv: list[str] | None = None) -> DoctorArgs:
     cannot honour together."""
     parser = build_parser()
     own, rest = parser.parse_known_args(argv)
-    train_parser = build_train_parser()
-    train_parser.prog, train_parser.usage = PROG, parser.usage
-    try:
-        values, _, _ = layered_values(train_parser, rest)
-    except RecipeError as error:
-        parser.exit(USAGE_ERROR, f"{PROG}: error: {error}\n")
-    problem = conflict(own, explicit_flags(train_parser, rest))
+    config = resolve_config(rest, check_data_flags=False, prog=PROG).config
+    problem = conflict(own, explicit_flags(build_train_parser(), rest))
     if problem:
         parser.exit(USAGE_ERROR, f"{PROG}: error: {problem}\n")
-    return DoctorArgs(
-        TrainConfig(**values), own.everything, own.quick, own.workers, own.max_listed, own.deep
-    )
+    return DoctorArgs(config, own.everything, own.quick, own.workers, own.max_listed, own.deep)
 
 
 def conflict(own: argparse.Namespace, given: dict[str, object]) -> str | None:

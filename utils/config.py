@@ -243,10 +243,14 @@ def with_refzom_validation(val_dataset: str) -> str:
     return "||".join(replaced if gres in entries else [*entries, refzom])
 
 
-def resolve_config(argv: list[str] | None = None) -> ResolvedConfig:
+def resolve_config(
+    argv: list[str] | None = None, check_data_flags: bool = True, prog: str | None = None
+) -> ResolvedConfig:
     """Parse a train_ds.py command line (last of repeated flags wins) over its recipe; a bad
-    recipe or data flag exits with one line and argparse's usage status."""
+    recipe, or (with `check_data_flags`) data flags that disagree, exit with one line and
+    argparse's usage status, naming `prog` (default: the running script)."""
     parser = build_parser()
+    parser.prog = prog or parser.prog
     try:
         values, recipe, sources = layered_values(parser, argv)
     except RecipeError as error:
@@ -255,7 +259,7 @@ def resolve_config(argv: list[str] | None = None) -> ResolvedConfig:
         if values[flag]:
             LOGGER.warning("--%s is accepted for compatibility and has no effect", flag)
     config = TrainConfig(**values)
-    problem = data_flag_problem(config)
+    problem = data_flag_problem(config) if check_data_flags else None
     if problem:
         # parser.error's 50-line usage would bury the one line that matters
         parser.exit(USAGE_ERROR, f"{parser.prog}: error: {problem}\n")
