@@ -21,6 +21,8 @@ from model.backbone import parse_token_init
 from model.builder import ModelConfig
 from model.losses import LossWeights
 from utils.datasets.base import SamplingOptions
+from utils.datasets.custom import FAMILY as CUSTOM_FAMILY
+from utils.datasets.custom import check_custom_entries
 from utils.datasets.mixer import (
     FAMILY_BUILDERS,
     DataConfig,
@@ -59,6 +61,7 @@ class TrainConfig:
     vqa_data: str
     reason_seg_data: str
     multi_part_reason_seg_data: str
+    custom_data: str
     val_dataset: str
     val_json_name: str
     dataset_dir: str
@@ -274,7 +277,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def data_flag_problem(config: TrainConfig) -> str | None:
     """What is wrong with the data flags a run uses, or None: `--dataset` names a family that
     does not exist, `--sample_rates` is not one number per family, or a `--val_dataset` entry is
-    not an accepted form. Training flags are not checked with --eval_only, nor validation sets
+    not an accepted form, or `--custom_data` is empty or malformed while `--dataset` names
+    custom. Training flags are not checked with --eval_only, nor validation sets
     that are not evaluated (--no_eval)."""
     if not config.eval_only:
         unknown = [name for name in config.datasets if name not in FAMILY_BUILDERS]
@@ -293,6 +297,8 @@ def data_flag_problem(config: TrainConfig) -> str | None:
                 check_single_source(config.data_config())
             else:
                 check_rates(config.datasets, rates)
+            if CUSTOM_FAMILY in config.datasets:
+                check_custom_entries(config.family_data()[CUSTOM_FAMILY])
         except ValueError as error:
             return str(error)
     if config.eval_only or not config.no_eval:

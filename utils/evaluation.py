@@ -58,7 +58,7 @@ JSON_NAMED_SETS = {"MultiPartReasonSeg": MMR_VAL_JSON, "RefCOCOm": ""}
 JSON_NAME_SEPARATOR = ":"
 OUTPUT_PREFIX = "eval_"
 UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._+-]+")
-JSON_SUFFIX = ".json"
+JSON_SUFFIX = re.compile(r"\.json(?!l)")  # ".json" but not the start of ".jsonl"
 TEACHER_FORCED, GENERATE = "teacher_forced", "generate"
 
 
@@ -341,7 +341,7 @@ def _reduced_counts(counts: MatchCounts, device) -> dict[str, int]:
 def safe_name(name: str) -> str:
     """A file-name stem for a set name: "MultiPartReasonSeg|val:MMR_val.json" ->
     "MultiPartReasonSeg_val_MMR_val" ("|", ":", spaces, slashes... become "_")."""
-    stem = name.replace(JSON_SUFFIX, "")
+    stem = JSON_SUFFIX.sub("", name)
     return UNSAFE_CHARACTERS.sub("_", stem).strip("_") or "unnamed"
 
 

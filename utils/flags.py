@@ -28,6 +28,10 @@ CONV_TYPES = ("llava_v1", "llava_llama_2")
 EVAL_PROTOCOLS = ("teacher_forced", "generate")
 ZERO_STAGES = (2, 3)
 USAGE_ERROR = 2  # argparse's exit status for a bad command line
+FAMILY_DATA_HELP = {
+    "custom": "your own files (docs/CUSTOM_DATA.md), '||'-joined FILE[@IMAGE_ROOT][:WEIGHT] "
+    "under --dataset_dir, e.g. 'mine/train.jsonl@mine/images:3||coco.json@coco/train2017'",
+}
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
@@ -109,8 +113,12 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     add("--dataset", default="sem_seg||refer_seg||vqa||multi_part_reason_seg")
     add("--sample_rates", default="2,9,2,6")
     for family, default in DEFAULT_FAMILY_DATA.items():
-        add(f"--{family}_data", default=default)
-    add("--val_dataset", default="ReasonSeg|val", help='"||"-joined, e.g. "grefcoco|unc|val"')
+        add(f"--{family}_data", default=default, help=FAMILY_DATA_HELP.get(family))
+    add(
+        "--val_dataset",
+        default="ReasonSeg|val",
+        help='"||"-joined, e.g. "grefcoco|unc|val", "custom|mine/val.jsonl@mine/images"',
+    )
     add("--val_json_name", default="", help="MMR / RefCOCOm annotation file")
     add("--explanatory", default=0.1, type=float, help="-1 disables ReasonSeg explanations")
     add("--num_classes_per_sample", default=3, type=int)

@@ -52,9 +52,9 @@ MEAN_IOU_EPS = 1e-5  # LISA's smoothing of each mask's IoU denominator (gIoU)
 GRES_IOU_EPS = 1e-8  # GSVA's smoothing of each non-empty target's IoU denominator
 CUMULATIVE_IOU_EPS = 1e-10  # keeps cIoU finite when every union is 0
 GT_FOREGROUND = 1
-GRES_DATASETS = ("grefcoco", "refzom")  # validation sets scored with GSVA's protocol
-# those whose cIoU also counts the area predicted for absent targets (GSVA: gRefCOCO only)
-FALSE_POSITIVE_AREA_DATASETS = ("grefcoco",)
+GRES_DATASETS = ("grefcoco", "refzom", "custom")  # validation sets scored with GSVA's protocol
+# those whose cIoU also counts the area predicted for absent targets (GSVA: gRefCOCO; and ours)
+FALSE_POSITIVE_AREA_DATASETS = ("grefcoco", "custom")
 PERCENT = 100.0
 
 GIOU, CIOU, N_ACC, T_ACC, MIOU, TARGETS = "giou", "ciou", "n_acc", "t_acc", "miou", "targets"

@@ -205,3 +205,20 @@ def test_sampling_options_refuse_a_value_outside_the_choices(field: str) -> None
 
     with pytest.raises(ValueError, match=rf"--{field} must be one of .*, not 'other'"):
         SamplingOptions(**{field: "other"})
+
+
+def test_custom_data_is_a_family_flag_checked_on_the_command_line() -> None:
+    config = parse_args(
+        [
+            "--dataset",
+            "custom||vqa",
+            "--sample_rates",
+            "3,1",
+            "--custom_data",
+            "a.jsonl@i:2||b.json",
+        ]
+    )
+    assert config.data_config().family_data["custom"] == ("a.jsonl@i:2", "b.json")
+    for data in ("", "a.jsonl:0", "@images"):
+        with pytest.raises(SystemExit):
+            parse_args(["--dataset", "custom", "--sample_rates", "1", "--custom_data", data])

@@ -230,3 +230,24 @@ def test_rate_and_family_errors_are_clear() -> None:
         check_rates(["a", "b"], [0, 0])
     with pytest.raises(ValueError, match=r"unknown --dataset family 'sem_seg2'; known: \["):
         family_factory("sem_seg2")
+
+
+class WeightedSource(FakeSource):
+    """A FakeSource with a share of its family's draws (as the custom family's files)."""
+
+    def __init__(self, name: str, weight: float) -> None:
+        super().__init__(name)
+        self.weight = weight
+
+
+def test_a_familys_sources_are_drawn_by_their_weights() -> None:
+    families = [("custom", [WeightedSource("a", 3), WeightedSource("b", 1)])]
+    mix = HybridDataset(families, [1], length=4000, seed=0)
+    drawn = Counter(mix[i].source for i in range(len(mix)))
+    assert drawn["a"] / len(mix) == pytest.approx(0.75, abs=0.03)
+
+
+def test_custom_is_a_family() -> None:
+    from utils.datasets.custom import build_custom_sources
+
+    assert family_factory("custom") is build_custom_sources

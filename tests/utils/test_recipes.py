@@ -192,6 +192,21 @@ def test_yaml_lists_join_as_the_flags_do(tmp_path: Path) -> None:
     assert config.lr == 1.0 and isinstance(config.lr, float)
 
 
+def test_a_recipe_may_name_custom_data(tmp_path: Path) -> None:
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(
+        "dataset: [custom, refer_seg]\nsample_rates: [3, 1]\n"
+        "custom_data: [mine/train.jsonl@mine/images:3, mine/refcoco.jsonl@.]\n"
+        "val_dataset: custom|mine/val.jsonl@mine/images\n"
+    )
+    config = parse_args(["--recipe", str(recipe)])
+    assert config.data_config().family_data["custom"] == (
+        "mine/train.jsonl@mine/images:3",
+        "mine/refcoco.jsonl@.",
+    )
+    assert config.val_dataset == "custom|mine/val.jsonl@mine/images"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

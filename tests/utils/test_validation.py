@@ -61,6 +61,8 @@ ACCEPTED = {
     "multirefcoco+|unc|testB": ("multirefcoco+", "unc", "testB"),
     "multirefcocog|umd|test": ("multirefcocog", "umd", "test"),
     "multirefclef|unc|val": ("multirefclef", "unc", "val"),
+    "custom|mine/val.jsonl@mine/images": ("custom", "", "mine/val.jsonl@mine/images"),
+    "custom|mine/val.json": ("custom", "", "mine/val.json"),
 }
 
 
@@ -93,6 +95,8 @@ def test_parse_joined_entries() -> None:
         "multirefcoco|umd|val",
         "multigrefcoco|unc|val",
         "multirefzom|final|test",
+        "custom|",
+        "custom|a|b",
     ],
 )
 def test_parse_rejects_with_accepted_forms(text: str) -> None:
@@ -401,3 +405,16 @@ def test_tiny_assets_validation_sets(tiny_dataset: Path, text: str, json_name: s
         questions = " ".join(q for conversation in sample.conversations for q, _ in conversation)
         if not text.startswith("MultiPartReasonSeg"):  # MMR names targets by category
             assert all(name in questions for name in sample.target_names)
+
+
+def test_custom_entries_are_built_by_their_module() -> None:
+    """`custom|FILE@ROOT` is read under the dataset directory by utils.datasets.custom, and the
+    accepted forms name it."""
+    from utils.datasets.custom import CustomValidation
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    (entry,) = parse_val_datasets("custom|custom/val.json@custom/images")
+    validation = build_validation_set(data, entry)
+    assert isinstance(validation, CustomValidation) and len(validation) == 2
+    with pytest.raises(ValueError, match=r"custom\|<file>\[@<image root>\]"):
+        parse_val_datasets("custom")

@@ -1,7 +1,7 @@
 """The training sets: the weighted mix (a family per `--dataset` name, chosen by
-`--sample_rates`, then a sub-dataset and a record uniformly; `HybridDataset`) and GSVA's
-`--no_sampling` full pass over one source (`FullPassDataset`), both from generators seeded by
-(seed, epoch, index).
+`--sample_rates`, then a sub-dataset, uniformly or by the custom files' weights, then a record
+uniformly; `HybridDataset`) and GSVA's `--no_sampling` full pass over one source
+(`FullPassDataset`), both from generators seeded by (seed, epoch, index).
 
 Seeding by (seed, epoch, index) makes item `i` of epoch `e` the same sample whatever the number
 of loader workers or the order they ask in, and after a resume. A draw that cannot be used is
@@ -33,6 +33,7 @@ FAMILY_BUILDERS: dict[str, tuple[str, str]] = {
     "vqa": ("utils.datasets.vqa", "build_vqa_sources"),
     "reason_seg": ("utils.datasets.reason_seg", "build_reason_seg_sources"),
     "multi_part_reason_seg": ("utils.datasets.mmr", "build_mmr_sources"),
+    "custom": ("utils.datasets.custom", "build_custom_sources"),
 }
 MAX_DRAWS = 20
 # what reading a bad record raises at run time: DataError and other ValueErrors (malformed
@@ -51,7 +52,12 @@ DEFAULT_FAMILY_DATA: dict[str, str] = {
     "vqa": "llava_instruct_150k",
     "reason_seg": "ReasonSeg|train",
     "multi_part_reason_seg": "MMR_train.json",
+    "custom": "",  # your own files: FILE[@IMAGE_ROOT][:WEIGHT] ("utils.datasets.custom")
 }
+# a source's share of its family's draws: its `weight` attribute when it has one (the custom
+# family's files), else DEFAULT_SOURCE_WEIGHT (sub-datasets drawn uniformly, as LISA)
+WEIGHT_ATTRIBUTE = "weight"
+DEFAULT_SOURCE_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -201,10 +207,11 @@ class SeededDataset(Dataset):
 
 class HybridDataset(SeededDataset):
     """`length` items per epoch, each drawn from the weighted mix: a family by rate, then a
-    sub-dataset uniformly, then the source's own sampling.
+    sub-dataset (`pick_source`: uniformly, or by the custom files' weights), then the source's
+    own sampling.
 
     A draw that is unusable or (with skip_bad_samples) bad is replaced by another from the SAME
-    family (sub-dataset again uniformly), as the reference datasets redraw inside a family
+    family (sub-dataset again by `pick_source`), as the reference datasets redraw inside a family
     (e.g. GSVA data/refer_seg_dataset.py:158 `return self.__getitem__(0)`, which draws a new
     sub-dataset and image of the family): the family shares stay at the rates however often
     one family's samples are unusable. See `SeededDataset`.
@@ -231,8 +238,23 @@ class HybridDataset(SeededDataset):
         family = int(rng.choice(len(self.families), p=self.probabilities))
         sources = self.families[family][1]
         while True:
-            source = sources[int(rng.integers(len(sources)))]
+            source = sources[pick_source(sources, rng)]
             yield source.name, partial(source.sample, rng)
+
+
+def source_weight(source: Source) -> float:
+    """A source's share of its family's draws (`WEIGHT_ATTRIBUTE`, else the default)."""
+    return float(getattr(source, WEIGHT_ATTRIBUTE, DEFAULT_SOURCE_WEIGHT))
+
+
+def pick_source(sources: Sequence[Source], rng: np.random.Generator) -> int:
+    """The index of the family's source to draw from: uniform (one integer drawn, as before
+    weights existed, so the uniform families' draws are unchanged) unless the sources' weights
+    differ, then by weight."""
+    weights = np.array([source_weight(source) for source in sources])
+    if np.all(weights == weights[0]):
+        return int(rng.integers(len(sources)))
+    return int(rng.choice(len(sources), p=weights / weights.sum()))
 
 
 class FullPassDataset(SeededDataset):

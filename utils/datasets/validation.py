@@ -18,6 +18,9 @@ Accepted entries (upstream commits: LISA 3cb2d43, GSVA 618dc79, MMR 702a7b6):
   ref, or annotations without pixels) is answered `[REJ]`. Scored with GSVA's gIoU / cIoU /
   N-acc / T-acc (GSVA_PROTOCOL_SETS).
 - "MultiPartReasonSeg|<val|test>": the MMR json chosen by `--val_json_name` (default MMR_val.json).
+- "custom|FILE[@IMAGE_ROOT]": a file of the generic format (`utils.datasets.custom`, read under
+  `--dataset_dir`): every conversation as written, teacher-forced, one target per
+  `{seg}`/`{rej}`, named by its phrase.
 - "RefCOCOm|<val|testA|testB>": `refer_seg/RefCOCOm/annotations/<--val_json_name>`, masks
   `refer_seg/RefCOCOm/masks/<segment_id>.png` (0/255), images train2014; per annotation, each
   sentence its own conversation as refCOCO.
@@ -90,6 +93,8 @@ TWO_FIELD_SPLITS: dict[str, tuple[str, ...] | None] = {
     "RefCOCOm": ("val", "testA", "testB"),
 }
 REFCOCOM_DIR = "refer_seg/RefCOCOm"
+CUSTOM_SET = "custom"
+CUSTOM_FORM = f"{CUSTOM_SET}|<file>[@<image root>]"
 MASK_FOREGROUND = 255
 
 
@@ -124,6 +129,7 @@ def accepted_forms() -> str:
         for name, by in REFER_SPLIT_BYS.items()
     ]
     forms.append(f"{MULTI_PREFIX}<{'|'.join(MULTI_REFER_SETS.values())}>|<splitBy>|<split>")
+    forms.append(CUSTOM_FORM)
     return "; ".join(forms)
 
 
@@ -143,6 +149,8 @@ def _parse_entry(text: str) -> ValEntry:
     error = ValueError(
         f"--val_dataset entry {text!r} is not accepted; accepted: {accepted_forms()}"
     )
+    if len(fields) == 2 and fields[0] == CUSTOM_SET and fields[1].strip():
+        return ValEntry(CUSTOM_SET, "", fields[1].strip())
     if len(fields) == 2 and fields[0] in TWO_FIELD_SPLITS:
         splits = TWO_FIELD_SPLITS[fields[0]]
         if not fields[1] or (splits is not None and fields[1] not in splits):
@@ -383,6 +391,10 @@ def build_validation_set(
         return MMRValidation(dataset_dir, val_json_name or MMR_VAL_JSON, entry.split)
     if entry.dataset == "RefCOCOm":
         return RefCOCOmValidation(dataset_dir, entry, val_json_name)
+    if entry.dataset == CUSTOM_SET:
+        from utils.datasets.custom import CustomValidation
+
+        return CustomValidation(dataset_dir, entry.split)
     if entry.dataset in GSVA_PROTOCOL_SETS:
         return GReferValidation(dataset_dir, entry)
     if entry.dataset in MULTI_REFER_SETS:
