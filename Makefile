@@ -1,12 +1,16 @@
 # The README's commands. `make test` builds .venv from nothing (pip registry only) and runs the
 # default test tier; `make test-slow` runs the slow tier (real launcher, longer training);
-# `make demo` runs the whole cycle on tiny models.
+# `make demo` runs the whole cycle on tiny models. The default tier includes the web demo's
+# browser test (tests/test_app_browser.py), which drives Debian's Chromium: `make test` installs
+# it when missing and run as root, else that test skips and says why.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 
-.PHONY: test test-slow test-all lint demo demo-long clean-venv
+.PHONY: test test-slow test-all lint demo demo-long clean-venv browser
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,13 +18,24 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	touch $(STAMP)
 
-test: $(STAMP)
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    $(APT_INSTALL) chromium || { apt-get update -q && $(APT_INSTALL) chromium; } || \
+	      echo "make browser: apt-get could not install chromium; the browser test will skip"; \
+	  else \
+	    echo "make browser: $(CHROMIUM) is missing and this is not root; the browser test will" \
+	      "skip (install it with: sudo apt-get install --no-install-recommends chromium)"; \
+	  fi; \
+	fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest -m "not slow"
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest
 
 lint: $(STAMP)

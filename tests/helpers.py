@@ -133,3 +133,32 @@ def rig_greedy_answer(model, batch: Batch, plan: list[int]) -> None:
         model.llava.lm_head.weight[plan] = rows.to(model.llava.lm_head.weight.dtype)
     written = generate(model, batch, max_new_tokens=len(plan)).sequences[0].tolist()
     assert written == plan, (written, plan)
+
+
+def write_rigged_checkpoint(tiny_dir, directory, image, question: str, answer: str):
+    """A merged checkpoint of the (untrained) tiny segmenter whose LM head is edited so that
+    greedy generation answers `question` about `image` (a file or uint8 RGB [H, W, 3]) with
+    `answer` then EOS; the answer's tokens must be distinct. Returns the checkpoint directory.
+
+    Quick (no training, one save), for tests that need a `[SEG]` or `[REJ]` in the answer."""
+    from dataclasses import replace
+
+    from model.checkpoint import save_merged
+    from model.tiny import build_tiny_segmenter
+    from utils.collate import collate
+    from utils.conversation import DEFAULT_CONV_TYPE
+    from utils.inference import Segmentation
+    from utils.preprocess import ImageProcessors
+
+    model, tokenizer = build_tiny_segmenter(tiny_dir, seed=0, lora_r=0)
+    model.eval()
+    source = tiny_dir / "llava_tiny"
+    images = ImageProcessors.from_pretrained(source, model.sam_input_size)
+    segmentation = Segmentation(model, tokenizer, images, DEFAULT_CONV_TYPE, "cpu", torch.float32)
+    batch = collate([segmentation.prepare(image, question)], model.token_ids.pad)
+    plan = [*tokenizer.encode(answer, add_special_tokens=False), model.token_ids.eos]
+    assert len(set(plan)) == len(plan), f"{answer!r}: tokens {plan} repeat"
+    rig_greedy_answer(model, replace(batch, labels=None, gt_masks=None), plan)
+    return save_merged(
+        model, tokenizer, directory, source_version=source, conv_type=DEFAULT_CONV_TYPE
+    )

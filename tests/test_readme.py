@@ -1,5 +1,5 @@
 """README.md stays true: its top-level sections come in the documented order, and every command
-in its ```bash blocks is real.
+in its ```bash blocks is real; so is every command of the guides in GUIDES (docs/CUSTOM_DATA.md).
 
 Commands are read the way a shell would (backslash-newline continuations joined, comments
 dropped, `&&` and `;` chains split, `cd` ignored) and checked in-process; nothing is launched.
@@ -39,6 +39,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# guides whose ```bash commands are checked as the README's
+GUIDES = (ROOT / "docs" / "CUSTOM_DATA.md",)
 SECTIONS = (
     "The two commands",
     "Status",
@@ -177,6 +179,10 @@ def parse_chat(argv: list[str]) -> Any:
     return script_module("chat.py").build_parser().parse_args(argv)
 
 
+def parse_app(argv: list[str]) -> Any:
+    return script_module("app.py").build_parser().parse_args(argv)
+
+
 def parse_train(argv: list[str]) -> Any:
     config = script_module("train_ds.py").resolve_config(argv).config
     if "MultiPartReasonSeg" in config.val_dataset and config.val_json_name not in (
@@ -199,11 +205,13 @@ SCRIPT_PARSERS: dict[str, ArgvParser] = {
         "merge_lora_weights_and_save_hf_model.py", "resolve_merge_config"
     ),
     "chat.py": parse_chat,
+    "app.py": parse_app,
     "tools/check_dataset.py": argv_parser("tools/check_dataset.py", "parse_args"),
     "tools/convert_checkpoint.py": argv_parser("tools/convert_checkpoint.py", "parse_args"),
     "tools/make_tiny_assets.py": argv_parser("tools/make_tiny_assets.py", "parse_args"),
     "tools/show_samples.py": parse_show_samples,
     "tools/convert_refs.py": argv_parser("tools/convert_refs.py", "parse_args"),
+    "tools/convert_to_custom.py": argv_parser("tools/convert_to_custom.py", "parse_args"),
     "benchmarks/data_throughput.py": sys_argv_parser("benchmarks/data_throughput.py", "parse_args"),
     "benchmarks/generate.py": sys_argv_parser("benchmarks/generate.py", "parse"),
     "benchmarks/train_step.py": sys_argv_parser("benchmarks/train_step.py", "parse"),
@@ -286,6 +294,32 @@ def check_huggingface_cli(args: list[str]) -> None:
     )
 
 
+def check_cp(args: list[str]) -> None:
+    """`cp SOURCE COPY` of a repository file (`with_copies` reads COPY as SOURCE later on)."""
+    if len(args) != 2 or not (ROOT / args[0]).is_file():
+        raise CommandError("only `cp FILE COPY` of a file in the repository is known")
+
+
+def with_copies(commands: list[list[str]]) -> list[list[str]]:
+    """The commands with each name a `cp` made earlier replaced by the repository file it
+    copies (as a token, or as a `--flag=` value), so that the copy is read as it starts."""
+    copies: dict[str, str] = {}
+    resolved = []
+    for argv in commands:
+        replaced = []
+        for token in argv:
+            flag, equals, value = token.rpartition("=")
+            if token in copies:
+                token = copies[token]
+            elif equals and value in copies:
+                token = f"{flag}={copies[value]}"
+            replaced.append(token)
+        resolved.append(replaced)
+        if argv[0] == "cp" and len(argv) == 3:
+            copies[argv[2]] = str(ROOT / argv[1])
+    return resolved
+
+
 PROGRAMS: dict[str, Callable[[list[str]], None]] = {
     "python": check_python,
     ".venv/bin/python": check_python,
@@ -294,6 +328,7 @@ PROGRAMS: dict[str, Callable[[list[str]], None]] = {
     "conda": check_conda,
     "hf": check_hf,
     "huggingface-cli": check_huggingface_cli,
+    "cp": check_cp,
 }
 
 
@@ -312,6 +347,11 @@ def check_command(argv: list[str]) -> None:
 # --- tests ---------------------------------------------------------------------------------------
 
 README_COMMANDS = shell_commands(README.read_text())
+GUIDE_COMMANDS = [
+    (guide.relative_to(ROOT).as_posix(), argv)
+    for guide in GUIDES
+    for argv in with_copies(shell_commands(guide.read_text()))
+]
 
 
 @pytest.fixture
@@ -342,6 +382,42 @@ def test_the_readme_commands_cover_each_kind() -> None:
 def test_readme_command_is_real(argv: list[str], empty_cwd: Path) -> None:
     check_command(argv)
     assert list(empty_cwd.iterdir()) == [], "parsing a README command created files"
+
+
+@pytest.mark.parametrize(
+    ("guide", "argv"),
+    GUIDE_COMMANDS,
+    ids=[f"{g}-{i:02d}-{' '.join(a[:2])}" for i, (g, a) in enumerate(GUIDE_COMMANDS)],
+)
+def test_guide_command_is_real(guide: str, argv: list[str], empty_cwd: Path) -> None:
+    check_command(argv)
+    assert list(empty_cwd.iterdir()) == [], f"parsing a command of {guide} created files"
+
+
+def test_the_custom_data_guide_covers_its_tools() -> None:
+    scripts = {arg for _, argv in GUIDE_COMMANDS for arg in argv if arg.endswith(".py")}
+    assert {
+        "tools/convert_to_custom.py",
+        "tools/check_dataset.py",
+        "tools/show_samples.py",
+        "train_ds.py",
+    } <= scripts
+    assert any(argv[0] == "cp" for _, argv in GUIDE_COMMANDS)
+
+
+def test_copies_are_read_as_their_source() -> None:
+    commands = [
+        ["cp", "configs/m2sa.yaml", "./mine.yaml"],
+        ["python", "train_ds.py", "--recipe", "./mine.yaml", "--recipe=./mine.yaml"],
+    ]
+    source = str(ROOT / "configs" / "m2sa.yaml")
+    assert with_copies(commands)[1] == [
+        "python",
+        "train_ds.py",
+        "--recipe",
+        source,
+        f"--recipe={source}",
+    ]
 
 
 def test_commands_are_read_as_a_shell_would() -> None:
@@ -408,6 +484,8 @@ def test_checker_accepts(line: str, empty_cwd: Path) -> None:
         ("hf download openai/clip-vit-large-patch14 --local_dir ./clip", "--local_dir"),
         ("huggingface-cli download openai/clip-vit-large-patch14", "huggingface-cli"),
         ("CUDA_VISIBLE_DEVICES=0 python chat.py", "CUDA_VISIBLE_DEVICES"),
+        ("cp configs/no_such.yaml ./mine.yaml", "only `cp FILE COPY`"),
+        ("python tools/convert_to_custom.py set --set=refcoco --out=x.jsonl", "--set"),
     ],
 )
 def test_checker_rejects(line: str, named: str, empty_cwd: Path) -> None:

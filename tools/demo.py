@@ -250,9 +250,16 @@ def chat_images(profile: Profile) -> tuple[Path, Path, str]:
     return paths[0], paths[1], target.name
 
 
+def write_app_examples(directory: Path, images: tuple[Path, ...], question: str) -> None:
+    """`examples.json` beside the chat images: app.py's default examples ask the chat question."""
+    examples = [{"image": path.name, "question": question} for path in images]
+    (directory / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
+
+
 def chat_commands(profile: Profile, merged: Path) -> list[list[str]]:
     present, absent, name = chat_images(profile)
     question = CHAT_QUESTION.format(name=name)
+    write_app_examples(present.parent, (present, absent), question)
     return [
         [
             PYTHON,

@@ -6,10 +6,13 @@
 
 `save_answer` writes, for each generated `[SEG]`, a mask PNG (0/255) and an overlay PNG (the mask
 drawn over the image and labelled with its index); a `[REJ]` is reported as not present.
+`overlay_targets` draws every mask of an answer in its own colour (the web demo, app.py), and
+`target_phrases` reads the phrase naming each target from the answer's text.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from model.checkpoint import is_merged_checkpoint, read_segmenter_config
 from model.generate import generate
 from model.legacy import image_settings_directory
 from model.segmenter import Segmenter
-from model.tokens import IGNORE_INDEX
+from model.tokens import IGNORE_INDEX, REJ_TOKEN, SEG_TOKEN
 from utils.collate import ProcessedSample, collate, template_for, tokenize_prompt
 from utils.conversation import DEFAULT_CONV_TYPE
 from utils.datasets.base import IMAGE_PLACEHOLDER, read_image
@@ -32,6 +35,18 @@ from utils.preprocess import ImageProcessors
 MASK_THRESHOLD = 0.0
 OVERLAY_ALPHA = 0.5
 OVERLAY_COLOURS = ((255, 64, 64), (64, 200, 64), (64, 96, 255), (255, 200, 0), (200, 64, 255))
+OVERLAY_COLOUR_NAMES = ("red", "green", "blue", "yellow", "purple")
+ARRAY_IMAGE_NAME = "<array>"  # Answer.image_path of an image given as an array
+TARGET_TOKENS = re.compile(f"({re.escape(SEG_TOKEN)}|{re.escape(REJ_TOKEN)})")
+CLAUSE_END = re.compile(r"[,.;!?]")
+# the answer templates' words around a target's name (LISA, GSVA, MMR; REFERENCE.md), so that
+# "Sure, the mask of the red circle is [SEG]" names "the red circle"
+PHRASE_PREFIXES = re.compile(
+    r"^(and\b\s*|sure |it is |they are |the segmentation results? (is |are |of )?|the mask of |"
+    r"the segmentation of |the referred )+",
+    re.IGNORECASE,
+)
+PHRASE_SUFFIXES = re.compile(r"(\s*:|\s+is|\s+are)$", re.IGNORECASE)
 LABEL_SCALE_PER_PIXEL = 1 / 400
 MIN_LABEL_SCALE = 0.4
 FOREGROUND = 255
@@ -115,16 +130,25 @@ class Segmentation:
         )
         return cls(model, tokenizer, images, conv_type, device, config.dtype)
 
-    def prepare(self, image_path: str | Path, prompt: str) -> ProcessedSample:
-        """One generation prompt with its image, ready for `collate`."""
-        image = read_image(image_path)
-        input_ids = tokenize_prompt(
+    @property
+    def max_length(self) -> int:
+        """Tokens the language model reads at most (prompt, image tokens and answer together)."""
+        return self.model.llava.config.text_config.max_position_embeddings
+
+    def prompt_ids(self, prompt: str) -> torch.Tensor:
+        """int64 [L]: the generation prompt's ids, the image placeholder expanded."""
+        return tokenize_prompt(
             [(question_text(prompt), None)],
             self.tokenizer,
             self.model.token_ids,
             image_token_count(self.model.llava.config),
             template_for(self.tokenizer, self.conv_type),
         )
+
+    def prepare(self, image_path: str | Path | np.ndarray, prompt: str) -> ProcessedSample:
+        """One generation prompt with its image (a file, or uint8 RGB [H, W, 3]), for `collate`."""
+        image = image_path if isinstance(image_path, np.ndarray) else read_image(image_path)
+        input_ids = self.prompt_ids(prompt)
         clip_pixels, sam_pixels, resized_size = self.images(image)
         return ProcessedSample(
             clip_pixels=clip_pixels,
@@ -134,14 +158,15 @@ class Segmentation:
             input_ids=[input_ids],
             labels=[torch.full_like(input_ids, IGNORE_INDEX)],
             masks=torch.zeros(0, *image.shape[:2], dtype=torch.uint8),
-            image_path=str(image_path),
+            image_path=image_name(image_path),
             source="inference",
         )
 
     def answer(
-        self, requests: list[tuple[str | Path, str]], max_new_tokens: int = 512
+        self, requests: list[tuple[str | Path | np.ndarray, str]], max_new_tokens: int = 512
     ) -> list[Answer]:
-        """Answers to (image, prompt) pairs, generated together as one batch."""
+        """Answers to (image, prompt) pairs, generated together as one batch (an image is a
+        file or a uint8 RGB [H, W, 3] array)."""
         samples = [self.prepare(image, prompt) for image, prompt in requests]
         batch = replace(collate(samples, self.model.token_ids.pad), labels=None, gt_masks=None)
         generation = generate(self.model, batch.to(self.device, self.dtype), max_new_tokens)
@@ -167,13 +192,28 @@ class Segmentation:
                 )
             ]
             text = self.tokenizer.decode(tokens, skip_special_tokens=False)
-            answers.append(Answer(str(image), prompt, text.strip(), targets))
+            answers.append(Answer(image_name(image), prompt, text.strip(), targets))
         return answers
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, index: int) -> np.ndarray:
-    """uint8 RGB [H, W, 3] with `mask` (bool [H, W]) tinted, outlined and labelled `index`."""
-    colour = np.array(OVERLAY_COLOURS[index % len(OVERLAY_COLOURS)], dtype=np.float32)
+def image_name(image: str | Path | np.ndarray) -> str:
+    """The `image_path` recorded for an image given as a file or as an array."""
+    return ARRAY_IMAGE_NAME if isinstance(image, np.ndarray) else str(image)
+
+
+def overlay_colour(index: int) -> tuple[int, int, int]:
+    """The RGB colour of target `index` (the colours repeat after len(OVERLAY_COLOURS))."""
+    return OVERLAY_COLOURS[index % len(OVERLAY_COLOURS)]
+
+
+def overlay_colour_name(index: int) -> str:
+    return OVERLAY_COLOUR_NAMES[index % len(OVERLAY_COLOUR_NAMES)]
+
+
+def tint(image: np.ndarray, mask: np.ndarray, index: int) -> np.ndarray:
+    """uint8 RGB [H, W, 3] with `mask` (bool [H, W]) tinted and outlined in target `index`'s
+    colour; pixels outside the mask are unchanged (the outline lies on the mask's border)."""
+    colour = np.array(overlay_colour(index), dtype=np.float32)
     drawn = image.astype(np.float32)
     drawn[mask] = (1 - OVERLAY_ALPHA) * drawn[mask] + OVERLAY_ALPHA * colour
     drawn = drawn.astype(np.uint8)
@@ -181,6 +221,38 @@ def overlay(image: np.ndarray, mask: np.ndarray, index: int) -> np.ndarray:
         mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
     )
     cv2.drawContours(drawn, contours, -1, tuple(int(c) for c in colour), 1)
+    return drawn
+
+
+def overlay_targets(image: np.ndarray, targets: list[Target]) -> np.ndarray:
+    """uint8 RGB [H, W, 3]: every present target's mask tinted in its own colour, in order (a
+    later mask is drawn over an earlier one where they overlap); no text on the image."""
+    drawn = image
+    for target in targets:
+        if target.present:
+            drawn = tint(drawn, target.mask, target.index)
+    return drawn.copy()
+
+
+def target_phrases(text: str) -> list[str]:
+    """The phrase naming each `[SEG]`/`[REJ]` of an answer, in order ("" when the answer gives
+    none, as in "Sure, [SEG]."): the clause before the token without the template's words.
+
+    "Sure, the mask of the red circle is [SEG], blue square:[REJ]." -> ["the red circle",
+    "blue square"].
+    """
+    pieces = TARGET_TOKENS.split(text)  # text, token, text, token, ..., text
+    phrases = []
+    for before in pieces[0:-1:2]:
+        clause = CLAUSE_END.split(before)[-1].strip()
+        clause = PHRASE_SUFFIXES.sub("", PHRASE_PREFIXES.sub("", clause)).strip()
+        phrases.append(clause)
+    return phrases
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, index: int) -> np.ndarray:
+    """uint8 RGB [H, W, 3] with `mask` (bool [H, W]) tinted, outlined and labelled `index`."""
+    drawn = tint(image, mask, index)
     scale = max(MIN_LABEL_SCALE, max(image.shape[:2]) * LABEL_SCALE_PER_PIXEL)
     rows, columns = np.nonzero(mask)
     where = (int(columns.mean()), int(rows.mean())) if len(rows) else (2, int(12 * scale) + 2)
