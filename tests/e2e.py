@@ -26,6 +26,21 @@ MMR_README_FLAGS = [
 ]
 
 
+# what a tiny launcher run changes from a recipe: the tiny models' precision and LoRA, a short
+# schedule (the recipe and custom-data cycle tests)
+SHORT_RUN_FLAGS = (
+    "--precision=fp32",
+    "--lora_r=4",
+    "--workers=0",
+    "--no-gradient_checkpointing",
+    "--batch_size=2",
+    "--grad_accumulation_steps=1",
+    "--epochs=1",
+    "--steps_per_epoch=3",
+    "--lr=0.001",
+)
+
+
 def tiny_flags(assets: Path, runs: Path, exp_name: str) -> list[str]:
     """train_ds.py flags for the tiny assets (fp32, small LoRA, no workers)."""
     return [

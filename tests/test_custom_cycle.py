@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import LAUNCHER_PORT, python, run
+from tests.e2e import LAUNCHER_PORT, SHORT_RUN_FLAGS, python, run
 from utils.evaluation import safe_name
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -24,15 +24,7 @@ RUN_FLAGS = (
     "--sample_rates=1",
     f"--custom_data={TRAIN}",
     f"--val_dataset={VAL_SET}",
-    "--precision=fp32",
-    "--lora_r=4",
-    "--workers=0",
-    "--no-gradient_checkpointing",
-    "--batch_size=2",
-    "--grad_accumulation_steps=1",
-    "--epochs=1",
-    "--steps_per_epoch=3",
-    "--lr=0.001",
+    *SHORT_RUN_FLAGS,
 )
 
 

@@ -14,21 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import LAUNCHER_PORT, python, run
+from tests.e2e import LAUNCHER_PORT, SHORT_RUN_FLAGS, python, run
 from utils.evaluation import safe_name
 
-# what a tiny run changes: paths, the tiny models' precision and LoRA, a short schedule
-RUN_FLAGS = (
-    "--precision=fp32",
-    "--lora_r=4",
-    "--workers=0",
-    "--no-gradient_checkpointing",
-    "--batch_size=2",
-    "--grad_accumulation_steps=1",
-    "--epochs=1",
-    "--steps_per_epoch=3",
-    "--lr=0.001",
-)
 RECIPE_SETTINGS = {
     "lisa": {"prompt_style": "lisa", "model_max_length": 512, "sample_rates": "9,3,3,1"},
     "gsva": {"prompt_style": "gsva", "model_max_length": 1024, "num_classes_per_sample": 5},
@@ -48,7 +36,7 @@ def paths(assets: Path, runs: Path, exp_name: str) -> list[str]:
 def test_recipe_trains_merges_and_evaluates(assets: Path, tmp_path: Path, recipe: str) -> None:
     deepspeed = Path(sys.executable).parent / "deepspeed"
     launcher = [str(deepspeed), "--num_gpus", "2", "--master_port", str(LAUNCHER_PORT + 1)]
-    train = [f"--recipe={recipe}", f"--version={assets / 'llava_tiny'}", *RUN_FLAGS]
+    train = [f"--recipe={recipe}", f"--version={assets / 'llava_tiny'}", *SHORT_RUN_FLAGS]
     run([*launcher, "train_ds.py", *train, *paths(assets, tmp_path, recipe)], 900)
     run_dir = tmp_path / recipe
     config = json.loads((run_dir / "config.json").read_text())
@@ -64,7 +52,7 @@ def test_recipe_trains_merges_and_evaluates(assets: Path, tmp_path: Path, recipe
         f"--weight={run_dir / 'ckpt_model'}",
         f"--save_path={merged}",
     )
-    evaluation = [f"--recipe={recipe}", f"--version={merged}", "--eval_only", *RUN_FLAGS]
+    evaluation = [f"--recipe={recipe}", f"--version={merged}", "--eval_only", *SHORT_RUN_FLAGS]
     python("train_ds.py", *evaluation, *paths(assets, tmp_path, "eval"))
     for name, summary in in_training.items():
         evaluated = (tmp_path / "eval" / f"eval_{safe_name(name)}.json").read_text()
