@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,72 @@ def test_data_throughput_benchmark_covers_every_source() -> None:
     assert len(report["sources"]) == 13
     assert all(entry["samples_per_s"] > 0 for entry in report["sources"].values())
     assert report["mix_samples_per_s"]["0"] > 0
+
+
+FAKE_LISA_DATASET = """
+import time
+
+
+class {name}:
+    def __init__(self, base_image_dir, tokenizer, vision_tower, image_size, **data):
+        assert tokenizer is None and image_size == 1024
+        self.data = data
+
+    def __getitem__(self, index):
+        if self.data.get("refer_seg_data") == "refcoco":
+            raise KeyError(0)  # LISA on a bare RLE dict
+        time.sleep({seconds})
+        return "sample"
+"""
+FAKE_LISA = {
+    "sem_seg_dataset": "SemSegDataset",
+    "refer_seg_dataset": "ReferSegDataset",
+    "vqa_dataset": "VQADataset",
+    "reason_seg_dataset": "ReasonSegDataset",
+}
+FAKE_MS = 10  # per item of the fake LISA loaders
+
+
+def fake_lisa_checkout(root: Path) -> Path:
+    """A directory shaped like a LISA checkout whose dataset classes sleep FAKE_MS per item
+    (refcoco's always raise, as LISA's own do on bare RLE dicts)."""
+    for module, name in FAKE_LISA.items():
+        path = root / "utils" / f"{module}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(FAKE_LISA_DATASET.format(name=name, seconds=FAKE_MS / 1000))
+    return root
+
+
+def test_data_throughput_benchmark_pairs_ours_with_lisas_loaders(tmp_path: Path) -> None:
+    report = run_json(
+        "benchmarks/data_throughput.py",
+        *("--image_size", "96x72", "--samples", "2", "--rounds", "2", "--workers", "0"),
+        *("--memory_samples", "0", "--sources", "ade20k,refcoco,llava_instruct_150k,MMR"),
+        *("--lisa_repo", str(fake_lisa_checkout(tmp_path / "lisa"))),
+    )
+    assert sorted(report["sources"]) == [
+        "multi_part_reason_seg/MMR",
+        "refer_seg/refcoco",
+        "sem_seg/ade20k",
+        "vqa/llava_instruct_150k",
+    ]
+    lisa = report["lisa"]
+    assert lisa["rounds"] == 2 and lisa["samples"] == 2
+    assert lisa["sources"]["multi_part_reason_seg/MMR"] == {"lisa_loader": None}
+    refcoco = lisa["sources"]["refer_seg/refcoco"]
+    assert refcoco["lisa_failures"] == 4 and refcoco["lisa_error"] == "KeyError: 0"
+    assert "ratio" not in refcoco
+    for name in ("sem_seg/ade20k", "vqa/llava_instruct_150k"):
+        entry = lisa["sources"][name]
+        assert entry["lisa_failures"] == 0 and entry["lisa_ms_per_sample"] >= FAKE_MS
+        assert entry["ratio_of_means"] == pytest.approx(
+            entry["lisa_ms_per_sample"] / entry["ours_ms_per_sample"], rel=0.01
+        )
+        assert len(entry["round_ratios"]) == 2
+        assert entry["ratio"] == pytest.approx(float(np.median(entry["round_ratios"])), abs=1e-3)
+    assert lisa["min_ratio"] == min(
+        lisa["sources"][name]["ratio"] for name in ("sem_seg/ade20k", "vqa/llava_instruct_150k")
+    )
 
 
 def test_generate_benchmark_compares_cached_and_rerun_paths() -> None:

@@ -1,4 +1,4 @@
-"""Image transforms for CLIP and SAM, with PIL and NumPy only (no torchvision).
+"""Image transforms for CLIP and SAM, with PIL, NumPy and OpenCV (no torchvision).
 
 CLIP: the LLaVA directory's `preprocessor_config.json` (shortest-edge resize, centre crop,
 rescale, mean/std) is read and applied exactly as transformers' PIL image processor applies it
@@ -15,14 +15,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-RGB_CHANNELS = 3
+RGB_CHANNELS, RGB_MODE = 3, "RGB"
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+# float32 [3, 256]: (value - mean) / std of each channel for every uint8 value, computed with
+# the same float32 operations as normalising each pixel, so a lookup gives the same bits
+UINT8_VALUES = np.arange(np.iinfo(np.uint8).max + 1, dtype=np.float32)
+SAM_LOOKUP = (
+    UINT8_VALUES[None, :] - np.asarray(SAM_PIXEL_MEAN, dtype=np.float32)[:, None]
+) / np.asarray(SAM_PIXEL_STD, dtype=np.float32)[:, None]
 # transformers' defaults when a preprocessor_config.json leaves a key out
 DEFAULT_RESAMPLE = Image.Resampling.BICUBIC
 DEFAULT_RESCALE = 1 / 255
@@ -95,14 +102,17 @@ class ClipTransform:
         return int(short_target * height / width), short_target
 
     def resize_and_crop(
-        self, image: np.ndarray, resample: Image.Resampling | None = None
+        self, image: np.ndarray | Image.Image, resample: Image.Resampling | None = None
     ) -> np.ndarray:
-        """uint8 [H, W(, 3)] -> uint8 [h, w(, 3)]: the resize and centre crop of `__call__`
-        (`resample`: another filter, e.g. NEAREST for label maps)."""
-        height, width = self.output_size(*image.shape[:2])
-        if (height, width) != image.shape[:2]:
+        """uint8 [H, W(, 3)] (or the same as a PIL image) -> uint8 [h, w(, 3)]: the resize and
+        centre crop of `__call__` (`resample`: another filter, e.g. NEAREST for label maps)."""
+        size = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
+        height, width = self.output_size(*size)
+        if (height, width) != size:
             filter_ = self.resample if resample is None else resample
-            image = np.asarray(Image.fromarray(image).resize((width, height), filter_))
+            pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+            image = pil.resize((width, height), filter_)
+        image = np.asarray(image)
         if self.crop is not None:
             crop_h, crop_w = self.crop
             if crop_h > height or crop_w > width:
@@ -113,13 +123,17 @@ class ClipTransform:
             image = image[top : top + crop_h, left : left + crop_w]
         return image
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 RGB [H, W, 3] -> float32 [3, h, w] (h, w = crop size when cropping)."""
+    def __call__(self, image: np.ndarray | Image.Image) -> torch.Tensor:
+        """uint8 RGB [H, W, 3] (or an RGB PIL image) -> float32 [3, h, w] (h, w = crop size
+        when cropping)."""
         image = self.resize_and_crop(image)
         scale = np.float32(self.rescale) / np.asarray(self.std, dtype=np.float32)
         shift = np.asarray(self.mean, dtype=np.float32) / np.asarray(self.std, dtype=np.float32)
-        pixels = image.astype(np.float32) * scale - shift
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        pixels = np.empty((RGB_CHANNELS, *image.shape[:2]), dtype=np.float32)
+        for channel in range(RGB_CHANNELS):  # channel planes: no strided transpose copy
+            np.multiply(image[..., channel], scale[channel], out=pixels[channel], dtype=np.float32)
+            pixels[channel] -= shift[channel]
+        return torch.from_numpy(pixels)
 
 
 def resize_longest_side(height: int, width: int, target: int) -> tuple[int, int]:
@@ -134,20 +148,25 @@ class SamTransform:
 
     image_size: int
 
-    def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        """uint8 RGB [H, W, 3] -> (float32 [3, S, S], (h', w') of the image inside the input)."""
-        height, width = resize_longest_side(*image.shape[:2], self.image_size)
-        resized = np.asarray(
-            Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
-        )
-        mean = np.asarray(SAM_PIXEL_MEAN, dtype=np.float32)[:, None, None]
-        std = np.asarray(SAM_PIXEL_STD, dtype=np.float32)[:, None, None]
-        pixels = np.zeros((3, self.image_size, self.image_size), dtype=np.float32)
-        # normalising in place inside the zero-padded array is ~4x faster than building the
-        # normalised image and copying it in (this runs once per sample at 1024 px)
-        inside = pixels[:, :height, :width]
-        np.subtract(resized.transpose(2, 0, 1), mean, out=inside)
-        inside /= std
+    def __call__(self, image: np.ndarray | Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """uint8 RGB [H, W, 3] (or an RGB PIL image) -> (float32 [3, S, S], (h', w') of the
+        image inside the input)."""
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        if pil.mode != RGB_MODE:  # every channel of the output must be written below
+            raise ValueError(f"expected an RGB image, got a PIL {pil.mode} image of {pil.size}")
+        height, width = resize_longest_side(pil.height, pil.width, self.image_size)
+        resized = pil.resize((width, height), Image.Resampling.BILINEAR)
+        pixels = np.empty((RGB_CHANNELS, self.image_size, self.image_size), dtype=np.float32)
+        pixels[:, height:] = 0
+        pixels[:, :height, width:] = 0
+        # each channel normalised by a table lookup written straight into the padded array,
+        # from PIL's own channel planes (no strided transpose, no zeroing of what is then
+        # overwritten): this runs once per sample at 1024 px
+        for channel, band in enumerate(resized.split()):
+            inside = pixels[channel, :height, :width]
+            written = cv2.LUT(np.asarray(band), SAM_LOOKUP[channel], dst=inside)
+            if not np.shares_memory(written, inside):  # OpenCV allocated instead of writing
+                inside[...] = written
         return torch.from_numpy(pixels), (height, width)
 
 
@@ -169,5 +188,6 @@ class ImageProcessors:
             raise ValueError(
                 f"expected a uint8 RGB [H, W, 3] image, got {image.dtype} {image.shape}"
             )
-        sam_pixels, resized_size = self.sam(image)
-        return self.clip(image), sam_pixels, resized_size
+        pil = Image.fromarray(image)  # shared by both resizes
+        sam_pixels, resized_size = self.sam(pil)
+        return self.clip(pil), sam_pixels, resized_size

@@ -3,6 +3,7 @@ tiny model run on a collated batch."""
 
 from __future__ import annotations
 
+import functools
 import pickle
 from dataclasses import replace
 
@@ -19,7 +20,10 @@ from utils.collate import (
     AllConversationsDropped,
     Collator,
     SampleProcessor,
+    answer_owner,
     collate,
+    encode,
+    expand_image,
     process_sample,
     template_for,
     tokenize_conversation,
@@ -72,6 +76,13 @@ def gpt2_style_tokenizer() -> PreTrainedTokenizerFast:
 TOKENIZERS = {"llama": build_tiny_tokenizer, "gpt2": gpt2_style_tokenizer}
 
 
+@functools.cache
+def tokenizer_with_tokens(name: str, use_mm_start_end: bool):
+    """A TOKENIZERS tokenizer with the segmentation tokens added, built once per settings."""
+    tokenizer = TOKENIZERS[name]()
+    return tokenizer, add_segmentation_tokens(tokenizer, use_mm_start_end=use_mm_start_end)
+
+
 @pytest.fixture(scope="module", params=sorted(TOKENIZERS))
 def tokenizer_and_ids(request):
     tokenizer = TOKENIZERS[request.param]()
@@ -118,6 +129,40 @@ def test_labels_cover_exactly_the_answers_and_eos(tokenizer_and_ids, conv_type, 
     image_start = int(torch.nonzero(input_ids == token_ids.im_start))
     assert input_ids[image_start + IMAGE_TOKENS + 1] == token_ids.im_end
     assert (input_ids == token_ids.eos).sum() == len(rounds)
+
+
+@pytest.mark.parametrize("tokenizer_name", sorted(TOKENIZERS))
+@pytest.mark.parametrize("use_mm_start_end", [True, False])
+@pytest.mark.parametrize("conv_type", ["llava_v1", "llava_llama_2"])
+@pytest.mark.parametrize("rounds", [SEGMENT, VQA, SEG_FIRST])
+@pytest.mark.parametrize("image_tokens", [1, 256])
+def test_ids_and_labels_equal_those_of_the_fully_expanded_text(
+    tokenizer_name, use_mm_start_end, conv_type, rounds, image_tokens
+) -> None:
+    """tokenize_conversation tokenizes one image token and repeats its id; the oracle tokenizes
+    the text with all `image_tokens` image tokens written out and labels it by offsets."""
+    tokenizer, token_ids = tokenizer_with_tokens(tokenizer_name, use_mm_start_end)
+    template = template_for(tokenizer, conv_type)
+    input_ids, labels = tokenize_conversation(rounds, tokenizer, token_ids, image_tokens, template)
+    text, spans = template.render(expand_image(rounds, token_ids, image_tokens))
+    encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    expected_ids = np.asarray(encoding["input_ids"])
+    owner = answer_owner(text, np.asarray(encoding["offset_mapping"]).reshape(-1, 2), spans)
+    assert input_ids.tolist() == expected_ids.tolist()
+    assert labels.tolist() == np.where(owner >= 0, expected_ids, IGNORE_INDEX).tolist()
+    assert int((input_ids == token_ids.image).sum()) == image_tokens
+
+
+def test_a_text_with_two_images_names_the_expanded_counts() -> None:
+    tokenizer = build_tiny_tokenizer()
+    token_ids = add_segmentation_tokens(tokenizer, use_mm_start_end=True)
+    template = template_for(tokenizer, "llava_v1")
+    rounds = [("<image>\nWhat is this?", "A circle."), ("<image>\nAnd this?", "A dog.")]
+    with pytest.raises(ValueError, match="one <image> \\(4 image tokens\\) but it encodes to 8"):
+        tokenize_conversation(rounds, tokenizer, token_ids, IMAGE_TOKENS, template)
+    text, _ = template.render(expand_image(rounds, token_ids, IMAGE_TOKENS))
+    with pytest.raises(ValueError, match="encodes to 8 image tokens"):
+        encode(text, tokenizer, token_ids, IMAGE_TOKENS)
 
 
 @pytest.mark.parametrize("conv_type", ["llava_v1", "llava_llama_2"])

@@ -298,6 +298,19 @@ def test_the_run_of_the_flags_is_checked_decoded_and_clean(
     assert status == 0 and source_names(report) == M2SA_READS[:-1]
 
 
+def test_label_map_sources_need_no_class_list_in_the_dataset(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ADE20K and COCO-Stuff downloads hold no class list; the shipped ones are read."""
+    for vocabulary in ("ade20k/ade20k_classes.json", "cocostuff/cocostuff_classes.txt"):
+        (dataset / vocabulary).unlink(missing_ok=True)
+    flags = ["--dataset", "sem_seg", "--sem_seg_data", "ade20k||cocostuff", "--no_eval"]
+    status, report = doctor(dataset, capsys, *flags, *IN_PROCESS)
+    assert status == 0 and source_names(report) == ["sem_seg/ade20k", "sem_seg/cocostuff"]
+    for name in ("sem_seg/ade20k", "sem_seg/cocostuff"):
+        assert status_line(report, name).endswith(" 0 errors, 0 warnings; decoded"), report
+
+
 def test_a_truncated_refcoco_image_is_found_by_default_and_missed_by_quick(
     dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -491,3 +504,40 @@ def test_deep_is_accepted_with_a_note_and_changes_nothing(
     assert doctor(dataset, capsys, "--deep", *IN_PROCESS) == doctor(dataset, capsys, *IN_PROCESS)
     check_dataset_main()(["--dataset_dir", str(dataset), "--deep", "--no_eval", *IN_PROCESS])
     assert "--deep is the default now" in capsys.readouterr().err
+
+
+# --- the custom family (your own files, utils/datasets/custom.py) ---------------------------------
+CUSTOM_DATA = Path(__file__).resolve().parents[1] / "data" / "custom"
+CUSTOM_TRAIN = "custom/train.jsonl@custom/images"
+CUSTOM_VAL = "custom/val.json@custom/images"
+
+
+def custom_doctor(root: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    flags = ["--dataset", "custom", "--sample_rates", "1", "--custom_data", CUSTOM_TRAIN]
+    return doctor(root, capsys, *flags, "--val_dataset", f"custom|{CUSTOM_VAL}", *IN_PROCESS)
+
+
+def test_custom_files_are_checked_like_any_family(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The example files are clean; a record whose answer lacks a mask and a missing image are
+    each named with file, record (and JSONL line) and field."""
+    root = tmp_path / "data"
+    shutil.copytree(CUSTOM_DATA, root / "custom")
+    status, report = custom_doctor(root, capsys)
+    names = [f"custom/{CUSTOM_TRAIN}", f"custom|{CUSTOM_VAL}"]
+    assert status == 0 and source_names(report) == names, report
+    assert status_line(report, names[0]).endswith(": 3 records, 0 errors, 0 warnings; decoded")
+    assert status_line(report, names[1]).endswith(": 2 records, 0 errors, 0 warnings; decoded")
+
+    train = root / "custom" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[0] = lines[0].replace("It is {seg}.", "It is {seg} and {seg}.")
+    train.write_text("\n".join(lines) + "\n")
+    (root / "custom" / "images" / "blue.png").unlink()
+    status, report = custom_doctor(root, capsys)
+    assert status == 1
+    assert f"error: {train}, record 0 (line 1): conversations[0][0].answer: placeholder 2" in report
+    assert f"error: {train}, record 1 (line 2): image " in report
+    assert "blue.png does not exist" in report
+    assert status_line(report, names[1]).endswith(": 2 records, 1 errors, 0 warnings; decoded")

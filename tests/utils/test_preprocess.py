@@ -126,6 +126,45 @@ def test_sam_pixels_equal_segment_anything_preprocessing() -> None:
     assert (pixels[:, height:] == 0).all() and (pixels[:, :, width:] == 0).all()
 
 
+@pytest.mark.parametrize("size", [(768, 1024), (1024, 683), (40, 56), (48, 30), (1, 70)])
+def test_sam_pixels_are_bit_equal_to_normalising_each_pixel(size) -> None:
+    """The lookup-table normalisation gives exactly float32 (x - mean) / std per pixel."""
+    target, image = max(*size, 64), random_image(*size, seed=3)
+    pixels, (height, width) = SamTransform(target)(image)
+    resized = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+    mean = np.asarray(SAM_PIXEL_MEAN, dtype=np.float32)
+    std = np.asarray(SAM_PIXEL_STD, dtype=np.float32)
+    expected = np.zeros((3, target, target), np.float32)
+    expected[:, :height, :width] = ((resized.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+    np.testing.assert_array_equal(pixels.numpy(), expected)
+
+
+def test_sam_refuses_an_image_that_is_not_rgb() -> None:
+    with pytest.raises(ValueError, match="expected an RGB image, got a PIL L image"):
+        SamTransform(64)(random_image(40, 56)[..., 0])
+    with pytest.raises(ValueError, match="got a PIL RGBA image"):
+        SamTransform(64)(Image.fromarray(random_image(40, 56)).convert("RGBA"))
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES)
+def test_clip_pixels_are_bit_equal_to_rescaling_each_pixel(size) -> None:
+    clip = ClipTransform(
+        resize={"shortest_edge": REAL_CLIP_SIZE},
+        resample=Image.Resampling.BICUBIC,
+        crop=(REAL_CLIP_SIZE, REAL_CLIP_SIZE),
+        rescale=1 / 255,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+    )
+    image = random_image(*size, seed=4)
+    cropped = clip.resize_and_crop(image)
+    std = np.asarray(CLIP_STD, dtype=np.float32)
+    scale, shift = np.float32(1 / 255) / std, np.asarray(CLIP_MEAN, dtype=np.float32) / std
+    expected = (cropped.astype(np.float32) * scale - shift).transpose(2, 0, 1)
+    np.testing.assert_array_equal(clip(image).numpy(), expected)
+    np.testing.assert_array_equal(clip(Image.fromarray(image)).numpy(), expected)
+
+
 def test_image_processors_run_both_transforms(tiny_dir) -> None:
     processors = ImageProcessors.from_pretrained(tiny_model_config(tiny_dir).version, 64)
     clip, sam, resized = processors(random_image(48, 30))

@@ -18,10 +18,24 @@ import pytest
 from PIL import Image
 
 from tests.utils import fixtures_sem as fx
-from utils.datasets.base import IGNORE_LABEL, DataError, Sample, SamplingOptions, UnusableSample
+from utils.datasets.base import (
+    IGNORE_LABEL,
+    DataError,
+    Sample,
+    SamplingOptions,
+    UnusableSample,
+    read_label_map,
+)
 from utils.datasets.mixer import MAX_DRAWS, FullPassBatchSampler, FullPassDataset, HybridDataset
 from utils.datasets.parts import PART_SPECS, PartSource
-from utils.datasets.sem_seg import ADE20K_CLASSES, LabelMapSource, build_sem_seg_sources
+from utils.datasets.sem_seg import (
+    ADE20K_CLASSES,
+    LABEL_MAP_SPECS,
+    LabelMap,
+    LabelMapSource,
+    build_sem_seg_sources,
+    stored_values,
+)
 from utils.datasets.templates import GSVA_PARTS, GSVA_QUESTIONS, GSVA_STARTS
 
 LISA = SamplingOptions(num_classes_per_sample=3, prompt_style="lisa", use_expand_question_list=True)
@@ -112,6 +126,137 @@ def test_ade20k_vocabulary_file_wins(tmp_path):
     source = LabelMapSource(tmp_path, LISA, "ade20k")
     renamed = {"a": {"thing 0": truth["a"]["wall"], "thing 2": truth["a"]["sky"]}}
     assert assert_label_map_samples(source, renamed) == {"thing 0", "thing 2"}
+
+
+def test_ade20k_shipped_vocabulary_is_lisas_list(tmp_path):
+    """Without a user file the names are LISA's ade20k_classes.json: label value v is class v - 1
+    (hand-checked against the SceneParsing-150 objectInfo150 order)."""
+    fx.write_ade20k(tmp_path, with_empty=False)
+    assert not (tmp_path / "ade20k/ade20k_classes.json").exists()
+    classes = LabelMapSource(tmp_path, LISA, "ade20k").classes
+    assert len(classes) == 150
+    assert (classes[0], classes[2], classes[12], classes[20], classes[149]) == (
+        "wall",
+        "sky",
+        "person",
+        "car",
+        "flag",
+    )
+
+
+@pytest.mark.parametrize(("dtype", "top"), [(np.uint8, 255), (np.uint16, 65535), (np.int32, 999)])
+def test_stored_values_are_the_sorted_distinct_values(dtype, top):
+    """One counting pass per map on its stored dtype; oracle: np.unique."""
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        raw = rng.integers(0, top + 1, rng.integers(1, 40, size=2)).astype(dtype)
+        raw.flat[0] = top
+        np.testing.assert_array_equal(stored_values(raw), np.unique(raw))
+        assert stored_values(raw).dtype == np.int64
+
+
+@pytest.mark.parametrize("dataset", sorted(LABEL_MAP_SPECS))
+def test_label_statistics_on_stored_values_equal_remapping_every_pixel(dataset):
+    """Oracle: the remapping applied to the whole map widened to int64, then np.unique and
+    `label == c` (what the loader did before it remapped only the distinct values)."""
+    classes = [f"class{i}" if i % 7 else f"merged-{i}" for i in range(150)]
+    remap = LABEL_MAP_SPECS[dataset].remap
+    rng = np.random.default_rng(0)
+    for dtype, top in ((np.uint8, 151), (np.uint16, 151)):
+        raw = rng.integers(0, top, (fx.H, fx.W)).astype(dtype)
+        raw[0, :4] = (0, IGNORE_LABEL, 150, 149)
+        values = stored_values(raw)
+        label = LabelMap(raw, values, remap(values, classes))
+        full = remap(raw.astype(np.int64), classes)
+        expected = [int(v) for v in np.unique(full) if v != IGNORE_LABEL]
+        assert label.present() == expected
+        for class_index in [*expected[:5], IGNORE_LABEL]:
+            np.testing.assert_array_equal(label.where(class_index), full == class_index)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "P", "1", "LA"])
+def test_label_maps_read_as_pil_reads_them(tmp_path, mode):
+    """8-bit greyscale maps go through OpenCV, the others through PIL: the values are PIL's."""
+    rng = np.random.default_rng(0)
+    top = {"L": 255, "I;16": 65535, "P": 200, "1": 1, "LA": 255}[mode]
+    raw = rng.integers(0, top + 1, (fx.H, fx.W))
+    stored = {
+        "L": lambda: Image.fromarray(raw.astype(np.uint8)),
+        "I;16": lambda: Image.fromarray(raw.astype(np.uint16)),
+        "P": lambda: Image.fromarray(raw.astype(np.uint8), "L").convert("P"),
+        "1": lambda: Image.fromarray(raw.astype(bool)),
+        "LA": lambda: Image.fromarray(raw.astype(np.uint8)).convert("LA"),
+    }[mode]()
+    path = tmp_path / "label.png"
+    stored.save(path)
+    if mode == "LA":
+        with pytest.raises(DataError, match="has 2 channels, not 1"):
+            read_label_map(path, (fx.H, fx.W))
+        return
+    expected = np.array(Image.open(path))
+    label = read_label_map(path, (fx.H, fx.W))
+    assert label.dtype == expected.dtype
+    np.testing.assert_array_equal(label, expected)
+
+
+def test_a_truncated_greyscale_label_map_is_refused_as_pil_refuses_it(tmp_path):
+    path = tmp_path / "label.png"
+    fx.write_png(path, np.random.default_rng(0).integers(0, 9, (fx.H, fx.W)))
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(DataError, match=r"label.png is not readable \(image file is truncated"):
+        read_label_map(path, (fx.H, fx.W))
+
+
+def write_cocostuff_without_vocabulary(root: Path) -> dict[str, dict[str, np.ndarray]]:
+    """A stuffthingmaps label with real COCO-Stuff values and no cocostuff_classes.txt: pixel 0
+    person (id 1), 123 grass (id 124), 156 sky (id 157), 170 wall-brick (id 171, hyphenated:
+    ignored), 255 unlabeled frame."""
+    raw = np.full((fx.H, fx.W), 123, np.uint8)
+    person, sky, brick = (
+        fx.rectangle(4, 14, 4, 12),
+        fx.rectangle(1, 4, 14, 30),
+        fx.circle(16, 22, 4),
+    )
+    raw[person], raw[sky], raw[brick] = 0, 156, 170
+    raw[0, :] = raw[-1, :] = IGNORE_LABEL
+    ignored = brick | (raw == IGNORE_LABEL)
+    stem = "000000000001"
+    fx.write_png(root / "cocostuff/train2017" / f"{stem}.png", raw)
+    fx.write_jpeg(root / "coco/train2017" / f"{stem}.jpg")
+    names = {"person": person, "grass": raw == 123, "sky": sky}
+    return {stem: {name: fx.expected(inside, ignored) for name, inside in names.items()}}
+
+
+@pytest.mark.parametrize("ignore_pixels", IGNORE_MODES)
+def test_cocostuff_reads_the_shipped_class_list(tmp_path, ignore_pixels):
+    """The COCO-Stuff download has no class list: LISA's, shipped with the loaders, is read."""
+    truth = write_cocostuff_without_vocabulary(tmp_path)
+    options = replace(LISA, ignore_pixels=ignore_pixels)
+    (source,) = build_sem_seg_sources(tmp_path, ["cocostuff"], options)
+    assert len(source.classes) == 182 and source.classes[:2] == ["person", "bicycle"]
+    assert assert_label_map_samples(source, truth, ignore_pixels) == {"person", "grass", "sky"}
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "problem"),
+    [
+        ("ade20k/ade20k_classes.json", '{"wall": 1}', "expected a json list of class names"),
+        ("ade20k/ade20k_classes.json", "[wall", "is not valid json"),
+        ("cocostuff/cocostuff_classes.txt", "0: unlabeled\n2: person\n", "line 2: expected '1:"),
+        ("cocostuff/cocostuff_classes.txt", "0: unlabeled\n", "has no class after"),
+        ("cocostuff/cocostuff_classes.txt", b"0: unlabeled\n1: caf\xe9\n", "not readable UTF-8"),
+    ],
+)
+def test_a_bad_user_class_list_is_a_one_line_error(tmp_path, file, content, problem):
+    fx.write_ade20k(tmp_path, with_empty=False)
+    write_cocostuff_without_vocabulary(tmp_path)
+    path = tmp_path / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    dataset = file.split("/")[0]
+    with pytest.raises(DataError, match=problem) as caught:
+        build_sem_seg_sources(tmp_path, [dataset], LISA)
+    assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize("ignore_pixels", IGNORE_MODES)
@@ -257,7 +402,7 @@ def test_unknown_name_lists_known_ones(tmp_path):
     "dataset, missing",
     [
         ("ade20k", "ade20k/images/training"),
-        ("cocostuff", "cocostuff/cocostuff_classes.txt"),
+        ("cocostuff", "cocostuff/train2017"),  # the class list is shipped
         ("mapillary", "mapillary/config_v2.0.json"),
         ("paco_lvis", "vlpart/paco/annotations/paco_lvis_v1_train.json"),
         ("pascal_part", "vlpart/pascal_part/train.json"),
@@ -381,10 +526,13 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("part_targets", ["instance", "category"])
 def test_tiny_assets_load_with_shape_names(tiny_dataset, part_targets):
+    from tools.tiny_assets.classes import SEMANTIC_NAMES
     from utils.shapes_world import OBJECT_SHAPES, PART_NAMES
 
-    # the tiny vocabularies put fillers between the shape names, so an off-by-one reads a filler
-    allowed = set(OBJECT_SHAPES) | {"unlabeled"}  # Mapillary's own last class, kept as LISA
+    # ADE20K and COCO-Stuff label the kinds with real classes of the shipped lists, whose
+    # neighbours are other real classes, so an off-by-one reads a name outside `allowed`
+    allowed = set(OBJECT_SHAPES) | set(SEMANTIC_NAMES.values())
+    allowed.add("unlabeled")  # Mapillary's own last class, kept as LISA
     for obj, parts in PART_NAMES.items():
         allowed |= {name for part in parts for name in part_names((obj, part))}
     names = ["ade20k", "cocostuff", "mapillary", "paco_lvis", "pascal_part"]

@@ -208,13 +208,16 @@ def fill_polygon(mask: np.ndarray, points: np.ndarray, value: int) -> None:
     cv2.fillPoly(mask, [points], value)
 
 
+def polygon_area(points: np.ndarray, shape: tuple[int, int]) -> int:
+    """The number of pixels `fill_polygon` paints for `points` in an image of `shape` (H, W)."""
+    scratch = np.zeros(shape, np.uint8)
+    fill_polygon(scratch, points, 1)
+    return int(np.count_nonzero(scratch))
+
+
 def draw_mask(polygons: list[tuple[str, np.ndarray]], shape: tuple[int, int]) -> np.ndarray:
     """uint8 [H, W] in {0, 1, IGNORE_LABEL}, the largest polygon drawn first."""
-    areas = []
-    for _, points in polygons:
-        scratch = np.zeros(shape, np.uint8)
-        fill_polygon(scratch, points, 1)
-        areas.append(int(np.count_nonzero(scratch)))
+    areas = [polygon_area(points, shape) for _, points in polygons] if len(polygons) > 1 else [0]
     mask = np.zeros(shape, np.uint8)
     for index in np.argsort(areas, kind="stable")[::-1]:
         label, points = polygons[index]

@@ -304,7 +304,7 @@ class ReferIndex:
         if not ref.ann_ids:
             return None
         shape = self.image_shape(ref.image_id, ref.label)
-        union = np.zeros(shape, np.uint8)
+        union = None
         for ann_id in ref.ann_ids:
             if ann_id not in self.annotations:
                 raise DataError(
@@ -314,7 +314,9 @@ class ReferIndex:
                 )
             record = f"{ref.label}, annotation id {ann_id}"
             segmentation = self.annotations[ann_id]["segmentation"]
-            union |= decode_segmentation(segmentation, shape, self.instances_file, record)
+            mask = decode_segmentation(segmentation, shape, self.instances_file, record)
+            # each decoded mask is a new array: the first one holds the union
+            union = mask if union is None else np.bitwise_or(union, mask, out=union)
         return union
 
     def check(self, split: str | None, deep: bool = False) -> Iterator[DataError]:

@@ -10,13 +10,17 @@ in the masks and the loss leaves them out). Class names keep the vocabulary's sp
 templates lower-case them where the references do. `target_count` and `finish_sample` are
 shared with the part and referring sources.
 
-Label conventions (REFERENCE 4.2); after them a map holds class indices or IGNORE_LABEL:
+Label conventions (REFERENCE 4.2), applied to a map's distinct stored values (one counting pass
+per map on its stored uint8 / uint16 dtype, `LabelMap`); they give class indices or IGNORE_LABEL:
 - ADE20K: pixel 0 ("other") -> 255, pixel v -> v - 1 (150 classes). Vocabulary:
-  `ade20k/ade20k_classes.json` (a json list of names) if present, else ADE20K_CLASSES below (the
-  SceneParsing-150 names, first synonym, as LISA's `utils/ade20k_classes.json`).
+  `<dataset_dir>/ade20k/ade20k_classes.json` (a json list of names) if the user put one there,
+  else the shipped `class_lists/ade20k_classes.json` (LISA's file: the SceneParsing-150 names,
+  first synonym); the ADE20K download has no such file.
 - COCO-Stuff (stuffthingmaps): pixel v is the class with id v + 1 of `cocostuff_classes.txt`
-  ("id: name" lines from "0: unlabeled", which no pixel takes; 255 is unlabeled); classes whose
-  name contains "-" ("wall-brick", "floor-other", ...) -> 255, as LISA.
+  ("id: name" lines from "0: unlabeled", which no pixel takes; 255 is unlabeled):
+  `<dataset_dir>/cocostuff/cocostuff_classes.txt` if present, else the shipped
+  `class_lists/cocostuff_classes.txt` (LISA's file; the download has none). Classes whose name
+  contains "-" ("wall-brick", "floor-other", ...) -> 255, as LISA.
 - Mapillary v2.0: pixel = index into `config_v2.0.json` labels, names `readable` lower-cased.
   The label PNGs are palette images, so label maps are read by index with PIL (cv2 would expand
   the palette into colours).
@@ -29,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from utils.datasets.base import (
@@ -52,54 +57,57 @@ from utils.datasets.templates import (
     targets_to_draw,
 )
 
-ADE20K_CLASSES = tuple(
-    (
-        "wall, building, sky, floor, tree, ceiling, road, bed, windowpane, grass, cabinet, "
-        "sidewalk, person, earth, door, table, mountain, plant, curtain, chair, car, water, "
-        "painting, sofa, shelf, house, sea, mirror, rug, field, armchair, seat, fence, desk, "
-        "rock, wardrobe, lamp, bathtub, railing, cushion, base, box, column, signboard, "
-        "chest of drawers, counter, sand, sink, skyscraper, fireplace, refrigerator, "
-        "grandstand, path, stairs, runway, case, pool table, pillow, screen door, stairway, "
-        "river, bridge, bookcase, blind, coffee table, toilet, flower, book, hill, bench, "
-        "countertop, stove, palm, kitchen island, computer, swivel chair, boat, bar, "
-        "arcade machine, hovel, bus, towel, light, truck, tower, chandelier, awning, "
-        "streetlight, booth, television receiver, airplane, dirt track, apparel, pole, land, "
-        "bannister, escalator, ottoman, bottle, buffet, poster, stage, van, ship, fountain, "
-        "conveyer belt, canopy, washer, plaything, swimming pool, stool, barrel, basket, "
-        "waterfall, tent, bag, minibike, cradle, oven, ball, food, step, tank, trade name, "
-        "microwave, pot, animal, bicycle, lake, dishwasher, screen, blanket, sculpture, hood, "
-        "sconce, vase, traffic light, tray, ashcan, fan, pier, crt screen, plate, monitor, "
-        "bulletin board, shower, radiator, glass, clock, flag"
-    ).split(", ")
-)
+UINT8_VALUES = 256
+CLASS_LISTS = Path(__file__).resolve().parent / "class_lists"
+ADE20K_CLASSES_FILE, COCOSTUFF_CLASSES_FILE = "ade20k_classes.json", "cocostuff_classes.txt"
+COCOSTUFF_HINT = "LISA's utils/cocostuff_classes.txt: 183 lines 'id: name' from '0: unlabeled'"
 
 
-def read_ade20k_classes(root: Path) -> list[str]:
-    path = root / "ade20k" / "ade20k_classes.json"
-    if not path.is_file():
-        return list(ADE20K_CLASSES)
+def class_list(root: Path, folder: str, name: str) -> Path:
+    """`root/folder/name` when the user put one there, else the shipped list of that name."""
+    user = root / folder / name
+    return user if user.is_file() else CLASS_LISTS / name
+
+
+def parse_ade20k_classes(path: Path) -> list[str]:
+    """The names of a json list of ADE20K class names (label order)."""
     names = read_json(path, "a json list of the 150 ADE20K class names")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(path, None, "expected a json list of class names")
     return names
 
 
+def read_ade20k_classes(root: Path) -> list[str]:
+    """`<root>/ade20k/ade20k_classes.json` if present, else the shipped SceneParsing-150 list."""
+    return parse_ade20k_classes(class_list(root, "ade20k", ADE20K_CLASSES_FILE))
+
+
 def read_cocostuff_classes(root: Path) -> list[str]:
-    """Names of ids 1.. of `cocostuff_classes.txt`, so that list index = pixel value."""
-    path = root / "cocostuff" / "cocostuff_classes.txt"
-    hint = "LISA's utils/cocostuff_classes.txt: 183 lines 'id: name' from '0: unlabeled'"
-    if not path.is_file():
-        raise DataError(path, None, "file does not exist", hint)
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    """Names of ids 1.. of `cocostuff_classes.txt` (`<root>/cocostuff/` if present, else the
+    shipped list), so that list index = pixel value."""
+    path = class_list(root, "cocostuff", COCOSTUFF_CLASSES_FILE)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(
+            path, None, f"is not readable UTF-8 text ({error})", COCOSTUFF_HINT
+        ) from error
+    lines = [line.strip() for line in text.splitlines()]
     names = []
     for number, line in enumerate(filter(None, lines)):
         key, separator, name = line.partition(": ")
         if not separator or key.strip() != str(number):
-            raise DataError(path, f"line {number + 1}", f"expected '{number}: name'", hint)
+            raise DataError(
+                path, f"line {number + 1}", f"expected '{number}: name'", COCOSTUFF_HINT
+            )
         names.append(name.strip())
     if len(names) < 2:
-        raise DataError(path, None, "has no class after '0: unlabeled'", hint)
+        raise DataError(path, None, "has no class after '0: unlabeled'", COCOSTUFF_HINT)
     return names[1:]
+
+
+# the shipped SceneParsing-150 names (tests build vocabularies of its length)
+ADE20K_CLASSES = tuple(parse_ade20k_classes(CLASS_LISTS / ADE20K_CLASSES_FILE))
 
 
 def read_mapillary_classes(root: Path) -> list[str]:
@@ -118,21 +126,60 @@ def read_mapillary_classes(root: Path) -> list[str]:
     return names
 
 
-def ade20k_labels(raw: np.ndarray, classes: list[str]) -> np.ndarray:
-    """Pixel 0 ("other") and 255 -> IGNORE_LABEL, v -> v - 1."""
-    label = raw - 1
-    label[(raw == 0) | (raw == IGNORE_LABEL)] = IGNORE_LABEL
+def ade20k_labels(values: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Stored values int64 [n] -> class indices [n]: 0 ("other") and 255 -> IGNORE_LABEL,
+    v -> v - 1."""
+    label = values - 1
+    label[(values == 0) | (values == IGNORE_LABEL)] = IGNORE_LABEL
     return label
 
 
-def cocostuff_labels(raw: np.ndarray, classes: list[str]) -> np.ndarray:
-    """Classes named "x-y" (merged or "-other" stuff) -> IGNORE_LABEL, as LISA."""
+def cocostuff_labels(values: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Stored values int64 [n] -> class indices [n]: classes named "x-y" (merged or "-other"
+    stuff) -> IGNORE_LABEL, as LISA; the others keep their value."""
     hyphenated = [index for index, name in enumerate(classes) if "-" in name]
-    return np.where(np.isin(raw, hyphenated), IGNORE_LABEL, raw)
+    return np.where(np.isin(values, hyphenated), IGNORE_LABEL, values)
 
 
-def same_labels(raw: np.ndarray, classes: list[str]) -> np.ndarray:
-    return raw
+def same_labels(values: np.ndarray, classes: list[str]) -> np.ndarray:
+    return values
+
+
+def stored_values(raw: np.ndarray) -> np.ndarray:
+    """The distinct values of a label map [H, W], sorted, as int64 [n]: one counting pass on
+    the stored dtype (OpenCV's histogram for uint8, which counts in integers, np.bincount for
+    uint16; other dtypes through np.unique)."""
+    if raw.dtype == np.uint8:
+        counts = cv2.calcHist([raw], [0], None, [UINT8_VALUES], [0, UINT8_VALUES])
+        return np.flatnonzero(counts.ravel())
+    if raw.dtype == np.uint16:
+        return np.flatnonzero(np.bincount(raw.ravel()))
+    return np.unique(raw).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """A label map as stored and what its values mean (a dataset's remapping applied to the
+    distinct values only, never to every pixel).
+
+    raw: [H, W] stored values (uint8 or uint16 for PNG maps). values: int64 [n], the distinct
+    stored values, sorted. labels: int64 [n], the class index of each (or IGNORE_LABEL).
+    """
+
+    raw: np.ndarray
+    values: np.ndarray
+    labels: np.ndarray
+
+    def present(self) -> list[int]:
+        """The class indices with pixels, sorted (IGNORE_LABEL left out)."""
+        return sorted({int(label) for label in self.labels if label != IGNORE_LABEL})
+
+    def where(self, label: int) -> np.ndarray:
+        """bool [H, W]: the pixels whose class index is `label` (IGNORE_LABEL: ignored ones)."""
+        values = self.values[self.labels == label]
+        if len(values) == 1:
+            return self.raw == values[0]
+        return np.isin(self.raw, values)
 
 
 @dataclass(frozen=True)
@@ -199,24 +246,24 @@ class LabelMapSource:
         stem = self.stems[index]
         return self.image_dir / (stem + IMAGE_SUFFIX), self.label_dir / (stem + LABEL_SUFFIX)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image uint8 [H, W, 3], label int64 [H, W] of class indices or IGNORE_LABEL)."""
+    def load(self, index: int) -> tuple[np.ndarray, LabelMap]:
+        """(image uint8 [H, W, 3], its LabelMap); DataError when a value's class index (after
+        the dataset's remapping) is outside the vocabulary."""
         image_path, label_path = self.paths(index)
         record = self.stems[index]
         image = read_image(image_path, label_path, record)
-        label = self.spec.remap(
-            read_label_map(label_path, image.shape[:2], label_path, record), self.classes
-        )
-        values = np.unique(label)
-        unknown = values[(values != IGNORE_LABEL) & ((values < 0) | (values >= len(self.classes)))]
+        raw = read_label_map(label_path, image.shape[:2], label_path, record)
+        values = stored_values(raw)
+        labels = self.spec.remap(values, self.classes)
+        unknown = labels[(labels != IGNORE_LABEL) & ((labels < 0) | (labels >= len(self.classes)))]
         if unknown.size:
             raise DataError(
                 label_path,
                 record,
-                f"class index {int(unknown[0])} (after the dataset's remapping) is outside the "
+                f"class index {int(unknown.min())} (after the dataset's remapping) is outside the "
                 f"vocabulary of {len(self.classes)} classes",
             )
-        return image, label
+        return image, LabelMap(raw, values, labels)
 
     def sample(self, rng: np.random.Generator) -> Sample:
         return self.sample_at(int(rng.integers(len(self))), rng)
@@ -227,7 +274,7 @@ class LabelMapSource:
         `return self.__getitem__(0)`, LISA utils/sem_seg_dataset.py:264-265, GSVA
         data/sem_seg_dataset.py:293-294; the mixer does that here)."""
         image, label = self.load(check_record_index(index, len(self), self.name))
-        present = [int(v) for v in np.unique(label) if v != IGNORE_LABEL]
+        present = label.present()
         if not present:
             raise UnusableSample(
                 f"{self.name}: {self.paths(index)[1]} (record {self.stems[index]}) has no "
@@ -235,8 +282,10 @@ class LabelMapSource:
             )
         count = target_count(self.options)
         chosen = rng.choice(present, size=min(count, len(present)), replace=False)
-        ignored = label == IGNORE_LABEL if self.options.ignore_pixels == "exclude" else None
-        targets = [Target(self.classes[c], False, class_mask(label == c, ignored)) for c in chosen]
+        ignored = label.where(IGNORE_LABEL) if self.options.ignore_pixels == "exclude" else None
+        targets = [
+            Target(self.classes[c], False, class_mask(label.where(c), ignored)) for c in chosen
+        ]
         image_path = self.paths(index)[0]
         return finish_sample(
             image, targets, self.options, rng, image_path, self.name, gsva_format=GSVA_SEM_SEG
