@@ -3,17 +3,26 @@ real sizes: a LLaMA-style BPE tokenizer trained locally on the shapes-world voca
 `LlavaForConditionalGeneration` saved as a Hugging Face directory, a tiny SAM saved in the
 original segment-anything layout, and `build_tiny_segmenter`, which loads both with
 `build_segmenter` exactly as a real run loads LLaVA-7B and ViT-H.
+
+The tokenizer is one tokenizer in both of LLaMA's files: the `sentencepiece` trainer writes the
+`tokenizer.model` (BPE, byte fallback, LLaMA's trainer settings and special ids unk=0, <s>=1,
+</s>=2), and transformers' own sentencepiece converter derives the `tokenizer.json` from it, so
+a legacy reader of `tokenizer.model` and a reader of `tokenizer.json` get the same ids.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import tempfile
 from dataclasses import dataclass, replace
+from functools import cache
 from itertools import product
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers.models import BPE
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
@@ -22,6 +31,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
+from transformers.convert_slow_tokenizer import SentencePieceExtractor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from model.builder import ModelConfig, build_segmenter
@@ -37,8 +47,26 @@ from model.tokens import IMAGE_TOKEN
 RESET_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)
 
 TINY_VOCAB_SIZE = 1000
-BYTE_FALLBACK_TOKENS = [f"<0x{value:02X}>" for value in range(256)]
-BASE_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # the name LLaMA / LLaVA-v1 directories give it
+# LLaMA's sentencepiece trainer settings (its tokenizer.model's trainer_spec), at our size;
+# one thread keeps the trained model byte-for-byte the same on every run.
+SENTENCEPIECE_TRAINER = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    normalization_rule_name="identity",
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    character_coverage=1.0,
+    num_threads=1,
+    minloglevel=2,
+)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -106,7 +134,9 @@ CLIP_L14_224 = dict(
     patch_size=14,
 )
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "gray")
+COLOURS = (
+    "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "gray"
+)  # fmt: skip
 SHAPES = ("circle", "square", "triangle", "star", "house", "car", "tree", "ring", "shape", "object")
 PARTS = ("roof", "wall", "door", "window", "wheel", "body", "trunk", "leaves", "part", "center")
 SENTENCES = (
@@ -126,6 +156,9 @@ SENTENCES = (
     "Which object would someone use to find the {x}? The part of the {x} at the top right.",
     "The segmentation results are the {x}, and the mask of the {x}, separately.",
     "How many {x} are there, where, what color, which one is bigger, smaller, near, behind?",
+    "How many {x} objects are there in the image? There are three {x} objects: a {x}.",
+    "Is there a {x} in the image? Yes, there is a {x} on the left side of the image.",
+    "No, there is no {x}. What colour is the {x}? Which object is leftmost? It is the {x}.",
 )
 
 
@@ -136,23 +169,56 @@ def tokenizer_corpus() -> list[str]:
     return [sentence.replace("{x}", name) for name in names for sentence in SENTENCES]
 
 
-def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> LlamaTokenizer:
-    """A LLaMA-style tokenizer (BPE, `▁` word marker, byte fallback, `<s>` prepended, unk = 0),
-    trained here on `tokenizer_corpus()`, with `<image>` added as a special token."""
-    trainer_model = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    # split=True while training keeps merges inside words, as sentencepiece does
-    trainer_model.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
-    trainer = trainers.BpeTrainer(
+@cache
+def tiny_sentencepiece_model(vocab_size: int = TINY_VOCAB_SIZE) -> bytes:
+    """The serialized sentencepiece `ModelProto` (the bytes of `tokenizer.model`) trained on
+    `tokenizer_corpus()` with LLaMA's settings (`SENTENCEPIECE_TRAINER`); the same bytes on
+    every call and run."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tokenizer_corpus()),
+        model_writer=model,
         vocab_size=vocab_size,
-        special_tokens=BASE_SPECIAL_TOKENS + BYTE_FALLBACK_TOKENS,
-        show_progress=False,
+        **SENTENCEPIECE_TRAINER,
     )
-    trainer_model.train_from_iterator(tokenizer_corpus(), trainer)
-    trained = json.loads(trainer_model.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
-    tokenizer = LlamaTokenizer(vocab=trained["vocab"], merges=merges, add_bos_token=True)
+    return model.getvalue()
+
+
+def write_sentencepiece_model(directory: str | Path, vocab_size: int = TINY_VOCAB_SIZE) -> Path:
+    """Write the tiny `tokenizer.model` into `directory`. Returns its path."""
+    path = Path(directory) / SENTENCEPIECE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tiny_sentencepiece_model(vocab_size))
+    return path
+
+
+def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> LlamaTokenizer:
+    """A LLaMA tokenizer (BPE, `▁` word marker, byte fallback, `<s>` prepended, unk = 0): the
+    tiny sentencepiece model (`tiny_sentencepiece_model`) converted by transformers'
+    `SentencePieceExtractor`, as `from_pretrained` converts a LLaMA `tokenizer.model`, with
+    `<image>` added as a special token."""
+    with tempfile.TemporaryDirectory() as directory:
+        extracted = SentencePieceExtractor(str(write_sentencepiece_model(directory, vocab_size)))
+        converted = extracted.extract(BPE)
+    tokenizer = LlamaTokenizer(
+        vocab=converted["vocab"], merges=converted["merges"], add_bos_token=True
+    )
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    tokenizer.init_kwargs["legacy"] = False  # saved: a reader of tokenizer.model splits alike
     return tokenizer
+
+
+def save_tiny_tokenizer(tokenizer: LlamaTokenizer, directory: str | Path) -> None:
+    """Save the tokenizer as a LLaVA-v1 directory holds it: `tokenizer.json`, `tokenizer.model`
+    and a `tokenizer_config.json` that says to prepend `<s>` (transformers 5 leaves that flag
+    out, as tokenizer.json carries it; a reader of tokenizer.model alone needs it)."""
+    directory = Path(directory)
+    tokenizer.save_pretrained(directory)
+    write_sentencepiece_model(directory, tokenizer.vocab_size)
+    config_path = directory / TOKENIZER_CONFIG_FILE
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(add_bos_token=True, add_eos_token=False)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def llava_config(
@@ -183,13 +249,14 @@ def write_tiny_llava(
     directory: str | Path, seed: int = 0, text: dict = TINY_TEXT, vision: dict = TINY_VISION
 ) -> Path:
     """Write a random-weight LLaVA (tiny unless other dimensions are given) as a Hugging Face
-    directory (weights, config, tokenizer, CLIP image-processor settings). Returns it."""
+    directory (weights, config, tokenizer as `tokenizer.json` and `tokenizer.model`, CLIP
+    image-processor settings). Returns it."""
     directory = Path(directory)
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(llava_config(tokenizer, text, vision))
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    save_tiny_tokenizer(tokenizer, directory)
     write_clip_image_settings(directory, vision["image_size"])
     return directory
 

@@ -17,6 +17,7 @@ from model.tiny import build_tiny_tokenizer, tiny_model_config
 from model.tokens import (
     IM_END_TOKEN,
     IM_START_TOKEN,
+    IMAGE_TOKEN,
     REJ_TOKEN,
     SEG_TOKEN,
     _single_id,
@@ -136,3 +137,92 @@ def test_new_token_init_refuses_old_tokens_unknown_words_and_bad_items(tiny_dir)
     with pytest.raises(ValueError, match="must read TOKEN=WORD"):
         parse_token_init("[SEG]:yes")
     assert parse_token_init("") == {}
+
+
+# --- the tiny tokenizer's two files: tokenizer.model (sentencepiece) and tokenizer.json ---
+
+SHAPES_WORLD_NAMES = ("red circle", "blue house", "green car's left wheel", "yellow tree")
+SHAPES_WORLD_SENTENCE = "the roof of the purple house to the left of the black star"
+
+
+def template_texts() -> list[str]:
+    """Every template string of tests/utils/reference_templates.py, its placeholders filled
+    with shapes-world names ({class_name}, {sent}, {seg} as the code writes [SEG])."""
+    from tests.utils import reference_templates
+
+    templates = [
+        text
+        for name in dir(reference_templates)
+        if name.isupper() and isinstance(value := getattr(reference_templates, name), (list, tuple))
+        for text in value
+        if isinstance(text, str)
+    ]
+    assert len(templates) > 20, "the reference template lists were not found"
+    return [
+        text.replace("{class_name}", name)
+        .replace("{sent}", SHAPES_WORLD_SENTENCE)
+        .replace("{seg}", SEG_TOKEN)
+        for text in templates
+        for name in SHAPES_WORLD_NAMES
+    ]
+
+
+def conversation_prompts() -> list[str]:
+    """Whole llava_v1 conversations (system text, roles, </s>) around the template texts."""
+    from utils.conversation import render_conversation
+
+    texts = template_texts()
+    return [
+        render_conversation([(question, answer)])[0]
+        for question, answer in zip(texts, reversed(texts), strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tiny_dir, tmp_path_factory) -> dict:
+    """The tiny LLaVA's tokenizer read three ways: `tokenizer.json` (fast), `tokenizer.model`
+    alone converted by transformers (as a LLaVA-v1 directory without tokenizer.json is read),
+    and the `sentencepiece` processor itself."""
+    import shutil
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    directory = tiny_model_config(tiny_dir).version
+    model_only = tmp_path_factory.mktemp("sentencepiece_only")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(f"{directory}/{name}", model_only / name)
+    return {
+        "json": load_tokenizer(directory),
+        "model": LlamaTokenizer.from_pretrained(model_only, padding_side="right"),
+        "sentencepiece": spm.SentencePieceProcessor(model_file=f"{directory}/tokenizer.model"),
+    }
+
+
+def test_sentencepiece_model_and_tokenizer_json_give_the_same_ids(tokenizer_files) -> None:
+    fast, converted, processor = (tokenizer_files[k] for k in ("json", "model", "sentencepiece"))
+    assert len(converted) == processor.get_piece_size() == len(fast) - 1  # <image> added
+    specials = (processor.unk_id(), processor.bos_id(), processor.eos_id())
+    assert specials == (0, 1, 2) == (fast.unk_token_id, fast.bos_token_id, fast.eos_token_id)
+    for text in template_texts():
+        plain = text.replace(IMAGE_TOKEN, "")  # sentencepiece alone has no added tokens
+        expected = processor.encode(plain)
+        assert fast.encode(plain, add_special_tokens=False) == expected, plain
+        assert converted.encode(plain, add_special_tokens=False) == expected, plain
+        assert fast.encode(plain)[0] == converted.encode(plain)[0] == processor.bos_id()
+        assert fast.decode(expected) == processor.decode(expected) == plain
+
+
+def test_both_files_add_and_split_the_segmentation_tokens_alike(tokenizer_files) -> None:
+    fast, converted = tokenizer_files["json"], tokenizer_files["model"]
+    converted.add_tokens([IMAGE_TOKEN], special_tokens=True)  # as write_tiny_llava's file has it
+    for text in conversation_prompts():  # with <image> and </s>, which sentencepiece lacks
+        assert fast.encode(text) == converted.encode(text), text
+    ids = [add_segmentation_tokens(t, use_mm_start_end=True) for t in (fast, converted)]
+    assert ids[0] == ids[1]
+    for text in conversation_prompts():
+        with_tokens = text.replace(SEG_TOKEN, f"{SEG_TOKEN} or {REJ_TOKEN}")
+        encoded = fast.encode(with_tokens)
+        assert encoded == converted.encode(with_tokens), with_tokens
+        assert encoded.count(ids[0].seg) == encoded.count(ids[0].rej) == text.count(SEG_TOKEN)
+        assert encoded.count(ids[0].image) == text.count(IMAGE_TOKEN)

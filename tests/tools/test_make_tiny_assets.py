@@ -18,19 +18,18 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from tools.make_tiny_assets import ROOT, make_tiny_assets, parse_image_size
+from tools.tiny_assets.classes import COCO_THING_NAMES, SEMANTIC_NAMES
 from tools.tiny_assets.common import AssetOptions, Context
 from tools.tiny_assets.parts import PASCAL_IMAGE_DIR
 from tools.tiny_assets.refer import train2014_scenes
-from utils.shapes_world import COLOURS, OBJECT_SHAPES, PALETTE, rasterize
+from utils.shapes_world import COLOURS, PALETTE, rasterize
 
 MMR_SPLITS = ("train", "val", "test_obj_only", "test_part_only", "test_mixed")
 REFER = "refer_seg"
 EXPECTED = [
     "ade20k/images/training/*.jpg",
     "ade20k/annotations/training/*.png",
-    "ade20k/ade20k_classes.json",
     "cocostuff/train2017/*.png",
-    "cocostuff/cocostuff_classes.txt",
     "coco/train2017/*.jpg",
     "mapillary/config_v2.0.json",
     "mapillary/training/v2.0/labels/*.png",
@@ -67,6 +66,10 @@ MMR_ANN_KEYS = {"bbox", "segmentation", "image_id", "category_name", "category_i
                 "sorted_category_id"}  # fmt: skip
 PALETTE_RGB = np.array(list(PALETTE.values()), dtype=np.float32)
 MAX_UNION_IOU = 0.6
+# the kind drawn as each COCO category / semantic class name (tools/tiny_assets/classes.py)
+KIND_OF_COCO_NAME = {name: kind for kind, name in COCO_THING_NAMES.items()}
+KIND_OF_CLASS = {name: kind for kind, name in SEMANTIC_NAMES.items()}
+SHIPPED_LISTS = ROOT / "utils" / "datasets" / "class_lists"
 MIN_DISTRACTOR_SHARE = 0.7
 
 
@@ -117,6 +120,9 @@ def test_writes_every_reference_path_quickly(assets: tuple[Path, float], root: P
     out, seconds = assets
     missing = [pattern for pattern in EXPECTED if not list(root.glob(pattern))]
     assert not missing
+    # the real downloads hold no class list: loaders read the shipped ones
+    assert not (root / "ade20k" / "ade20k_classes.json").exists()
+    assert not (root / "cocostuff" / "cocostuff_classes.txt").exists()
     assert (out / "llava_tiny" / "config.json").is_file()
     assert (out / "vision_pretrained" / "sam_tiny.pth").is_file()
     assert seconds < 15, f"the default dataset took {seconds:.1f} s"
@@ -152,12 +158,18 @@ def test_instances_decode_to_the_scene_masks(root: Path) -> None:
     scenes = train2014_scenes(Context(root, AssetOptions(), seed=0))
     kinds = set()
     for image_id, scene in zip(sorted(coco.getImgIds()), scenes, strict=True):
-        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False))
         assert len(anns) == len(scene.objects)
         for ann, obj in zip(anns, scene.objects, strict=True):
             kinds.add(type(ann["segmentation"]).__name__)
             assert np.array_equal(coco.annToMask(ann).astype(bool), obj.mask)
-            assert coco.loadCats(ann["category_id"])[0]["name"] == obj.shape
+            assert KIND_OF_COCO_NAME[coco.loadCats(ann["category_id"])[0]["name"]] == obj.shape
+        for crowd in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=True)):
+            kinds.add(type(crowd["segmentation"]).__name__)
+            shape = KIND_OF_COCO_NAME[coco.cats[crowd["category_id"]]["name"]]
+            members = [obj.mask for obj in scene.objects if obj.shape == shape]
+            assert len(members) > 1
+            assert np.array_equal(coco.annToMask(crowd), np.logical_or.reduce(members))
     assert kinds == {"list", "dict"}
     for dataset in ("refcoco+", "refcocog", "grefcoco", "refzom"):
         assert (root / REFER / dataset / "instances.json").read_bytes() == (
@@ -197,7 +209,9 @@ def assert_named_kind_is_absent(root: Path, coco: COCO, ref: dict) -> None:
         root / REFER / "images/mscoco/images/train2014" / coco.imgs[ref["image_id"]]["file_name"]
     )
     same_shape = [
-        a for a in coco.imgToAnns[ref["image_id"]] if coco.cats[a["category_id"]]["name"] == shape
+        a
+        for a in coco.imgToAnns[ref["image_id"]]
+        if KIND_OF_COCO_NAME[coco.cats[a["category_id"]]["name"]] == shape and not a["iscrowd"]
     ]
     assert all(dominant_colour(image, coco.annToMask(a)) != colour for a in same_shape)
 
@@ -244,11 +258,11 @@ def test_refer_texts_name_the_masked_pixels_and_distractors_exist(root: Path) ->
     ious, shares, checked = [], [], 0
     for ref in [r for r in load_refs(root, "refcoco") if r["split"] == "val"]:
         image = read_rgb(images / coco.imgs[ref["image_id"]]["file_name"])
-        anns = coco.imgToAnns[ref["image_id"]]
+        anns = [a for a in coco.imgToAnns[ref["image_id"]] if not a["iscrowd"]]
         target = coco.annToMask(coco.anns[ref["ann_id"]]).astype(bool)
         kinds = {
             a["id"]: (
-                coco.cats[a["category_id"]]["name"],
+                KIND_OF_COCO_NAME[coco.cats[a["category_id"]]["name"]],
                 dominant_colour(image, coco.annToMask(a)),
             )
             for a in anns
@@ -329,26 +343,21 @@ def test_reason_seg_jsons_and_explanations(root: Path) -> None:
     assert all((base / "train" / e["image"]).is_file() for e in explanatory)
 
 
-def test_semantic_label_maps_and_vocabularies(root: Path) -> None:
-    ade = json.loads((root / "ade20k" / "ade20k_classes.json").read_text())
-    assert len(ade) == 150 and set(OBJECT_SHAPES) <= set(ade)
+def test_semantic_label_maps_mean_the_shipped_classes(root: Path) -> None:
+    ade = json.loads((SHIPPED_LISTS / "ade20k_classes.json").read_text())
     for label_path in (root / "ade20k/annotations/training").glob("*.png"):
         label = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
         image = read_rgb(root / "ade20k/images/training" / f"{label_path.stem}.jpg")
         assert label.dtype == np.uint8 and label.shape == image.shape[:2]
         values = set(np.unique(label).tolist())
-        assert 0 in values and {ade[v - 1] for v in values - {0}} <= set(OBJECT_SHAPES)
-    lines = (root / "cocostuff" / "cocostuff_classes.txt").read_text().splitlines()
-    assert len(lines) == 183 and lines[0] == "0: unlabeled"
-    assert all(re.fullmatch(rf"{i}: \S.*", line) for i, line in enumerate(lines))
+        assert 0 in values and {ade[v - 1] for v in values - {0}} <= set(KIND_OF_CLASS)
+    lines = (SHIPPED_LISTS / "cocostuff_classes.txt").read_text().splitlines()
     stuff = [line.split(": ", 1)[1] for line in lines[1:]]
     for label_path in (root / "cocostuff" / "train2017").glob("*.png"):
         label = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
         assert label.shape == read_rgb(root / "coco/train2017" / f"{label_path.stem}.jpg").shape[:2]
         names = {stuff[v] for v in np.unique(label).tolist() if v != 255}
-        assert {n for n in names if "-" not in n} <= set(OBJECT_SHAPES) and any(
-            "-" in n for n in names
-        )
+        assert names - set(KIND_OF_CLASS) == {"ground-other"}
     config = json.loads((root / "mapillary" / "config_v2.0.json").read_text())
     readable = [label["readable"].lower() for label in config["labels"]]
     for label_path in (root / "mapillary/training/v2.0/labels").glob("*.png"):
@@ -357,7 +366,7 @@ def test_semantic_label_maps_and_vocabularies(root: Path) -> None:
             label.shape
             == read_rgb(root / "mapillary/training/images" / f"{label_path.stem}.jpg").shape[:2]
         )
-        assert {readable[v] for v in np.unique(label).tolist()} <= set(OBJECT_SHAPES) | {
+        assert {readable[v] for v in np.unique(label).tolist()} <= set(KIND_OF_CLASS) | {
             "unlabeled"
         }
 
@@ -374,6 +383,10 @@ def test_vqa_and_refcocom_records(root: Path) -> None:
     for split in ("val", "testA", "testB"):
         for entry in json.loads((base / "annotations" / f"refcocom_{split}.json").read_text()):
             assert entry["sentences_num"] == len(entry["sentences"]) > 0
+            category, _, part = entry["cat"].partition(":")  # "clock", "car:wheel"
+            kind = KIND_OF_COCO_NAME[category]
+            assert all(re.search(rf"\b{kind}\b", s["sent"]) for s in entry["sentences"])
+            assert not part or all(part in s["sent"] for s in entry["sentences"])
             mask = cv2.imread(
                 str(base / "masks" / f"{entry['segment_id']}.png"), cv2.IMREAD_UNCHANGED
             )

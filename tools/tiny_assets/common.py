@@ -17,13 +17,10 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from utils.shapes_world import OBJECT_SHAPES, Region, Scene, SceneObject, generate_scene
+from utils.shapes_world import Region, Scene, SceneObject, generate_scene
 
 JPEG_QUALITY = 95
 PICKLE_PROTOCOL = 4
-# COCO category ids of the object shapes in every COCO-style json (refCOCO family, gRefCOCO).
-OBJECT_CATEGORY_IDS = {shape: index + 1 for index, shape in enumerate(OBJECT_SHAPES)}
-SUPERCATEGORY = "shape"
 
 
 @dataclass(frozen=True)
@@ -151,28 +148,34 @@ def coco_annotation(
     rle: str = "compressed",
 ) -> dict:
     """A COCO `annotations` record of an object or a part (see `segmentation`)."""
+    return annotation_record(
+        ann_id, image_id, category_id, segmentation(region, as_polygons, rle), region.mask
+    )
+
+
+def annotation_record(
+    ann_id: int,
+    image_id: int,
+    category_id: int,
+    segmentation: list | dict,
+    mask: np.ndarray,
+    iscrowd: int = 0,
+) -> dict:
+    """A COCO `annotations` record; area and bbox from the bool mask [H, W] it decodes to."""
     return {
         "id": ann_id,
         "image_id": image_id,
         "category_id": category_id,
-        "segmentation": segmentation(region, as_polygons, rle),
-        "area": int(region.mask.sum()),
-        "bbox": bbox_xywh(region.mask),
-        "iscrowd": 0,
+        "segmentation": segmentation,
+        "area": int(mask.sum()),
+        "bbox": bbox_xywh(mask),
+        "iscrowd": iscrowd,
     }
 
 
 def coco_image(image_id: int, file_name: str, scene: Scene) -> dict:
     height, width = scene.size
     return {"id": image_id, "file_name": file_name, "height": height, "width": width}
-
-
-def object_categories() -> list[dict]:
-    """COCO `categories` of the object shapes."""
-    return [
-        {"id": index, "name": shape, "supercategory": SUPERCATEGORY}
-        for shape, index in OBJECT_CATEGORY_IDS.items()
-    ]
 
 
 def split_of(index: int, per_split: int, splits: tuple[str, ...]) -> str:

@@ -10,16 +10,17 @@ near-miss (colour, shape) that no object has (`ann_id == [-1]`, `category_id == 
 `no_target: true`).
 
 RefCOCOm, `refer_seg/RefCOCOm/annotations/refcocom_<split>.json` for the val/testA/testB
-images of the pool, one record per object and per part, and `refer_seg/RefCOCOm/masks/
-<segment_id>.png` (0/255).
+images of the pool, one record per object and per part (`cat`: the object's COCO category name,
+"clock" or "car:wheel", as `tools/tiny_assets/classes.py` maps kinds), and
+`refer_seg/RefCOCOm/masks/<segment_id>.png` (0/255).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from tools.tiny_assets.classes import COCO_THING_NAMES, OBJECT_CATEGORY_IDS
 from tools.tiny_assets.common import (
-    OBJECT_CATEGORY_IDS,
     Context,
     split_of,
     write_json,
@@ -148,10 +149,11 @@ def write_refcocom(ctx: Context, pool: ReferPool) -> None:
         if split not in records:
             continue
         for obj in scene.objects:
-            targets = [(obj.shape, obj.mask, referring_expressions(scene, obj, "refcoco", rng, 2))]
+            name = COCO_THING_NAMES[obj.shape]
+            targets = [(name, obj.mask, referring_expressions(scene, obj, "refcoco", rng, 2))]
             for part in obj.parts:
                 texts = [part_phrase(obj, part), f"the {obj.name}'s {part_noun(obj, part)}"]
-                targets.append((f"{obj.shape}:{part.name}", part.mask, texts))
+                targets.append((f"{name}:{part.name}", part.mask, texts))
             for category, mask, texts in targets:
                 write_png(
                     base / "masks" / f"{segment_id}.png", mask.astype(np.uint8) * MASK_FOREGROUND

@@ -7,7 +7,12 @@ do; the pool holds `images_per_split` images per split of refcoco. refclef has i
 under `refer_seg/images/saiapr_tc-12/<NN>/images/<id>.jpg` (NN = id // 1000, two digits, the
 layout of the saiapr_tc-12 archive); its `file_name` is that relative path.
 
-In `instances.json`, simple shapes have polygon segmentations and composites compressed RLE.
+`instances.json` follows COCO's rule: an object (`iscrowd: 0`) is a list of polygons, one per
+region (a composite's parts; their union is the object's mask), and a crowd (`iscrowd: 1`) is an
+uncompressed RLE `{"size": [H, W], "counts": [...]}` as COCO writes crowds. Each image holds a
+crowd annotation for every class with two or more objects in it, covering all of them (COCO
+marks a group of one class so); no ref names a crowd, as in refCOCO. Categories are COCO's 80
+things, each kind drawn as a fixed one (`tools/tiny_assets/classes.py`).
 A ref's own `file_name` carries a suffix ("..._<k>.jpg") as in the originals; images are found
 through `instances.json`. Every expression names its object alone (see shapes_world_text).
 """
@@ -18,18 +23,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from tools.tiny_assets.classes import OBJECT_CATEGORY_IDS, coco_categories
 from tools.tiny_assets.common import (
-    OBJECT_CATEGORY_IDS,
     Context,
-    coco_annotation,
+    annotation_record,
     coco_image,
-    object_categories,
     split_of,
+    uncompressed_rle,
     write_jpeg,
     write_json,
     write_pickle,
 )
-from utils.shapes_world import Scene
+from utils.shapes_world import Scene, SceneObject
 from utils.shapes_world_text import capitalise, referring_expressions
 
 REFER_SPLITS = ("train", "val", "testA", "testB")
@@ -43,6 +50,7 @@ SAIAPR_FOLDER_SIZE = 1000
 COMPOSITE_EVERY = 2
 # Expressions per ref: (fewest, most); refcocog's are longer and fewer.
 SENTENCES_PER_REF = {"refcoco": (1, 3), "refcoco+": (1, 3), "refcocog": (1, 2), "refclef": (1, 2)}
+CROWD_MIN_OBJECTS = 2  # objects of one class that make a crowd annotation
 
 
 @dataclass
@@ -55,18 +63,58 @@ class ReferPool:
     ann_ids: list[list[int]]
 
     def instances(self) -> dict:
-        """instances.json: simple shapes as polygons, composites as compressed RLE."""
-        images, annotations = [], []
+        """instances.json: every object as polygons (`iscrowd: 0`), then the crowds
+        (`iscrowd: 1`, uncompressed RLE; their ids follow the objects')."""
+        images, objects, crowds = [], [], []
+        next_crowd_id = 1 + max((max(ids, default=0) for ids in self.ann_ids), default=0)
         for scene, image_id, file_name, ids in zip(
             self.scenes, self.image_ids, self.file_names, self.ann_ids, strict=True
         ):
             images.append(coco_image(image_id, file_name, scene))
             for obj, ann_id in zip(scene.objects, ids, strict=True):
-                category = OBJECT_CATEGORY_IDS[obj.shape]
-                annotations.append(
-                    coco_annotation(ann_id, image_id, category, obj, not obj.is_composite)
+                objects.append(object_annotation(ann_id, image_id, obj, file_name))
+            for crowd in crowd_annotations(scene, image_id, next_crowd_id):
+                crowds.append(crowd)
+                next_crowd_id += 1
+        return {
+            "images": images,
+            "annotations": objects + crowds,
+            "categories": coco_categories(),
+        }
+
+
+def object_annotation(ann_id: int, image_id: int, obj: SceneObject, file_name: str) -> dict:
+    """An `iscrowd: 0` record: the object's polygons, which rasterise to its mask (objects
+    never overlap, so no region of one is hidden by another object)."""
+    if not obj.polygons_exact:
+        raise ValueError(
+            f"{file_name}: the polygons of the {obj.name} do not rasterise to its mask; an "
+            "iscrowd 0 object must be a polygon list"
+        )
+    return annotation_record(
+        ann_id, image_id, OBJECT_CATEGORY_IDS[obj.shape], obj.polygons, obj.mask
+    )
+
+
+def crowd_annotations(scene: Scene, image_id: int, first_id: int) -> list[dict]:
+    """`iscrowd: 1` records, one per class with CROWD_MIN_OBJECTS or more objects in the scene
+    (in kind order): the union of their masks as an uncompressed RLE."""
+    crowds = []
+    for shape in sorted({obj.shape for obj in scene.objects}):
+        members = [obj.mask for obj in scene.objects if obj.shape == shape]
+        if len(members) >= CROWD_MIN_OBJECTS:
+            mask = np.logical_or.reduce(members)
+            crowds.append(
+                annotation_record(
+                    first_id + len(crowds),
+                    image_id,
+                    OBJECT_CATEGORY_IDS[shape],
+                    uncompressed_rle(mask),
+                    mask,
+                    iscrowd=1,
                 )
-        return {"images": images, "annotations": annotations, "categories": object_categories()}
+            )
+    return crowds
 
 
 def make_pool(scenes: list[Scene], first_id: int, file_name: Callable[[int], str]) -> ReferPool:

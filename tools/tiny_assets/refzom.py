@@ -12,8 +12,8 @@ object, groups, a pair and `absent_refs` no-target refs), drawn from RefZOM's ow
 
 from __future__ import annotations
 
+from tools.tiny_assets.classes import OBJECT_CATEGORY_IDS
 from tools.tiny_assets.common import (
-    OBJECT_CATEGORY_IDS,
     Context,
     split_of,
     write_json,

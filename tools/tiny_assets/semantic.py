@@ -1,15 +1,16 @@
-"""Semantic-segmentation families: ADE20K, COCO-Stuff and Mapillary, with their vocabularies.
+"""Semantic-segmentation families: ADE20K, COCO-Stuff and Mapillary.
 
-Classes are the colour-independent object shapes ("circle", ..., "house", "car", "tree").
-In each vocabulary the k-th shape sits at index SHAPE_INDEX_STEP * (k + 1) and every index
-between holds a filler name, so a loader that is off by one lands on a filler, not on another
-shape. Index = the class's position in the vocabulary = its training class id:
+ADE20K and COCO-Stuff label maps mean the real classes (`tools/tiny_assets/classes.py` maps each
+kind to one), read through the class lists shipped at `utils/datasets/class_lists/`; as in the
+real downloads, no vocabulary file is written into the dataset folder:
 
-- ADE20K: `ade20k/ade20k_classes.json` (150 names); label pixel = index + 1, 0 = other/ignore.
-- COCO-Stuff: `cocostuff/cocostuff_classes.txt`, 183 lines "id: name" with `0: unlabeled` first,
-  so pixel p is line `p + 1`; background pixels are "ground-other" (contains '-', so loaders
-  ignore it) and the one-pixel image frame is 255 (unlabeled), as stuffthingmaps have.
-- Mapillary: `mapillary/config_v2.0.json` labels (readable names capitalised); pixel = index;
+- ADE20K: label value = class index in `ade20k_classes.json` + 1 on objects, 0 ("other")
+  elsewhere.
+- COCO-Stuff: stuffthingmaps pixel value p = line p + 1 of `cocostuff_classes.txt` on objects;
+  the background is "ground-other" (a real stuff class; its '-' makes loaders ignore it) and the
+  one-pixel image frame is 255 (unlabeled), as stuffthingmaps have.
+- Mapillary ships its vocabulary, so `mapillary/config_v2.0.json` is written: the kinds'
+  classes at SHAPE_INDEX (readable names capitalised), fillers between, pixel = label index;
   the last label is "Unlabeled" and covers the background, as in the real data.
 """
 
@@ -17,17 +18,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from tools.tiny_assets.classes import (
+    COCOSTUFF_BACKGROUND_NAME,
+    SEMANTIC_NAMES,
+    ade20k_class_names,
+    class_indexes,
+    cocostuff_class_names,
+)
 from tools.tiny_assets.common import Context, write_jpeg, write_json, write_png
 from utils.datasets.base import IGNORE_LABEL
 from utils.shapes_world import OBJECT_SHAPES, Scene
 
+ADE20K_OTHER = 0
+ADE20K_LABEL_OFFSET = 1  # label value = class index + 1
+# Mapillary: the k-th kind at index SHAPE_INDEX_STEP * (k + 1), fillers between, so a loader
+# that is off by one lands on a filler, not on another kind.
 SHAPE_INDEX_STEP = 10
 SHAPE_INDEX = {shape: SHAPE_INDEX_STEP * (k + 1) for k, shape in enumerate(OBJECT_SHAPES)}
-ADE20K_CLASSES = 150
-ADE20K_OTHER = 0
-COCOSTUFF_CLASSES = 182
-COCOSTUFF_BACKGROUND = "ground-other"
-COCOSTUFF_BACKGROUND_INDEX = 150
 MAPILLARY_LABELS = 124
 MAPILLARY_UNLABELED = "Unlabeled"
 # Mapillary's config gives every label a display colour; ours is a fixed function of the index.
@@ -38,24 +45,16 @@ MAPILLARY_KEY_LENGTH = 22
 MAPILLARY_KEY_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 
 
-def vocabulary(size: int, filler: str) -> list[str]:
-    """`size` names: the shapes at SHAPE_INDEX, `filler.format(i)` elsewhere."""
-    names = [filler.format(i) for i in range(size)]
-    for shape, index in SHAPE_INDEX.items():
-        names[index] = shape
-    return names
-
-
 def ade20k_label(scene: Scene) -> np.ndarray:
-    """uint8 [H, W]: shape index + 1 on objects, 0 elsewhere."""
-    shifted = {shape: index + 1 for shape, index in SHAPE_INDEX.items()}
+    """uint8 [H, W]: the kind's ADE20K class index + 1 on objects, 0 ("other") elsewhere."""
+    indexes = class_indexes(ade20k_class_names(), SEMANTIC_NAMES)
+    shifted = {shape: index + ADE20K_LABEL_OFFSET for shape, index in indexes.items()}
     return scene.class_map(shifted, ADE20K_OTHER)
 
 
 def write_ade20k(ctx: Context) -> None:
-    """`ade20k/images/training/ADE_train_*.jpg` + `annotations/training/*.png` + classes."""
+    """`ade20k/images/training/ADE_train_*.jpg` + `annotations/training/*.png`."""
     base = ctx.root / "ade20k"
-    write_json(base / "ade20k_classes.json", vocabulary(ADE20K_CLASSES, "unused {}"))
     scenes = ctx.scenes("ade20k", ctx.options.images_per_split)
     for index, scene in enumerate(scenes, start=1):
         stem = f"ADE_train_{index:08d}"
@@ -63,15 +62,12 @@ def write_ade20k(ctx: Context) -> None:
         write_png(base / "annotations" / "training" / f"{stem}.png", ade20k_label(scene))
 
 
-def cocostuff_names() -> list[str]:
-    names = vocabulary(COCOSTUFF_CLASSES, "unused-{}")
-    names[COCOSTUFF_BACKGROUND_INDEX] = COCOSTUFF_BACKGROUND
-    return names
-
-
 def cocostuff_label(scene: Scene) -> np.ndarray:
-    """uint8 [H, W]: shape index on objects, "ground-other" elsewhere, 255 on the frame."""
-    label = scene.class_map(SHAPE_INDEX, COCOSTUFF_BACKGROUND_INDEX)
+    """uint8 [H, W]: the kind's COCO-Stuff pixel value on objects, "ground-other" elsewhere,
+    255 on the frame."""
+    names = cocostuff_class_names()
+    indexes = class_indexes(names, SEMANTIC_NAMES)
+    label = scene.class_map(indexes, names.index(COCOSTUFF_BACKGROUND_NAME))
     label[:FRAME_WIDTH, :] = label[-FRAME_WIDTH:, :] = IGNORE_LABEL
     label[:, :FRAME_WIDTH] = label[:, -FRAME_WIDTH:] = IGNORE_LABEL
     return label
@@ -79,13 +75,18 @@ def cocostuff_label(scene: Scene) -> np.ndarray:
 
 def write_cocostuff(ctx: Context, scenes: list[Scene], image_ids: list[int]) -> None:
     """`cocostuff/train2017/<id>.png` label maps of the COCO 2017 images (written by the
-    caller under `coco/train2017/`) and `cocostuff/cocostuff_classes.txt`."""
+    caller under `coco/train2017/`)."""
     base = ctx.root / "cocostuff"
-    lines = ["0: unlabeled"] + [f"{i + 1}: {name}" for i, name in enumerate(cocostuff_names())]
-    base.mkdir(parents=True, exist_ok=True)
-    (base / "cocostuff_classes.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for image_id, scene in zip(image_ids, scenes, strict=True):
         write_png(base / "train2017" / f"{image_id:012d}.png", cocostuff_label(scene))
+
+
+def vocabulary(size: int, filler: str) -> list[str]:
+    """`size` names: the kinds' semantic classes at SHAPE_INDEX, `filler.format(i)` elsewhere."""
+    names = [filler.format(i) for i in range(size)]
+    for shape, index in SHAPE_INDEX.items():
+        names[index] = SEMANTIC_NAMES[shape]
+    return names
 
 
 def label_colour(index: int) -> list[int]:
@@ -96,9 +97,10 @@ def mapillary_config() -> dict:
     """The `labels` list of config_v2.0.json (readable, name, color, instances, evaluate)."""
     readable = [name.capitalize() for name in vocabulary(MAPILLARY_LABELS, "unused {}")]
     readable[-1] = MAPILLARY_UNLABELED
+    classes = set(SEMANTIC_NAMES.values())
     labels = []
     for index, name in enumerate(readable):
-        is_shape = name.lower() in SHAPE_INDEX
+        is_shape = name.lower() in classes
         labels.append(
             {
                 "name": f"object--{name.lower().replace(' ', '-')}",
