@@ -28,7 +28,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from model.builder import build_segmenter
-from model.legacy import image_settings_directory
+from model.layouts import LEGACY_LAYOUTS, Layout, detect_layout, image_settings_directory
 from utils.collate import SampleProcessor
 from utils.config import ResolvedConfig, TrainConfig, resolve_config
 from utils.datasets.base import DataError
@@ -124,11 +124,9 @@ def step_validation(model, jobs, processor, config: TrainConfig, logger, epoch, 
     return after_step
 
 
-def report_unused_flags(config: TrainConfig, model) -> None:
-    """Say which model flags the loaded files override (nothing is fetched from a hub)."""
-    from model.legacy import LEGACY_LAYOUTS, detect_layout
-
-    layout = detect_layout(config.version)
+def report_unused_flags(config: TrainConfig, model, layout: Layout) -> None:
+    """Say which model flags the loaded files (of `layout`) override (nothing is fetched from a
+    hub)."""
     if layout in LEGACY_LAYOUTS:
         LOGGER.info(
             "--vision-tower %s: the CLIP tower of the %s checkpoint %s, which keeps it outside",
@@ -230,11 +228,12 @@ def run(resolved: ResolvedConfig, state: RunState, world: int):
     config, rank = resolved.config, state.rank
     state.log_file = attach_run_log(config.log_dir, rank)
     seed_everything(config.seed)
-    model, tokenizer = build_segmenter(config.model_config())
+    layout = detect_layout(config.version)  # once per run, handed on
+    model, tokenizer = build_segmenter(config.model_config(), layout)
     if config.weight:
         load_weights(model, config.weight)
     # CLIP's image settings: --version's own, or --vision-tower's for the legacy layouts
-    images = image_settings_directory(config.version, config.vision_tower)
+    images = image_settings_directory(config.version, config.vision_tower, layout)
     processor = SampleProcessor.for_model(
         model, tokenizer, images, config.conv_type, config.model_max_length, config.too_long
     )
@@ -243,7 +242,7 @@ def run(resolved: ResolvedConfig, state: RunState, world: int):
         describe_run(config.log_dir, config, model.token_ids, tokenizer)
         report_recipe(resolved)
         LOGGER.info("configuration: %s", config)
-        report_unused_flags(config, model)
+        report_unused_flags(config, model, layout)
     needs_validation = config.eval_only or not config.no_eval
     jobs = (
         build_validation_jobs(config.dataset_dir, config.val_dataset, config.val_json_name)

@@ -1,5 +1,5 @@
 """Building a segmenter from files: load the `--version` directory (any layout of
-`model.legacy`) and the SAM checkpoint, add the segmentation tokens, wrap LoRA, set the
+`model.layouts`) and the SAM checkpoint, add the segmentation tokens, wrap LoRA, set the
 trainable set. The `Segmenter` constructor itself does no I/O; this is the one place that does.
 """
 
@@ -28,7 +28,7 @@ from model.checkpoint import (
     read_segmenter_config,
     segmentation_parts,
 )
-from model.legacy import (
+from model.layouts import (
     LEGACY_LAYOUTS,
     Layout,
     LoadedBackbone,
@@ -106,16 +106,17 @@ class ModelConfig:
         return PRECISIONS[self.precision]
 
 
-def build_segmenter(config: ModelConfig):
+def build_segmenter(config: ModelConfig, layout: Layout | None = None):
     """Load and assemble the segmenter. Returns (Segmenter, tokenizer with the new tokens).
 
     `config.version` is a LLaVA directory, HF or LLaVA-v1 (SAM then comes from
     `config.vision_pretrained`, the projector and fusion start random), our merged checkpoint
     (`model.checkpoint`) or a merged LISA-family directory, whose SAM, projector, fusion and
-    image-token wrapping are used as saved.
+    image-token wrapping are used as saved. layout: its layout as the caller detected it
+    (`model.layouts.detect_layout`, once per run); detected here when None.
     """
     dtype = config.dtype
-    llava, tokenizer, token_ids, parts = load_backbone(config)
+    llava, tokenizer, token_ids, parts = load_backbone(config, layout)
     first_new_id = llava.get_input_embeddings().weight.shape[0]
     resize_embeddings_to_mean(llava, len(tokenizer))
     if config.new_token_rows == "normal":
@@ -159,13 +160,15 @@ def build_segmenter(config: ModelConfig):
     return model, tokenizer
 
 
-def load_backbone(config: ModelConfig) -> LoadedBackbone:
+def load_backbone(config: ModelConfig, layout: Layout | None = None) -> LoadedBackbone:
     """The LLaVA, its tokenizer with the segmentation tokens and any trained segmentation parts,
-    from whichever layout `config.version` has (`model.legacy.detect_layout`)."""
-    layout = detect_layout(config.version)
+    from whichever layout `config.version` has (`layout`, or `model.layouts.detect_layout` when
+    None)."""
+    layout = detect_layout(config.version) if layout is None else layout
     if layout in LEGACY_LAYOUTS:
         return load_legacy_backbone(
             config.version,
+            layout,
             config.vision_tower,
             config.dtype,
             config.attn_implementation,

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import save_torch_state_dict
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from model.losses import LossWeights
 from model.sam import sam_from_original_state_dict, to_original_state_dict
+from model.tensor_files import read_tensor_files
 from model.tokens import TokenIds
 
 SEGMENTER_CONFIG_FILE = "segmenter_config.json"
@@ -223,10 +223,7 @@ def read_segmentation_tensors(directory: str | Path) -> dict[str, Tensor]:
             f"{directory}: {SEGMENTER_CONFIG_FILE} is present but neither {SEGMENTER_SINGLE_FILE} "
             f"nor {SEGMENTER_INDEX_FILE}; the segmentation weights are missing"
         )
-    state: dict[str, Tensor] = {}
-    for name in files:
-        state.update(load_file(str(directory / name), device="cpu"))
-    return state
+    return read_tensor_files(directory / name for name in files)
 
 
 @dataclass

@@ -7,7 +7,6 @@ width, k prompts of one image.
 
 from __future__ import annotations
 
-import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import (
     SamConfig,
@@ -27,6 +26,8 @@ from transformers import (
     SamVisionConfig,
 )
 from transformers.models.sam.modeling_sam import SamLayerNorm
+
+from model.tensor_files import read_tensor_file
 
 MLP_RATIO = 4
 LAYER_NORM_EPS = 1e-6
@@ -44,11 +45,6 @@ SAM_EXPECTED = (
     "sam_vit_h_4b8939.pth (https://github.com/facebookresearch/segment-anything)"
 )
 MAX_LISTED_KEYS = 5
-# how torch's weights-only unpickler words a refusal, and the detail it gives
-UNSAFE_PICKLE_MARK = "Weights only load failed"
-UNSAFE_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)")
-UNSAFE_OBJECT = re.compile(r"global|reduce|build", re.IGNORECASE)  # else: not a pickle at all
-TORCH_ADVICE = ". Please use"  # torch's advice to allowlist the refused class: not ours to give
 
 _REAL_SAM = {"image_size": 1024, "patch_size": 16, "window_size": 14}
 SAM_PRESETS: dict[str, dict[str, Any]] = {
@@ -392,43 +388,14 @@ def _check_suffix(path: Path) -> None:
         raise ValueError(f"{path}: unsupported checkpoint suffix; use one of {CHECKPOINT_SUFFIXES}")
 
 
-def _load_tensors(path: Path) -> object:
-    """The file's contents through safetensors or ``torch.load(weights_only=True)``, with errors
-    that name the file: missing, not a checkpoint at all, or holding Python objects whose
-    loading would run code (never unpickled)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--vision_pretrained {path} does not exist; {SAM_EXPECTED}")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        refused = UNSAFE_DETAIL.search(str(err))
-        detail = (refused.group(1) if refused else str(err)).split(TORCH_ADVICE)[0].strip()
-        if UNSAFE_PICKLE_MARK in str(err) and UNSAFE_OBJECT.search(detail):
-            raise ValueError(
-                f"{path}: refusing to load: it holds Python objects that only code could "
-                f"rebuild ({detail}), and nothing from a checkpoint is ever run; {SAM_EXPECTED}"
-            ) from err
-        raise ValueError(
-            f"{path}: not a readable PyTorch or safetensors checkpoint ({detail}); {SAM_EXPECTED}"
-        ) from err
-    # torch.load and safetensors raise many types for a file that is not a checkpoint
-    except Exception as err:
-        raise ValueError(
-            f"{path}: not a readable PyTorch or safetensors checkpoint "
-            f"({type(err).__name__}: {err}); {SAM_EXPECTED}"
-        ) from err
-
-
 def _read_state_dict(path: Path) -> Mapping[str, Tensor]:
     """Tensors of a checkpoint file, unwrapping a lone ``model`` / ``state_dict`` entry."""
     if path.is_dir():
         raise IsADirectoryError(f"--vision_pretrained {path} is a directory; {SAM_EXPECTED}")
     _check_suffix(path)
-    state = _load_tensors(path)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    if not path.is_file():
+        raise FileNotFoundError(f"--vision_pretrained {path} does not exist; {SAM_EXPECTED}")
+    state = read_tensor_file(path, hint=SAM_EXPECTED)
     if REQUIRED_ORIGINAL_KEYS[0] not in state:
         for wrapper in ("model", "state_dict"):
             if isinstance(state.get(wrapper), Mapping):

@@ -1,7 +1,7 @@
 """Published checkpoints through the real scripts: a LISA-format directory evaluated with
 train_ds.py --eval_only, fine-tuned, merged and chatted with; a GSVA training-time .bin over a
 LLaVA-v1 base evaluated on gRefCOCO. The tiny checkpoints are written in the real layouts by the
-fidelity tests' writers (tests/model/test_legacy.py)."""
+fidelity tests' writers (tests/model/test_layouts.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import math
 from pathlib import Path
 
 from tests.e2e import python
-from tests.model import test_legacy
-from tests.model.test_legacy import GSVA_TOKENS, LORA_R, PROMPT_DIM, write_training_state_dict
+from tests.model import test_layouts
+from tests.model.test_layouts import GSVA_TOKENS, LORA_R, PROMPT_DIM, write_training_state_dict
 
 # the fidelity tests' session fixture: tiny LLaVA-v1, LISA and M2SA directories, CLIP and SAM
-legacy_assets = test_legacy.legacy_assets
+legacy_assets = test_layouts.legacy_assets
 
 
 def data_flags(assets: Path, runs: Path, exp_name: str, val_dataset: str) -> list[str]:

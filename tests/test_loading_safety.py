@@ -2,8 +2,9 @@
 handed over by a stranger.
 
 - A scan of the project's source: every `torch.load` passes `weights_only=True`, no call turns
-  `trust_remote_code` on, and only the plain-data reader (utils/datasets/safe_pickle.py)
-  unpickles.
+  `trust_remote_code` on, only the plain-data reader (utils/datasets/safe_pickle.py)
+  unpickles, and library code reads tensor files only through model/tensor_files.py (the one
+  door; utils.weights.weights_only_loads guards DeepSpeed's own reads).
 - `--weight` files and DeepSpeed directories (whose own reader passes weights_only=False) that
   hold code are refused, and the code does not run; `torch.load` is restored afterwards.
 - Pickled refs files (issue 21) build plain data only: one that would build anything else is
@@ -40,6 +41,9 @@ UNPICKLING_MODULES = {Path("utils/datasets/safe_pickle.py")}
 UNPICKLING_NAMES = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler")}
 # this file calls torch.load(weights_only=False) on purpose, under the guard it tests
 SCAN_EXCEPTIONS = {Path("tests/test_loading_safety.py")}
+# the one library module that reads tensor files, and the readers it alone may call
+TENSOR_DOOR = Path("model/tensor_files.py")
+TENSOR_READERS = {"load_file", "safe_open", "load"}  # torch.load; safetensors' load_file, safe_open
 
 
 def project_sources() -> list[Path]:
@@ -94,6 +98,48 @@ def unsafe_calls(path: Path) -> list[str]:
             if not keyword_is(node, "trust_remote_code", False):
                 found.append(f"{where} trust_remote_code is not False")
     return found
+
+
+def tensor_reads(path: Path) -> list[str]:
+    """Where library code in `path` reads a tensor file itself (torch.load, safetensors'
+    load_file / safe_open, called or imported) instead of through TENSOR_DOOR."""
+    relative = path.relative_to(ROOT)
+    if relative.parts[0] == "tests" or relative == TENSOR_DOOR:
+        return []
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        where = f"{relative}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("safetensors"):
+            names = [a.name for a in node.names if a.name in TENSOR_READERS]
+            found += [f"{where} imports safetensors' {name}" for name in names]
+        if isinstance(node, ast.Call):
+            name = dotted(node.func)
+            if name == ("torch", "load") or (
+                name[-1:] in (("load_file",), ("safe_open",)) and "safetensors" in name[:-1]
+            ):
+                found.append(f"{where} calls {'.'.join(name)}")
+    return found
+
+
+def test_tensor_files_are_read_through_one_door() -> None:
+    sources = project_sources()
+    assert ROOT / TENSOR_DOOR in sources
+    assert [problem for path in sources for problem in tensor_reads(path)] == []
+
+
+def test_the_door_scan_finds_what_it_looks_for(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    bad = tmp_path / "model" / "bad.py"
+    bad.parent.mkdir()
+    bad.write_text(
+        "import torch, safetensors.torch\nfrom safetensors.torch import load_file, save_file\n"
+        "from safetensors import safe_open\ntorch.load('a', weights_only=True)\n"
+        "safetensors.torch.load_file('a')\n"
+    )
+    assert len(tensor_reads(bad)) == 4
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "ok.py").write_text(bad.read_text())
+    assert tensor_reads(tmp_path / "tests" / "ok.py") == []
 
 
 def test_the_source_never_loads_unsafely() -> None:

@@ -3,7 +3,7 @@
 
 - A LLaVA-v1 base (`LLaVA-Lightning-7B-v1-1`, `llava-llama-2-13b-chat-lightning-preview`)
   becomes a Hugging Face LLaVA directory: `LlavaForConditionalGeneration` with CLIP inside, the
-  one-Linear projector kept exact (`model.legacy`), the tokenizer with `<image>` added and the
+  one-Linear projector kept exact (`model.layouts`), the tokenizer with `<image>` added and the
   LISA-family tokenization, and CLIP's `preprocessor_config.json`.
 - A merged LISA-family directory (`LISA-7B-v1`, `LISA-13B-llama2-v1`, M2SA) becomes our merged
   checkpoint (`model.checkpoint`), with its trained SAM, projector and fusion.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.backbone import resize_embeddings_to_mean  # noqa: E402
 from model.builder import PRECISIONS, ModelConfig, build_segmenter  # noqa: E402
 from model.checkpoint import DEFAULT_MAX_SHARD_SIZE, save_merged  # noqa: E402
-from model.legacy import (  # noqa: E402
+from model.layouts import (  # noqa: E402
     LEGACY_LAYOUTS,
     Layout,
     build_legacy_llava,
@@ -75,11 +75,12 @@ def stored_precision(directory: Path) -> str:
     return STORED_PRECISIONS[stored]
 
 
-def convert_llava_v1(options: argparse.Namespace, precision: str) -> int:
-    """LLaVA-v1 base -> Hugging Face LLaVA directory. Returns CLIP's input size."""
-    checkpoint = read_legacy_checkpoint(options.input)
+def convert_llava_v1(options: argparse.Namespace, precision: str, layout: Layout) -> int:
+    """LLaVA-v1 base (`layout` as detected) -> Hugging Face LLaVA directory. Returns CLIP's
+    input size."""
+    checkpoint = read_legacy_checkpoint(options.input, layout)
     if checkpoint.layout is Layout.LISA:  # segmentation tensors, config without the marker
-        return convert_lisa(options, precision)
+        return convert_lisa(options, precision, checkpoint.layout)
     tokenizer = load_legacy_tokenizer(checkpoint)
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -90,8 +91,9 @@ def convert_llava_v1(options: argparse.Namespace, precision: str) -> int:
     return llava.config.vision_config.image_size
 
 
-def convert_lisa(options: argparse.Namespace, precision: str) -> int:
-    """Merged LISA-family directory -> our merged checkpoint. Returns CLIP's input size."""
+def convert_lisa(options: argparse.Namespace, precision: str, layout: Layout) -> int:
+    """Merged LISA-family directory (`layout` as detected) -> our merged checkpoint. Returns
+    CLIP's input size."""
     source, vision_tower = options.input, options.vision_tower
     config = ModelConfig(
         version=str(source),
@@ -102,7 +104,7 @@ def convert_lisa(options: argparse.Namespace, precision: str) -> int:
         lora_r=0,
         out_dim=read_config(source).get("out_dim", DEFAULT_OUT_DIM),
     )
-    model, tokenizer = build_segmenter(config)
+    model, tokenizer = build_segmenter(config, layout)
     save_merged(
         model,
         tokenizer,
@@ -144,7 +146,7 @@ def convert(options: argparse.Namespace) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     precision = stored_precision(source) if options.precision == AUTO else options.precision
     converter = convert_lisa if layout is Layout.LISA else convert_llava_v1
-    image_size = converter(options, precision)
+    image_size = converter(options, precision, layout)
     write_image_settings(options.vision_tower, output, image_size)
     LOGGER.info("wrote %s (%s, from the %s layout)", output, precision, layout.value)
     return output

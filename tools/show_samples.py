@@ -12,7 +12,7 @@ No model is built; `--print_config` prints the resolved configuration and exits.
 
 Tokenization: when `--version` names a model directory, its tokenizer and the number of image
 tokens are read from its files as the model builder reads them (tokenizer files, config.json;
-for LLaVA-v1 and LISA-family directories also the weight files, which `model.legacy` reads to
+for LLaVA-v1 and LISA-family directories also the weight files, which `model.layouts` reads to
 tell the two apart and to check the tokenizer against the embedding rows, and `--vision-tower`'s
 config.json), and every sample is processed as in training (`utils.collate.SampleProcessor`,
 `--model_max_length`, `--too_long`): token lengths, truncated and dropped conversations, and the
@@ -63,7 +63,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the project's packages im
 from model.backbone import image_token_count  # noqa: E402
 from model.builder import segmentation_tokenizer  # noqa: E402
 from model.checkpoint import read_segmenter_config  # noqa: E402
-from model.legacy import (  # noqa: E402
+from model.layouts import (  # noqa: E402
     LEGACY_LAYOUTS,
     Layout,
     detect_layout,
@@ -205,9 +205,9 @@ def load_tokenization(config: TrainConfig) -> Tokenization | None:
     if not Path(config.version).is_dir():
         return None
     layout = detect_layout(config.version)
-    images = image_settings_directory(config.version, config.vision_tower)
+    images = image_settings_directory(config.version, config.vision_tower, layout)
     if layout in LEGACY_LAYOUTS:
-        checkpoint = read_legacy_checkpoint(config.version)
+        checkpoint = read_legacy_checkpoint(config.version, layout)
         tokenizer, token_ids = legacy_segmentation_tokenizer(checkpoint, config.use_mm_start_end)
         if not Path(config.vision_tower).is_dir():  # nothing is downloaded
             raise FileNotFoundError(

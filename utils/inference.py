@@ -22,9 +22,9 @@ import torch
 
 from model.backbone import image_token_count
 from model.builder import ModelConfig, build_segmenter
-from model.checkpoint import is_merged_checkpoint, read_segmenter_config
+from model.checkpoint import read_segmenter_config
 from model.generate import generate
-from model.legacy import image_settings_directory
+from model.layouts import Layout, detect_layout, image_settings_directory
 from model.segmenter import Segmenter
 from model.tokens import IGNORE_INDEX, REJ_TOKEN, SEG_TOKEN
 from utils.collate import ProcessedSample, collate, template_for, tokenize_prompt
@@ -120,13 +120,14 @@ class Segmentation:
             gradient_checkpointing=False,
             lora_r=0,
         )
-        saved = read_segmenter_config(version) if is_merged_checkpoint(version) else None
-        model, tokenizer = build_segmenter(config)
+        layout = detect_layout(version)
+        saved = read_segmenter_config(version) if layout is Layout.MERGED else None
+        model, tokenizer = build_segmenter(config, layout)
         device = device or device_default()
         model = model.to(device).eval()
         conv_type = conv_type or (saved.conv_type if saved else DEFAULT_CONV_TYPE)
         images = ImageProcessors.from_pretrained(
-            image_settings_directory(version, vision_tower), model.sam_input_size
+            image_settings_directory(version, vision_tower, layout), model.sam_input_size
         )
         return cls(model, tokenizer, images, conv_type, device, config.dtype)
 

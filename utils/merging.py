@@ -20,7 +20,7 @@ from pathlib import Path
 
 from model.builder import build_segmenter
 from model.checkpoint import DEFAULT_MAX_SHARD_SIZE, merge_lora, save_merged
-from model.legacy import image_settings_directory
+from model.layouts import detect_layout, image_settings_directory
 from utils.config import TrainConfig, build_parser, explicit_flags, layered_values
 from utils.weights import load_weights
 
@@ -110,7 +110,8 @@ def resolve_merge_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespa
 def merge(config: TrainConfig, weight: str, save_path: str, max_shard_size: str) -> Path:
     """Rebuild the run's model, load `weight` strictly, merge LoRA, write `save_path`."""
     model_config = replace(config.model_config(), gradient_checkpointing=False)
-    model, tokenizer = build_segmenter(model_config)
+    layout = detect_layout(config.version)
+    model, tokenizer = build_segmenter(model_config, layout)
     load_weights(model, weight)
     merged = merge_lora(model.llava)
     LOGGER.info("merged LoRA into %d layers", merged)
@@ -126,7 +127,7 @@ def merge(config: TrainConfig, weight: str, save_path: str, max_shard_size: str)
         model,
         tokenizer,
         save_path,
-        source_version=image_settings_directory(config.version, config.vision_tower),
+        source_version=image_settings_directory(config.version, config.vision_tower, layout),
         conv_type=config.conv_type,
         provenance=provenance,
         max_shard_size=max_shard_size,

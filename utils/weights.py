@@ -14,31 +14,19 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
+
+from model.tensor_files import UnsafeCheckpointError as UnsafeCheckpointError  # re-exported
+from model.tensor_files import read_tensor_file, refusal
 
 DEEPSPEED_LATEST = "latest"
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-# how torch's weights-only unpickler words a refusal, and the detail it gives
-UNSAFE_PICKLE_MARK = "Weights only load failed"
-UNSAFE_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)")
-UNSAFE_OBJECT = re.compile(r"global|reduce|build", re.IGNORECASE)  # else: not a pickle at all
-TORCH_ADVICE = ". Please use"  # torch's advice to allowlist the refused class: not ours to give
-SAFE_HINT = (
-    "only tensors and plain data are loaded from checkpoints, never code; if you trust the file, "
-    "convert it to safetensors yourself"
-)
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file holds Python objects that only running code could rebuild."""
 
 
 def deepspeed_safe_globals() -> list[type]:
@@ -50,19 +38,6 @@ def deepspeed_safe_globals() -> list[type]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def refusal(path: object, error: pickle.UnpicklingError) -> ValueError:
-    """The error to raise for a file torch's weights-only unpickler refused: one holding
-    objects only code could rebuild (UnsafeCheckpointError), or one that is no pickle at all."""
-    found = UNSAFE_DETAIL.search(str(error))
-    detail = (found.group(1) if found else str(error)).split(TORCH_ADVICE)[0].strip()
-    if UNSAFE_PICKLE_MARK in str(error) and UNSAFE_OBJECT.search(detail):
-        return UnsafeCheckpointError(
-            f"{path}: refusing to load: it holds Python objects that only code could rebuild "
-            f"({detail}); {SAFE_HINT}"
-        )
-    return ValueError(f"{path}: not a readable PyTorch checkpoint ({detail})")
 
 
 @contextmanager
@@ -89,23 +64,10 @@ def weights_only_loads(allowed: Sequence[type] = ()) -> Iterator[None]:
 
 
 def read_file(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of one file (safetensors or weights-only torch), errors naming it."""
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path), device="cpu")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise refusal(path, error) from error
-    # torch.load and safetensors raise many types for a file that is not a checkpoint
-    except Exception as error:
-        raise ValueError(
-            f"{path}: not a readable PyTorch or safetensors checkpoint "
-            f"({type(error).__name__}: {error})"
-        ) from error
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    """The state dict of one file (`model.tensor_files`), unwrapping DeepSpeed's nesting."""
+    state = read_tensor_file(path)
     # DeepSpeed's own model-state files nest the weights under "module"
-    return state["module"] if isinstance(state.get("module"), dict) else state
+    return state["module"] if isinstance(state.get("module"), Mapping) else state
 
 
 def read_directory(path: Path) -> dict[str, torch.Tensor]:
@@ -144,7 +106,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load `path` into `model` strictly (in the model's dtypes); errors list the keys."""
     from model.checkpoint import load_into
-    from model.legacy import is_lisa_family_state_dict, translate_lisa_family_state_dict
+    from model.layouts import is_lisa_family_state_dict, translate_lisa_family_state_dict
 
     state = read_weights(path)
     if is_lisa_family_state_dict(state):  # GSVA / LISA training-time names, mapped to ours

@@ -184,3 +184,10 @@ def test_mismatched_token_ids_and_missing_weights_are_named(merged) -> None:
     (directory / "segmenter.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="segmentation weights are missing"):
         build_segmenter(config)
+
+
+def test_a_damaged_segmenter_file_is_named(merged) -> None:
+    _, directory, _ = merged
+    (directory / "segmenter.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(ValueError, match=r"segmenter\.safetensors: not a readable PyTorch or"):
+        read_segmentation_tensors(directory)

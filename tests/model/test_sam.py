@@ -17,6 +17,7 @@ from torch import nn
 
 from model.sam import (
     DROPPED_ORIGINAL_KEYS,
+    SAM_EXPECTED,
     SAM_PRESETS,
     TIED_HF_KEYS,
     EarlyFusion,
@@ -37,6 +38,8 @@ from model.sam import (
     save_sam_checkpoint,
     to_original_state_dict,
 )
+from model.tensor_files import UnsafeCheckpointError
+from tests.utils.unsafe_checkpoints import write_unsafe_file
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 TINY_IMAGE, TINY_PATCH, TINY_GRID = 64, 8, 8
@@ -456,3 +459,13 @@ def test_decode_masks_is_one_call_and_differentiable(tiny_sam):
     for parameter in trained:
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
     tiny_sam.zero_grad()
+
+
+def test_a_sam_file_holding_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = write_unsafe_file(tmp_path / "sam.pth", marker)
+    with pytest.raises(UnsafeCheckpointError) as error:
+        load_sam_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: refusing to load: it holds Python objects")
+    assert message.endswith(SAM_EXPECTED) and "\n" not in message and not marker.exists()

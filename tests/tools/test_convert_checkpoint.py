@@ -12,12 +12,12 @@ import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from model.checkpoint import is_merged_checkpoint
-from model.legacy import EMBED_KEY, LM_HEAD_KEY, Layout, detect_layout, uses_lisa_tokenization
-from tests.model import test_legacy
-from tests.model.test_legacy import SP_VOCAB, TOL, batch_for, build
+from model.layouts import EMBED_KEY, LM_HEAD_KEY, Layout, detect_layout, uses_lisa_tokenization
+from tests.model import test_layouts
+from tests.model.test_layouts import SP_VOCAB, TOL, batch_for, build
 from tools.convert_checkpoint import main
 
-legacy_assets = test_legacy.legacy_assets  # the session fixture writing the legacy layouts
+legacy_assets = test_layouts.legacy_assets  # the session fixture writing the legacy layouts
 
 LISA_PROMPT = "A chat. USER: <im_start><image><im_end>\n What is it? ASSISTANT: It is [SEG].</s>"
 

@@ -25,7 +25,7 @@ from PIL import Image
 from model.backbone import image_token_count
 from model.builder import ModelConfig, build_segmenter, load_backbone
 from model.tiny import tiny_model_config
-from tests.model.test_legacy import legacy_assets  # noqa: F401  (a session fixture)
+from tests.model.test_layouts import legacy_assets  # noqa: F401  (a session fixture)
 from tools import show_samples
 from utils.collate import SampleProcessor
 from utils.config import resolve_config

@@ -4,13 +4,16 @@ names, config fields, dtypes, a SentencePiece `tokenizer.model` with transformer
 tokenizer files), loaded through `build_segmenter` / `load_weights` and compared with an
 independent composition of the same raw tensors: transformers' LlamaForCausalLM and
 CLIPVisionModel, a plain Linear for `mm_projector`, a plain MLP for `text_hidden_fcs`, M2SA's
-`compress_vit` written out, and the official segment-anything decoder as LISA calls it.
+`compress_vit` written out, and the official segment-anything decoder as LISA calls it. Their
+weight files go through the one safe reader (a file holding code is refused, and nothing runs),
+and the layout is detected once per load.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, replace
@@ -31,9 +34,11 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from model import layouts
 from model.backbone import image_token_count
 from model.builder import ModelConfig, build_segmenter
-from model.legacy import Layout, detect_layout, image_settings_directory
+from model.layouts import Layout, detect_layout, image_settings_directory
+from model.tensor_files import UnsafeCheckpointError
 from model.tiny import (
     TINY_TEXT,
     TINY_VISION,
@@ -43,7 +48,9 @@ from model.tiny import (
 )
 from tests.helpers import Conversation, make_batch
 from tests.model.test_sam import official_sam, randomise_
+from tests.utils.unsafe_checkpoints import write_unsafe_file
 from utils.collate import template_for, tokenize_conversation, tokenize_prompt
+from utils.inference import Segmentation
 from utils.weights import load_weights
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -548,8 +555,11 @@ def test_layouts_are_told_apart(legacy_assets, tiny_dir) -> None:
     assert detect_layout(tiny_dir / "llava_tiny") is Layout.HF_LLAVA
     # CLIP image settings: the legacy layouts keep them with CLIP, outside the checkpoint
     clip = legacy_assets.clip
-    assert image_settings_directory(legacy_assets.lisa.directory, clip) == clip
-    assert image_settings_directory(tiny_dir / "llava_tiny", clip) == tiny_dir / "llava_tiny"
+    assert image_settings_directory(legacy_assets.lisa.directory, clip, Layout.LISA) == clip
+    assert image_settings_directory(legacy_assets.llava_v1.directory, clip, Layout.LLAVA_V1) == clip
+    hf = tiny_dir / "llava_tiny"
+    for layout in (Layout.HF_LLAVA, Layout.MERGED):
+        assert image_settings_directory(hf, clip, layout) == hf
 
 
 def test_llava_v1_base_loads_as_the_papers_trained_from_it(legacy_assets, llava_v1_model) -> None:
@@ -671,3 +681,38 @@ def test_a_lisa_directory_without_its_tokenizer_ids_or_clip_stops(legacy_assets,
     (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="cannot tell the checkpoint layout"):
         build(legacy_assets, directory)
+
+
+@pytest.mark.parametrize("name", ["llava_v1", "lisa"])
+def test_a_legacy_weight_file_holding_code_is_refused_and_never_run(
+    legacy_assets, tmp_path, name
+) -> None:
+    directory = tmp_path / name
+    shutil.copytree(getattr(legacy_assets, name).directory, directory)
+    marker = tmp_path / "code_ran"
+    shard = write_unsafe_file(directory / "pytorch_model-00001-of-00002.bin", marker)
+    with pytest.raises(UnsafeCheckpointError) as error:
+        build(legacy_assets, directory)
+    message = str(error.value)
+    assert message.startswith(f"{shard}: refusing to load: it holds Python objects")
+    assert f"it would build {os.mkdir.__module__}.mkdir" in message and "never code" in message
+    assert "\n" not in message and not marker.exists()
+
+
+def test_the_layout_is_detected_once_per_load(legacy_assets, monkeypatch) -> None:
+    """`Segmentation.load` detects the layout once and hands it to the builder, the legacy
+    reader and the image settings (each used to detect it again)."""
+    calls = []
+    check = layouts.check_model_directory  # detect_layout's first step, called once per call
+
+    def counting(directory):
+        calls.append(directory)
+        return check(directory)
+
+    monkeypatch.setattr(layouts, "check_model_directory", counting)
+    lisa = legacy_assets.lisa.directory
+    loaded = Segmentation.load(
+        str(lisa), precision="fp32", device="cpu", vision_tower=str(legacy_assets.clip)
+    )
+    assert [Path(directory) for directory in calls] == [lisa]
+    assert loaded.model.token_ids.seg == SP_VOCAB

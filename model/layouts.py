@@ -1,6 +1,9 @@
-"""Checkpoint layouts of a `--version` directory, and the legacy ones mapped onto ours.
+"""The published checkpoint layouts of a `--version` directory, where their image settings are,
+and the LLaVA-v1 / LISA-family ones mapped onto ours.
 
-`detect_layout` tells four layouts apart (REFERENCE.md 3):
+`detect_layout` tells four layouts apart (REFERENCE.md 3). It runs once per run, at the entry
+point (train_ds.py, the merge, `Segmentation.load`, the tools), which hands the `Layout` on to
+`model.builder.build_segmenter`, `image_settings_directory` and `read_legacy_checkpoint`:
 
 - `hf-llava`: transformers' `LlavaForConditionalGeneration` directory (config has `text_config`).
 - `merged`: our merged checkpoint (`model.checkpoint`: a `segmenter_config.json`).
@@ -12,9 +15,10 @@
   `train_mask_decoder`).
 
 The legacy two are read as JSON and tensors (transformers would parse their `model_type "llava"`
-config as a LlavaConfig) and mapped by `LLAVA_KEY_MAP` onto a `LlavaForConditionalGeneration`
-built in memory; their segmentation tensors already have the names of our merged format and go
-to `model.checkpoint.segmentation_parts` unchanged. LLaVA-v1's projector is one Linear where
+config as a LlavaConfig; the tensors come through `model.tensor_files`, which refuses code) and
+mapped by `LLAVA_KEY_MAP` onto a `LlavaForConditionalGeneration` built in memory; their
+segmentation tensors already have the names of our merged format and go to
+`model.checkpoint.segmentation_parts` unchanged. LLaVA-v1's projector is one Linear where
 transformers' is Linear -> act -> Linear: it is represented exactly by the activation "linear"
 (the identity) and `linear_2` = identity matrix, zero bias, which plain transformers saves and
 loads; the price is one H x H matmul per image token.
@@ -41,7 +45,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import (
     CLIPVisionConfig,
@@ -64,6 +67,7 @@ from model.checkpoint import (
     split_segmentation_state_dict,
 )
 from model.sam import convert_original_state_dict
+from model.tensor_files import read_tensor_file
 from model.tokens import (
     IM_END_TOKEN,
     IM_START_TOKEN,
@@ -206,10 +210,13 @@ def detect_layout(directory: str | Path) -> Layout:
     )
 
 
-def image_settings_directory(version: str | Path, vision_tower: str | Path) -> Path:
-    """Where `preprocessor_config.json` (CLIP image settings) of `version` is: the directory
-    itself, or for the legacy layouts, which keep CLIP outside, the `--vision-tower` one."""
-    return Path(vision_tower if detect_layout(version) in LEGACY_LAYOUTS else version)
+def image_settings_directory(
+    version: str | Path, vision_tower: str | Path | None, layout: Layout
+) -> Path:
+    """Where `preprocessor_config.json` (CLIP image settings) of `version`, of `layout`
+    (`detect_layout`), is: the directory itself, or for the legacy layouts, which keep CLIP
+    outside, the `--vision-tower` one."""
+    return Path(vision_tower if layout in LEGACY_LAYOUTS else version)
 
 
 def map_llava_key(key: str) -> str | None:
@@ -270,17 +277,10 @@ def weight_files(directory: Path) -> list[Path]:
     )
 
 
-def read_weight_file(path: Path) -> dict[str, Tensor]:
-    """Tensors of one file (safetensors, or torch.load weights-only, memory-mapped)."""
-    if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
-def read_legacy_checkpoint(directory: str | Path) -> LegacyCheckpoint:
-    """Read a LLaVA-v1 or LISA-family directory; the layout is LISA when it holds
-    segmentation tensors. Errors name the file, the layout and the first unmapped keys."""
-    layout = detect_layout(directory)
+def read_legacy_checkpoint(directory: str | Path, layout: Layout) -> LegacyCheckpoint:
+    """Read a LLaVA-v1 or LISA-family directory of the detected `layout`; the layout read is
+    LISA when it holds segmentation tensors. Weight files are memory-mapped; errors name the
+    file, the layout and the first unmapped keys (an unsafe file: `UnsafeCheckpointError`)."""
     directory = Path(directory)
     config = read_config(directory)
     projector = config.get("mm_projector_type", SINGLE_LINEAR_ACT)
@@ -291,7 +291,7 @@ def read_legacy_checkpoint(directory: str | Path) -> LegacyCheckpoint:
     llava, segmentation = {}, {}
     for path in weight_files(directory):
         file_llava, file_segmentation = split_legacy_state_dict(
-            read_weight_file(path), f"{path} (read as the {layout.value} layout)"
+            read_tensor_file(path, mmap=True), f"{path} (read as the {layout.value} layout)"
         )
         llava.update(file_llava)
         segmentation.update(file_segmentation)
@@ -457,13 +457,15 @@ def legacy_segmentation_tokenizer(
 
 def load_legacy_backbone(
     version: str | Path,
+    layout: Layout,
     vision_tower: str | None,
     dtype: torch.dtype,
     attn_implementation: str,
     use_mm_start_end: bool,
 ) -> LoadedBackbone:
-    """A LLaVA-v1 or LISA-family directory as the builder needs it (see LoadedBackbone)."""
-    checkpoint = read_legacy_checkpoint(version)
+    """A LLaVA-v1 or LISA-family directory of the detected `layout` as the builder needs it
+    (see LoadedBackbone)."""
+    checkpoint = read_legacy_checkpoint(version, layout)
     tokenizer, token_ids = legacy_segmentation_tokenizer(checkpoint, use_mm_start_end)
     llava = build_legacy_llava(
         checkpoint, vision_tower, token_ids.image, dtype, attn_implementation
