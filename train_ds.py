@@ -41,6 +41,8 @@ from utils.engine import (
     save_checkpoint,
 )
 from utils.evaluation import build_validation_jobs, evaluate, write_eval_outputs
+from utils.flops import StepFlops, device_peak
+from utils.memory_plan import print_memory_plan, split_json_flag
 from utils.metrics import format_table
 from utils.run_log import LOG_FORMAT, attach_run_log, report_error
 from utils.runlock import RunLock, RunLockedError
@@ -158,6 +160,9 @@ def train(model, tokenizer, jobs, processor, config: TrainConfig, rank: int, wor
     start_epoch, best = state.get("epoch", config.start_epoch - 1) + 1, state.get("best_score")
     logger = RunLogger(config.log_dir, rank)
     device, dtype = get_accelerator().current_device_name(), config.model_config().dtype
+    flops, (peak, peak_note) = StepFlops.from_segmenter(model), device_peak(device)
+    if rank == 0:
+        LOGGER.info("MFU is measured against %s", peak_note)
     history = []
     for epoch in range(start_epoch, config.epochs):
         dataset.set_epoch(epoch)
@@ -172,6 +177,8 @@ def train(model, tokenizer, jobs, processor, config: TrainConfig, rank: int, wor
             progress=rank == 0,
             print_freq=config.print_freq,
             after_step=step_validation(model, jobs, processor, config, logger, epoch, rank, world),
+            flops=flops,
+            peak_flops=peak,
         )
         summaries = {} if config.no_eval else validate(model, jobs, processor, config, rank, world)
         logger.validation(engine.global_steps, epoch, summaries)
@@ -230,6 +237,7 @@ def run(resolved: ResolvedConfig, state: RunState, world: int):
     seed_everything(config.seed)
     layout = detect_layout(config.version)  # once per run, handed on
     model, tokenizer = build_segmenter(config.model_config(), layout)
+    model.full_logits = config.full_logits
     if config.weight:
         load_weights(model, config.weight)
     # CLIP's image settings: --version's own, or --vision-tower's for the legacy layouts
@@ -257,11 +265,16 @@ def run(resolved: ResolvedConfig, state: RunState, world: int):
 
 def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    as_json, argv = split_json_flag(sys.argv[1:] if argv is None else argv)
     resolved = resolve_config(argv)
     config = resolved.config
     if config.print_config:
         print(json.dumps(resolved.to_json(), indent=2), flush=True)
         return None
+    if config.estimate_memory:
+        return print_memory_plan(config, as_json)
+    if as_json:
+        raise SystemExit("train_ds.py: --json goes with --estimate_memory")
     state, lock = RunState(launcher_rank()), RunLock(config.log_dir)
     try:
         take_run_lock(lock, config.force_unlock, state.rank)

@@ -3,6 +3,7 @@ optimizer step, samples/s, the fraction of step time outside the model's forward
 (on an accelerator) peak memory and model-FLOPs utilisation. Prints JSON.
 
     python benchmarks/train_step.py [--preset tiny] [--steps 20] [--workers 4]
+    python benchmarks/train_step.py --preset small [--batches 3]
     deepspeed --num_gpus 1 benchmarks/train_step.py --preset 7b [--offload_optimizer]
 
 "tiny": the tiny model on the shapes-world assets, on CPU. "7b": a random-weight
@@ -10,16 +11,31 @@ LLaVA-7B-shaped backbone (LLaMA-7B, CLIP ViT-L/14 224 px) and SAM ViT-H, written
 loaded through the real builder, bf16, ZeRO-2, gradient checkpointing (meant for a GPU; it
 writes about 16 GB of random weights first). Both run the real data pipeline, DeepSpeed engine
 and train_ds.py flags.
+
+"small" (CPU) compares trimmed with full logits on the same batches in one run: a LLaMA of
+width 1024, 8 layers and a 32000-token vocabulary, a CLIP giving 256 image tokens, the m2sa
+recipe's mix and question templates on the shapes-world assets, fp32; forward + backward of
+each batch on each path (same dropout masks), alternating. JSON: "speedup" (trimmed over full
+samples/s), "max_abs_loss_diff", and per path the seconds per batch and the peak resident
+memory the step added, against the memory planner's activation estimate of those batches.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
+import itertools
+import os
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,30 +53,56 @@ with contextlib.redirect_stdout(sys.stderr):
     from utils.collate import SampleProcessor  # noqa: E402
     from utils.config import parse_args  # noqa: E402
     from utils.engine import init_engine  # noqa: E402
+    from utils.flops import StepFlops, device_peak  # noqa: E402
+    from utils.memory_plan import activation_bytes, activation_shape  # noqa: E402
     from utils.training import (  # noqa: E402
         init_distributed,
         training_dataset,
         training_loader,
     )
 
+SMALL_TEXT = dict(
+    hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=16
+)
+# 64 px / 4 px patches = 256 image tokens, as CLIP ViT-L/14 at 224 px gives
+SMALL_VISION = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=4,
+)
+SMALL_VOCAB = 32000
+SMALL_FLAGS = ["--precision=fp32", "--out_dim=32", "--lora_r=8", "--gradient_checkpointing"]
 PRESET_FLAGS = {
     "tiny": ["--precision=fp32", "--out_dim=32", "--lora_r=4", "--no-gradient_checkpointing"],
     "7b": ["--precision=bf16", "--out_dim=256", "--lora_r=8", "--gradient_checkpointing"],
 }
 WARMUP_STEPS = 3
 BYTES_PER_GB = 2**30
-FLOPS_PER_PARAM_TOKEN = 6  # forward + backward of a dense layer, the standard 6N estimate
+TERA = 1e12
 
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESET_FLAGS), default="tiny")
+    parser.add_argument("--preset", choices=[*sorted(PRESET_FLAGS), "small"], default="tiny")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--grad_accumulation_steps", type=int, default=2)
     parser.add_argument("--workers", type=int, default=4, help="train_ds.py's default")
     parser.add_argument("--offload_optimizer", action="store_true")
-    parser.add_argument("--peak_tflops", type=float, default=989.0, help="H100 SXM dense bf16")
+    parser.add_argument(
+        "--peak_tflops", type=float, default=None, help="MFU's peak (default: utils.flops)"
+    )
+    parser.add_argument("--full_logits", action="store_true", help="the LM head everywhere")
+    parser.add_argument(
+        "--compare_full_logits",
+        action="store_true",
+        help="after the timed steps, time as many with full logits; adds 'speedup'",
+    )
+    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--batches", type=int, default=3, help="small: batches per path")
     parser.add_argument("--local_rank", type=int, default=0)
     return parser.parse_args()
 
@@ -87,6 +129,7 @@ def train_config(args, assets: Path):
             f"--workers={args.workers}",
             f"--steps_per_epoch={args.steps + WARMUP_STEPS}",
             "--epochs=1",
+            f"--attn_implementation={args.attn_implementation}",
         ]
         + (["--offload_optimizer"] if args.offload_optimizer else [])
     )
@@ -109,13 +152,25 @@ class Clock:
         self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
 
 
-def run_steps(engine, loader, config, steps: int, device, dtype) -> tuple[Clock, int, int]:
-    """Time `steps` optimizer steps after WARMUP_STEPS; returns the clock and token counts."""
-    clock, batches, tokens, images = Clock(), iter(loader), 0, 0
+@dataclass
+class Counts:
+    """What the timed steps processed: real tokens, padded slots, images, model FLOPs."""
+
+    tokens: int = 0
+    slots: int = 0
+    images: int = 0
+    flops: float = 0.0
+
+
+def run_steps(engine, loader, config, steps: int, device, dtype) -> tuple[Clock, Counts]:
+    """Time `steps` optimizer steps after WARMUP_STEPS; returns the clock and the counts."""
+    clock, batches, counts = Clock(), iter(loader), Counts()
+    flops = StepFlops.from_segmenter(engine.module)
     engine.train()
     for step in range(WARMUP_STEPS + steps):
         if step == WARMUP_STEPS:
-            clock, tokens, images = Clock(), 0, 0
+            clock, counts = Clock(), Counts()
+            get_accelerator().reset_peak_memory_stats()
         for _ in range(config.grad_accumulation_steps):
             with clock.section("data"):
                 batch = next(batches).to(device, dtype)
@@ -125,9 +180,12 @@ def run_steps(engine, loader, config, steps: int, device, dtype) -> tuple[Clock,
                 engine.backward(output.loss)
             with clock.section("step"):
                 engine.step()
-            tokens += int(batch.attention_mask.sum())
-            images += batch.num_images
-    return clock, tokens, images
+            lengths = batch.attention_mask.sum(dim=1).tolist()
+            counts.tokens += sum(lengths)
+            counts.slots += batch.attention_mask.numel()
+            counts.images += batch.num_images
+            counts.flops += flops.micro_batch(lengths, output.head_rows, batch.num_images)
+    return clock, counts
 
 
 def measure(args) -> dict:
@@ -136,6 +194,7 @@ def measure(args) -> dict:
         assets = write_assets(args.preset, Path(scratch))
         config = train_config(args, assets)
         model, tokenizer = build_segmenter(config.model_config())
+        model.full_logits = args.full_logits
         processor = SampleProcessor.for_model(
             model, tokenizer, config.version, config.conv_type, config.model_max_length
         )
@@ -143,39 +202,187 @@ def measure(args) -> dict:
         engine = init_engine(model, config, world)
         loader = training_loader(dataset, config, rank, world, model.token_ids.pad)
         device = get_accelerator().current_device_name()
-        clock, tokens, images = run_steps(
-            engine, loader, config, args.steps, device, config.model_config().dtype
+        dtype = config.model_config().dtype
+        result = summarise(
+            args, config, model, *run_steps(engine, loader, config, args.steps, device, dtype)
         )
-    return summarise(args, config, model, clock, tokens, images)
+        if args.compare_full_logits:
+            model.full_logits = True
+            full = summarise(
+                args, config, model, *run_steps(engine, loader, config, args.steps, device, dtype)
+            )
+            result["full_logits"] = full
+            result["speedup"] = result["samples_per_s"] / full["samples_per_s"]
+    return result
 
 
-def summarise(args, config, model, clock: Clock, tokens: int, images: int) -> dict:
+def summarise(args, config, model, clock: Clock, counts: Counts) -> dict:
     total = sum(clock.totals.values())
     per_step = {name: value / args.steps for name, value in clock.totals.items()}
-    language_params = sum(p.numel() for p in model.llava.model.language_model.parameters())
+    accelerator = get_accelerator()
+    device = accelerator.current_device_name()
     result = {
         "preset": args.preset,
-        "device": get_accelerator().device_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "attn_implementation": config.attn_implementation,
+        "full_logits": model.full_logits,
         "image_tokens": image_token_count(model.llava.config),
         "seconds_per_step": total / args.steps,
         "seconds_per_step_by_part": per_step,
-        "samples_per_s": images / total,
+        "samples_per_s": counts.images / total,
         "data_wait_fraction": clock.totals["data"] / total,
         "outside_forward_backward_fraction": 1
         - (clock.totals["forward"] + clock.totals["backward"]) / total,
-        "llm_tokens_per_s": tokens / total,
+        "llm_tokens_per_s": counts.tokens / total,
+        "padding_fraction": 1 - counts.tokens / counts.slots,
+        "model_tflops_per_s": counts.flops / total / TERA,
         "workers": config.workers,
     }
-    accelerator = get_accelerator()
+    peak, note = (
+        (args.peak_tflops * TERA, "--peak_tflops") if args.peak_tflops else device_peak(device)
+    )
+    if peak:
+        result["model_flops_utilisation"] = counts.flops / total / peak
+    result["mfu_against"] = note
     if accelerator.device_name() != "cpu":
-        flops = FLOPS_PER_PARAM_TOKEN * language_params * tokens / total
-        result["model_flops_utilisation"] = flops / (args.peak_tflops * 1e12)
         result["peak_memory_gb"] = accelerator.max_memory_allocated() / BYTES_PER_GB
     return result
 
 
+# --- the "small" preset: trimmed against full logits ---
+class PeakResident:
+    """The most resident memory the process held above its level at entry, polled every
+    POLL_SECONDS on a thread (torch's kernels release the GIL)."""
+
+    POLL_SECONDS = 0.002
+
+    def __enter__(self) -> PeakResident:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back: a fair baseline
+        self.baseline = self.peak = resident_bytes()
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, resident_bytes())
+            time.sleep(self.POLL_SECONDS)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+
+    @property
+    def added(self) -> int:
+        return self.peak - self.baseline
+
+
+def resident_bytes() -> int:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def small_batches(args, assets: Path):
+    """The small model (vocabulary grown to SMALL_VOCAB) and `args.batches + 1` m2sa batches."""
+    make_tiny_assets(assets, seed=0, image_size=(640, 480), models=False)
+    write_tiny_llava(assets / "llava_tiny", text=SMALL_TEXT, vision=SMALL_VISION)
+    write_tiny_sam(assets / "vision_pretrained" / "sam_tiny.pth")
+    config = parse_args(
+        SMALL_FLAGS
+        + [
+            "--recipe=m2sa",
+            f"--version={assets / 'llava_tiny'}",
+            f"--vision_pretrained={assets / 'vision_pretrained' / 'sam_tiny.pth'}",
+            f"--dataset_dir={assets / 'dataset'}",
+            f"--batch_size={args.batch_size}",
+            "--workers=0",
+            "--epochs=1",
+        ]
+    )
+    torch.manual_seed(0)
+    model, tokenizer = build_segmenter(config.model_config())
+    model.llava.resize_token_embeddings(SMALL_VOCAB)  # a real vocabulary's head and softmax
+    processor = SampleProcessor.for_model(
+        model, tokenizer, config.version, config.conv_type, config.model_max_length
+    )
+    dataset = training_dataset(config, processor, 1, check=False)
+    loader = training_loader(dataset, config, 0, 1, model.token_ids.pad)
+    return config, model, list(itertools.islice(loader, args.batches + 1))
+
+
+def forward_backward(model, batch, seed: int) -> dict:
+    """One forward and backward (fresh gradients, dropout seeded by `seed`): time, losses,
+    the LM-head rows and the resident memory it added."""
+    model.zero_grad(set_to_none=True)
+    with PeakResident() as memory:
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        output = model(batch)
+        output.loss.backward()
+        seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "loss": output.loss.item(),
+        "head_rows": output.head_rows,
+        "added_bytes": memory.added,
+    }
+
+
+def planned_bytes(model, config, batch, head_rows: int) -> int:
+    """The planner's activations for this batch plus the trainable parameters' fp32 gradients."""
+    shape = activation_shape(model, config)
+    activations = activation_bytes(
+        shape, batch.input_ids.numel(), head_rows, config.gradient_checkpointing
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return activations + trainable * shape.bytes_per_value
+
+
+def compare_logits(args) -> dict:
+    """Trimmed and full logits, alternating on the same batches; the first batch warms up."""
+    with tempfile.TemporaryDirectory() as scratch:
+        config, model, batches = small_batches(args, Path(scratch))
+    model.train()
+    runs: dict[str, list[dict]] = {"full": [], "trimmed": []}
+    for index, batch in enumerate(batches):
+        for path in runs:
+            model.full_logits = path == "full"
+            run = forward_backward(model, batch, seed=index)
+            run["planned_bytes"] = planned_bytes(model, config, batch, run["head_rows"])
+            if index:
+                runs[path].append(run)
+    timed = batches[1:]
+    samples = sum(batch.num_images for batch in timed)
+    tokens = sum(int(batch.attention_mask.sum()) for batch in timed)
+    slots = sum(batch.attention_mask.numel() for batch in timed)
+    result = {"preset": "small", "batches": len(timed), "samples": samples}
+    result["padding_fraction"] = 1 - tokens / slots
+    for path, path_runs in runs.items():
+        seconds = sum(run["seconds"] for run in path_runs)
+        peak = max(run["added_bytes"] for run in path_runs)
+        planned = max(run["planned_bytes"] for run in path_runs)
+        result[path] = {
+            "samples_per_s": samples / seconds,
+            "tokens_per_s": tokens / seconds,
+            "seconds_per_batch": seconds / len(path_runs),
+            "peak_added_memory_gb": peak / BYTES_PER_GB,
+            "planned_memory_gb": planned / BYTES_PER_GB,
+            "planned_over_measured": planned / peak,
+            "losses": [run["loss"] for run in path_runs],
+        }
+    result["speedup"] = result["trimmed"]["samples_per_s"] / result["full"]["samples_per_s"]
+    result["max_abs_loss_diff"] = max(
+        abs(a - b)
+        for a, b in zip(result["trimmed"]["losses"], result["full"]["losses"], strict=True)
+    )
+    return result
+
+
 def main() -> None:
-    print_report(measure, parse())
+    args = parse()
+    print_report(compare_logits if args.preset == "small" else measure, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Loss functions of the segmenter: language-model cross-entropy and per-mask BCE and Dice.
 
 Constants and normalisation follow the LISA family so loss values are comparable:
-- CE: shifted next-token cross-entropy, mean over non-ignored tokens.
+- CE: shifted next-token cross-entropy, mean over non-ignored tokens (`causal_lm_loss` from
+  full logits, or `selected_lm_loss` from the logits of the scored positions alone).
 - BCE per mask: mean over pixels of BCE-with-logits.
 - Dice per mask: p = sigmoid(x); 1 - (2 sum(p/s * t) + eps) / (sum(p/s) + sum(t/s) + eps) with
   s = 1000 and eps = 1e-6 (the scale keeps sums small in half precision).
@@ -49,6 +50,21 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
     count = (shifted_labels != IGNORE_INDEX).sum().clamp(min=1)
     return total / count
+
+
+def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose logits `causal_lm_loss` scores. labels [C, L] -> (conv, position),
+    each long [S]: position t of conversation c is scored when labels[c, t + 1] is not
+    IGNORE_INDEX. Row-major order."""
+    return torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
+
+
+def selected_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`causal_lm_loss` from the scored rows alone: logits [S, V] at `scored_positions`,
+    targets long [S] (the next labels) -> scalar (fp32), the same mean over the S tokens
+    (0 with a graph when S = 0)."""
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return total / max(len(targets), 1)
 
 
 def per_mask_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,19 @@ projected to the prompt width, prompts a SAM mask decoder.
    checked against the ground-truth mask counts before any heavy work.
 2. `encode_images`: SAM image embeddings once per image (frozen encoder), plus the M2SA
    early-feature fusion when enabled.
-3. `language_model`: CLIP once per image, the LLM over every conversation -> hidden states, logits.
+3. `hidden_states` and `answer_logits`: CLIP once per image, the LLM over every conversation ->
+   hidden states; the LM head on the positions that need it (see below) -> CE and decisions.
 4. `decode_targets`: project each target's hidden state; the `[SEG]` prompts of all images go
    through one mask-decoder call; masks are post-processed to the original image size.
    A `[REJ]` gets an empty mask and no decoder work.
 5. `losses`: CE on the answer tokens, BCE + Dice on `[SEG]` masks only.
+Logits only where needed: in training the LM head runs only on the positions whose next label
+is scored (`scored_positions`) and on those predicting a `[SEG]`/`[REJ]` (whose argmax is the
+teacher-forced decision), never on the full [C, L, V] tensor, which for a 32k vocabulary is
+about 0.5 GB in fp32 per micro-batch plus its gradient. The CE equals the full-logit path (same
+sum over the same tokens, same count). In eval mode, or with `full_logits=True`
+(`--full_logits`), the head runs on every position and `SegmenterOutput.logits` holds them, as
+evaluation and the tests of generation read them.
 The graph is static: the projector and the mask decoder run exactly once per batch (see
 `decode_targets`), which ZeRO-3 on several ranks requires.
 
@@ -30,7 +38,13 @@ from torch import nn
 
 from model.backbone import image_features, language_model_hidden_states
 from model.batch import Batch
-from model.losses import LossWeights, causal_lm_loss, mask_losses
+from model.losses import (
+    LossWeights,
+    causal_lm_loss,
+    mask_losses,
+    scored_positions,
+    selected_lm_loss,
+)
 from model.sam import EarlyFusion, decode_prompt_grid, encode_images, postprocess_masks
 from model.tokens import TokenIds, predictor_mask
 
@@ -69,17 +83,37 @@ class DecodedTargets:
 
 
 @dataclass
+class AnswerLogits:
+    """What `Segmenter.answer_logits` returns.
+
+    ce: fp32 0-dim CE over the scored answer tokens (0 without labels).
+    target_tokens: long [T], argmax of the logits at the position predicting each target.
+    logits: [C, L, V] on the full-logit path, else None.
+    head_rows: positions the LM head ran on (FLOP accounting).
+    """
+
+    ce: torch.Tensor
+    target_tokens: torch.Tensor
+    logits: torch.Tensor | None
+    head_rows: int
+
+
+@dataclass
 class SegmenterOutput:
     """What the segmenter returns (scalars are fp32 0-dim tensors).
 
     loss: ce_loss_weight * ce_loss + mask_loss.
     mask_loss: bce_loss_weight * mask_bce_loss + dice_loss_weight * mask_dice_loss.
-    logits: [C, L, V] language-model logits.
+    logits: [C, L, V] language-model logits on the full-logit path (eval mode, or
+        `full_logits`); None in training, where only the needed rows are computed.
     pred_masks: per image float32 [k_i, H_i, W_i] mask logits at the original size, one per target
         in order; `[REJ]` rows hold EMPTY_MASK_LOGIT.
     target_is_rej: per image bool [k_i].
     prompt_embeddings: per image [k_i, D] projected hidden states (`[REJ]` rows included).
     mask_scores: per image float32 [k_i], SAM's predicted IoU per mask (0 for `[REJ]` rows).
+    target_tokens: per image long [k_i], the argmax token at the position predicting each
+        target (teacher-forced decisions: `[SEG]` vs `[REJ]` vs anything else).
+    head_rows: positions the LM head ran on.
     """
 
     loss: torch.Tensor
@@ -87,11 +121,13 @@ class SegmenterOutput:
     mask_bce_loss: torch.Tensor
     mask_dice_loss: torch.Tensor
     mask_loss: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     pred_masks: list[torch.Tensor]
     target_is_rej: list[torch.Tensor]
     prompt_embeddings: list[torch.Tensor]
     mask_scores: list[torch.Tensor] = field(default_factory=list)
+    target_tokens: list[torch.Tensor] = field(default_factory=list)
+    head_rows: int = 0
 
 
 def build_projector(hidden_size: int, out_dim: int) -> nn.ModuleList:
@@ -117,6 +153,7 @@ class Segmenter(nn.Module):
         loss_weights: LossWeights = DEFAULT_LOSS_WEIGHTS,
         early_fusion: EarlyFusion | None = None,
         early_layer: int | None = None,
+        full_logits: bool = False,
     ) -> None:
         super().__init__()
         if (early_fusion is None) != (early_layer is None):
@@ -128,6 +165,7 @@ class Segmenter(nn.Module):
         self.early_layer = early_layer
         self.token_ids = token_ids
         self.loss_weights = loss_weights
+        self.full_logits = full_logits
 
     @property
     def sam_input_size(self) -> int:
@@ -136,14 +174,15 @@ class Segmenter(nn.Module):
     def forward(self, batch: Batch) -> SegmenterOutput:
         targets = self.find_targets(batch)
         image_embeddings = self.encode_images(batch.sam_pixels)
-        hidden, logits = self.language_model(batch)
+        hidden = self.hidden_states(batch)
+        answer = self.answer_logits(hidden, batch.labels, targets)
         # one projector call: the predicting states of the targets, plus an anchor row (the
         # first position of the batch) that decode_targets uses when there is no [SEG]
         states = torch.cat([hidden[targets.conv, targets.position], hidden[:1, 0]])
         projected = self.text_hidden_fcs[0](states)
         prompts, anchor = projected[:-1], projected[-1]
         decoded = self.decode_targets(image_embeddings, prompts, anchor, targets, batch)
-        output = self.losses(batch, targets, logits, prompts, decoded.masks)
+        output = self.losses(batch, targets, answer, prompts, decoded.masks)
         output.loss = output.loss + decoded.anchor_term
         output.mask_scores = decoded.scores
         return output
@@ -179,13 +218,51 @@ class Segmenter(nn.Module):
             embeddings = embeddings + self.early_fusion(early)
         return embeddings
 
-    def language_model(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states [C, L, H] (final layer, after the norm) and logits [C, L, V]."""
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
+        """Hidden states [C, L, H] of the final layer, after the norm."""
         features = image_features(self.llava, batch.clip_pixels)
-        hidden = language_model_hidden_states(
+        return language_model_hidden_states(
             self.llava, batch.input_ids, batch.attention_mask, features[batch.conv_image]
         )
+
+    def language_model(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [C, L, H] and full logits [C, L, V] (generation tests, tools)."""
+        hidden = self.hidden_states(batch)
         return hidden, self.llava.lm_head(hidden)
+
+    @property
+    def uses_full_logits(self) -> bool:
+        """Whether forward computes [C, L, V] logits: in eval mode or with `full_logits`."""
+        return self.full_logits or not self.training
+
+    def answer_logits(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None, targets: Targets
+    ) -> AnswerLogits:
+        """CE and target decisions from hidden [C, L, H] and labels [C, L] (or None).
+
+        Trimmed (training): one LM-head call on [S + T, H], the S scored positions then the T
+        target-predicting ones. Full: the head on all C x L positions, CE by `causal_lm_loss`.
+        """
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        if self.uses_full_logits:
+            logits = self.llava.lm_head(hidden)
+            ce = causal_lm_loss(logits, labels) if labels is not None else zero
+            decided = logits[targets.conv, targets.position].argmax(dim=-1)
+            return AnswerLogits(ce, decided, logits, hidden.shape[0] * hidden.shape[1])
+        if labels is None:
+            conv = position = targets.conv.new_zeros(0)
+        else:
+            conv, position = scored_positions(labels)
+        rows = hidden[torch.cat([conv, targets.conv]), torch.cat([position, targets.position])]
+        logits = self.llava.lm_head(rows)
+        scored = len(conv)
+        ce = (
+            zero
+            if labels is None
+            else selected_lm_loss(logits[:scored], labels[conv, position + 1])
+        )
+        decided = logits[scored:].argmax(dim=-1)
+        return AnswerLogits(ce, decided, None, len(rows))
 
     def decode_targets(
         self,
@@ -251,18 +328,14 @@ class Segmenter(nn.Module):
         self,
         batch: Batch,
         targets: Targets,
-        logits: torch.Tensor,
+        answer: AnswerLogits,
         prompts: torch.Tensor,
         pred_masks: list[torch.Tensor],
     ) -> SegmenterOutput:
         """Weighted CE + BCE + Dice; CE is 0 without labels, mask terms 0 without masks."""
-        device = logits.device
+        ce = answer.ce
+        device = ce.device
         rej = list(targets.is_rej.split(targets.counts))
-        ce = (
-            causal_lm_loss(logits, batch.labels)
-            if batch.labels is not None
-            else torch.zeros((), device=device)
-        )
         if batch.gt_masks is not None:
             seg_preds = [pred[~is_rej] for pred, is_rej in zip(pred_masks, rej, strict=True)]
             seg_gts = [gt[~is_rej] for gt, is_rej in zip(batch.gt_masks, rej, strict=True)]
@@ -277,8 +350,10 @@ class Segmenter(nn.Module):
             mask_bce_loss=bce,
             mask_dice_loss=dice,
             mask_loss=mask_loss,
-            logits=logits,
+            logits=answer.logits,
             pred_masks=pred_masks,
             target_is_rej=rej,
             prompt_embeddings=list(prompts.split(targets.counts)),
+            target_tokens=list(answer.target_tokens.split(targets.counts)),
+            head_rows=answer.head_rows,
         )

@@ -59,6 +59,30 @@ def test_one_process_run_writes_every_output(trained: Path) -> None:
     )
 
 
+def test_steps_log_throughput_flops_and_mfu(trained: Path) -> None:
+    for name in ("tokens_per_s", "padding_fraction", "model_tflops_per_s", "mfu"):
+        values = [value for _, value in scalars(trained, f"metrics/{name}")]
+        assert len(values) == 6 and all(math.isfinite(v) and v > 0 for v in values), name
+    assert all(v < 1 for _, v in scalars(trained, "metrics/padding_fraction"))
+    record = json.loads((trained / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"samples_per_s", "tokens_per_s", "mfu"} <= set(record["throughput"])
+
+
+def test_estimate_memory_prints_one_json_object_without_weights(tmp_path: Path) -> None:
+    flags = ["--version=LLaVA-7B-Lightening-v1-1", "--estimate_memory", "--json"]
+    result = subprocess.run(
+        [sys.executable, "train_ds.py", *flags, f"--log_base_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=KILL_DEADLINE_S,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads(result.stdout)
+    assert plan["total_gb"] > plan["weights_gb"] > 0
+    assert not any(tmp_path.iterdir())  # nothing written: no run directory, no lock
+
+
 def test_eval_only_on_the_checkpoint_reproduces_the_in_training_validation(
     assets, trained: Path, tmp_path
 ) -> None:

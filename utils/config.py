@@ -125,6 +125,10 @@ class TrainConfig:
     recipe: str
     print_config: bool
     force_unlock: bool
+    full_logits: bool
+    estimate_memory: bool
+    gpu_memory_gb: float
+    estimate_gpus: int
 
     @property
     def log_dir(self) -> Path:

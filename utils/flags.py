@@ -234,6 +234,30 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
         help="GSVA: validate on RefZOM (refzom|final|test) in place of grefcoco|unc|val",
     )
     add("--merge_lora_path", default="", help=argparse.SUPPRESS)
+    add(
+        "--full_logits",
+        action="store_true",
+        help="compute the LM head on every position in training (the old path; by default only "
+        "the scored and [SEG]/[REJ]-deciding positions)",
+    )
+    add(
+        "--estimate_memory",
+        action="store_true",
+        help="print the per-GPU memory of this run by part (no weights loaded) and exit; "
+        "with --json as one JSON object",
+    )
+    add(
+        "--gpu_memory_gb",
+        default=80.0,
+        type=float,
+        help="with --estimate_memory: the card's memory, to say which settings fit",
+    )
+    add(
+        "--estimate_gpus",
+        default=1,
+        type=int,
+        help="with --estimate_memory: the GPUs ZeRO partitions over",
+    )
 
 
 class RankZeroParser(argparse.ArgumentParser):

@@ -1,7 +1,8 @@
 """Helpers of the train_ds.py recipe: distributed set-up, the run directory that describes
 itself, the training set and its per-rank sampler (the weighted mix, or GSVA's `--no_sampling`
-full pass), step logging (TensorBoard with a global step, metrics.jsonl, a progress heartbeat)
-and one training epoch, which skips micro-batches with a non-finite loss and reports the bad
+full pass), step logging (TensorBoard with a global step, metrics.jsonl, a progress heartbeat;
+samples/s, tokens/s, padding fraction, model FLOP/s and MFU from `utils.flops`) and one
+training epoch, which skips micro-batches with a non-finite loss and reports the bad
 records `--skip_bad_samples` skipped.
 """
 
@@ -39,6 +40,7 @@ from utils.datasets.mixer import (
     full_pass_batches,
 )
 from utils.engine import samples_per_epoch
+from utils.flops import StepFlops
 
 LOGGER = logging.getLogger(__name__)
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "tokenizers", "numpy")
@@ -46,6 +48,9 @@ LOSS_PARTS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_loss")
 # batch counts of conversations over --model_max_length, logged per step as train/<name>
 LENGTH_COUNTS = ("dropped_conversations", "truncated_conversations")
 PROGRESS_FILE = "progress.json"
+# step values averaged since the last validation into its metrics.jsonl record ("throughput")
+THROUGHPUT_PREFIX = "metrics/"
+TERA = 1e12
 # non-finite losses in a row (micro-batches, all ranks agreeing) after which the run stops
 MAX_NONFINITE_IN_A_ROW = 3
 
@@ -191,15 +196,27 @@ class RunLogger:
         self.run_dir = run_dir
         self.writer = None
         self.pending_skips: tuple[int, dict[str, int]] | None = None
+        self.throughput: dict[str, list[float]] = {}
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir))
 
     def step(self, global_step: int, values: dict[str, float]) -> None:
+        """TensorBoard scalars; `metrics/*` values are also kept for the next validation's
+        metrics.jsonl record."""
+        for name, value in values.items():
+            if name.startswith(THROUGHPUT_PREFIX):
+                self.throughput.setdefault(name[len(THROUGHPUT_PREFIX) :], []).append(value)
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, global_step)
+
+    def take_throughput(self) -> dict[str, float]:
+        """The mean of each `metrics/*` value logged since the last call."""
+        means = {name: sum(vals) / len(vals) for name, vals in self.throughput.items()}
+        self.throughput = {}
+        return means
 
     def progress(self, epoch: int, global_step: int) -> None:
         """Rank 0 rewrites `progress.json` ({epoch, global_step, time}) after every optimizer
@@ -236,6 +253,9 @@ class RunLogger:
                 if index == 0:
                     self.step(global_step, {f"val/{metric}": value})
         record = {"epoch": epoch, "global_step": global_step, "results": summaries}
+        throughput = self.take_throughput()
+        if throughput:
+            record["throughput"] = throughput
         if self.pending_skips is not None and self.pending_skips[0] == epoch:
             record["skipped_samples"] = self.pending_skips[1]
             self.pending_skips = None
@@ -343,20 +363,42 @@ class StepWindow:
     micro: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LENGTH_COUNTS, 0))
     images: int = 0
+    tokens: int = 0
+    slots: int = 0
+    flops: float = 0.0
     data_time: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, output, batch) -> None:
+    def add(self, output, batch, flops: StepFlops | None = None) -> None:
         for part in LOSS_PARTS:
             self.sums[part] += float(torch.as_tensor(getattr(output, part)).detach())
         self.micro += 1
         for name in LENGTH_COUNTS:
             self.counts[name] += getattr(batch, name)
         self.images += batch.num_images
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        self.tokens += sum(lengths)
+        self.slots += batch.attention_mask.numel()
+        if flops is not None:
+            rows = getattr(output, "head_rows", 0)
+            self.flops += flops.micro_batch(lengths, rows, batch.num_images)
 
-    def values(self, engine, device) -> dict[str, float]:
+    def throughput(self, elapsed: float, peak_flops: float | None) -> dict[str, float]:
+        """This rank's tokens/s, padding fraction, model TFLOP/s and MFU (when known)."""
+        values = {
+            "metrics/tokens_per_s": self.tokens / elapsed,
+            "metrics/padding_fraction": 1 - self.tokens / max(self.slots, 1),
+        }
+        if self.flops:
+            values["metrics/model_tflops_per_s"] = self.flops / elapsed / TERA
+            if peak_flops:
+                values["metrics/mfu"] = self.flops / elapsed / peak_flops
+        return values
+
+    def values(self, engine, device, peak_flops: float | None = None) -> dict[str, float]:
         """The step's logged values: mean losses over micro-batches and ranks, conversations
-        dropped or cut for `--model_max_length` summed over ranks, lr, timing."""
+        dropped or cut for `--model_max_length` summed over ranks, lr, timing, and this rank's
+        throughput."""
         losses = {f"train/{part}": total / self.micro for part, total in self.sums.items()}
         counts = {f"train/{name}": n for name, n in self.counts.items()}
         values, counts = reduce_over_ranks(losses, counts, device)
@@ -368,6 +410,7 @@ class StepWindow:
                 "metrics/total_secs_per_batch": elapsed / self.micro,
                 "metrics/data_secs_per_batch": self.data_time / self.micro,
                 "metrics/samples_per_s": self.images / elapsed,
+                **self.throughput(elapsed, peak_flops),
             }
         )
         return values
@@ -385,6 +428,8 @@ def train_epoch(
     print_freq: int = 1,
     after_step: Callable[[int], None] | None = None,
     max_nonfinite: int = MAX_NONFINITE_IN_A_ROW,
+    flops: StepFlops | None = None,
+    peak_flops: float | None = None,
 ):
     """One pass over `loader`: forward, backward, step (DeepSpeed accumulates over GAS
     micro-batches). Every `print_freq`-th optimizer step is logged; `after_step(global_step)`
@@ -394,7 +439,8 @@ def train_epoch(
     A micro-batch whose loss is not finite on any rank is skipped on every rank (no backward, no
     step: the optimizer step then takes the next finite micro-batches), with a warning naming
     its sources; `max_nonfinite` in a row raise NonFiniteLossError before anything is saved.
-    With `--skip_bad_samples` the records skipped this epoch are reported per source."""
+    With `--skip_bad_samples` the records skipped this epoch are reported per source. With
+    `flops` (and `peak_flops`, FLOP/s) each step logs model FLOP/s (and MFU)."""
     # from_pretrained returns eval mode, and validation may run in between: without this,
     # LoRA dropout and gradient checkpointing (only active in training mode) would be off
     engine.train()
@@ -419,9 +465,9 @@ def train_epoch(
         in_a_row = 0
         engine.backward(output.loss)
         engine.step()
-        window.add(output, batch)
+        window.add(output, batch, flops)
         if boundary:
-            values = window.values(engine, device)
+            values = window.values(engine, device, peak_flops)
             if engine.global_steps % print_freq == 0:
                 logger.step(engine.global_steps, values)
             logger.progress(epoch, engine.global_steps)

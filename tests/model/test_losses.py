@@ -12,6 +12,8 @@ from model.losses import (
     mask_losses,
     per_mask_bce,
     per_mask_dice,
+    scored_positions,
+    selected_lm_loss,
 )
 from model.tokens import IGNORE_INDEX
 
@@ -120,3 +122,29 @@ def test_mask_losses_without_masks_are_zero() -> None:
 def test_mask_losses_reject_shape_mismatch() -> None:
     with pytest.raises(ValueError, match=r"\(1, 3, 3\) != ground truth \(1, 4, 3\)"):
         mask_losses([torch.zeros(1, 3, 3)], [torch.zeros(1, 4, 3)], torch.device("cpu"))
+
+
+def test_scored_positions_are_the_shifted_supervised_ones() -> None:
+    labels = torch.tensor([[IGNORE_INDEX, 1, IGNORE_INDEX, 2], [IGNORE_INDEX, IGNORE_INDEX, 4, 0]])
+    conv, position = scored_positions(labels)
+    # row 0: labels at 1 and 3 are predicted from 0 and 2; row 1: labels at 2, 3 from 1, 2
+    assert conv.tolist() == [0, 0, 1, 1]
+    assert position.tolist() == [0, 2, 1, 2]
+
+
+def test_selected_lm_loss_equals_causal_lm_loss() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=generator)
+    labels = torch.randint(0, 11, (3, 7), generator=generator)
+    labels[torch.rand(3, 7, generator=generator) < 0.5] = IGNORE_INDEX
+    conv, position = scored_positions(labels)
+    trimmed = selected_lm_loss(logits[conv, position], labels[conv, position + 1])
+    assert trimmed.item() == pytest.approx(causal_lm_loss(logits, labels).item(), abs=1e-6)
+
+
+def test_selected_lm_loss_without_rows_is_zero_with_a_graph() -> None:
+    logits = torch.randn(0, 5, requires_grad=True)
+    loss = selected_lm_loss(logits, torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad is not None

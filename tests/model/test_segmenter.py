@@ -10,7 +10,9 @@ from model.losses import mask_losses
 from model.sam import decode_masks
 from model.segmenter import EMPTY_MASK_LOGIT
 from model.tiny import build_tiny_segmenter
+from model.tokens import predictor_mask
 from tests.helpers import Conversation, make_batch
+from utils.metrics import target_decisions
 
 IMAGE_SIZES = [(40, 56), (48, 30)]
 CONVERSATIONS = [
@@ -257,3 +259,83 @@ def test_out_dim_follows_the_sam_file_and_a_contradiction_stops(tiny_dir) -> Non
         ValueError, match=r"--out_dim 256 must equal the SAM prompt width 32 of .*sam_tiny\.pth"
     ):
         build_tiny_segmenter(tiny_dir, out_dim=256)
+
+
+# a target-free VQA turn beside the referring ones: families and lengths mixed in one batch
+VQA = Conversation(
+    1,
+    "Describe the picture in detail, including every shape, its colour and where it lies.",
+    "There is a star near the top, a green car on the left and a small house below the tree, "
+    "all drawn on a plain background.",
+)
+
+
+def without_dropout(model) -> None:
+    """Training mode with dropout off, so two forwards are comparable."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def forward_backward(model, batch, full: bool):
+    model.zero_grad(set_to_none=True)
+    model.full_logits = full
+    output = model(batch)
+    output.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return output, grads
+
+
+def test_trimmed_logits_equal_the_full_path(tiny) -> None:
+    model, tokenizer = tiny
+    batch = make_batch(model, tokenizer, IMAGE_SIZES, [*CONVERSATIONS, VQA], ground_truth())
+    without_dropout(model)
+    full, full_grads = forward_backward(model, batch, full=True)
+    trimmed, trimmed_grads = forward_backward(model, batch, full=False)
+    assert trimmed.logits is None and full.logits is not None
+    assert trimmed.ce_loss.item() == pytest.approx(full.ce_loss.item(), abs=1e-6)
+    assert trimmed.loss.item() == pytest.approx(full.loss.item(), abs=1e-6)
+    assert trimmed_grads.keys() == full_grads.keys()
+    for name, grad in trimmed_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    # the head ran on the scored positions plus one per target, not on all C x L
+    scored = int((batch.labels[:, 1:] != -100).sum())
+    assert trimmed.head_rows == scored + sum(len(rej) for rej in TARGET_IS_REJ)
+    assert trimmed.head_rows < batch.input_ids.numel() == full.head_rows
+
+
+def test_trimmed_decisions_equal_the_argmax_of_full_logits(tiny) -> None:
+    model, tokenizer = tiny
+    batch = make_batch(model, tokenizer, IMAGE_SIZES, [*CONVERSATIONS, VQA], ground_truth())
+    without_dropout(model)
+    with torch.no_grad():
+        # a decisive [SEG] / [REJ] preference at some positions, so not every argmax agrees
+        model.llava.lm_head.weight[model.token_ids.rej] *= 4.0
+        model.full_logits = True
+        full = model(batch)
+        model.full_logits = False
+        trimmed = model(batch)
+    conv, position = torch.nonzero(
+        predictor_mask(batch.input_ids, model.token_ids.seg)
+        | predictor_mask(batch.input_ids, model.token_ids.rej),
+        as_tuple=True,
+    )
+    expected = full.logits[conv, position].argmax(-1)
+    got = torch.cat(trimmed.target_tokens)
+    assert got.tolist() == expected.tolist() == torch.cat(full.target_tokens).tolist()
+    decisions = target_decisions(
+        batch.input_ids, full.logits, batch.conv_image, batch.num_images, model.token_ids
+    )
+    for image, tokens in enumerate(trimmed.target_tokens):
+        is_rej = torch.tensor(TARGET_IS_REJ[image])
+        present = torch.where(is_rej, tokens != model.token_ids.rej, tokens == model.token_ids.seg)
+        assert present.tolist() == decisions[image].tolist()
+
+
+def test_eval_mode_keeps_full_logits(tiny, batch) -> None:
+    model, _ = tiny
+    model.eval()
+    with torch.no_grad():
+        output = model(batch)
+    assert output.logits.shape == (*batch.input_ids.shape, model.llava.lm_head.out_features)

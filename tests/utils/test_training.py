@@ -20,10 +20,12 @@ from torch.utils.data import DataLoader
 from utils.collate import Collator, ProcessedSample
 from utils.datasets.base import DataError, Sample
 from utils.datasets.mixer import DataConfig, HybridDataset, full_pass_batches, skipped_samples
+from utils.flops import LanguageModelShape, StepFlops
 from utils.training import (
     NonFiniteLossError,
     RunLogger,
     ShardSampler,
+    StepWindow,
     train_epoch,
     training_dataset,
     training_loader,
@@ -51,6 +53,8 @@ class FakeBatch:
     truncated_conversations = 3
     num_images = 2
     skipped_samples = None
+    # two conversations of 3 and 2 real tokens padded to 4: 5 tokens in 8 slots
+    attention_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
 
     def to(self, device, dtype):
         return self
@@ -118,6 +122,42 @@ def test_validation_log_keeps_every_set_and_tags_the_first(tmp_path) -> None:
         "global_step": 6,
         "results": {"a|val": {"giou": 0.5, "n_acc": None}, "b|val": {"giou": 0.25}},
     }
+
+
+# FLOPs of one FakeBatch with the LM head on 3 rows (hand-computed): per layer the matrix
+# products hold 2*4*4 (q, o) + 2*4*4 (k, v) + 3*4*8 (MLP) = 160 weights; forward of n tokens
+# over 2 layers = 2 * (2*160*n + 2*2*n^2*4): 2208 for n=3, 1408 for n=2; x2 with the input
+# gradients = 7232; head 2*4*10*3 = 240, x3 with its gradients = 720; images 2 x 100
+TOY_FLOPS = StepFlops(LanguageModelShape(4, 8, 2, 2, 2, 10), image_forward_flops=100.0)
+FAKE_BATCH_FLOPS = 7232 + 720 + 200
+
+
+def test_step_window_counts_tokens_padding_and_flops() -> None:
+    window = StepWindow()
+    output = SimpleNamespace(**{part: 1.0 for part in ("loss", "ce_loss", "mask_bce_loss")})
+    output.mask_dice_loss = output.mask_loss = 0.0
+    output.head_rows = 3
+    window.add(output, FakeBatch(), TOY_FLOPS)
+    window.add(output, FakeBatch(), TOY_FLOPS)
+    assert window.flops == 2 * FAKE_BATCH_FLOPS
+    values = window.throughput(elapsed=2.0, peak_flops=float(FAKE_BATCH_FLOPS))
+    assert values["metrics/tokens_per_s"] == 5.0  # 10 real tokens in 2 s
+    assert values["metrics/padding_fraction"] == 0.375  # 6 of 16 slots are padding
+    assert values["metrics/mfu"] == 1.0
+    assert values["metrics/model_tflops_per_s"] == FAKE_BATCH_FLOPS / 1e12
+    assert "metrics/mfu" not in window.throughput(elapsed=2.0, peak_flops=None)
+
+
+def test_throughput_of_the_steps_goes_into_the_next_validation_record(tmp_path) -> None:
+    logger = RunLogger(tmp_path, rank=1)
+    logger.rank = 0  # write metrics.jsonl without a TensorBoard writer
+    logger.step(1, {"train/loss": 1.0, "metrics/tokens_per_s": 10.0, "metrics/mfu": 0.25})
+    logger.step(2, {"train/loss": 1.0, "metrics/tokens_per_s": 30.0, "metrics/mfu": 0.75})
+    logger.validation(2, 0, {"a|val": {"giou": 0.5}})
+    logger.validation(3, 1, {"a|val": {"giou": 0.5}})
+    first, second = map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert first["throughput"] == {"tokens_per_s": 20.0, "mfu": 0.5}
+    assert "throughput" not in second
 
 
 # --- --skip_bad_samples: counts from loader workers to the epoch report ---

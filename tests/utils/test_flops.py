@@ -1,0 +1,55 @@
+"""FLOP accounting against hand-computed figures and the peak table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils.flops import LanguageModelShape, StepFlops, measured_matmul_peak, peak_bf16_flops
+
+LLAMA_7B = LanguageModelShape(4096, 11008, 32, 32, 32, 32000)
+
+
+def test_llama_7b_layer_weights_and_forward_flops() -> None:
+    # 4 attention matrices of 4096^2 and 3 MLP matrices of 4096 x 11008: LLaMA-7B's 202.4M
+    assert LLAMA_7B.layer_matmul_params == 4 * 4096**2 + 3 * 4096 * 11008 == 202_375_168
+    n = 512
+    expected = 32 * (2 * 202_375_168 * n + 4 * n * n * 4096)
+    assert LLAMA_7B.forward_flops(n) == expected
+
+
+def test_grouped_query_attention_shrinks_k_and_v() -> None:
+    shape = LanguageModelShape(8, 16, 1, 4, 1, 10)  # one kv head of width 2
+    assert shape.kv_width == 2
+    assert shape.layer_matmul_params == 2 * 64 + 2 * 8 * 2 + 3 * 8 * 16
+
+
+def test_micro_batch_counts_real_tokens_head_rows_and_images() -> None:
+    flops = StepFlops(LanguageModelShape(4, 8, 2, 2, 2, 10), image_forward_flops=100.0)
+    # see tests/utils/test_training.py: 7232 (layers, forward and input gradients) + 720 (head)
+    assert flops.micro_batch([3, 2], head_rows=3, num_images=2) == 7232 + 720 + 200
+    # a padded slot adds nothing: only the real lengths are passed
+    assert flops.micro_batch([3], 0, 0) == 2 * 2 * (2 * 160 * 3 + 2 * 2 * 9 * 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L4", 121e12),
+        ("Tesla T4", None),
+    ],
+)
+def test_peak_table_by_device_name(name: str, peak: float | None) -> None:
+    assert peak_bf16_flops(name) == peak
+
+
+def test_cpu_matmul_peak_is_measured_without_touching_the_global_rng() -> None:
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert measured_matmul_peak(size=128, repeats=2) > 1e6
+    assert torch.equal(torch.rand(4), expected)

@@ -1,0 +1,120 @@
+"""The memory planner: model states against DeepSpeed's own estimators, activations against
+hand counts, and the 7B recipe planned on the meta device without weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from deepspeed.runtime.zero.stage3 import (
+    estimate_zero3_model_states_mem_needs,
+    estimate_zero3_model_states_mem_needs_all_cold,
+)
+from deepspeed.runtime.zero.stage_1_and_2 import (
+    estimate_zero2_model_states_mem_needs,
+    estimate_zero2_model_states_mem_needs_all_cold,
+)
+
+from train_ds import main
+from utils.config import parse_args
+from utils.memory_plan import (
+    GIB,
+    ActivationShape,
+    ParameterCounts,
+    activation_bytes,
+    head_activation_bytes,
+    layer_activation_bytes,
+    meta_segmenter,
+    model_state_bytes,
+)
+
+TOTAL, LARGEST = 123_456_789, 4_567_890
+ALL_TRAINABLE = ParameterCounts(total=TOTAL, trainable=TOTAL, largest_layer=LARGEST)
+BF16 = 2
+# LLaMA-7B with its 32000-token vocabulary and an untied LM head: 6.74B parameters
+LLAMA_7B_PARAMETERS = 6_738_415_616
+
+
+def states_gb(stage: int, offload: bool, gpus: int) -> float:
+    return sum(model_state_bytes(ALL_TRAINABLE, stage, offload, gpus, BF16).values()) / GIB
+
+
+@pytest.mark.parametrize("gpus", [1, 8])
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero2_model_states_equal_deepspeed(gpus: int, offload: bool, capsys) -> None:
+    states = model_state_bytes(ALL_TRAINABLE, 2, offload, gpus, BF16)
+    _, expected = estimate_zero2_model_states_mem_needs(TOTAL, gpus, 1, cpu_offload=offload)
+    assert sum(states.values()) == expected
+    estimate_zero2_model_states_mem_needs_all_cold(TOTAL, num_gpus_per_node=gpus)
+    assert f"| {states_gb(2, offload, gpus):6.2f}GB |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("gpus", [1, 8])
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero3_model_states_equal_deepspeed(gpus: int, offload: bool, capsys) -> None:
+    states = model_state_bytes(ALL_TRAINABLE, 3, offload, gpus, BF16)
+    # our offload is the optimizer's only: parameters stay on the GPUs
+    _, expected, _ = estimate_zero3_model_states_mem_needs(
+        TOTAL, LARGEST, gpus, 1, cpu_offload=offload, cpu_offload_params=False
+    )
+    assert sum(states.values()) == expected
+    estimate_zero3_model_states_mem_needs_all_cold(TOTAL, LARGEST, num_gpus_per_node=gpus)
+    assert f"| {states_gb(3, offload, gpus):6.2f}GB |" in capsys.readouterr().out
+
+
+def test_frozen_parameters_cost_only_their_16bit_weights() -> None:
+    counts = ParameterCounts(total=1000, trainable=100, largest_layer=50)
+    states = model_state_bytes(counts, 2, False, 2, BF16)
+    # 2 bytes x 1000 weights; 18 bytes x 100 trainable over 2 GPUs = 900 (300 gradients)
+    assert states == {"weights": 2000, "gradients": 300, "optimizer": 600}
+    zero3 = model_state_bytes(counts, 3, False, 2, BF16)
+    assert zero3["weights"] == 4 * 50 + 2 * 900 // 2
+
+
+SHAPE = ActivationShape(
+    hidden_size=4,
+    kv_width=4,
+    intermediate_size=8,
+    num_layers=3,
+    vocab_size=10,
+    lora_targets=2,
+    lora_dropout=True,
+    bytes_per_value=BF16,
+)
+
+
+def test_layer_activations_by_hand() -> None:
+    # norms 2 x 4 x 4 fp32 = 32; LoRA 2 x 4 x (2 + 1 mask) = 24; q, k rotated 2 x 8, v 2 x 4,
+    # attention output 2 x 4 = 32; SwiGLU 3 x 2 x 8 = 48
+    assert layer_activation_bytes(SHAPE) == 32 + 24 + 32 + 48 == 136
+    # logits: bf16 output + fp32 copy, softmax and gradient = (2 + 12) x 10 per row
+    assert head_activation_bytes(SHAPE, 5) == 5 * 140
+
+
+def test_checkpointing_keeps_layer_inputs_and_one_layer() -> None:
+    tokens, rows = 7, 5
+    full = activation_bytes(SHAPE, tokens, rows, checkpointing=False)
+    checkpointed = activation_bytes(SHAPE, tokens, rows, checkpointing=True)
+    # kept by 3 layers (or their bf16 inputs and one recomputed layer), one layer's gradients
+    # during its backward, the head's 700
+    assert full == 3 * 136 * 7 + 136 * 7 + 700
+    assert checkpointed == 3 * 2 * 4 * 7 + 136 * 7 + 136 * 7 + 700
+
+
+def test_7b_recipe_is_planned_on_meta_without_weights(capsys) -> None:
+    flags = ["--recipe=m2sa", "--version=LLaVA-7B-Lightening-v1-1", "--estimate_memory"]
+    model = meta_segmenter(parse_args(flags))
+    language = model.llava.model.language_model
+    base = sum(p.numel() for n, p in language.named_parameters() if "lora_" not in n)
+    assert base + model.llava.lm_head.weight.numel() == LLAMA_7B_PARAMETERS
+    assert all(p.is_meta for p in model.parameters())
+    result = main([*flags, "--json", "--gpu_memory_gb=24"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["total_gb"] == pytest.approx(result["total_gb"])
+    parts = ("weights", "gradients", "optimizer", "activations", "runtime")
+    assert printed["total_gb"] == pytest.approx(sum(printed[f"{p}_gb"] for p in parts))
+    assert printed["zero_stage"] == 2 and printed["gradient_checkpointing"] is True
+    # bf16 weights of ~7.7B parameters (LLaMA-7B, CLIP-L, SAM ViT-H, LoRA, projector)
+    assert 14.0 < printed["weights_gb"] < 14.8
+    assert printed["fits"] is (printed["total_gb"] <= 24)
+    assert len(printed["settings"]) == 8

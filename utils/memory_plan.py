@@ -1,0 +1,361 @@
+"""The memory planner behind `train_ds.py --estimate_memory [--json] [--gpu_memory_gb N]`: the
+per-GPU memory of the configured run by part, without loading any weight.
+
+The segmenter is built on the meta device from configuration alone (`--version`'s config.json
+when it is a local directory, else the LLaMA shape its name says: 7B or 13B; CLIP from
+`--vision_tower`'s name; SAM from `--vision_pretrained`'s name: vit_h, vit_l or vit_b), LoRA
+applied and the trainable set marked exactly as `model.builder` does, so parameter counts are
+the real ones. Then, per GPU of `--estimate_gpus` (default 1):
+
+- weights: every parameter in the run's precision (ZeRO-3: partitioned, plus the largest
+  layer gathered in fp32, as DeepSpeed counts it).
+- gradients and optimizer states of the trainable parameters, as DeepSpeed's estimators count
+  them (16-bit gradients 2, fp32 gradients 4, fp32 master 4, Adam moments 8 bytes per
+  parameter, over the GPUs; with `--offload_optimizer` they live in CPU memory). With every
+  parameter trainable the model states equal `estimate_zero2_model_states_mem_needs` /
+  `estimate_zero3_model_states_mem_needs` (tests check it).
+- activations saved for backward by the language model over one micro-batch of
+  `batch_size x num_classes_per_sample` conversations, each padded to image tokens +
+  PLANNED_TEXT_TOKENS (and at `--model_max_length`, the worst case), with and without
+  gradient checkpointing (`layer_activation_bytes` lists what each layer keeps), plus the LM
+  head's logits (trimmed: the scored rows; `--full_logits`: every position).
+
+The frozen image encoders run without a graph; their transient peak, the mask decoder and the
+allocator's fragmentation are not modelled (on a GPU, RUNTIME_OVERHEAD_GB stands for the CUDA
+context and allocator slack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GIB = 2**30
+FP32_BYTES = 4
+BOOL_BYTES = 1
+# DeepSpeed's bytes per trainable parameter beside the 16-bit weight: 16-bit and fp32 gradients,
+# fp32 master weights, Adam's two moments
+GRAD_16BIT_BYTES, GRAD_FP32_BYTES, MASTER_BYTES, ADAM_BYTES = 2, 4, 4, 8
+ZERO3_LARGEST_LAYER_BYTES = 4
+# a conversation's text beside its image tokens (system prompt, question, answer): the m2sa
+# mix's referring and MMR questions with their answers mostly fit in it; long VQA dialogues
+# reach the --model_max_length case
+PLANNED_TEXT_TOKENS = 160
+RUNTIME_OVERHEAD_GB = 1.0
+# backward of a layer holds the gradients of the tensors it kept, as large as they are
+BACKWARD_WORKSPACE_LAYERS = 1
+SWIGLU_SAVED = 3  # silu input, silu output, up-projection output
+LLAMA_SHAPES = {
+    "13b": dict(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
+    ),
+    "7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+    ),
+}
+LLAMA_VOCAB = 32000
+CLIP_L14 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    patch_size=14,
+)  # fmt: skip
+CLIP_DEFAULT_SIZE, CLIP_336 = 224, 336
+SAM_NAMES = ("vit_h", "vit_l", "vit_b")
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int
+    trainable: int
+    largest_layer: int
+
+
+@dataclass(frozen=True)
+class ActivationShape:
+    """What one language-model layer keeps per token: widths and the precision's bytes."""
+
+    hidden_size: int
+    kv_width: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+    lora_targets: int
+    lora_dropout: bool
+    bytes_per_value: int
+
+
+def layer_activation_bytes(shape: ActivationShape) -> int:
+    """Bytes one LLaMA layer keeps per token for backward (frozen linear layers keep no input):
+    two RMSNorm inputs in fp32; per LoRA target its dropped input (and the dropout mask);
+    rotated q and k, v and the attention output (sdpa); the SwiGLU's three products."""
+    h, kv, p = shape.hidden_size, shape.kv_width, shape.bytes_per_value
+    norms = 2 * FP32_BYTES * h
+    lora = shape.lora_targets * h * (p + (BOOL_BYTES if shape.lora_dropout else 0))
+    attention = p * (h + kv) + p * kv + p * h
+    mlp = SWIGLU_SAVED * p * shape.intermediate_size
+    return norms + lora + attention + mlp
+
+
+def head_activation_bytes(shape: ActivationShape, rows: int) -> int:
+    """The LM head's logits over `rows` positions: 16-bit output, its fp32 copy and the
+    softmax CE keeps, and their gradient while backward runs (two fp32 [rows, V])."""
+    per_row = shape.vocab_size * (shape.bytes_per_value + 3 * FP32_BYTES)
+    return rows * per_row
+
+
+def activation_bytes(
+    shape: ActivationShape, tokens: int, head_rows: int, checkpointing: bool
+) -> int:
+    """Activations of one micro-batch of `tokens` positions (padding included): what the
+    layers keep for backward, the gradients of one layer's kept tensors while its backward
+    runs (BACKWARD_WORKSPACE_LAYERS), and the LM head's logits over `head_rows` rows."""
+    layer = layer_activation_bytes(shape) * tokens
+    if checkpointing:  # each layer's input kept, one layer recomputed at a time
+        body = shape.num_layers * shape.bytes_per_value * shape.hidden_size * tokens + layer
+    else:
+        body = shape.num_layers * layer
+    workspace = BACKWARD_WORKSPACE_LAYERS * layer
+    return body + workspace + head_activation_bytes(shape, head_rows)
+
+
+def model_state_bytes(
+    counts: ParameterCounts, stage: int, offload: bool, gpus: int, bytes_per_value: int
+) -> dict[str, int]:
+    """Per-GPU weights, gradients and optimizer states (DeepSpeed's accounting; see module)."""
+    trainable = counts.trainable
+    frozen = counts.total - trainable
+    states = GRAD_16BIT_BYTES + GRAD_FP32_BYTES + MASTER_BYTES + ADAM_BYTES
+    gradient_share = (GRAD_16BIT_BYTES + GRAD_FP32_BYTES) / states
+    sharded = 0 if offload else int(states * trainable / gpus)
+    if stage == 3:
+        # DeepSpeed's ZeRO-3 count holds the trainable 16-bit weights inside its 18 bytes unless
+        # the optimizer is offloaded; the frozen ones are partitioned 16-bit weights
+        on_gpu = counts.total if offload else frozen
+        weights = ZERO3_LARGEST_LAYER_BYTES * counts.largest_layer + int(
+            bytes_per_value * on_gpu / gpus
+        )
+    else:
+        weights = bytes_per_value * counts.total
+    gradients = int(sharded * gradient_share)
+    return {"weights": weights, "gradients": gradients, "optimizer": sharded - gradients}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """One setting's per-GPU bytes by part."""
+
+    zero_stage: int
+    offload_optimizer: bool
+    gradient_checkpointing: bool
+    weights: int
+    trainable_weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    activations_at_max_length: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+
+    @property
+    def total_at_max_length(self) -> int:
+        return self.total - self.activations + self.activations_at_max_length
+
+    def to_json(self) -> dict:
+        """The setting and its parts in GB (keys "<part>_gb"), "total_gb" and
+        "total_gb_at_max_length"."""
+        values = {}
+        for name, value in asdict(self).items():
+            is_bytes = (
+                isinstance(value, int) and not isinstance(value, bool) and name != "zero_stage"
+            )
+            values[f"{name}_gb" if is_bytes else name] = value / GIB if is_bytes else value
+        values["total_gb"] = self.total / GIB
+        values["total_gb_at_max_length"] = self.total_at_max_length / GIB
+        return values
+
+
+# --- building the model on meta ---
+def _llava_config(config):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    directory = Path(config.version)
+    if (directory / "config.json").is_file():
+        values = json.loads((directory / "config.json").read_text())
+        if "text_config" in values:
+            return LlavaConfig.from_pretrained(directory)
+        text = LlamaConfig(**{k: v for k, v in values.items() if k != "model_type"})
+    else:
+        size = next((s for s in LLAMA_SHAPES if s in config.version.lower()), None)
+        if size is None:
+            raise ValueError(
+                f"--version {config.version!r}: no local config.json and no 7b/13b in the name; "
+                "give a local LLaVA directory (only its config.json is read)"
+            )
+        text = LlamaConfig(**LLAMA_SHAPES[size], vocab_size=LLAMA_VOCAB)
+    image = CLIP_336 if str(CLIP_336) in str(config.vision_tower) else CLIP_DEFAULT_SIZE
+    vision = CLIPVisionConfig(**CLIP_L14, image_size=image)
+    return LlavaConfig(vision_config=vision, text_config=text.to_dict())
+
+
+def _sam_config(config):
+    from model.sam import sam_config_from_preset
+
+    name = Path(config.vision_pretrained).name.lower()
+    preset = next((n for n in SAM_NAMES if n in name), "vit_h")
+    return sam_config_from_preset("tiny" if "tiny" in name else preset)
+
+
+def meta_segmenter(config) -> nn.Module:
+    """The segmenter of a TrainConfig on the meta device (no weights; real parameter counts)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from model.lora import apply_lora, set_trainable
+    from model.sam import EarlyFusion, build_sam
+    from model.segmenter import Segmenter, build_projector
+    from model.tokens import TokenIds
+
+    llava_config, sam_config = _llava_config(config), _sam_config(config)
+    prompt = sam_config.mask_decoder_config.hidden_size
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(llava_config)
+        sam = build_sam(sam_config)
+        projector = build_projector(llava_config.text_config.hidden_size, prompt)
+        fusion = EarlyFusion(sam_config.vision_config.hidden_size, prompt)
+    settings = config.model_config()
+    apply_lora(
+        llava, config.lora_r, config.lora_alpha, config.lora_dropout, settings.lora_target_modules
+    )
+    ids = TokenIds(seg=0, rej=0, image=0, pad=0, bos=None, eos=0, im_start=None, im_end=None)
+    early = (fusion, 0) if config.early_fusion else (None, None)
+    model = Segmenter(llava, sam, projector, ids, early_fusion=early[0], early_layer=early[1])
+    set_trainable(model, config.train_mask_decoder, config.train_mm_projector)
+    return model
+
+
+def parameter_counts(model: nn.Module) -> ParameterCounts:
+    parameters = list(model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return ParameterCounts(
+        total=sum(p.numel() for p in parameters),
+        trainable=sum(p.numel() for p in parameters if p.requires_grad),
+        largest_layer=largest,
+    )
+
+
+def activation_shape(model: nn.Module, config) -> ActivationShape:
+    text = model.llava.config.text_config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    targets = config.model_config().lora_target_modules
+    return ActivationShape(
+        hidden_size=text.hidden_size,
+        kv_width=text.hidden_size * kv_heads // heads,
+        intermediate_size=text.intermediate_size,
+        num_layers=text.num_hidden_layers,
+        vocab_size=text.vocab_size,
+        lora_targets=len(targets) if config.lora_r else 0,
+        lora_dropout=config.lora_dropout > 0,
+        bytes_per_value=config.model_config().dtype.itemsize,
+    )
+
+
+def plan_settings(config, gpus: int, on_gpu: bool = True) -> list[MemoryPlan]:
+    """Every (ZeRO stage, offload, checkpointing) setting of the run, the configured first."""
+    from model.backbone import image_token_count
+
+    model = meta_segmenter(config)
+    counts, shape = parameter_counts(model), activation_shape(model, config)
+    conversations = config.batch_size * max(config.num_classes_per_sample, 1)
+    image_tokens = image_token_count(model.llava.config)
+    lengths = {
+        "planned": min(image_tokens + PLANNED_TEXT_TOKENS, config.model_max_length),
+        "max": config.model_max_length,
+    }
+    runtime = int(RUNTIME_OVERHEAD_GB * GIB) if on_gpu else 0
+    configured = (config.zero_stage, config.offload_optimizer, config.gradient_checkpointing)
+    settings = [configured] + [
+        (stage, offload, checkpointing)
+        for stage in (2, 3)
+        for offload in (False, True)
+        for checkpointing in (True, False)
+        if (stage, offload, checkpointing) != configured
+    ]
+    plans = []
+    for stage, offload, checkpointing in settings:
+        states = model_state_bytes(counts, stage, offload, gpus, shape.bytes_per_value)
+        activations = {}
+        for key, length in lengths.items():
+            tokens = conversations * length
+            # trimmed logits: the answer text is at most the text part of each conversation
+            rows = tokens if config.full_logits else conversations * (length - image_tokens)
+            activations[key] = activation_bytes(shape, tokens, max(rows, 0), checkpointing)
+        plans.append(
+            MemoryPlan(
+                zero_stage=stage,
+                offload_optimizer=offload,
+                gradient_checkpointing=checkpointing,
+                trainable_weights=shape.bytes_per_value * counts.trainable,
+                activations=activations["planned"],
+                activations_at_max_length=activations["max"],
+                runtime=runtime,
+                **states,
+            )
+        )
+    return plans
+
+
+def describe(plans: list[MemoryPlan], card_gb: float) -> str:
+    """A table of the settings (GB per GPU) and whether each fits a `card_gb` card."""
+    header = (
+        f"{'ZeRO':>4} {'offload':>7} {'ckpt':>5} {'weights':>8} {'(train)':>8} {'grads':>7} "
+        f"{'optim':>7} {'activ':>7} {'total':>7} {'@max_len':>8}  fits {card_gb:g} GB"
+    )
+    lines = [header]
+    for index, plan in enumerate(plans):
+        gb = {k: v / GIB for k, v in asdict(plan).items() if type(v) is int}
+        fits = "yes" if plan.total_at_max_length / GIB <= card_gb else (
+            "typical only" if plan.total / GIB <= card_gb else "no")  # fmt: skip
+        lines.append(
+            f"{plan.zero_stage:>4} {plan.offload_optimizer!s:>7} "
+            f"{plan.gradient_checkpointing!s:>5} {gb['weights']:8.2f} "
+            f"{gb['trainable_weights']:8.2f} {gb['gradients']:7.2f} {gb['optimizer']:7.2f} "
+            f"{gb['activations']:7.2f} {plan.total / GIB:7.2f} "
+            f"{plan.total_at_max_length / GIB:8.2f}  {fits}"
+            + ("  <- configured" if index == 0 else "")
+        )
+    return "\n".join(lines)
+
+
+def split_json_flag(argv: list[str]) -> tuple[bool, list[str]]:
+    """(whether `--json` was given, the other arguments). `--json` belongs to
+    `--estimate_memory` alone and is read here, apart from the shared train_ds.py flags (tools
+    that extend those define a `--json` of their own)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--json", action="store_true")
+    known, rest = parser.parse_known_args(argv)
+    return known.json, rest
+
+
+def print_memory_plan(config, as_json: bool = False) -> dict:
+    """`--estimate_memory`: print the table (or with `as_json` one JSON object: the configured
+    setting's parts in GB, "total_gb", and every setting under "settings"). Returns the object."""
+    plans = plan_settings(config, config.estimate_gpus)
+    result = {
+        **plans[0].to_json(),
+        "gpus": config.estimate_gpus,
+        "gpu_memory_gb": config.gpu_memory_gb,
+        "fits": plans[0].total / GIB <= config.gpu_memory_gb,
+        "settings": [plan.to_json() for plan in plans],
+    }
+    if as_json:
+        print(json.dumps(result, indent=2), flush=True)
+    else:
+        print(describe(plans, config.gpu_memory_gb), flush=True)
+    return result
