@@ -125,15 +125,33 @@ RUN_SPECIFIC = {
 }
 
 
+def trains_own_data(args: list[str]) -> bool:
+    """A line that fine-tunes on the user's files (the `custom` family): an example of the
+    custom-data guide, not a paper's experiment."""
+    return "custom" in resolve_config(args).config.dataset.split("||")
+
+
 def readme_training_lines() -> list[list[str]]:
-    """The train_ds.py arguments of every README command that trains (no --eval_only)."""
+    """The train_ds.py arguments of every README command that trains a paper's experiment (no
+    --eval_only, not on the user's own data)."""
     lines = []
     for argv in shell_commands(README.read_text()):
         if "train_ds.py" in argv:
             args = argv[argv.index("train_ds.py") + 1 :]
             if "--eval_only" not in args and "--print_config" not in args:
                 lines.append(args)
-    return lines
+    return [args for args in lines if not trains_own_data(args)]
+
+
+def test_the_readme_shows_a_training_line_on_own_data() -> None:
+    """The filter above leaves out exactly the "Your own data" example."""
+    own = []
+    for argv in shell_commands(README.read_text()):
+        if "train_ds.py" in argv and "--eval_only" not in argv:
+            args = argv[argv.index("train_ds.py") + 1 :]
+            if "--print_config" not in args and trains_own_data(args):
+                own.append(args)
+    assert len(own) == 1 and "--custom_data=mine/train.jsonl@mine/images" in own[0]
 
 
 def test_the_readme_trains_every_paper_recipe() -> None:
