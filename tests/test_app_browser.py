@@ -26,8 +26,8 @@ import pytest
 
 from tests.e2e import ROOT
 from tests.helpers import write_rigged_checkpoint
+from tools.tiny_assets.shapes_world import generate_scene
 from utils.inference import Segmentation
-from utils.shapes_world import generate_scene
 
 CHROMIUM = Path("/usr/bin/chromium")
 QUESTION = "Please segment the red circle in this image."

@@ -233,7 +233,7 @@ def chat_images(profile: Profile) -> tuple[Path, Path, str]:
     import numpy as np
 
     from tools.tiny_assets.common import write_jpeg
-    from utils.shapes_world import generate_scene
+    from tools.tiny_assets.shapes_world import generate_scene
 
     rng = np.random.default_rng(CHAT_SCENE_SEED)
     side = profile.image_size

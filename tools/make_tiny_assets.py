@@ -11,11 +11,12 @@ two models' image encoders get N steps of pretraining on other shapes-world scen
 `--clip_steps` more alone), and with `--llava_steps M` the LLaVA's projector and language
 model then M steps of answering whether named shapes are in them and captioning them
 (`tools/tiny_assets/pretrain.py`), as real models come pretrained. Images show coloured
-shapes (`utils.shapes_world`); every annotation is derived from the same scene objects, so texts
-and masks agree, and each kind is labelled as one real class of each vocabulary (COCO things,
-ADE20K-150, COCO-Stuff: `tools/tiny_assets/classes.py`), read through the class lists shipped
-with the loaders, as real downloads hold none. The tiny LLaVA's tokenizer is written both as
-`tokenizer.model` (sentencepiece) and `tokenizer.json`, one tokenizer in two files.
+shapes (`tools/tiny_assets/shapes_world.py`); every annotation is derived from the same scene
+objects, so texts and masks agree, and each kind is labelled as one real class of each
+vocabulary (COCO things, ADE20K-150, COCO-Stuff: `tools/tiny_assets/classes.py`), read through
+the class lists shipped with the loaders, as real downloads hold none. The tiny LLaVA's
+tokenizer is written both as `tokenizer.model` (sentencepiece) and `tokenizer.json`, one
+tokenizer in two files.
 The same seed and flags give the same bytes (JSON, pickles, PNG and JPEG).
 Files already under DIR are overwritten, never deleted.
 """

@@ -22,7 +22,7 @@ from tools.tiny_assets.classes import COCO_THING_NAMES, SEMANTIC_NAMES
 from tools.tiny_assets.common import AssetOptions, Context
 from tools.tiny_assets.parts import PASCAL_IMAGE_DIR
 from tools.tiny_assets.refer import train2014_scenes
-from utils.shapes_world import COLOURS, PALETTE, rasterize
+from tools.tiny_assets.shapes_world import COLOURS, PALETTE, rasterize
 
 MMR_SPLITS = ("train", "val", "test_obj_only", "test_part_only", "test_mixed")
 REFER = "refer_seg"

@@ -37,9 +37,9 @@ from tools.tiny_assets.pretrain import (
     token_targets,
     yes_no_accuracy,
 )
+from tools.tiny_assets.shapes_world import COLOURS, OBJECT_SHAPES, generate_scene
+from tools.tiny_assets.shapes_world_text import plural, with_article
 from utils.preprocess import ImageProcessors
-from utils.shapes_world import COLOURS, OBJECT_SHAPES, generate_scene
-from utils.shapes_world_text import plural, with_article
 
 
 def test_label_maps_mark_each_object_kind_and_part() -> None:

@@ -527,7 +527,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("part_targets", ["instance", "category"])
 def test_tiny_assets_load_with_shape_names(tiny_dataset, part_targets):
     from tools.tiny_assets.classes import SEMANTIC_NAMES
-    from utils.shapes_world import OBJECT_SHAPES, PART_NAMES
+    from tools.tiny_assets.shapes_world import OBJECT_SHAPES, PART_NAMES
 
     # ADE20K and COCO-Stuff label the kinds with real classes of the shipped lists, whose
     # neighbours are other real classes, so an off-by-one reads a name outside `allowed`

@@ -16,7 +16,7 @@ import pytest
 from tests.utils import fixtures_sem as fx
 from tests.utils import reference_templates as ref
 from utils.datasets.base import SamplingOptions
-from utils.datasets.sem_seg import LabelMapSource, finish_sample
+from utils.datasets.sem_seg import LabelMapSource
 from utils.datasets.templates import (
     ANSWERS,
     EXPANDED_LONG_QUESTIONS,
@@ -38,6 +38,7 @@ from utils.datasets.templates import (
     SHORT_QUESTIONS,
     Target,
     build_conversations,
+    finish_sample,
     mmr_answer,
     question,
     split_into_questions,

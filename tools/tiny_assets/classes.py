@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from utils.shapes_world import OBJECT_SHAPES
+from tools.tiny_assets.shapes_world import OBJECT_SHAPES
 
 CLASS_LISTS = Path(__file__).resolve().parents[2] / "utils" / "datasets" / "class_lists"
 ADE20K_CLASS_LIST = CLASS_LISTS / "ade20k_classes.json"

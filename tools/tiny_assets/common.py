@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from utils.shapes_world import Region, Scene, SceneObject, generate_scene
+from tools.tiny_assets.shapes_world import Region, Scene, SceneObject, generate_scene
 
 JPEG_QUALITY = 95
 PICKLE_PROTOCOL = 4

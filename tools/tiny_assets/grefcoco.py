@@ -28,8 +28,8 @@ from tools.tiny_assets.common import (
     write_png,
 )
 from tools.tiny_assets.refer import REFER_SPLITS, ReferPool, ref_record, sentence
-from utils.shapes_world import Scene, SceneObject
-from utils.shapes_world_text import (
+from tools.tiny_assets.shapes_world import Scene, SceneObject
+from tools.tiny_assets.shapes_world_text import (
     absent_kind,
     mask_box,
     part_noun,

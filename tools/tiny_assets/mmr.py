@@ -16,8 +16,8 @@ import numpy as np
 from tools.tiny_assets.common import Context, bbox_xywh, compressed_rle, write_jpeg, write_json
 from tools.tiny_assets.parts import CATEGORY_IDS, SORTED_CATEGORY_IDS, category_of
 from tools.tiny_assets.refer import REFER_IMAGES
-from utils.shapes_world import Region, Scene, SceneObject
-from utils.shapes_world_text import (
+from tools.tiny_assets.shapes_world import Region, Scene, SceneObject
+from tools.tiny_assets.shapes_world_text import (
     FACTS_BY_CATEGORY,
     capitalise,
     categories_present,

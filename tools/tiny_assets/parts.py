@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tools.tiny_assets.common import Context, coco_annotation, coco_image, write_jpeg, write_json
-from utils.shapes_world import OBJECT_SHAPES, PART_NAMES, Region, Scene, SceneObject
+from tools.tiny_assets.shapes_world import OBJECT_SHAPES, PART_NAMES, Region, Scene, SceneObject
 
 CATEGORY_NAMES = list(OBJECT_SHAPES) + [
     f"{shape}:{part}" for shape, parts in PART_NAMES.items() for part in parts

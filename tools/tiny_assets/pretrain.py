@@ -50,12 +50,12 @@ from model.backbone import image_token_count
 from model.sam import load_sam_checkpoint, save_sam_checkpoint
 from model.tokens import IGNORE_INDEX, TokenIds
 from tools.tiny_assets.common import jpeg_round_trip
+from tools.tiny_assets.shapes_world import COLOURS, COMPOSITES, OBJECT_SHAPES, Scene, generate_scene
+from tools.tiny_assets.shapes_world_text import absent_kind, join_words, plural, with_article
 from utils.collate import template_for, tokenize_conversation
 from utils.conversation import DEFAULT_CONV_TYPE
 from utils.datasets.templates import IMAGE_PREFIX
 from utils.preprocess import ImageProcessors, resize_longest_side
-from utils.shapes_world import COLOURS, COMPOSITES, OBJECT_SHAPES, Scene, generate_scene
-from utils.shapes_world_text import absent_kind, join_words, plural, with_article
 
 KINDS = tuple((colour, shape) for colour in COLOURS for shape in OBJECT_SHAPES)
 KIND_INDEX = {kind: index + 1 for index, kind in enumerate(KINDS)}  # 0: background

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from tools.tiny_assets.common import Context, write_jpeg, write_json
-from utils.shapes_world import Scene, SceneObject
-from utils.shapes_world_text import (
+from tools.tiny_assets.shapes_world import Scene, SceneObject
+from tools.tiny_assets.shapes_world_text import (
     COLOUR_LIKENESS,
     FACTS_BY_CATEGORY,
     capitalise,

@@ -36,8 +36,8 @@ from tools.tiny_assets.common import (
     write_json,
     write_pickle,
 )
-from utils.shapes_world import Scene, SceneObject
-from utils.shapes_world_text import capitalise, referring_expressions
+from tools.tiny_assets.shapes_world import Scene, SceneObject
+from tools.tiny_assets.shapes_world_text import capitalise, referring_expressions
 
 REFER_SPLITS = ("train", "val", "testA", "testB")
 REFCOCOG_SPLITS = ("train", "val", "test")

@@ -26,8 +26,8 @@ from tools.tiny_assets.classes import (
     cocostuff_class_names,
 )
 from tools.tiny_assets.common import Context, write_jpeg, write_json, write_png
+from tools.tiny_assets.shapes_world import OBJECT_SHAPES, Scene
 from utils.datasets.base import IGNORE_LABEL
-from utils.shapes_world import OBJECT_SHAPES, Scene
 
 ADE20K_OTHER = 0
 ADE20K_LABEL_OFFSET = 1  # label value = class index + 1

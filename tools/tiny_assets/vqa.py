@@ -13,8 +13,8 @@ import numpy as np
 
 from tools.tiny_assets.common import Context, write_json
 from tools.tiny_assets.parts import coco_file_name
-from utils.shapes_world import Scene
-from utils.shapes_world_text import (
+from tools.tiny_assets.shapes_world import Scene
+from tools.tiny_assets.shapes_world_text import (
     EXTREME_MARGIN,
     NUMBER_WORDS,
     absent_kind,

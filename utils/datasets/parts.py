@@ -34,8 +34,7 @@ from utils.datasets.base import (
     resolve_inside,
 )
 from utils.datasets.coco import check_segmentation, decode_segmentation
-from utils.datasets.sem_seg import finish_sample, target_count
-from utils.datasets.templates import GSVA_SEM_SEG, Target
+from utils.datasets.templates import GSVA_SEM_SEG, Target, finish_sample, target_count
 
 PART_NAME_PROBABILITY = 0.5  # "obj part" rather than "the part of the obj"
 COCO_LISTS = ("images", "annotations", "categories")

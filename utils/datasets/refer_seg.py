@@ -37,8 +37,7 @@ from utils.datasets.base import (
     check_record_index,
 )
 from utils.datasets.refer import REFER_DATASETS, TRAIN_SPLIT, Ref, open_refer_index
-from utils.datasets.sem_seg import finish_sample, target_count
-from utils.datasets.templates import Target
+from utils.datasets.templates import Target, finish_sample, target_count
 
 FAMILY = "refer_seg"
 GSVA_STYLE = "gsva"

@@ -7,8 +7,8 @@ A sample asks about up to `targets_to_draw(...)` distinct classes present in its
 label conventions below) follow `--ignore_pixels`: "background" (default; LISA, GSVA and MMR build
 each mask as `label == class_id`, so ignored pixels are 0) or "exclude" (they stay IGNORE_LABEL
 in the masks and the loss leaves them out). Class names keep the vocabulary's spelling; the
-templates lower-case them where the references do. `target_count` and `finish_sample` are
-shared with the part and referring sources.
+templates lower-case them where the references do. Samples are drawn and finished by
+`utils.datasets.templates` (`target_count`, `finish_sample`), as for the part and referring sources.
 
 Label conventions (REFERENCE 4.2), applied to a map's distinct stored values (one counting pass
 per map on its stored uint8 / uint16 dtype, `LabelMap`); they give class indices or IGNORE_LABEL:
@@ -48,14 +48,8 @@ from utils.datasets.base import (
     read_json,
     read_label_map,
 )
-from utils.datasets.templates import (
-    GSVA_REFER_SEG,
-    GSVA_SEM_SEG,
-    GsvaAnswerFormat,
-    Target,
-    build_conversations,
-    targets_to_draw,
-)
+from utils.datasets.parts import PART_SPECS, PartSource
+from utils.datasets.templates import GSVA_SEM_SEG, Target, finish_sample, target_count
 
 UINT8_VALUES = 256
 CLASS_LISTS = Path(__file__).resolve().parent / "class_lists"
@@ -313,49 +307,10 @@ def class_mask(inside: np.ndarray, ignored: np.ndarray | None) -> np.ndarray:
     return mask
 
 
-def target_count(options: SamplingOptions) -> int:
-    """How many distinct classes a sample asks about at most."""
-    return targets_to_draw(
-        options.prompt_style, options.num_classes_per_sample, options.num_classes_per_question
-    )
-
-
-def finish_sample(
-    image: np.ndarray,
-    targets: list[Target],
-    options: SamplingOptions,
-    rng: np.random.Generator,
-    image_path: Path,
-    source: str,
-    *,
-    gsva_format: GsvaAnswerFormat = GSVA_REFER_SEG,
-) -> Sample:
-    """Conversations about `targets` in the configured prompt style, as a Sample.
-
-    gsva_format: how the "gsva" style writes its answer; GSVA_REFER_SEG (", " between parts,
-    sentences stripped of '.', empty masks answered `[REJ]`) for referring sources, GSVA_SEM_SEG
-    ("," between parts) for semantic and part sources.
-    """
-    conversations, masks = build_conversations(
-        targets,
-        options.prompt_style,
-        rng,
-        image.shape[:2],
-        options.num_classes_per_sample,
-        options.use_expand_question_list,
-        options.num_classes_per_question,
-        gsva_format,
-    )
-    return Sample(image, conversations, masks, str(image_path), source)
-
-
 def build_sem_seg_sources(
     dataset_dir: str | Path, names: list[str], options: SamplingOptions
 ) -> list[Source]:
     """One source per `--sem_seg_data` name ("ade20k||cocostuff||..." split on "||")."""
-    # deferred: utils.datasets.parts imports this module's sampling helpers
-    from utils.datasets.parts import PART_SPECS, PartSource
-
     sources: list[Source] = []
     known = [*LABEL_MAP_SPECS, *PART_SPECS]
     for name in names:

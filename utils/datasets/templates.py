@@ -1,5 +1,7 @@
 """Question and answer templates of the LISA, MMR and GSVA families, and the one function that
-turns a list of named targets into conversations plus masks in `[SEG]`/`[REJ]` order.
+turns a list of named targets into conversations plus masks in `[SEG]`/`[REJ]` order
+(`build_conversations`; `finish_sample` wraps it into a Sample for every training source, and
+`target_count` says how many targets a source draws).
 
 Every string is copied from the reference code (LISA `utils/utils.py`, MMR `utils/utils.py`,
 GSVA `model/llava/constants.py`); nothing here is our own wording.
@@ -28,10 +30,11 @@ its default mix the list holds 4 + 14 + 14 entries (each original drawn 1/32, ea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from utils.datasets.base import IMAGE_PLACEHOLDER
+from utils.datasets.base import IMAGE_PLACEHOLDER, Sample, SamplingOptions
 
 SEG = "[SEG]"
 REJ = "[REJ]"
@@ -307,6 +310,42 @@ def targets_to_draw(style: str, num_classes_per_sample: int, num_classes_per_que
         if style == "mmr"
         else num_classes_per_sample
     )
+
+
+def target_count(options: SamplingOptions) -> int:
+    """How many distinct targets a training sample asks about at most."""
+    return targets_to_draw(
+        options.prompt_style, options.num_classes_per_sample, options.num_classes_per_question
+    )
+
+
+def finish_sample(
+    image: np.ndarray,
+    targets: list[Target],
+    options: SamplingOptions,
+    rng: np.random.Generator,
+    image_path: Path,
+    source: str,
+    *,
+    gsva_format: GsvaAnswerFormat = GSVA_REFER_SEG,
+) -> Sample:
+    """Conversations about `targets` in the configured prompt style, as a Sample.
+
+    image: uint8 [H, W, 3]. gsva_format: how the "gsva" style writes its answer; GSVA_REFER_SEG
+    (", " between parts, sentences stripped of '.', empty masks answered `[REJ]`) for referring
+    sources, GSVA_SEM_SEG ("," between parts) for semantic and part sources.
+    """
+    conversations, masks = build_conversations(
+        targets,
+        options.prompt_style,
+        rng,
+        image.shape[:2],
+        options.num_classes_per_sample,
+        options.use_expand_question_list,
+        options.num_classes_per_question,
+        gsva_format,
+    )
+    return Sample(image, conversations, masks, str(image_path), source)
 
 
 def validation_question(sentence: str, is_sentence: bool) -> str:

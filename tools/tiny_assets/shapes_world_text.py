@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from utils.shapes_world import COLOURS, OBJECT_SHAPES, Region, Scene, SceneObject
+from tools.tiny_assets.shapes_world import COLOURS, OBJECT_SHAPES, Region, Scene, SceneObject
 
 PLURALS = {"leaves": "leaves"}
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
