@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -361,7 +362,8 @@ def test_semantic_label_maps_mean_the_shipped_classes(root: Path) -> None:
     config = json.loads((root / "mapillary" / "config_v2.0.json").read_text())
     readable = [label["readable"].lower() for label in config["labels"]]
     for label_path in (root / "mapillary/training/v2.0/labels").glob("*.png"):
-        label = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
+        with Image.open(label_path) as stored:  # a palette PNG: PIL keeps the label indices
+            label = np.array(stored)
         assert (
             label.shape
             == read_rgb(root / "mapillary/training/images" / f"{label_path.stem}.jpg").shape[:2]

@@ -184,3 +184,23 @@ def test_ade20k_and_cocostuff_values_mean_the_mapped_real_classes(root: Path) ->
             rest = set(np.unique(label[~covered]).tolist()) - {COCO_UNLABELED}
             assert rest == background, path
     assert stuff[125] == "ground-other" and len(seen) > len(SEMANTIC) // 2
+
+
+def test_mapillary_labels_are_palette_pngs_coloured_as_the_config(root: Path) -> None:
+    """Mapillary Vistas v2.0 stores labels as palette PNGs: the pixel values are label indices
+    and palette entry i is the colour `config_v2.0.json` gives label i."""
+    from PIL import Image
+
+    base = root / "mapillary"
+    colours = [
+        label["color"] for label in json.loads((base / "config_v2.0.json").read_text())["labels"]
+    ]
+    paths = sorted((base / "training" / "v2.0" / "labels").glob("*.png"))
+    assert paths
+    for path in paths:
+        with Image.open(path) as stored:
+            assert stored.mode == "P"
+            palette = np.array(stored.getpalette()[: 3 * len(colours)]).reshape(-1, 3)
+            values = np.unique(np.array(stored))
+        assert palette.tolist() == colours
+        assert values.max() < len(colours)

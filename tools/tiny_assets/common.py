@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from tools.tiny_assets.shapes_world import Region, Scene, SceneObject, generate_scene
@@ -93,6 +94,15 @@ def write_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), array):
         raise OSError(f"could not write {path}")
+
+
+def write_palette_png(path: Path, array: np.ndarray, colours: list[list[int]]) -> None:
+    """Write a uint8 index array [H, W] as a palette ("P" mode) PNG whose entry i is
+    `colours[i]` (RGB), as Mapillary Vistas stores its labels: the pixel values are the indices."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array.astype(np.uint8), mode="P")
+    image.putpalette([channel for colour in colours for channel in colour])
+    image.save(path, format="PNG")
 
 
 def write_json(path: Path, data: object) -> None:

@@ -10,7 +10,8 @@ real downloads, no vocabulary file is written into the dataset folder:
   the background is "ground-other" (a real stuff class; its '-' makes loaders ignore it) and the
   one-pixel image frame is 255 (unlabeled), as stuffthingmaps have.
 - Mapillary ships its vocabulary, so `mapillary/config_v2.0.json` is written: the kinds'
-  classes at SHAPE_INDEX (readable names capitalised), fillers between, pixel = label index;
+  classes at SHAPE_INDEX (readable names capitalised), fillers between, pixel = label index in
+  palette PNGs whose palette holds the config's colours (as the real v2.0 labels are);
   the last label is "Unlabeled" and covers the background, as in the real data.
 """
 
@@ -25,7 +26,7 @@ from tools.tiny_assets.classes import (
     class_indexes,
     cocostuff_class_names,
 )
-from tools.tiny_assets.common import Context, write_jpeg, write_json, write_png
+from tools.tiny_assets.common import Context, write_jpeg, write_json, write_palette_png, write_png
 from tools.tiny_assets.shapes_world import OBJECT_SHAPES, Scene
 from utils.datasets.base import IGNORE_LABEL
 
@@ -127,10 +128,12 @@ def mapillary_keys(ctx: Context, count: int) -> list[str]:
 def write_mapillary(ctx: Context) -> None:
     """`mapillary/config_v2.0.json`, `training/images/*.jpg`, `training/v2.0/labels/*.png`."""
     base = ctx.root / "mapillary"
-    write_json(base / "config_v2.0.json", mapillary_config())
+    config = mapillary_config()
+    write_json(base / "config_v2.0.json", config)
+    colours = [label["color"] for label in config["labels"]]
     scenes = ctx.scenes("mapillary", ctx.options.images_per_split)
     unlabeled = MAPILLARY_LABELS - 1
     for key, scene in zip(mapillary_keys(ctx, len(scenes)), scenes, strict=True):
         write_jpeg(base / "training" / "images" / f"{key}.jpg", scene.image)
         label = scene.class_map(SHAPE_INDEX, unlabeled)
-        write_png(base / "training" / "v2.0" / "labels" / f"{key}.png", label)
+        write_palette_png(base / "training" / "v2.0" / "labels" / f"{key}.png", label, colours)
