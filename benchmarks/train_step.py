@@ -48,7 +48,15 @@ with contextlib.redirect_stdout(sys.stderr):
     from benchmarks.report import print_report  # noqa: E402
     from model.backbone import image_token_count  # noqa: E402
     from model.builder import build_segmenter  # noqa: E402
-    from model.tiny import CLIP_L14_224, LLAMA_7B, write_tiny_llava, write_tiny_sam  # noqa: E402
+    from model.tiny import (  # noqa: E402
+        CLIP_L14_224,
+        LLAMA_7B,
+        SMALL_TEXT,
+        SMALL_VISION,
+        SMALL_VOCAB,
+        write_tiny_llava,
+        write_tiny_sam,
+    )
     from tools.make_tiny_assets import make_tiny_assets  # noqa: E402
     from utils.collate import SampleProcessor  # noqa: E402
     from utils.config import parse_args  # noqa: E402
@@ -61,19 +69,6 @@ with contextlib.redirect_stdout(sys.stderr):
         training_loader,
     )
 
-SMALL_TEXT = dict(
-    hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=16
-)
-# 64 px / 4 px patches = 256 image tokens, as CLIP ViT-L/14 at 224 px gives
-SMALL_VISION = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=64,
-    patch_size=4,
-)
-SMALL_VOCAB = 32000
 SMALL_FLAGS = ["--precision=fp32", "--out_dim=32", "--lora_r=8", "--gradient_checkpointing"]
 PRESET_FLAGS = {
     "tiny": ["--precision=fp32", "--out_dim=32", "--lora_r=4", "--no-gradient_checkpointing"],

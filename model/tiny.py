@@ -134,6 +134,21 @@ CLIP_L14_224 = dict(
     patch_size=14,
 )
 
+# the benchmarks' "small" CPU preset: the LLM's matrix products dominate a step
+SMALL_TEXT = dict(
+    hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=16
+)
+# 64 px / 4 px patches = 256 image tokens, as CLIP ViT-L/14 at 224 px gives
+SMALL_VISION = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=4,
+)
+SMALL_VOCAB = 32000  # LLaMA's vocabulary: a real head and softmax
+
 COLOURS = (
     "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "gray"
 )  # fmt: skip
