@@ -116,6 +116,8 @@ def test_grefcoco_reader_gives_every_validation_target(tmp_path) -> None:
         for target, mask in zip(targets, sample.masks, strict=True):
             assert np.array_equal(np.zeros_like(mask) if target is None else target, mask)
         assert all(shape.any() for shape in shapes)
+        # one shape per object: crowd annotations (several objects of a class) are left out
+        assert np.sum([shape > 0 for shape in shapes], axis=0).max() == 1
     scores = demo_report.referring_baselines(images)
     assert 0 < scores["random_shape"] < scores["all_shapes"] < 1
     assert 0.5 < scores["always_seg"] < 1

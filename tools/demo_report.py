@@ -77,7 +77,8 @@ def referring_baselines(images: Iterable[ImageTargets]) -> dict[str, float]:
 
 def grefcoco_images(dataset_dir: str | Path, split: str = "val") -> Iterator[ImageTargets]:
     """(targets, shapes) of every image of gRefCOCO's `split`, one target per sentence, in
-    the order of the validation set; shapes from the image's instances.json annotations."""
+    the order of the validation set; shapes: the image's single objects in instances.json
+    (crowd annotations, which cover several objects of a class, are not shapes)."""
     # imported here: the report and its tests need no data pipeline otherwise
     from utils.datasets.coco import decode_segmentation
     from utils.datasets.refer import open_refer_index
@@ -85,7 +86,8 @@ def grefcoco_images(dataset_dir: str | Path, split: str = "val") -> Iterator[Ima
     index = open_refer_index(dataset_dir, "grefcoco", "unc")
     shapes_of: dict[int, list[dict]] = {}
     for annotation in index.annotations.values():
-        shapes_of.setdefault(annotation["image_id"], []).append(annotation)
+        if not annotation.get("iscrowd", 0):
+            shapes_of.setdefault(annotation["image_id"], []).append(annotation)
     for image_id, refs in index.refs_by_image(split).items():
         size = index.image_shape(image_id, image_id)
         shapes = [
