@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 # The whole cycle on tiny models and shapes-world data, no GPU (tools/demo.py, docs/DEMO.md):
-# 13-17 minutes on 2 CPU cores after the install; demo-long pretrains and trains longer (about 34).
+# 15-17 minutes on 2 CPU cores after the install; demo-long pretrains and trains longer (about 34).
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
