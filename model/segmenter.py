@@ -225,11 +225,6 @@ class Segmenter(nn.Module):
             self.llava, batch.input_ids, batch.attention_mask, features[batch.conv_image]
         )
 
-    def language_model(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states [C, L, H] and full logits [C, L, V] (generation tests, tools)."""
-        hidden = self.hidden_states(batch)
-        return hidden, self.llava.lm_head(hidden)
-
     @property
     def uses_full_logits(self) -> bool:
         """Whether forward computes [C, L, V] logits: in eval mode or with `full_logits`."""

@@ -119,7 +119,8 @@ def rig_greedy_answer(model, batch: Batch, plan: list[int]) -> None:
         clip_pixels=batch.clip_pixels[:1],
     )
     with torch.no_grad():
-        hidden, logits = model.language_model(forced)
+        hidden = model.hidden_states(forced)
+        logits = model.llava.lm_head(hidden)
         states = hidden[0, length - 1 :]  # [n, H]: the state choosing each step
         others = logits[0, length - 1 :].clone()
         others[:, plan] = -torch.inf
