@@ -42,6 +42,7 @@ from tools.tiny_assets.reason_seg import write_reason_seg  # noqa: E402
 from tools.tiny_assets.refer import train2014_pool, write_refer_family  # noqa: E402
 from tools.tiny_assets.refzom import write_refzom  # noqa: E402
 from tools.tiny_assets.semantic import write_ade20k, write_cocostuff, write_mapillary  # noqa: E402
+from tools.tiny_assets.semantic_val import write_semantic_val  # noqa: E402
 from tools.tiny_assets.vqa import write_vqa  # noqa: E402
 
 if TYPE_CHECKING:  # torch only when the models are written
@@ -60,6 +61,7 @@ FAMILIES = (
     "mmr",
     "reason_seg",
     "vqa",
+    "semantic_val",
 )
 COCO2017_FAMILIES = {"cocostuff", "vqa"}
 TRAIN2014_FAMILIES = {"refer_seg", "grefcoco", "refzom", "refcocom"}
@@ -99,6 +101,7 @@ SINGLE_WRITERS = {
     "pascal_part": write_pascal_part,
     "mmr": write_mmr,
     "reason_seg": write_reason_seg,
+    "semantic_val": write_semantic_val,
 }
 
 

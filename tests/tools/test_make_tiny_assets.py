@@ -56,6 +56,17 @@ EXPECTED = [
     *[f"reason_seg/ReasonSeg/{s}/*.{e}" for s in ("train", "val", "test") for e in ("jpg", "json")],
     "reason_seg/ReasonSeg/explanatory/train.json",
     "llava_dataset/llava_instruct_150k.json",
+    # LaSagnA's semantic-segmentation validation sets (tools/tiny_assets/semantic_val.py)
+    "ade20k/images/validation/*.jpg",
+    "ade20k/annotations/validation/*.png",
+    "coco/val2017/*.jpg",
+    "coco/panoptic_semseg_val2017/*.png",
+    "cityscapes/gtFine/cityscapes_panoptic_val.json",
+    "cityscapes/gtFine/val/*/*_gtFine_labelIds.png",
+    "cityscapes/leftImg8bit/val/*/*_leftImg8bit.png",
+    "mapillary/config_v1.2.json",
+    "mapillary/validation/v1.2/labels/*.png",
+    "mapillary/validation/images/*.jpg",
 ]
 REF_KEYS = {"ref_id", "image_id", "ann_id", "category_id", "split", "file_name", "sent_ids",
             "sentences"}  # fmt: skip

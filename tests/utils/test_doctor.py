@@ -71,6 +71,7 @@ EVERYTHING = [
     "multi_part_reason_seg/MMR",
     "MultiPartReasonSeg|val (MMR_val.json)",
     *(f"RefCOCOm|{s} (refcocom_{s}.json)" for s in ("testA", "testB", "val")),
+    *(f"{n}|val" for n in ("ade20k", "cocostuff", "cityscapes", "mapillary")),
 ]
 
 
@@ -359,6 +360,30 @@ def test_a_cocostuff_label_of_the_wrong_size_is_found(
     assert doctor(dataset, capsys, "--quick", *IN_PROCESS)[0] == 0
 
 
+def test_semantic_validation_sets_are_checked_by_their_entries(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LaSagnA's sets ("<name>|val"): class lists read, a label value outside them found."""
+    sets = "ade20k|val||cocostuff|val||cityscapes|val||mapillary|val"
+    flags = ["--val_dataset", f"{sets}||ReasonSeg|val", "--eval_only", *IN_PROCESS]
+    status, report = doctor(dataset, capsys, *flags)
+    assert status == 0 and source_names(report) == [*sets.split("||"), "ReasonSeg|val"]
+    label = sorted((dataset / "mapillary/validation/v1.2/labels").glob("*.png"))[0]
+    stored = Image.open(label)
+    values = np.array(stored)
+    values[0, 0] = 64  # a class (65 classes, 65 and above ignored): still fine
+    Image.fromarray(values, mode="P").save(label)
+    assert doctor(dataset, capsys, *flags)[0] == 0
+    label = sorted((dataset / "ade20k/annotations/validation").glob("*.png"))[0]
+    values = np.array(Image.open(label))
+    values[0, 0] = 151  # ADE20K has 150 classes: values 1..150, 0 ignored
+    Image.fromarray(values).save(label)
+    status, report = doctor(dataset, capsys, *flags)
+    assert status == 1 and status_line(report, "ade20k|val").startswith("[BAD] ade20k|val")
+    assert "label value 151 is neither one of the 150 classes' values" in report
+    assert doctor(dataset, capsys, *flags[:2], "--eval_only", "--quick", *IN_PROCESS)[0] == 0
+
+
 def test_a_truncated_mmr_val_json_is_found(
     dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -416,7 +441,7 @@ def test_all_lists_what_it_did_not_find_and_fails_on_an_empty_directory(
     assert status == 0
     assert report.splitlines()[-2] == (
         f"not found under {dataset}, not checked: ade20k, vlpart/paco, refer_seg/refzom, "
-        "refer_seg/RefCOCOm"
+        "refer_seg/RefCOCOm, ade20k/annotations/validation"
     )
     empty = tmp_path / "empty"
     empty.mkdir()

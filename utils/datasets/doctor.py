@@ -45,6 +45,13 @@ from utils.datasets.refer import (
     refs_file_candidates,
 )
 from utils.datasets.sem_seg import LABEL_MAP_SPECS
+from utils.datasets.semantic_val import (
+    SEMANTIC_VAL_SETS,
+    SEMANTIC_VAL_SPLIT,
+    SemanticValidation,
+    label_folder,
+    parse_semantic_val,
+)
 from utils.datasets.validation import (
     REFCOCOM_DIR,
     REFER_SPLIT_BYS,
@@ -140,6 +147,23 @@ class ValidationCheck:
 
     def open(self) -> list[Checkable]:
         return [build_validation_set(self.dataset_dir, self.entry, self.json_name)]
+
+
+@dataclass(frozen=True)
+class SemanticValCheck:
+    """One semantic-segmentation validation set ("ade20k|val", ...: `utils.datasets.semantic_val`):
+    its class list file read and counted, every label map beside its image (deep: decoded, the
+    same size as the image, every value a class's or an ignored one)."""
+
+    dataset_dir: Path
+    dataset: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}|{SEMANTIC_VAL_SPLIT}"
+
+    def open(self) -> list[Checkable]:
+        return [SemanticValidation(self.dataset_dir, self.dataset)]
 
 
 @dataclass(frozen=True)
@@ -286,12 +310,32 @@ def training_checks(
 
 
 def validation_checks(dataset_dir: Path, val_dataset: str, val_json_name: str) -> list[Check]:
-    """A check per `--val_dataset` entry ("||"-joined)."""
+    """A check per `--val_dataset` entry ("||"-joined); the semantic-segmentation sets
+    ("ade20k|val", ...) first, in their order, then the others."""
+    entries = [entry for entry in val_dataset.split("||") if entry]
+    semantic = [entry for entry in entries if _is_semantic_val(entry)]
+    checks: list[Check] = [
+        SemanticValCheck(Path(dataset_dir), parse_semantic_val(entry)) for entry in semantic
+    ]
+    if semantic:
+        others = "||".join(entry for entry in entries if entry not in semantic)
+        if not others:
+            return checks
+    else:
+        others = val_dataset
     try:
-        entries = parse_val_datasets(val_dataset)
+        parsed = parse_val_datasets(others)
     except ValueError as error:
-        return [Unopenable(f"--val_dataset {val_dataset}", error)]
-    return [ValidationCheck(Path(dataset_dir), entry, val_json_name) for entry in entries]
+        return [*checks, Unopenable(f"--val_dataset {val_dataset}", error)]
+    return checks + [ValidationCheck(Path(dataset_dir), entry, val_json_name) for entry in parsed]
+
+
+def _is_semantic_val(entry: str) -> bool:
+    try:
+        parse_semantic_val(entry)
+    except ValueError:
+        return False
+    return True
 
 
 def examine_training(
@@ -319,7 +363,7 @@ def discover_checks(dataset_dir: Path, options: SamplingOptions) -> tuple[list[C
     root = Path(dataset_dir)
     checks: list[Check] = []
     absent: list[str] = []
-    for find in (_semantic, _referring, _vqa, _reason_seg, _mmr, _refcocom):
+    for find in (_semantic, _referring, _vqa, _reason_seg, _mmr, _refcocom, _semantic_val):
         for folder, found in find(root, options):
             if (root / folder).is_dir():
                 checks += found
@@ -395,6 +439,15 @@ def _refcocom(root: Path, options: SamplingOptions) -> Found:
     paths = sorted(annotations.glob("*.json"))
     checks = [_validation_file(root, REFCOCOM_ENTRY, path) for path in paths]
     return [(REFCOCOM_DIR, checks or [_no_files(annotations, "*.json")])]
+
+
+def _semantic_val(root: Path, options: SamplingOptions) -> Found:
+    """LaSagnA's four validation sets, each by its label-map folder (the set's top folder is
+    shared with training data or other sets)."""
+    return [
+        (label_folder(root, dataset), [SemanticValCheck(root, dataset)])
+        for dataset in SEMANTIC_VAL_SETS
+    ]
 
 
 def _validation_file(root: Path, dataset: str, path: Path) -> Check:
