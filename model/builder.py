@@ -6,7 +6,7 @@ trainable set. The `Segmenter` constructor itself does no I/O; this is the one p
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -76,6 +76,10 @@ class ModelConfig:
         (`model.backbone.init_new_token_rows`); the others start as `new_token_rows` says.
     new_token_rows: "mean" (the mean of the old rows) or "normal" (N(0, initializer_range), as
         the LISA family's transformers 4.31 drew them).
+    chain_token: a token whose predicted coarse mask prompts the next `[SEG]`/`[REJ]` of its
+        conversation (`--chain_token`, CoReS's "[SEG_SEMA]"; model.segmenter); None = none.
+    supervise_coarse: also BCE + Dice on each coarse mask against the ground truth of the
+        target it prompts (`--supervise_coarse`; needs a chain token).
     """
 
     version: str
@@ -96,6 +100,8 @@ class ModelConfig:
     loss_weights: LossWeights = field(default_factory=LossWeights)
     new_token_init: tuple[tuple[str, str], ...] = ()
     new_token_rows: str = "mean"
+    chain_token: str | None = None
+    supervise_coarse: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -155,6 +161,7 @@ def build_segmenter(config: ModelConfig, layout: Layout | None = None):
         loss_weights=config.loss_weights,
         early_fusion=early_fusion,
         early_layer=early_layer,
+        supervise_coarse=config.supervise_coarse,
     )
     set_trainable(model, config.train_mask_decoder, config.train_mm_projector)
     return model, tokenizer
@@ -173,39 +180,77 @@ def load_backbone(config: ModelConfig, layout: Layout | None = None) -> LoadedBa
             config.dtype,
             config.attn_implementation,
             config.use_mm_start_end,
+            chain_token=config.chain_token,
         )
     merged = read_segmenter_config(config.version) if layout is Layout.MERGED else None
     llava = load_llava(config.version, config.dtype, config.attn_implementation)
-    tokenizer, token_ids = segmentation_tokenizer(config.version, config.use_mm_start_end, merged)
+    tokenizer, token_ids = segmentation_tokenizer(
+        config.version, config.use_mm_start_end, merged, config.chain_token
+    )
     check_token_ids(config.version, llava, token_ids, merged)
     parts = merged_parts(config.version, merged, config.dtype) if merged else None
     return LoadedBackbone(llava, tokenizer, token_ids, parts)
 
 
 def segmentation_tokenizer(
-    version: str, use_mm_start_end: bool, merged: SegmenterFileConfig | None
+    version: str,
+    use_mm_start_end: bool,
+    merged: SegmenterFileConfig | None,
+    chain_token: str | None = None,
 ) -> tuple[PreTrainedTokenizerBase, TokenIds]:
     """A Hugging Face layout's tokenizer with the segmentation tokens added (image wrapping as a
-    merged checkpoint saved it, else `use_mm_start_end`) and their ids."""
+    merged checkpoint saved it, else `use_mm_start_end`; the chain token as a merged checkpoint
+    was trained, see `trained_chain_token`, else `chain_token`) and their ids."""
     tokenizer = load_tokenizer(version)
     wrap = merged.use_mm_start_end if merged else use_mm_start_end
     token_ids = add_segmentation_tokens(
-        tokenizer, wrap, strip_whitespace=uses_lisa_tokenization(tokenizer)
+        tokenizer,
+        wrap,
+        strip_whitespace=uses_lisa_tokenization(tokenizer),
+        chain_token=merged_chain_token(version, tokenizer, merged, chain_token),
     )
     return tokenizer, token_ids
+
+
+def merged_chain_token(
+    version: str,
+    tokenizer: PreTrainedTokenizerBase,
+    merged: SegmenterFileConfig | None,
+    requested: str | None,
+) -> str | None:
+    """The chain token of a merged checkpoint trained with one (its saved `chain` id read back
+    through its tokenizer), whatever was requested; else `requested` (fine-tuning a checkpoint
+    trained without chaining may add one)."""
+    chain_id = merged.ids.chain if merged is not None else None
+    if chain_id is None:
+        return requested
+    trained = tokenizer.convert_ids_to_tokens(chain_id)
+    if requested not in (None, trained):
+        LOGGER.warning(
+            "%s was trained with the chain token %s; --chain_token %s is ignored",
+            version,
+            trained,
+            requested,
+        )
+    return trained
 
 
 def check_token_ids(
     version: str, llava, token_ids: TokenIds, merged: SegmenterFileConfig | None
 ) -> None:
     """The tokenizer's ids must agree with the model config and, for a merged checkpoint, with
-    the ids it was trained with."""
+    the ids it was trained with (a chain token may be new on a checkpoint trained without)."""
     if token_ids.image != llava.config.image_token_id:
         raise ValueError(
             f"{version}: the tokenizer's <image> id is {token_ids.image} but the model's "
             f"config says image_token_index = {llava.config.image_token_id}"
         )
-    if merged is not None and token_ids != merged.ids:
+    if merged is None:
+        return
+    saved = merged.ids
+    if saved.chain is None:
+        token_ids = replace(token_ids, chain=None)
+    if token_ids != saved:
         raise ValueError(
             f"{version}: the saved tokenizer gives token ids {token_ids.to_dict()} but the "
             f"checkpoint was trained with {merged.token_ids} ({SEGMENTER_CONFIG_FILE})"

@@ -9,20 +9,21 @@ that (same tokens, same masks; kept for the benchmark and the equality test).
 
 Prompts arrive right-padded (as `utils.collate.collate` builds them) and are left-padded here,
 with explicit position ids, so that all rows append their new tokens in the same column.
-After generation the projector and the mask decoder run once for the whole batch, through
-`Segmenter.decode_targets` (the same code as training).
+After generation the projector and the mask decoder run once for the whole batch (twice with a
+chain token, whose predicting states are captured like `[SEG]`'s and linked to the targets as
+in training), through `Segmenter.project` and `Segmenter.decode` (the same code as training).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from model.backbone import image_features, language_model_step
 from model.batch import Batch
-from model.segmenter import Segmenter, Targets
+from model.segmenter import Segmenter, Targets, find_chains
 
 
 @dataclass
@@ -37,6 +38,12 @@ class Generation:
         (`[REJ]` rows hold `EMPTY_MASK_LOGIT`).
     mask_scores: per image float32 [k_i], SAM's predicted IoU (0 for `[REJ]`).
     steps: decoding steps run (the longest answer, or max_new_tokens).
+    coarse_masks: per image float32 [c_i, H_i, W_i], the generated chain tokens' mask logits at
+        the original size, in order ([0, H_i, W_i] without chaining).
+    coarse_scores: per image float32 [c_i], SAM's predicted IoU of each coarse mask.
+    coarse_source: per image long [k_i], the index of the image's coarse mask that prompted each
+        target, -1 for a plain target.
+    coarse_conv: per image long [c_i], the conversation of each coarse mask.
     """
 
     sequences: list[torch.Tensor]
@@ -45,6 +52,10 @@ class Generation:
     pred_masks: list[torch.Tensor]
     mask_scores: list[torch.Tensor]
     steps: int
+    coarse_masks: list[torch.Tensor] = field(default_factory=list)
+    coarse_scores: list[torch.Tensor] = field(default_factory=list)
+    coarse_source: list[torch.Tensor] = field(default_factory=list)
+    coarse_conv: list[torch.Tensor] = field(default_factory=list)
 
 
 def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int):
@@ -75,14 +86,15 @@ class _Decoding:
 
 def _greedy_step(model: Segmenter, state: _Decoding, hidden_last: torch.Tensor, step: int):
     """Choose each unfinished row's next token from its last hidden state [C, H]; capture the
-    states that predict `[SEG]`/`[REJ]`. Returns the tokens fed next [C]."""
+    states that predict `[SEG]`/`[REJ]` (and the chain token). Returns the tokens fed next [C]."""
     ids = model.token_ids
+    captured_tokens = (ids.seg, ids.rej) if ids.chain is None else (ids.seg, ids.rej, ids.chain)
     tokens = model.llava.lm_head(hidden_last).argmax(dim=-1)
     tokens = torch.where(state.finished, ids.eos, tokens)
     for row in torch.nonzero(~state.finished).squeeze(1).tolist():
         token = int(tokens[row])
         state.generated[row].append(token)
-        if token in (ids.seg, ids.rej):
+        if token in captured_tokens:
             state.captured.append((row, step, hidden_last[row]))
     state.finished |= tokens == ids.eos
     return tokens
@@ -131,21 +143,36 @@ def _decode_tokens(
     return state, steps
 
 
-def _targets(state: _Decoding, conv_image: torch.Tensor, num_images: int, rej_id: int):
-    """Captured states ordered by (conversation, step) -> (Targets, states [T, H])."""
-    order = sorted(range(len(state.captured)), key=lambda i: state.captured[i][:2])
-    captured = [state.captured[i] for i in order]
-    device = conv_image.device
+def _positions(captured: list[tuple[int, int, torch.Tensor]], state: _Decoding, device):
+    """Captures (conversation, step, state [H]) -> conv long [n], step long [n], states [n, H]."""
     conv = torch.tensor([row for row, _, _ in captured], dtype=torch.long, device=device)
     step = torch.tensor([s for _, s, _ in captured], dtype=torch.long, device=device)
+    # stacked with the anchor, then dropped: an empty capture still gives [0, H]
+    states = torch.stack([hidden for _, _, hidden in captured] + [state.anchor])[:-1]
+    return conv, step, states
+
+
+def _targets(state: _Decoding, batch: Batch, model: Segmenter):
+    """Captured states ordered by (conversation, step) -> (Targets, states [T, H], chain
+    states [P, H] or None without a chain token)."""
+    ids = model.token_ids
+    captured = sorted(state.captured, key=lambda capture: capture[:2])
+    token = [state.generated[row][step] for row, step, _ in captured]
+    targets = [c for c, t in zip(captured, token, strict=True) if t in (ids.seg, ids.rej)]
+    chained = [c for c, t in zip(captured, token, strict=True) if t == ids.chain]
+    device = batch.conv_image.device
+    conv, step, states = _positions(targets, state, device)
     is_rej = torch.tensor(
-        [state.generated[row][s] == rej_id for row, s, _ in captured],
+        [state.generated[row][s] == ids.rej for row, s, _ in targets],
         dtype=torch.bool,
         device=device,
     )
-    counts = torch.bincount(conv_image[conv], minlength=num_images).tolist()
-    states = [hidden for _, _, hidden in captured]
-    return Targets(conv, step, is_rej, counts), states
+    counts = torch.bincount(batch.conv_image[conv], minlength=batch.num_images).tolist()
+    if ids.chain is None:
+        return Targets(conv, step, is_rej, counts), states, None
+    chain_conv, chain_step, chain_states = _positions(chained, state, device)
+    chains = find_chains(batch.conv_image, batch.num_images, conv, step, chain_conv, chain_step)
+    return Targets(conv, step, is_rej, counts, chains), states, chain_states
 
 
 def generate(
@@ -170,19 +197,21 @@ def generate(
     """
     with torch.no_grad():
         state, steps = _decode_tokens(model, batch, max_new_tokens, use_cache, any_rank_unfinished)
-        targets, states = _targets(state, batch.conv_image, batch.num_images, model.token_ids.rej)
+        targets, states, chain_states = _targets(state, batch, model)
         embeddings = model.encode_images(batch.sam_pixels)
         # one projector call, as in training (the anchor row is Segmenter.forward's)
-        projected = model.text_hidden_fcs[0](torch.stack([*states, state.anchor]))
+        prompts, chain_prompts, anchor = model.project(states, chain_states, state.anchor)
         decoding = replace(targets, is_rej=torch.zeros_like(targets.is_rej))
-        decoded = model.decode_targets(
+        decoded = model.decode(
             embeddings,
-            projected[:-1],
-            projected[-1],
+            prompts,
+            chain_prompts,
+            anchor,
             decoding if decode_rejected else targets,
             replace(batch, gt_masks=None),
         )
     counts = targets.counts
+    chains = targets.chains
     return Generation(
         sequences=[torch.tensor(tokens, dtype=torch.long) for tokens in state.generated],
         target_conv=list(targets.conv.split(counts)),
@@ -190,4 +219,12 @@ def generate(
         pred_masks=decoded.masks,
         mask_scores=decoded.scores,
         steps=steps,
+        coarse_masks=decoded.coarse_masks,
+        coarse_scores=decoded.coarse_scores,
+        coarse_source=decoded.coarse_source,
+        coarse_conv=(
+            [conv[:0] for conv in targets.conv.split(counts)]
+            if chains is None
+            else list(chains.conv.split(chains.counts))
+        ),
     )

@@ -126,10 +126,15 @@ LLAMA_CONFIG_FIELDS = (
     "eos_token_id",
     "pad_token_id",
 )
-# tokens the LISA family appended to the LLaMA vocabulary, in id order (REFERENCE.md 2.1)
+# CoReS's chain token (baoxiaoyi/CoReS train_ds_best.py adds it before [SEG]): a LISA-layout
+# directory whose tokenizer holds it was trained with chained decoding
+CORES_CHAIN_TOKEN = "[SEG_SEMA]"
+# tokens the LISA family appended to the LLaMA vocabulary, in id order (REFERENCE.md 2.1);
+# GSVA and CoReS both add four: a run with a chain token reads four added rows as CoReS's
 FAMILY_ADDED_TOKENS: dict[str, tuple[str, ...]] = {
     "LISA": (SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN),
     "GSVA": (SEG_TOKEN, REJ_TOKEN, IM_START_TOKEN, IM_END_TOKEN),
+    "CoReS": (CORES_CHAIN_TOKEN, SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN),
 }
 
 
@@ -443,14 +448,34 @@ def build_legacy_llava(
     return llava.eval()
 
 
+def trained_chain_token(
+    checkpoint: LegacyCheckpoint, tokenizer: PreTrainedTokenizerBase, requested: str | None
+) -> str | None:
+    """The chain token: CoReS's for a LISA-layout directory whose tokenizer holds it (as
+    trained, whatever was requested), else as requested (`--chain_token`)."""
+    trained = checkpoint.layout is Layout.LISA and CORES_CHAIN_TOKEN in tokenizer.get_vocab()
+    if trained and requested not in (None, CORES_CHAIN_TOKEN):
+        LOGGER.warning(
+            "%s was trained with the chain token %s; --chain_token %s is ignored",
+            checkpoint.source,
+            CORES_CHAIN_TOKEN,
+            requested,
+        )
+    return CORES_CHAIN_TOKEN if trained else requested
+
+
 def legacy_segmentation_tokenizer(
-    checkpoint: LegacyCheckpoint, use_mm_start_end: bool
+    checkpoint: LegacyCheckpoint, use_mm_start_end: bool, chain_token: str | None = None
 ) -> tuple[PreTrainedTokenizerBase, TokenIds]:
     """The checkpoint's tokenizer with the segmentation tokens added as its model was trained
-    (image wrapping as saved; LISA's 4.31 whitespace handling) and their ids."""
+    (image wrapping as saved; LISA's 4.31 whitespace handling; CoReS's chain token when it
+    holds it, see `trained_chain_token`) and their ids."""
     tokenizer = load_legacy_tokenizer(checkpoint)
     token_ids = add_segmentation_tokens(
-        tokenizer, wraps_image(checkpoint, use_mm_start_end), strip_whitespace=True
+        tokenizer,
+        wraps_image(checkpoint, use_mm_start_end),
+        strip_whitespace=True,
+        chain_token=trained_chain_token(checkpoint, tokenizer, chain_token),
     )
     return tokenizer, token_ids
 
@@ -462,11 +487,12 @@ def load_legacy_backbone(
     dtype: torch.dtype,
     attn_implementation: str,
     use_mm_start_end: bool,
+    chain_token: str | None = None,
 ) -> LoadedBackbone:
     """A LLaVA-v1 or LISA-family directory of the detected `layout` as the builder needs it
-    (see LoadedBackbone)."""
+    (see LoadedBackbone); `chain_token` as requested (`trained_chain_token`)."""
     checkpoint = read_legacy_checkpoint(version, layout)
-    tokenizer, token_ids = legacy_segmentation_tokenizer(checkpoint, use_mm_start_end)
+    tokenizer, token_ids = legacy_segmentation_tokenizer(checkpoint, use_mm_start_end, chain_token)
     llava = build_legacy_llava(
         checkpoint, vision_tower, token_ids.image, dtype, attn_implementation
     )
@@ -489,18 +515,24 @@ def remap_token_rows(matrix: Tensor, current: Tensor, token_ids: TokenIds, sourc
     """Embedding or LM-head rows of a LISA-family checkpoint -> our vocabulary.
 
     matrix: [V_ckpt, H], the base vocabulary then the family's added tokens
-    (FAMILY_ADDED_TOKENS, told apart by their count); current: [V, H], the model's rows, kept
-    for tokens the checkpoint lacks (`<image>`; `[REJ]` for LISA). Returns [V, H].
+    (FAMILY_ADDED_TOKENS, told apart by their count; four are CoReS's when the model has a
+    chain token, else GSVA's); current: [V, H], the model's rows, kept for tokens the checkpoint
+    lacks (`<image>`; `[REJ]` for LISA and CoReS). Returns [V, H].
     """
     ours = {
         SEG_TOKEN: token_ids.seg,
         REJ_TOKEN: token_ids.rej,
         IM_START_TOKEN: token_ids.im_start,
         IM_END_TOKEN: token_ids.im_end,
+        CORES_CHAIN_TOKEN: token_ids.chain,
     }
     base = min(i for i in (*ours.values(), token_ids.image) if i is not None)
     added = matrix.shape[0] - base
-    family = next((n for n, tokens in FAMILY_ADDED_TOKENS.items() if len(tokens) == added), None)
+    families = [n for n, tokens in FAMILY_ADDED_TOKENS.items() if len(tokens) == added]
+    chained = [n for n in families if CORES_CHAIN_TOKEN in FAMILY_ADDED_TOKENS[n]]
+    unchained = [n for n in families if n not in chained]
+    preferred = chained + unchained if token_ids.chain is not None else unchained
+    family = preferred[0] if preferred else None
     if family is None or matrix.shape[1] != current.shape[1]:
         raise ValueError(
             f"{source}: embedding rows {tuple(matrix.shape)} against the model's "
@@ -508,7 +540,10 @@ def remap_token_rows(matrix: Tensor, current: Tensor, token_ids: TokenIds, sourc
             f"the LISA family adds {FAMILY_ADDED_TOKENS}"
         )
     if absent := [token for token in FAMILY_ADDED_TOKENS[family] if ours[token] is None]:
-        raise ValueError(f"{source}: trained with {absent}; build with --use_mm_start_end")
+        raise ValueError(
+            f"{source}: trained with {absent}; build with --use_mm_start_end (and "
+            f"--chain_token {CORES_CHAIN_TOKEN} for CoReS)"
+        )
     rows = current.detach().to(matrix.dtype).clone()
     rows[:base] = matrix[:base]
     for offset, token in enumerate(FAMILY_ADDED_TOKENS[family]):

@@ -576,6 +576,57 @@ def decode_prompt_grid(
     return masks[:, :, 0], iou[:, :, 0]
 
 
+def mask_prompt_embeddings(sam: SamModel, low_res: Tensor) -> Tensor:
+    """Low-resolution mask logits as SAM's dense prompt (differentiable).
+
+    low_res [K,4g,4g] (the decoder's output resolution, which is SAM's mask-input one) ->
+    [K,D,g,g] through ``prompt_encoder.mask_embed`` (segment-anything's ``mask_downscaling``,
+    what ``PromptEncoder(masks=low_res_masks)`` computes), one call for all K.
+    """
+    side = 4 * sam.config.prompt_encoder_config.image_embedding_size
+    if low_res.dim() != 3 or low_res.shape[-2:] != (side, side):
+        raise ValueError(
+            f"expected low-resolution mask logits [K,{side},{side}], got {tuple(low_res.shape)}"
+        )
+    embed = sam.prompt_encoder.mask_embed
+    return embed(low_res[:, None].to(embed.conv1.weight.dtype))
+
+
+def decode_prompt_rows(
+    sam: SamModel, image_embeddings: Tensor, prompts: Tensor, dense: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One mask-decoder call for T independent rows, each its own image, sparse prompt and dense
+    prompt (differentiable).
+
+    image_embeddings [T,D,g,g], prompts [T,D], dense [T,D,g,g] (``mask_prompt_embeddings``, or
+    ``no_mask_dense_embedding`` expanded) -> (low-res mask logits [T,4g,4g], predicted IoU [T]);
+    single-mask output.
+    """
+    rows = len(prompts)
+    if (
+        image_embeddings.dim() != 4
+        or prompts.dim() != 2
+        or dense.shape != image_embeddings.shape
+        or len(image_embeddings) != rows
+    ):
+        raise ValueError(
+            f"expected image embeddings [T,D,g,g], prompts [T,D] and dense prompts [T,D,g,g], "
+            f"got {tuple(image_embeddings.shape)}, {tuple(prompts.shape)}, {tuple(dense.shape)}"
+        )
+    decoder = sam.mask_decoder
+    dtype = decoder.iou_token.weight.dtype
+    positional = dense_positional_embedding(sam).to(dtype)
+    masks, iou = decoder(
+        image_embeddings=image_embeddings.to(dtype),
+        image_positional_embeddings=positional.expand(rows, -1, -1, -1),
+        # [T rows, 1 prompt set, 1 token, D]
+        sparse_prompt_embeddings=prompts.to(dtype)[:, None, None, :],
+        dense_prompt_embeddings=dense.to(dtype),
+        multimask_output=False,
+    )
+    return masks[:, 0, 0], iou[:, 0, 0]
+
+
 def decode_masks_with_scores(
     sam: SamModel, image_embedding: Tensor, prompts: Tensor
 ) -> tuple[Tensor, Tensor]:

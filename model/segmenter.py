@@ -3,15 +3,18 @@ projected to the prompt width, prompts a SAM mask decoder.
 
 `forward` reads top to bottom as five steps:
 1. `find_targets`: the positions that predict a `[SEG]` or `[REJ]`, grouped per image in order,
-   checked against the ground-truth mask counts before any heavy work.
+   checked against the ground-truth mask counts before any heavy work; with a chain token, also
+   the positions predicting it and the link of each target to its chain token (`Chains`).
 2. `encode_images`: SAM image embeddings once per image (frozen encoder), plus the M2SA
    early-feature fusion when enabled.
 3. `hidden_states` and `answer_logits`: CLIP once per image, the LLM over every conversation ->
    hidden states; the LM head on the positions that need it (see below) -> CE and decisions.
-4. `decode_targets`: project each target's hidden state; the `[SEG]` prompts of all images go
-   through one mask-decoder call; masks are post-processed to the original image size.
+4. `project` then `decode`: one projector call for every target (and chain token); the `[SEG]`
+   prompts of all images go through one mask-decoder call (`decode_targets`), or two with a
+   chain token (`decode_chained`); masks are post-processed to the original image size.
    A `[REJ]` gets an empty mask and no decoder work.
-5. `losses`: CE on the answer tokens, BCE + Dice on `[SEG]` masks only.
+5. `losses`: CE on the answer tokens, BCE + Dice on `[SEG]` masks only (and on the coarse masks
+   that prompt them with `supervise_coarse`).
 Logits only where needed: in training the LM head runs only on the positions whose next label
 is scored (`scored_positions`) and on those predicting a `[SEG]`/`[REJ]` (whose argmax is the
 teacher-forced decision), never on the full [C, L, V] tensor, which for a 32k vocabulary is
@@ -21,6 +24,15 @@ sum over the same tokens, same count). In eval mode, or with `full_logits=True`
 evaluation and the tests of generation read them.
 The graph is static: the projector and the mask decoder run exactly once per batch (see
 `decode_targets`), which ZeRO-3 on several ranks requires.
+
+Chained decoding (`TokenIds.chain`, CoReS's `[SEG_SEMA]` in "It usually appears on [SEG_SEMA].
+It is [SEG]."): the state predicting a chain token prompts a first decoder pass, a coarse mask;
+its low-resolution logits, through SAM's mask embedding, become the dense prompt of the second
+pass of the conversation's next target (`model.tokens.chain_links`), as CoReS passes
+`masks=low_res_masks` to its prompt encoder. Gradients flow from the final mask through the
+mask embedding into the first pass and the chain token's state (no detach, as CoReS). Every
+rank runs the projector once, the mask embedding once and the decoder twice per batch, whatever
+its batch holds (see `decode_chained`).
 
 `[REJ]` and the mask losses: `[REJ]` rows are left out of both the mask-loss sum and the mask
 count, so a batch's mask loss is the mean over its real masks and `[REJ]` is learned through the
@@ -45,12 +57,51 @@ from model.losses import (
     scored_positions,
     selected_lm_loss,
 )
-from model.sam import EarlyFusion, decode_prompt_grid, encode_images, postprocess_masks
-from model.tokens import TokenIds, predictor_mask
+from model.sam import (
+    EarlyFusion,
+    decode_prompt_grid,
+    decode_prompt_rows,
+    encode_images,
+    mask_prompt_embeddings,
+    no_mask_dense_embedding,
+    postprocess_masks,
+)
+from model.tokens import TokenIds, chain_links, predictor_mask
 
 # Logit written for a `[REJ]` target's mask: sigmoid ~ 0 and binarises to empty, yet finite.
 EMPTY_MASK_LOGIT = -1.0e4
 DEFAULT_LOSS_WEIGHTS = LossWeights()
+
+
+@dataclass
+class Chains:
+    """The chain tokens of a batch, ordered like the targets, and the link of each target.
+
+    conv, position: long [P], where the hidden state predicting each chain token sits.
+    counts: chain tokens per image (length N).
+    link: long [T], the chain token (index into the P) whose coarse mask prompts each target,
+        -1 for a plain target (`model.tokens.chain_links`).
+    """
+
+    conv: torch.Tensor
+    position: torch.Tensor
+    counts: list[int]
+    link: torch.Tensor
+
+
+def find_chains(
+    conv_image: torch.Tensor,
+    num_images: int,
+    target_conv: torch.Tensor,
+    target_position: torch.Tensor,
+    chain_conv: torch.Tensor,
+    chain_position: torch.Tensor,
+) -> Chains:
+    """`Chains` from the sorted (conversation, position) pairs of the targets [T] and of the
+    chain tokens [P]; conv_image: long [C]."""
+    counts = torch.bincount(conv_image[chain_conv], minlength=num_images).tolist()
+    link = chain_links(target_conv, target_position, chain_conv, chain_position)
+    return Chains(chain_conv, chain_position, counts, link)
 
 
 @dataclass
@@ -60,12 +111,22 @@ class Targets:
     conv, position: long [T], where the hidden state predicting each target sits.
     is_rej: bool [T], True for `[REJ]`.
     counts: targets per image (length N).
+    chains: the chain tokens and links; None without a chain token.
     """
 
     conv: torch.Tensor
     position: torch.Tensor
     is_rej: torch.Tensor
     counts: list[int]
+    chains: Chains | None = None
+
+    def images(self) -> torch.Tensor:
+        """long [T], the image of each target."""
+        device = self.conv.device
+        return torch.repeat_interleave(
+            torch.arange(len(self.counts), device=device),
+            torch.tensor(self.counts, dtype=torch.long, device=device),
+        )
 
 
 @dataclass
@@ -75,11 +136,15 @@ class DecodedTargets:
     masks: per image float32 [k_i, H_i, W_i] mask logits at the original size.
     scores: per image float32 [k_i], SAM's predicted IoU of each mask (0 for `[REJ]` rows).
     anchor_term: 0-dim zero that keeps the projector and decoder in the backward graph.
+    coarse_masks, coarse_scores, coarse_source: as in `SegmenterOutput` (empty without chaining).
     """
 
     masks: list[torch.Tensor]
     scores: list[torch.Tensor]
     anchor_term: torch.Tensor
+    coarse_masks: list[torch.Tensor] = field(default_factory=list)
+    coarse_scores: list[torch.Tensor] = field(default_factory=list)
+    coarse_source: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +179,11 @@ class SegmenterOutput:
     target_tokens: per image long [k_i], the argmax token at the position predicting each
         target (teacher-forced decisions: `[SEG]` vs `[REJ]` vs anything else).
     head_rows: positions the LM head ran on.
+    coarse_masks: per image float32 [c_i, H_i, W_i], the chain tokens' mask logits at the
+        original size, in order ([0, H_i, W_i] without chaining).
+    coarse_scores: per image float32 [c_i], SAM's predicted IoU of each coarse mask.
+    coarse_source: per image long [k_i], for each target the index of the image's coarse mask
+        that prompts it, -1 for a plain target (`[REJ]` rows keep their link, undecoded).
     """
 
     loss: torch.Tensor
@@ -128,6 +198,9 @@ class SegmenterOutput:
     mask_scores: list[torch.Tensor] = field(default_factory=list)
     target_tokens: list[torch.Tensor] = field(default_factory=list)
     head_rows: int = 0
+    coarse_masks: list[torch.Tensor] = field(default_factory=list)
+    coarse_scores: list[torch.Tensor] = field(default_factory=list)
+    coarse_source: list[torch.Tensor] = field(default_factory=list)
 
 
 def build_projector(hidden_size: int, out_dim: int) -> nn.ModuleList:
@@ -154,10 +227,13 @@ class Segmenter(nn.Module):
         early_fusion: EarlyFusion | None = None,
         early_layer: int | None = None,
         full_logits: bool = False,
+        supervise_coarse: bool = False,
     ) -> None:
         super().__init__()
         if (early_fusion is None) != (early_layer is None):
             raise ValueError("early_fusion and early_layer are given together or not at all")
+        if supervise_coarse and token_ids.chain is None:
+            raise ValueError("supervise_coarse needs a chain token (--chain_token)")
         self.llava = llava
         self.sam = sam
         self.text_hidden_fcs = text_hidden_fcs
@@ -166,6 +242,7 @@ class Segmenter(nn.Module):
         self.token_ids = token_ids
         self.loss_weights = loss_weights
         self.full_logits = full_logits
+        self.supervise_coarse = supervise_coarse
 
     @property
     def sam_input_size(self) -> int:
@@ -176,16 +253,29 @@ class Segmenter(nn.Module):
         image_embeddings = self.encode_images(batch.sam_pixels)
         hidden = self.hidden_states(batch)
         answer = self.answer_logits(hidden, batch.labels, targets)
-        # one projector call: the predicting states of the targets, plus an anchor row (the
-        # first position of the batch) that decode_targets uses when there is no [SEG]
-        states = torch.cat([hidden[targets.conv, targets.position], hidden[:1, 0]])
-        projected = self.text_hidden_fcs[0](states)
-        prompts, anchor = projected[:-1], projected[-1]
-        decoded = self.decode_targets(image_embeddings, prompts, anchor, targets, batch)
-        output = self.losses(batch, targets, answer, prompts, decoded.masks)
+        chains = targets.chains
+        prompts, chain_prompts, anchor = self.project(
+            hidden[targets.conv, targets.position],
+            None if chains is None else hidden[chains.conv, chains.position],
+            hidden[0, 0],
+        )
+        decoded = self.decode(image_embeddings, prompts, chain_prompts, anchor, targets, batch)
+        output = self.losses(batch, targets, answer, prompts, decoded)
         output.loss = output.loss + decoded.anchor_term
         output.mask_scores = decoded.scores
         return output
+
+    def project(
+        self, states: torch.Tensor, chain_states: torch.Tensor | None, anchor_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One projector call: states [T, H] of the targets, chain_states [P, H] (or None) and
+        an anchor state [H] (the batch's first position, decoded when there is no `[SEG]`) ->
+        (prompts [T, D], chain prompts [P, D] or None, anchor [D])."""
+        rows = [states] if chain_states is None else [states, chain_states]
+        projected = self.text_hidden_fcs[0](torch.cat([*rows, anchor_state[None]]))
+        prompts = projected[: len(states)]
+        chain_prompts = None if chain_states is None else projected[len(states) : -1]
+        return prompts, chain_prompts, projected[-1]
 
     def find_targets(self, batch: Batch) -> Targets:
         """Locate every `[SEG]`/`[REJ]` and check the counts against `batch.gt_masks`."""
@@ -198,7 +288,15 @@ class Segmenter(nn.Module):
         counts = torch.bincount(conv_image[conv], minlength=batch.num_images).tolist()
         if batch.gt_masks is not None:
             self._check_counts(batch, counts, is_rej[conv, position])
-        return Targets(conv, position, is_rej[conv, position], counts)
+        chains = None
+        if self.token_ids.chain is not None:
+            chain_conv, chain_position = torch.nonzero(
+                predictor_mask(batch.input_ids, self.token_ids.chain), as_tuple=True
+            )
+            chains = find_chains(
+                conv_image, batch.num_images, conv, position, chain_conv, chain_position
+            )
+        return Targets(conv, position, is_rej[conv, position], counts, chains)
 
     def _check_counts(self, batch: Batch, counts: list[int], target_is_rej: torch.Tensor) -> None:
         rej_per_image = torch.split(target_is_rej, counts)
@@ -259,6 +357,28 @@ class Segmenter(nn.Module):
         decided = logits[scored:].argmax(dim=-1)
         return AnswerLogits(ce, decided, None, len(rows))
 
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        prompts: torch.Tensor,
+        chain_prompts: torch.Tensor | None,
+        anchor: torch.Tensor,
+        targets: Targets,
+        batch: Batch,
+    ) -> DecodedTargets:
+        """Masks of the targets: `decode_targets` without a chain token (one decoder call),
+        `decode_chained` with one (two calls). Shapes as `project` returns them."""
+        if targets.chains is None:
+            decoded = self.decode_targets(image_embeddings, prompts, anchor, targets, batch)
+            decoded.coarse_masks = [masks[:0] for masks in decoded.masks]
+            decoded.coarse_scores = [scores[:0] for scores in decoded.scores]
+            decoded.coarse_source = [
+                torch.full((count,), -1, dtype=torch.long, device=prompts.device)
+                for count in targets.counts
+            ]
+            return decoded
+        return self.decode_chained(image_embeddings, prompts, chain_prompts, anchor, targets, batch)
+
     def decode_targets(
         self,
         image_embeddings: torch.Tensor,
@@ -281,10 +401,7 @@ class Segmenter(nn.Module):
         masks = self.empty_masks(targets, batch, device)
         scores = [torch.zeros(count, device=device) for count in targets.counts]
         seg = ~targets.is_rej
-        image_of_target = torch.repeat_interleave(
-            torch.arange(len(targets.counts), device=device),
-            torch.tensor(targets.counts, device=device),
-        )
+        image_of_target = targets.images()
         seg_counts = torch.bincount(image_of_target[seg], minlength=len(targets.counts))
         images = torch.nonzero(seg_counts).squeeze(1)
         if images.numel() == 0:
@@ -310,6 +427,105 @@ class Segmenter(nn.Module):
             scores[image][seg_rows] = iou[row, : len(seg_rows)].float()
         return DecodedTargets(masks, scores, anchor.sum() * 0.0)
 
+    def decode_chained(
+        self,
+        image_embeddings: torch.Tensor,
+        prompts: torch.Tensor,
+        chain_prompts: torch.Tensor,
+        anchor: torch.Tensor,
+        targets: Targets,
+        batch: Batch,
+    ) -> DecodedTargets:
+        """Two decoder calls, one row per prompt, each row with its own image embedding.
+
+        Pass 1: the chain prompts [P, D] (the anchor [D] on image 0 when P = 0) -> coarse
+        low-res logits, embedded once as dense prompts (`mask_prompt_embeddings`). Pass 2: every
+        `[SEG]` prompt with the dense prompt of its linked coarse mask, or SAM's no-mask
+        embedding when plain; without any `[SEG]`, the anchor on image 0 with pass 1's first
+        dense prompt, and the anchor term is 0 x its sum. So every rank runs the projector once,
+        the mask embedding once and the decoder twice, all in the backward graph (ZeRO-3).
+        """
+        chains = targets.chains
+        chain_image = batch.conv_image[chains.conv]
+        if len(chains.conv):
+            first_embeddings, first_prompts = image_embeddings[chain_image], chain_prompts
+        else:
+            first_embeddings, first_prompts = image_embeddings[:1], anchor[None]
+        coarse, coarse_iou = decode_prompt_rows(
+            self.sam,
+            first_embeddings,
+            first_prompts,
+            self._no_mask_dense(len(first_prompts), image_embeddings),
+        )
+        coarse_dense = mask_prompt_embeddings(self.sam, coarse)
+        masks = self.empty_masks(targets, batch, prompts.device)
+        scores = [torch.zeros(count, device=prompts.device) for count in targets.counts]
+        seg = ~targets.is_rej
+        if not seg.any():
+            final, _ = decode_prompt_rows(
+                self.sam, image_embeddings[:1], anchor[None], coarse_dense[:1]
+            )
+            anchor_term = final.sum() * 0.0
+        else:
+            # row 0: no mask prompt; row 1 + j: chain token j's coarse mask
+            table = torch.cat([self._no_mask_dense(1, coarse_dense), coarse_dense])
+            seg_image = targets.images()[seg]
+            final, iou = decode_prompt_rows(
+                self.sam, image_embeddings[seg_image], prompts[seg], table[chains.link[seg] + 1]
+            )
+            self._place_rows(masks, scores, seg, final, iou, targets, batch)
+            anchor_term = anchor.sum() * 0.0
+        coarse_masks, coarse_scores = self._coarse_outputs(coarse, coarse_iou, chain_image, batch)
+        return DecodedTargets(
+            masks, scores, anchor_term, coarse_masks, coarse_scores, self._coarse_source(targets)
+        )
+
+    def _no_mask_dense(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """SAM's no-mask dense prompt [rows, D, g, g] in `like`'s dtype."""
+        return no_mask_dense_embedding(self.sam).to(like.dtype).expand(rows, -1, -1, -1)
+
+    def _place_rows(self, masks, scores, seg, low_res, iou, targets: Targets, batch: Batch):
+        """Write the decoded `[SEG]` rows (low_res [S, 4g, 4g], iou [S], targets order) into
+        the per-image masks and scores, post-processed to each image's size."""
+        seg_per_image = seg.split(targets.counts)
+        low_res_per_image = low_res.split([int(rows.sum()) for rows in seg_per_image])
+        iou_per_image = iou.split([int(rows.sum()) for rows in seg_per_image])
+        for image, rows in enumerate(seg_per_image):
+            if rows.any():
+                masks[image][rows] = self._postprocess(low_res_per_image[image], image, batch)
+                scores[image][rows] = iou_per_image[image].float()
+
+    def _postprocess(self, low_res: torch.Tensor, image: int, batch: Batch) -> torch.Tensor:
+        return postprocess_masks(
+            low_res,
+            self.sam_input_size,
+            tuple(batch.resized_sizes[image].tolist()),
+            tuple(batch.original_sizes[image].tolist()),
+        )
+
+    def _coarse_outputs(self, coarse, coarse_iou, chain_image, batch: Batch):
+        """Per image coarse masks float32 [c_i, H_i, W_i] and scores [c_i] from pass 1's rows
+        (coarse [P, 4g, 4g], iou [P]; the anchor row when P = 0 is not a coarse mask)."""
+        masks, scores = [], []
+        for image in range(batch.num_images):
+            rows = torch.nonzero(chain_image == image).squeeze(1)
+            height, width = batch.original_sizes[image].tolist()
+            if len(rows):
+                masks.append(self._postprocess(coarse[rows], image, batch))
+                scores.append(coarse_iou[rows].float())
+            else:
+                masks.append(coarse.new_zeros(0, height, width, dtype=torch.float32))
+                scores.append(coarse.new_zeros(0, dtype=torch.float32))
+        return masks, scores
+
+    def _coarse_source(self, targets: Targets) -> list[torch.Tensor]:
+        """Per image long [k_i]: each target's link as an index into its image's coarse masks."""
+        chains = targets.chains
+        counts = torch.tensor(chains.counts, dtype=torch.long, device=chains.link.device)
+        offset = (torch.cumsum(counts, 0) - counts)[targets.images()]
+        source = torch.where(chains.link >= 0, chains.link - offset, -1)
+        return list(source.split(targets.counts))
+
     def empty_masks(self, targets: Targets, batch: Batch, device) -> list[torch.Tensor]:
         """Per image float32 [k_i, H_i, W_i] filled with EMPTY_MASK_LOGIT."""
         return [
@@ -325,16 +541,15 @@ class Segmenter(nn.Module):
         targets: Targets,
         answer: AnswerLogits,
         prompts: torch.Tensor,
-        pred_masks: list[torch.Tensor],
+        decoded: DecodedTargets,
     ) -> SegmenterOutput:
         """Weighted CE + BCE + Dice; CE is 0 without labels, mask terms 0 without masks."""
         ce = answer.ce
         device = ce.device
         rej = list(targets.is_rej.split(targets.counts))
+        pred_masks = decoded.masks
         if batch.gt_masks is not None:
-            seg_preds = [pred[~is_rej] for pred, is_rej in zip(pred_masks, rej, strict=True)]
-            seg_gts = [gt[~is_rej] for gt, is_rej in zip(batch.gt_masks, rej, strict=True)]
-            bce, dice = mask_losses(seg_preds, seg_gts, device)
+            bce, dice = mask_losses(*self.supervised_masks(batch, rej, decoded), device)
         else:
             bce = dice = torch.zeros((), device=device)
         weights = self.loss_weights
@@ -351,4 +566,25 @@ class Segmenter(nn.Module):
             prompt_embeddings=list(prompts.split(targets.counts)),
             target_tokens=list(answer.target_tokens.split(targets.counts)),
             head_rows=answer.head_rows,
+            coarse_masks=decoded.coarse_masks,
+            coarse_scores=decoded.coarse_scores,
+            coarse_source=decoded.coarse_source,
         )
+
+    def supervised_masks(
+        self, batch: Batch, rej: list[torch.Tensor], decoded: DecodedTargets
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per image (predictions [m_i, H_i, W_i], ground truths alike): the `[SEG]` masks, then
+        with `supervise_coarse` each coarse mask that prompts a `[SEG]`, against its target's
+        ground truth (CoReS's CORES2maskloss variant)."""
+        preds, gts = [], []
+        for image, is_rej in enumerate(rej):
+            pred, gt = decoded.masks[image][~is_rej], batch.gt_masks[image][~is_rej]
+            if self.supervise_coarse:
+                source = decoded.coarse_source[image]
+                linked = ~is_rej & (source >= 0)
+                pred = torch.cat([pred, decoded.coarse_masks[image][source[linked]]])
+                gt = torch.cat([gt, batch.gt_masks[image][linked]])
+            preds.append(pred)
+            gts.append(gt)
+        return preds, gts

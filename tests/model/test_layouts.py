@@ -58,6 +58,10 @@ STD = 0.2  # random weights large enough that every compared value is far from z
 SP_VOCAB = 500  # the tiny LLaMA vocabulary (32000 in the real ones)
 LISA_TOKENS = ("[SEG]", "<im_start>", "<im_end>")
 GSVA_TOKENS = ("[SEG]", "[REJ]", "<im_start>", "<im_end>")
+# CoReS train_ds_best.py: add_tokens("[SEG_SEMA]"), add_tokens("[SEG]"), then the image wrapping
+CORES_TOKENS = ("[SEG_SEMA]", "[SEG]", "<im_start>", "<im_end>")
+ARCHITECTURES = {LISA_TOKENS: "LISAForCausalLM", CORES_TOKENS: "CORESForCausalLM"}
+CORES_ANSWER = "It usually appears on [SEG_SEMA]. It is [SEG]."  # CoReS's validation answer
 PROMPT_DIM = 32  # the tiny SAM's prompt width (256 in the real ones)
 FIRST_GLOBAL_BLOCK = 1  # of the tiny SAM; M2SA fuses ViT-H's block 7
 LORA_R, LORA_ALPHA = 4, 16
@@ -251,10 +255,17 @@ def segmentation_tensors(seed: int, fusion: bool) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_lisa(directory: Path, sp_model: bytes, fusion: bool = False, seed: int = 2) -> Legacy:
-    """A merged LISA (or, with fusion, M2SA) directory: bf16, LLM + SAM + projector."""
+def write_lisa(
+    directory: Path,
+    sp_model: bytes,
+    fusion: bool = False,
+    seed: int = 2,
+    added: tuple[str, ...] = LISA_TOKENS,
+) -> Legacy:
+    """A merged LISA (with fusion, M2SA; with CORES_TOKENS, CoReS) directory: bf16, LLM + SAM +
+    projector, the family's added tokens in its id order."""
     directory.mkdir(parents=True)
-    vocab = SP_VOCAB + len(LISA_TOKENS)
+    vocab = SP_VOCAB + len(added)
     width, clip_width = TINY_TEXT["hidden_size"], TINY_VISION["hidden_size"]
     tensors = llama_tensors(vocab, seed)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -264,7 +275,7 @@ def write_lisa(directory: Path, sp_model: bytes, fusion: bool = False, seed: int
     stored = {key: value.bfloat16() for key, value in tensors.items()}
     save_sharded(directory, stored)
     config = legacy_config(vocab, "bfloat16") | {
-        "architectures": ["M2SAForCausalLM" if fusion else "LISAForCausalLM"],
+        "architectures": [ARCHITECTURES[added] if not fusion else "M2SAForCausalLM"],
         "train_mask_decoder": True,
         "out_dim": PROMPT_DIM,
         "vision_tower": "openai/clip-vit-large-patch14",
@@ -273,8 +284,8 @@ def write_lisa(directory: Path, sp_model: bytes, fusion: bool = False, seed: int
         "transformers_version": "4.31.0",
     }
     (directory / "config.json").write_text(json.dumps(config))
-    write_tokenizer(directory, sp_model, LISA_TOKENS)
-    return Legacy(directory, stored, LISA_TOKENS)
+    write_tokenizer(directory, sp_model, added)
+    return Legacy(directory, stored, added)
 
 
 def write_clip(directory: Path, seed: int = 3) -> Path:
@@ -333,6 +344,7 @@ class Assets:
     llava_v1: Legacy
     lisa: Legacy
     m2sa: Legacy
+    cores: Legacy
 
 
 @pytest.fixture(scope="session")
@@ -347,6 +359,7 @@ def legacy_assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
         llava_v1=write_llava_v1(root / "LLaVA-Lightning-7B-v1-1", sp_model),
         lisa=write_lisa(root / "LISA-7B-v1", sp_model),
         m2sa=write_lisa(root / "M2SA-7B", sp_model, fusion=True, seed=4),
+        cores=write_lisa(root / "CoReS-7B", sp_model, seed=8, added=CORES_TOKENS),
     )
 
 
@@ -382,6 +395,11 @@ def lisa_model(legacy_assets):
 @pytest.fixture(scope="module")
 def m2sa_model(legacy_assets):
     return build(legacy_assets, legacy_assets.m2sa.directory, vision_pretrained="")
+
+
+@pytest.fixture(scope="module")
+def cores_model(legacy_assets):
+    return build(legacy_assets, legacy_assets.cores.directory, vision_pretrained="")
 
 
 # --- the independent composition ---------------------------------------------------------
@@ -488,6 +506,45 @@ def reference_masks(segmentation, batch, prompts: list[torch.Tensor]) -> list[to
         original = tuple(batch.original_sizes[image].tolist())
         masks.append(sam.postprocess_masks(low_res, resized, original)[:, 0])
     return masks
+
+
+def reference_chain_masks(
+    segmentation, batch, coarse_prompts: list[torch.Tensor], prompts: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """CoReS's `model_forward` (model/CORES.py) with the official SAM: per image, the
+    [SEG_SEMA] prompts decoded with no mask prompt, their low-resolution logits given back to the
+    prompt encoder as `masks=` (its mask downscaling -> dense prompt) for the [SEG] prompts.
+    Returns (coarse masks, final masks) per image at the original size."""
+    sam = official_sam()
+    sam.load_state_dict({k.removeprefix(SAM_PREFIX): v for k, v in segmentation.items()})
+    embeddings = sam.image_encoder(batch.sam_pixels)
+    coarse_masks, masks = [], []
+    for image, (coarse, final) in enumerate(zip(coarse_prompts, prompts, strict=True)):
+        resized = tuple(batch.resized_sizes[image].tolist())
+        original = tuple(batch.original_sizes[image].tolist())
+        sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
+        low_res, _ = sam.mask_decoder(
+            image_embeddings=embeddings[image : image + 1],
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=torch.cat(
+                [sparse.expand(len(coarse), -1, -1), coarse[:, None]], 1
+            ),
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        coarse_masks.append(sam.postprocess_masks(low_res, resized, original)[:, 0])
+        _, dense = sam.prompt_encoder(points=None, boxes=None, masks=low_res)
+        final_low_res, _ = sam.mask_decoder(
+            image_embeddings=embeddings[image : image + 1],
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=torch.cat(
+                [sparse.expand(len(final), -1, -1), final[:, None]], 1
+            ),
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        masks.append(sam.postprocess_masks(final_low_res, resized, original)[:, 0])
+    return coarse_masks, masks
 
 
 def reference(tensors, clip, batch, token_ids, rows, projector_mlp=None, lora=None) -> Reference:
@@ -716,3 +773,92 @@ def test_the_layout_is_detected_once_per_load(legacy_assets, monkeypatch) -> Non
     )
     assert [Path(directory) for directory in calls] == [lisa]
     assert loaded.model.token_ids.seg == SP_VOCAB
+
+
+CORES_CONVERSATIONS = [
+    Conversation(0, "Can you segment the red circle in this image?", CORES_ANSWER),
+    Conversation(
+        1, "Please segment the yellow car.", "Sure, it appears on [SEG_SEMA]. It is [SEG]."
+    ),
+    Conversation(1, "What is the green star in this image?", CORES_ANSWER),
+]
+
+
+def test_a_cores_directory_decodes_its_chain_as_cores_did(legacy_assets, cores_model) -> None:
+    """CoReS's merged directory: [SEG_SEMA] and [SEG] keep the ids they were trained at, the
+    chain token is taken from the checkpoint's tokenizer, and the final masks equal CoReS's
+    two-pass decoding with the official SAM (the coarse logits as the dense mask prompt)."""
+    model, tokenizer = cores_model
+    ids = model.token_ids
+    assert (ids.chain, ids.seg, ids.im_start, ids.im_end, ids.rej, ids.image) == (
+        500,
+        501,
+        502,
+        503,
+        504,
+        505,
+    )
+    tensors = as_fp32(legacy_assets.cores.tensors)
+    batch = make_batch(model, tokenizer, IMAGE_SIZES, CORES_CONVERSATIONS, gt_masks=None, seed=5)
+    with torch.no_grad():
+        output = model(batch)
+    rows = checkpoint_rows(tokenizer, CORES_TOKENS)
+    llama_state = {
+        k: v
+        for k, v in tensors.items()
+        if k.startswith(("model.embed_tokens", "model.layers", "model.norm", "lm_head"))
+    }
+    projector = (tensors["model.mm_projector.weight"], tensors["model.mm_projector.bias"])
+    _, hidden = reference_llm(
+        llama_state, projector, clip_model(legacy_assets), batch, ids.image, rows, {}
+    )
+    mlp = {
+        k.removeprefix("model.text_hidden_fcs."): v
+        for k, v in tensors.items()
+        if k.startswith("model.text_hidden_fcs.")
+    }
+
+    def projected(token: int) -> list[torch.Tensor]:
+        conv, position = torch.nonzero(batch.input_ids[:, 1:] == token, as_tuple=True)
+        states = hidden[conv, position]
+        out = F.linear(
+            F.relu(F.linear(states, mlp["0.0.weight"], mlp["0.0.bias"])),
+            mlp["0.2.weight"],
+            mlp["0.2.bias"],
+        )
+        counts = torch.bincount(batch.conv_image[conv], minlength=len(IMAGE_SIZES)).tolist()
+        return list(out.split(counts))
+
+    segmentation = {k: v for k, v in tensors.items() if k.startswith(SAM_PREFIX)}
+    coarse, final = reference_chain_masks(
+        segmentation, batch, projected(ids.chain), projected(ids.seg)
+    )
+    for ours, theirs in zip(output.coarse_masks, coarse, strict=True):
+        assert theirs.std() > 1e-3
+        torch.testing.assert_close(ours, theirs, **TOL)
+    for ours, theirs in zip(output.pred_masks, final, strict=True):
+        assert theirs.std() > 1e-3
+        torch.testing.assert_close(ours, theirs, **TOL)
+    # the chain matters: the final masks differ from [SEG] decoded without its coarse prompt
+    plain = reference_masks(segmentation, batch, projected(ids.seg))
+    assert max((a - b).abs().max() for a, b in zip(plain, final, strict=True)) > 1e-3
+    assert [source.tolist() for source in output.coarse_source] == [[0], [0, 1]]
+
+
+def test_a_cores_training_time_state_dict_loads_over_a_llava_v1_base(
+    legacy_assets, tmp_path
+) -> None:
+    """Four added rows are CoReS's ([SEG_SEMA], [SEG], <im_start>, <im_end>) when the run has a
+    chain token, GSVA's otherwise: each row lands on its own token."""
+    path = tmp_path / "cores-7b.bin"
+    tensors, lora = write_training_state_dict(path, CORES_TOKENS, "old")
+    model, tokenizer = build(
+        legacy_assets, legacy_assets.llava_v1.directory, chain_token="[SEG_SEMA]"
+    )
+    load_weights(model, path)
+    embed = model.llava.get_input_embeddings().weight
+    stored = tensors["model.embed_tokens.weight"]
+    for offset, token in enumerate(CORES_TOKENS):
+        torch.testing.assert_close(
+            embed[tokenizer.convert_tokens_to_ids(token)], stored[SP_VOCAB + offset]
+        )

@@ -25,11 +25,13 @@ from model.sam import (
     convert_original_state_dict,
     decode_masks,
     decode_masks_with_scores,
+    decode_prompt_rows,
     dense_positional_embedding,
     encode_images,
     first_global_layer,
     hf_to_original_key,
     load_sam_checkpoint,
+    mask_prompt_embeddings,
     no_mask_dense_embedding,
     original_to_hf_key,
     postprocess_masks,
@@ -194,6 +196,59 @@ def test_parity_with_official_segment_anything(case, tmp_path):
     torch.testing.assert_close(masks, expected_masks[:, 0], **TOL)
     torch.testing.assert_close(iou, expected_iou[:, 0], **TOL)
     torch.testing.assert_close(decode_masks(ours, embeddings[:1], prompts), masks)
+
+
+def test_chained_passes_match_official_prompt_encoder_with_mask_input(tmp_path):
+    """CoReS's two passes with the official modules: pass 1 with no mask, its low-res logits
+    as `PromptEncoder(masks=...)` (mask_downscaling) for pass 2; ours with one decoder call per
+    pass over rows on different images."""
+    official = randomise_(official_sam())
+    path = tmp_path / "sam.pth"
+    torch.save(official.state_dict(), path)
+    ours = load_sam_checkpoint(path)
+    pixels = torch.randn(2, 3, TINY_IMAGE, TINY_IMAGE, generator=torch.Generator().manual_seed(3))
+    coarse_prompts, final_prompts = torch.randn(
+        2, NUM_PROMPTS, 32, generator=torch.Generator().manual_seed(4)
+    )
+    row_image = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        embeddings = official.image_encoder(pixels)
+        pe = official.prompt_encoder.get_dense_pe()
+        _, no_mask = official.prompt_encoder(points=None, boxes=None, masks=None)
+        expected_coarse, expected_final, expected_iou = [], [], []
+        for row, image in enumerate(row_image.tolist()):
+            decode = partial(
+                official.mask_decoder,
+                image_embeddings=embeddings[image : image + 1],
+                image_pe=pe,
+                multimask_output=False,
+            )
+            low, _ = decode(
+                sparse_prompt_embeddings=coarse_prompts[row, None, None],
+                dense_prompt_embeddings=no_mask,
+            )
+            _, dense = official.prompt_encoder(points=None, boxes=None, masks=low)
+            final, iou = decode(
+                sparse_prompt_embeddings=final_prompts[row, None, None],
+                dense_prompt_embeddings=dense,
+            )
+            expected_coarse.append(low[0, 0])
+            expected_final.append(final[0, 0])
+            expected_iou.append(iou[0, 0])
+        rows = embeddings[row_image]
+        no_mask_rows = no_mask_dense_embedding(ours).expand(NUM_PROMPTS, -1, -1, -1)
+        coarse, _ = decode_prompt_rows(ours, rows, coarse_prompts, no_mask_rows)
+        dense = mask_prompt_embeddings(ours, coarse)
+        final, iou = decode_prompt_rows(ours, rows, final_prompts, dense)
+    assert dense.shape == (NUM_PROMPTS, 32, TINY_GRID, TINY_GRID)
+    torch.testing.assert_close(coarse, torch.stack(expected_coarse), **TOL)
+    torch.testing.assert_close(final, torch.stack(expected_final), **TOL)
+    torch.testing.assert_close(iou, torch.stack(expected_iou), **TOL)
+    assert (
+        final - decode_prompt_rows(ours, rows, final_prompts, no_mask_rows)[0]
+    ).abs().max() > 0.1
+    with pytest.raises(ValueError, match=r"expected low-resolution mask logits \[K,32,32\]"):
+        mask_prompt_embeddings(ours, coarse[:, :16])
 
 
 def test_postprocess_masks_matches_official():

@@ -454,3 +454,28 @@ def test_two_ranks_resume_and_consolidate(tmp_path: Path) -> None:
     trained = torch.load(tmp_path / "trained.pt", weights_only=True)
     for name, tensor in trained.items():
         assert torch.equal(weights[name], tensor), name
+
+
+CHAIN_RUN_TIMEOUT_S = 300
+
+
+def test_two_ranks_chain_when_only_one_batch_holds_a_chain(tmp_path: Path) -> None:
+    """`deepspeed --num_gpus 2` runs tests/utils/chain_engine_script.py: ZeRO-3 with a chain
+    token and every parameter partitioned, one rank's batch chained and the other's without any
+    chain token or [SEG] (then a plain [SEG] against a chained [REJ]). Every rank must run the
+    same module calls, else the parameter gathers never match and the run fails or hangs until
+    the timeout."""
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    assert launcher is not None, "the deepspeed launcher is not installed in this environment"
+    script = ROOT / "tests" / "utils" / "chain_engine_script.py"
+    command = [launcher, *f"--num_gpus 2 --master_port {free_port()} {script}".split()]
+    command += ["--output", str(tmp_path), "--partition_all"]
+    completed = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=CHAIN_RUN_TIMEOUT_S
+    )
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2
+    for rank in result["ranks"]:
+        assert all(np.isfinite(loss) for phase in rank["losses"] for loss in phase)
+        assert rank["partitioned"] > 0
