@@ -29,6 +29,7 @@ from utils.datasets.mixer import (
     check_rates,
     check_single_source,
 )
+from utils.datasets.templates import CORES_CHAIN_TOKEN, CORES_STYLE, val_answer_problem
 from utils.datasets.validation import gsva_epoch_validation, parse_val_datasets
 from utils.flags import USAGE_ERROR, build_parser, explicit_flags
 from utils.recipes import DEFAULT_RECIPE, Recipe, RecipeError, load_recipe
@@ -64,6 +65,7 @@ class TrainConfig:
     custom_data: str
     val_dataset: str
     val_json_name: str
+    val_answer: str
     dataset_dir: str
     log_base_dir: str
     exp_name: str
@@ -114,6 +116,8 @@ class TrainConfig:
     auto_resume: bool
     conv_type: str
     early_fusion: bool
+    chain_token: str
+    supervise_coarse: bool
     seed: int
     zero_stage: int
     offload_optimizer: bool
@@ -192,6 +196,8 @@ class TrainConfig:
             train_mask_decoder=self.train_mask_decoder,
             train_mm_projector=self.train_mm_projector,
             early_fusion=self.early_fusion,
+            chain_token=self.chain_token or None,
+            supervise_coarse=self.supervise_coarse,
             new_token_init=tuple(parse_token_init(self.new_token_init).items()),
             new_token_rows=self.new_token_rows,
             loss_weights=LossWeights(
@@ -278,12 +284,38 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return resolve_config(argv).config
 
 
+def chain_token_problem(config: TrainConfig) -> str | None:
+    """What is wrong with `--chain_token` beside the answers a run writes, or None. Training:
+    `--prompt_style cores` writes `[SEG_SEMA]`, which is one token only as the chain token
+    (else the tokenizer splits it into word pieces), and a chain token must appear in the
+    training answers (only "cores" answers, or the user's own custom files, can hold one).
+    Validation: `--val_answer` as `templates.val_answer_problem` says. `--supervise_coarse`
+    needs a chain token."""
+    chain = config.chain_token
+    if config.supervise_coarse and not chain:
+        return "--supervise_coarse supervises the chain token's masks: it needs --chain_token"
+    if not config.eval_only:
+        if config.prompt_style == CORES_STYLE and chain != CORES_CHAIN_TOKEN:
+            return (
+                f"--prompt_style {CORES_STYLE} writes CoReS's answers, which hold "
+                f"{CORES_CHAIN_TOKEN}: pass --chain_token {CORES_CHAIN_TOKEN} (now {chain!r})"
+            )
+        if chain and config.prompt_style != CORES_STYLE and CUSTOM_FAMILY not in config.datasets:
+            return (
+                f"--chain_token {chain}: no training answer holds it; --prompt_style "
+                f"{CORES_STYLE} writes {CORES_CHAIN_TOKEN} (or write it in --custom_data answers)"
+            )
+    if config.eval_only or not config.no_eval:
+        return val_answer_problem(config.val_answer, chain)
+    return None
+
+
 def data_flag_problem(config: TrainConfig) -> str | None:
     """What is wrong with the data flags a run uses, or None: `--dataset` names a family that
     does not exist, `--sample_rates` is not one number per family, or a `--val_dataset` entry is
     not an accepted form, or `--custom_data` is empty or malformed while `--dataset` names
-    custom. Training flags are not checked with --eval_only, nor validation sets
-    that are not evaluated (--no_eval)."""
+    custom, or the chain token does not fit the answers (`chain_token_problem`). Training flags
+    are not checked with --eval_only, nor validation sets that are not evaluated (--no_eval)."""
     if not config.eval_only:
         unknown = [name for name in config.datasets if name not in FAMILY_BUILDERS]
         if unknown or not config.datasets:
@@ -310,4 +342,4 @@ def data_flag_problem(config: TrainConfig) -> str | None:
             parse_val_datasets(config.val_dataset)
         except ValueError as error:
             return str(error)
-    return None
+    return chain_token_problem(config)

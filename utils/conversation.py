@@ -1,10 +1,17 @@
 """Conversation templates of LLaVA (`--conv_type`): rendering rounds into the model's text.
 
-Two templates, written exactly as LLaVA writes them:
+Two templates written exactly as LLaVA writes them,
 
 - `llava_v1`: `{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>`
 - `llava_llama_2`:
   `[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST] {a2} </s>`
+
+and CoReS's two (`llava_v1_cores`, `llava_llama_2_cores`): the same with CoReS's system prompt,
+LLaVA's plus one sentence, followed by the fixed in-context example that CoReS's `get_prompt()`
+appends to every prompt (`EXAMPLE_QA_LIST[0]`, CoReS model/llava/conversation.py @296ee1f).
+The example ends with a space and llava_v1 writes its separator after the system prompt, so two
+spaces precede the first "USER:"; the example's own "ASSISTANT:" text is system prompt, never a
+labelled answer.
 
 Rendering returns the text together with the character span of every assistant answer,
 including its end-of-turn token, so label masking can be computed from a tokenizer's offset
@@ -111,26 +118,59 @@ class Template:
         return text, spans
 
 
+LLAVA_V1 = Template(
+    name="llava_v1",
+    system="A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    roles=("USER", "ASSISTANT"),
+    style=Style.TWO,
+    sep=" ",
+    sep2="</s>",
+)
+LLAVA_LLAMA_2 = Template(
+    name="llava_llama_2",
+    system="You are a helpful language and vision assistant. You are able to understand the "
+    "visual content that the user provides, and assist the user with a variety of tasks "
+    "using natural language.",
+    roles=("USER", "ASSISTANT"),
+    style=Style.LLAMA_2,
+    sep="<s>",
+    sep2="</s>",
+)
+
+# CoReS model/llava/conversation.py @296ee1f: the sentence its conv_llava_v1 (:392-397) and
+# conv_llava_llama_2 (:335-339) add to LLaVA's system prompts, and EXAMPLE_QA_LIST[0] (:7),
+# which get_prompt() (:60-64, 88, 119) appends to the system prompt of every conversation.
+CORES_V1_GUIDANCE = (
+    "To realize segmentation, the assistant guesses all possible object it typically appears "
+    "on and its distinct appearance. "
+)
+CORES_LLAMA_2_GUIDANCE = (
+    "To realize segmentation, you guess all possible object it typically appears on and its "
+    "distinct appearance. "
+)
+CORES_IN_CONTEXT_EXAMPLE = (
+    "USER: What is the blade in this image? Please output segmentation mask. ASSISTANT: It is "
+    "usually found on a knife or propeller. It is the flat, cutting or propelling surface. "
+)
+CORES_SUFFIX = "_cores"
+
+
+def with_in_context_guidance(base: Template, guidance: str) -> Template:
+    """`base` with CoReS's system prompt: LLaVA's, a space, `guidance` and the in-context
+    example (CoReS's `self.system + context_template`)."""
+    system = f"{base.system} {guidance}{CORES_IN_CONTEXT_EXAMPLE}"
+    return replace(base, name=base.name + CORES_SUFFIX, system=system)
+
+
 TEMPLATES = {
-    "llava_v1": Template(
-        name="llava_v1",
-        system="A chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-        roles=("USER", "ASSISTANT"),
-        style=Style.TWO,
-        sep=" ",
-        sep2="</s>",
-    ),
-    "llava_llama_2": Template(
-        name="llava_llama_2",
-        system="You are a helpful language and vision assistant. You are able to understand the "
-        "visual content that the user provides, and assist the user with a variety of tasks "
-        "using natural language.",
-        roles=("USER", "ASSISTANT"),
-        style=Style.LLAMA_2,
-        sep="<s>",
-        sep2="</s>",
-    ),
+    template.name: template
+    for template in (
+        LLAVA_V1,
+        LLAVA_LLAMA_2,
+        with_in_context_guidance(LLAVA_V1, CORES_V1_GUIDANCE),
+        with_in_context_guidance(LLAVA_LLAMA_2, CORES_LLAMA_2_GUIDANCE),
+    )
 }
 
 

@@ -14,6 +14,7 @@ import os
 
 from model.backbone import NEW_TOKEN_ROWS
 from model.builder import PRECISIONS
+from utils.conversation import TEMPLATES
 from utils.datasets.base import (
     IGNORE_PIXEL_CHOICES,
     MMR_PAIRING_CHOICES,
@@ -22,9 +23,9 @@ from utils.datasets.base import (
     TOO_LONG_CHOICES,
 )
 from utils.datasets.mixer import DEFAULT_FAMILY_DATA
-from utils.datasets.templates import PROMPT_STYLES
+from utils.datasets.templates import DEFAULT_VAL_ANSWER, PROMPT_STYLES
 
-CONV_TYPES = ("llava_v1", "llava_llama_2")
+CONV_TYPES = tuple(TEMPLATES)
 EVAL_PROTOCOLS = ("teacher_forced", "generate")
 ZERO_STAGES = (2, 3)
 USAGE_ERROR = 2  # argparse's exit status for a bad command line
@@ -84,7 +85,24 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         help="rows of tokens this run adds: the mean row, or N(0, initializer_range) as the "
         "LISA family's transformers 4.31",
     )
-    add("--conv_type", default="llava_v1", choices=CONV_TYPES)
+    add(
+        "--conv_type",
+        default="llava_v1",
+        choices=CONV_TYPES,
+        help="LLaVA's templates; *_cores: with CoReS's system prompt and in-context example",
+    )
+    add(
+        "--chain_token",
+        default="",
+        help="a token whose mask prompts (dense prompt) the next [SEG]/[REJ] of its "
+        "conversation, e.g. CoReS's [SEG_SEMA] (default: no chaining)",
+    )
+    add(
+        "--supervise_coarse",
+        default=False,
+        action=argparse.BooleanOptionalAction,
+        help="also BCE + Dice on each chain token's mask against the target it prompts",
+    )
     add("--attn_implementation", default="sdpa", choices=("sdpa", "flash_attention_2", "eager"))
     add(
         "--early_fusion",
@@ -120,6 +138,12 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
         help='"||"-joined, e.g. "grefcoco|unc|val", "custom|mine/val.jsonl@mine/images"',
     )
     add("--val_json_name", default="", help="MMR / RefCOCOm annotation file")
+    add(
+        "--val_answer",
+        default=DEFAULT_VAL_ANSWER,
+        help="the answer of the single-target validation conversations (ReasonSeg, refCOCO "
+        "family, RefCOCOm), one [SEG]; CoReS: 'It usually appears on [SEG_SEMA]. It is [SEG].'",
+    )
     add("--explanatory", default=0.1, type=float, help="-1 disables ReasonSeg explanations")
     add("--num_classes_per_sample", default=3, type=int)
     add("--num_classes_per_question", default=3, type=int)

@@ -8,6 +8,7 @@ from __future__ import annotations
 LISA_REPO, LISA_COMMIT = "dvlab-research/LISA", "3cb2d4301f1af4691bd4f3938335ef06e76f155a"
 MMR_REPO, MMR_COMMIT = "jdg900/MMR", "702a7b60e993b0c8ce24f93f57ed5fc3f425b0fa"
 GSVA_REPO, GSVA_COMMIT = "LeapLabTHU/GSVA", "618dc7957cd239442d1ecd45c8d575cf91b9ca8e"
+CORES_REPO, CORES_COMMIT = "baoxiaoyi/CoReS", "296ee1f8a19d299eda5554e0258cf9dabf17573d"
 
 # LISA utils/utils.py:14-23 SHORT_QUESTION_LIST (MMR utils/utils.py:14-23 is identical)
 LISA_SHORT_QUESTION_LIST = [
@@ -122,3 +123,27 @@ GSVA_ANSWER_LIST_MODE4_TEMPLATE = [
     "the referred {class_name} is [SEG]",
 ]
 GSVA_ANSWER_LIST_MODE4_END = [".", ".", ".", ".", "."]
+
+# CoReS utils/utils.py:39-58 ANSWER_LIST (its other lists are LISA's, lines 17-37)
+CORES_ANSWER_LIST = [
+    "It appears on [SEG_SEMA]. It is [SEG].",
+    "It usually appears on [SEG_SEMA]. It is [SEG].",
+    "It typically appears on [SEG_SEMA]. It is [SEG].",
+    "We can usually find it on [SEG_SEMA]. It is [SEG].",
+    "It is usually found on [SEG_SEMA]. It is [SEG].",
+    "It appears on [SEG_SEMA]. The segmentation result is [SEG].",
+    "It usually appears on [SEG_SEMA]. The segmentation result is [SEG].",
+    "It typically appears on [SEG_SEMA]. The segmentation result is [SEG].",
+    "We can usually find it on [SEG_SEMA]. The segmentation result is [SEG].",
+    "Sure, we can usually find it on [SEG_SEMA]. It is [SEG].",
+    "Sure, it usually appears on [SEG_SEMA]. It is [SEG].",
+    "Sure, it typically appears on [SEG_SEMA]. It is [SEG].",
+    "Sure, it appears on [SEG_SEMA]. It is [SEG].",
+    "Sure, it is typically found on [SEG_SEMA]. It is [SEG].",
+    "Sure, we can usually find it on [SEG_SEMA]. The segmentation result is [SEG].",
+    "Sure, it usually appears on [SEG_SEMA]. The segmentation result is [SEG].",
+    "Sure, it typically appears on [SEG_SEMA]. The segmentation result is [SEG].",
+    "Sure, it appears on [SEG_SEMA]. The segmentation result is [SEG].",
+]
+# CoReS utils/dataset.py:482,493 (ValDataset): the answer of every validation conversation
+CORES_VALIDATION_ANSWER = "It usually appears on [SEG_SEMA]. It is [SEG]."

@@ -222,3 +222,58 @@ def test_custom_data_is_a_family_flag_checked_on_the_command_line() -> None:
     for data in ("", "a.jsonl:0", "@images"):
         with pytest.raises(SystemExit):
             parse_args(["--dataset", "custom", "--sample_rates", "1", "--custom_data", data])
+
+
+CORES_VAL_ANSWER = "It usually appears on [SEG_SEMA]. It is [SEG]."
+
+
+def test_chain_flags_reach_the_model_config() -> None:
+    cores = parse_args(["--recipe", "cores"])
+    model = cores.model_config()
+    assert model.chain_token == "[SEG_SEMA]" and not model.supervise_coarse
+    assert cores.val_answer == CORES_VAL_ANSWER and cores.conv_type == "llava_v1_cores"
+    assert parse_args(["--recipe", "cores", "--supervise_coarse"]).model_config().supervise_coarse
+    llama = parse_args(["--recipe", "cores", "--conv_type", "llava_llama_2_cores"])
+    assert llama.conv_type == "llava_llama_2_cores"
+    plain = parse_args([])
+    assert plain.model_config().chain_token is None and plain.val_answer == "[SEG]."
+    # evaluating without validation (--no_eval) or training with --eval_only skips the other's rules
+    assert parse_args(["--no_eval", "--val_answer", "no target"]).val_answer == "no target"
+    assert parse_args(["--eval_only", "--prompt_style", "cores"]).prompt_style == "cores"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--prompt_style", "cores"], "--prompt_style cores writes CoReS's answers"),
+        (["--recipe", "cores", "--chain_token", ""], "pass --chain_token [SEG_SEMA] (now '')"),
+        (
+            ["--recipe", "cores", "--chain_token", "[C]"],
+            "pass --chain_token [SEG_SEMA] (now '[C]')",
+        ),
+        (["--val_answer", CORES_VAL_ANSWER], "holds [SEG_SEMA], which is one token only with"),
+        (
+            ["--conv_type", "llava_v1_cores", "--val_answer", CORES_VAL_ANSWER],
+            "holds [SEG_SEMA], which is one token only with",
+        ),
+        (
+            ["--recipe", "cores", "--eval_only", "--chain_token", ""],
+            "holds [SEG_SEMA], which is one token only with",
+        ),
+        (["--chain_token", "[SEG_SEMA]"], "--chain_token [SEG_SEMA]: no training answer holds it"),
+        (["--recipe", "cores", "--val_answer", "[SEG] [SEG]."], "holds 2 [SEG] and 0 [REJ]"),
+        (["--supervise_coarse"], "--supervise_coarse supervises the chain token's masks"),
+        (
+            ["--recipe", "cores", "--val_answer", "It is [SEG]. On [SEG_SEMA]."],
+            "at most once, before its [SEG]",
+        ),
+    ],
+)
+def test_chain_token_configurations_that_cannot_work_stop_in_one_line(
+    capsys, argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error

@@ -1,4 +1,4 @@
-"""Conversation templates: exact LLaVA strings, answer spans, generation prompts."""
+"""Conversation templates: exact LLaVA and CoReS strings, answer spans, generation prompts."""
 
 from __future__ import annotations
 
@@ -94,4 +94,72 @@ def test_bad_input_is_rejected() -> None:
         render_generation_prompt([("q", None), ("q2", None)])
     with pytest.raises(ValueError, match="at least one round"):
         render_conversation([])
-    assert sorted(TEMPLATES) == ["llava_llama_2", "llava_v1"]
+    assert sorted(TEMPLATES) == [
+        "llava_llama_2",
+        "llava_llama_2_cores",
+        "llava_v1",
+        "llava_v1_cores",
+    ]
+
+
+# CoReS @296ee1f (baoxiaoyi/CoReS) model/llava/conversation.py: the strings below are the output
+# of its own `conv_templates[name].copy()` + `append_message` + `get_prompt()` (lines 60-128;
+# systems at 335-339 and 392-397, EXAMPLE_QA_LIST[0] at 7), run on that file and pasted here;
+# the question and answer are the ones its ValDataset writes (utils/dataset.py:480-493).
+CORES_QUESTION = "<image>\n What is the dog in this image? Please output segmentation mask."
+CORES_ANSWER = "It usually appears on [SEG_SEMA]. It is [SEG]."
+CORES_REFERENCE = {
+    "llava_v1_cores": (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the human's questions. To realize "
+        "segmentation, the assistant guesses all possible object it typically appears on and its "
+        "distinct appearance. USER: What is the blade in this image? Please output segmentation "
+        "mask. ASSISTANT: It is usually found on a knife or propeller. It is the flat, cutting or "
+        "propelling surface.  USER: <image>\n What is the dog in this image? Please output "
+        "segmentation mask. ASSISTANT: It usually appears on [SEG_SEMA]. It is [SEG].</s>"
+    ),
+    "llava_llama_2_cores": (
+        "[INST] <<SYS>>\nYou are a helpful language and vision assistant. You are able to "
+        "understand the visual content that the user provides, and assist the user with a variety "
+        "of tasks using natural language. To realize segmentation, you guess all possible object "
+        "it typically appears on and its distinct appearance. USER: What is the blade in this "
+        "image? Please output segmentation mask. ASSISTANT: It is usually found on a knife or "
+        "propeller. It is the flat, cutting or propelling surface. \n<</SYS>>\n\n<image>\n What is "
+        "the dog in this image? Please output segmentation mask. [/INST] It usually appears on "
+        "[SEG_SEMA]. It is [SEG]. </s>"
+    ),
+}
+# the same get_prompt() on a two-round dialogue (CoReS's VQA loader renders them so)
+CORES_DIALOGUE = [("<image>\nWhat colour is it?", "Red."), ("How many?", "Two.")]
+CORES_DIALOGUE_ENDINGS = {
+    "llava_v1_cores": (
+        "surface.  USER: <image>\nWhat colour is it? ASSISTANT: Red.</s>USER: How many? "
+        "ASSISTANT: Two.</s>"
+    ),
+    "llava_llama_2_cores": (
+        "surface. \n<</SYS>>\n\n<image>\nWhat colour is it? [/INST] Red. </s><s>[INST] How "
+        "many? [/INST] Two. </s>"
+    ),
+}
+
+
+@pytest.mark.parametrize("conv_type", sorted(CORES_REFERENCE))
+def test_cores_templates_render_as_cores_get_prompt(conv_type: str) -> None:
+    text, spans = render_conversation([(CORES_QUESTION, CORES_ANSWER)], conv_type)
+    assert text == CORES_REFERENCE[conv_type]
+    gap = " " if "llama_2" in conv_type else ""
+    assert answers_in(text, spans) == [f"{CORES_ANSWER}{gap}</s>"]
+    dialogue, dialogue_spans = render_conversation(CORES_DIALOGUE, conv_type)
+    assert dialogue.endswith(CORES_DIALOGUE_ENDINGS[conv_type])
+    assert answers_in(dialogue, dialogue_spans) == [f"Red.{gap}</s>", f"Two.{gap}</s>"]
+
+
+@pytest.mark.parametrize(
+    ("conv_type", "ending"), [("llava_v1_cores", "ASSISTANT:"), ("llava_llama_2_cores", "[/INST]")]
+)
+def test_cores_generation_prompt_keeps_the_example(conv_type: str, ending: str) -> None:
+    """CoReS's get_prompt() with the answer None ends at the open role, the example kept."""
+    prompt = render_generation_prompt([(CORES_QUESTION, None)], conv_type)
+    reference = CORES_REFERENCE[conv_type]
+    assert prompt.endswith(ending) and reference.startswith(prompt)
+    assert "It is usually found on a knife or propeller." in prompt

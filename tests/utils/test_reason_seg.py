@@ -1,6 +1,7 @@
 """ReasonSeg training source and validation set: polygon masks (ignore = 255, largest first,
 flag skipped), ignore pixels as background or excluded in training, the short/long query splits,
-cp1252 fallback, the explanatory branches, record checks and determinism."""
+cp1252 fallback, the explanatory branches, record checks and determinism, CoReS's answers (its
+ReasonSegDataset is LISA's with CoReS's ANSWER_LIST) and `--val_answer`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.utils import fixtures_sem as fx
+from tests.utils import reference_templates as ref
 from tests.utils.test_sem_seg import assert_records_read_by_index
 from utils.datasets.base import IGNORE_LABEL, DataError, SamplingOptions
 from utils.datasets.reason_seg import (
@@ -22,6 +24,7 @@ from utils.datasets.reason_seg import (
 )
 from utils.datasets.templates import (
     ANSWERS,
+    CORES_ANSWERS,
     EXPLANATORY_QUESTIONS,
     IMAGE_PREFIX,
     validation_question,
@@ -158,6 +161,42 @@ def test_explained_and_plain_with_probability_zero(tmp_path):
             assert answer in ANSWERS
             forms.add("plain")
     assert forms == {"explained", "plain"}
+
+
+@pytest.mark.parametrize(
+    ("prompt_style", "answers"),
+    [
+        ("cores", ref.CORES_ANSWER_LIST),
+        ("lisa", ref.LISA_ANSWER_LIST),
+        ("mmr", ref.LISA_ANSWER_LIST),  # MMR and GSVA keep LISA's ReasonSeg loader
+        ("gsva", ref.LISA_ANSWER_LIST),
+    ],
+)
+def test_plain_and_explained_answers_follow_the_style(tmp_path, prompt_style, answers):
+    """CoReS utils/reason_seg_dataset.py:147-179 (@296ee1f): `random.choice(self.answer_list)`
+    for plain answers and `random.choice(self.answer_list) + " {}".format(explanation)`."""
+    write_reason_seg(tmp_path)
+    options = replace(OPTIONS, explanatory=0.0, prompt_style=prompt_style)
+    source = ReasonSegSource(tmp_path, options)
+    seen = {"plain": set(), "explained": set()}
+    for seed in range(120):
+        sample, _ = sample_record(source, seed)
+        for ((_, answer),) in sample.conversations:
+            form = "explained" if answer.endswith(OUTPUTS) else "plain"
+            template = answer[: -len(OUTPUTS) - 1] if form == "explained" else answer
+            assert template in answers, (form, answer)
+            seen[form].add(template)
+    assert seen["plain"] == set(answers) and len(seen["explained"]) > len(answers) // 2
+
+
+def test_validation_answers_val_answer(tmp_path):
+    write_reason_seg(tmp_path)
+    cores = ReasonSegValidation(tmp_path, "val", answer=ref.CORES_VALIDATION_ANSWER)
+    question = validation_question(SENTENCES[0].strip(), True)
+    assert cores[0].conversations == [[(question, ref.CORES_VALIDATION_ANSWER)]]
+    assert CORES_ANSWERS[1] == ref.CORES_VALIDATION_ANSWER  # one of its training answers
+    with pytest.raises(ValueError, match="--val_answer 'It is.' holds 0 \\[SEG\\]"):
+        ReasonSegValidation(tmp_path, "val", answer="It is.")
 
 
 def test_explanatory_json_required_unless_disabled(tmp_path):

@@ -1,7 +1,8 @@
 """Each recipe's whole training mix, drawn from the tiny assets as training draws it: every
 sem_seg and referring question and answer, and every ReasonSeg / MMR question, is one its
 reference loader could write (templates as data in tests/utils/reference_templates.py, cited
-there), and every MMR-style question holds 1..--num_classes_per_question targets."""
+there), every MMR-style question holds 1..--num_classes_per_question targets, and every CoReS
+segmentation answer holds one [SEG_SEMA] before its one target token."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from utils.datasets.mixer import HybridDataset, build_sources
 
 DRAWS = 300
 TOKEN = r"\[(?:SEG|REJ)\]"
+CHAIN = r"\[SEG_SEMA\]"
 WILDCARD = ".+"
 
 
@@ -51,32 +53,39 @@ def mmr_answer() -> str:
 # explanations) or a record's own answer (MMR's text_answers)
 SEG_QUESTIONS = {
     "lisa": alternatives(prefixed(ref.LISA_SHORT_QUESTION_LIST)),
+    "cores": alternatives(prefixed(ref.LISA_SHORT_QUESTION_LIST)),
     "gsva": alternatives(ref.GSVA_SHORT_QUESTION_LIST_MODE4),
     "m2sa": alternatives(prefixed(ref.MMR_EXPANDED_SHORT_DRAW_LIST)),
 }
 SEG_ANSWERS = {
     "lisa": alternatives(ref.LISA_ANSWER_LIST),
+    "cores": alternatives(ref.CORES_ANSWER_LIST),
     "gsva": gsva_answer(),
     "m2sa": mmr_answer(),
 }
 LONG_QUESTIONS = {
     "lisa": alternatives(prefixed(ref.LISA_LONG_QUESTION_LIST)),
+    "cores": alternatives(prefixed(ref.LISA_LONG_QUESTION_LIST)),
     "gsva": alternatives(prefixed(ref.LISA_LONG_QUESTION_LIST)),
     "m2sa": alternatives(prefixed(ref.MMR_EXPANDED_LONG_DRAW_LIST)),
 }
 EXPLANATORY = alternatives(ref.LISA_EXPLANATORY_QUESTION_LIST)
 # ReasonSeg's short queries (is_sentence false) take LISA's short templates in every recipe
 REASON_SHORT = alternatives(prefixed(ref.LISA_SHORT_QUESTION_LIST))
+# ReasonSeg's answers: LISA's ANSWER_LIST, CoReS's in CoReS (its loader is LISA's with its list)
+REASON_ANSWERS = {recipe: SEG_ANSWERS["lisa"] for recipe in ("lisa", "gsva", "m2sa")}
+REASON_ANSWERS["cores"] = SEG_ANSWERS["cores"]
 
 
 def reason_seg_question(recipe: str, answer: str) -> str:
-    """LISA utils/reason_seg_dataset.py:147-178: a template question answered from ANSWER_LIST;
-    "<image>\n" + text + an explanatory question when an explanation follows the token; the bare
-    text when the explanation alone answers."""
+    """LISA utils/reason_seg_dataset.py:147-178 (CoReS's is the same): a template question
+    answered from ANSWER_LIST; "<image>\n" + text + an explanatory question when an explanation
+    follows the answer; the bare text when the explanation alone answers (no token)."""
     if not re.search(TOKEN, answer):
         return "<image>\n.+"
-    if re.fullmatch(SEG_ANSWERS["lisa"], answer):
+    if re.fullmatch(REASON_ANSWERS[recipe], answer):
         return f"(?:{LONG_QUESTIONS[recipe]}|{REASON_SHORT})"
+    assert re.fullmatch(rf"{REASON_ANSWERS[recipe]} .+", answer, re.DOTALL), answer
     return rf"<image>\n.+ {EXPLANATORY}"
 
 
@@ -87,7 +96,7 @@ def draws(recipe: str, dataset_dir: Path) -> tuple[list, TrainConfig]:
     return [mix[index] for index in range(DRAWS)], config
 
 
-@pytest.mark.parametrize("recipe", ["lisa", "gsva", "m2sa"])
+@pytest.mark.parametrize("recipe", ["lisa", "gsva", "m2sa", "cores"])
 def test_every_drawn_string_is_one_the_reference_writes(assets: Path, recipe: str) -> None:
     samples, config = draws(recipe, assets / "dataset")
     families = {sample.source.split("/")[0] for sample in samples}
@@ -107,3 +116,7 @@ def test_every_drawn_string_is_one_the_reference_writes(assets: Path, recipe: st
             if recipe == "m2sa" and family in ("sem_seg", "refer_seg"):
                 targets = len(re.findall(TOKEN, answer))
                 assert 1 <= targets <= config.num_classes_per_question, where
+            if recipe == "cores" and re.search(TOKEN, answer):
+                # one chain token, then one target token, per conversation
+                chain, target = re.findall(f"{CHAIN}|{TOKEN}", answer)
+                assert re.fullmatch(CHAIN, chain) and re.fullmatch(TOKEN, target), where

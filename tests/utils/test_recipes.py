@@ -4,7 +4,9 @@ line resolves to its paper's settings field by field; layers and sources; bad re
 The expected settings below are written from the reference code, not read from our recipe
 files: LISA `train_ds.py` @3cb2d43 (dvlab-research/LISA), GSVA `main.py` and
 `scripts/train_demo.sh` @618dc79 (LeapLabTHU/GSVA), MMR `train_ds.py` and README @702a7b6
-(jdg900/MMR), and each loader's behaviour (../shared/REFERENCE.md section 11).
+(jdg900/MMR), CoReS `train_ds_best.py` (its README's training script), `utils/dataset.py` and
+`model/llava/conversation.py` @296ee1f (baoxiaoyi/CoReS), and each loader's behaviour
+(../shared/REFERENCE.md section 11).
 """
 
 from __future__ import annotations
@@ -91,6 +93,30 @@ PAPER_SETTINGS: dict[str, dict[str, object]] = {
         "auto_resume": False,
         "val_dataset": "grefcoco|unc|val||ReasonSeg|val",
     },
+    "cores": {
+        **COMMON,
+        "dataset": "sem_seg||refer_seg||vqa||reason_seg",
+        "sample_rates": "9,3,3,1",
+        "reason_seg_data": "ReasonSeg|train",
+        "model_max_length": 512,
+        "lora_r": 8,
+        "batch_size": 2,
+        "grad_accumulation_steps": 10,
+        "workers": 4,
+        "num_classes_per_sample": 3,
+        "epochs": 50,  # train_ds_best.py (LISA: 10)
+        "prompt_style": "cores",  # LISA's loaders with CoReS's ANSWER_LIST
+        "use_expand_question_list": False,
+        "no_target_answer": "empty_seg",
+        "conv_type": "llava_v1_cores",  # llava_v1 + CoReS's system prompt and in-context example
+        "chain_token": "[SEG_SEMA]",
+        "supervise_coarse": False,  # model/CORES.py supervises the [SEG] mask only
+        "early_fusion": False,
+        "auto_resume": True,
+        "no_eval": False,
+        "val_dataset": "ReasonSeg|val",
+        "val_answer": "It usually appears on [SEG_SEMA]. It is [SEG].",
+    },
     "m2sa": {
         **COMMON,
         "dataset": "sem_seg||refer_seg||vqa||multi_part_reason_seg",
@@ -167,6 +193,13 @@ def test_each_readme_training_line_is_its_papers_experiment(args: list[str]) -> 
     assert actual == expected
     overridden = {n for n, s in resolved.sources.items() if s == FROM_COMMAND_LINE}
     assert overridden - RUN_SPECIFIC <= {n for n in expected if n in overridden}
+
+
+@pytest.mark.parametrize("recipe", sorted(PAPER_SETTINGS))
+def test_each_recipe_file_sets_its_papers_settings(recipe: str) -> None:
+    resolved = resolve_config(["--recipe", recipe])
+    expected = PAPER_SETTINGS[recipe]
+    assert {name: getattr(resolved.config, name) for name in expected} == expected
 
 
 def test_the_mmr_readme_line_verbatim_trains_m2sa_with_early_fusion() -> None:

@@ -1,8 +1,9 @@
-"""Templates and their draw rules against the reference code: the lists equal LISA's, MMR's and
-GSVA's (tests/utils/reference_templates.py, cited), every drawn sem_seg question and answer is
-one the reference loaders can write for the same targets (composed here from the upstream code),
-MMR's draw probabilities and once-per-question "separate" template, GSVA's answer formats, and
-MMR's per-question cap and group-size distribution (`allocate_class`, re-implemented below)."""
+"""Templates and their draw rules against the reference code: the lists equal LISA's, MMR's,
+GSVA's and CoReS's (tests/utils/reference_templates.py, cited), every drawn sem_seg question and
+answer is one the reference loaders can write for the same targets (composed here from the
+upstream code), MMR's draw probabilities and once-per-question "separate" template, GSVA's answer
+formats, MMR's per-question cap and group-size distribution (`allocate_class`, re-implemented
+below), CoReS's uniform answer draw, and the `--val_answer` rules."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from utils.datasets.base import SamplingOptions
 from utils.datasets.sem_seg import LabelMapSource
 from utils.datasets.templates import (
     ANSWERS,
+    CORES_ANSWERS,
+    CORES_CHAIN_TOKEN,
+    CORES_VALIDATION_ANSWER,
+    DEFAULT_VAL_ANSWER,
     EXPANDED_LONG_QUESTIONS,
     EXPANDED_SHORT_QUESTIONS,
     EXPLANATORY_QUESTIONS,
@@ -38,10 +43,12 @@ from utils.datasets.templates import (
     SHORT_QUESTIONS,
     Target,
     build_conversations,
+    check_val_answer,
     finish_sample,
     mmr_answer,
     question,
     split_into_questions,
+    val_answer_problem,
 )
 
 # Per-bin tolerance of the frequency comparisons, in standard errors of the sampling error: a
@@ -74,6 +81,9 @@ def test_lists_equal_the_reference_lists() -> None:
     assert list(GSVA_STARTS) == ref.GSVA_ANSWER_LIST_MODE4_START
     assert [p.format(x="{class_name}") for p in GSVA_PARTS] == ref.GSVA_ANSWER_LIST_MODE4_TEMPLATE
     assert list(GSVA_ENDS) == ref.GSVA_ANSWER_LIST_MODE4_END
+    assert list(CORES_ANSWERS) == ref.CORES_ANSWER_LIST and len(CORES_ANSWERS) == 18
+    assert CORES_VALIDATION_ANSWER == ref.CORES_VALIDATION_ANSWER
+    assert DEFAULT_VAL_ANSWER == "[SEG]."  # LISA utils/dataset.py ValDataset
 
 
 # ---- the reference compositions, written from the upstream code --------------------------
@@ -268,6 +278,79 @@ def test_absent_targets_get_rej_in_lisa_and_mmr_answers() -> None:
     )
     assert conversations[0][0][1] in {a.replace(SEG, REJ) for a in ref.LISA_ANSWER_LIST}
     assert not masks.any()
+
+
+# ---- CoReS: LISA's composition with CoReS's answer list -----------------------------------
+
+
+def test_cores_style_draws_are_lisa_questions_with_cores_answers(tmp_path: Path) -> None:
+    """CoReS utils/sem_seg_dataset.py:289-300 (@296ee1f): per class a SHORT_QUESTION_LIST
+    question and one `random.choice(ANSWER_LIST)`, one target per conversation, as LISA."""
+    options = SamplingOptions(3, prompt_style="cores", use_expand_question_list=False)
+    source, names_by_mask = many_class_source(tmp_path, MANY_CLASSES, options)
+    questions, answers = Counter(), Counter()
+    for asked, answer, names in conversations_with_names(source, names_by_mask, range(300)):
+        assert len(names) == 1 and answer.count(CORES_CHAIN_TOKEN) == 1
+        assert asked in mmr_questions(names, ref.LISA_SHORT_QUESTION_LIST)
+        assert answer in ref.CORES_ANSWER_LIST
+        questions[asked.replace(names[0].lower(), "{class_name}")] += 1
+        answers[answer] += 1
+    assert set(questions) == set(ref.LISA_SHORT_QUESTION_LIST)
+    assert set(answers) == set(ref.CORES_ANSWER_LIST)
+
+
+def test_cores_answers_are_drawn_uniformly() -> None:
+    """One `random.choice` of the 18 templates per answer: each 1/18."""
+    target = [Target("cat", False, np.ones((2, 2), np.uint8))]
+    rng = np.random.default_rng(0)
+    counts = Counter(
+        build_conversations(target, "cores", rng, (2, 2))[0][0][0][1] for _ in range(DRAWS)
+    )
+    assert_frequencies(counts, {a: 1 / 18 for a in ref.CORES_ANSWER_LIST}, DRAWS)
+
+
+def test_absent_targets_get_rej_and_keep_the_chain_token_in_cores_answers() -> None:
+    targets = [Target("cat", False, None), Target("dog", False, np.ones((2, 2), np.uint8))]
+    rejected = {a.replace("[SEG]", "[REJ]") for a in ref.CORES_ANSWER_LIST}
+    for seed in range(100):
+        conversations, masks = build_conversations(
+            targets, "cores", np.random.default_rng(seed), (2, 2)
+        )
+        assert len(conversations) == 2
+        assert (
+            conversations[0][0][1] in rejected and conversations[1][0][1] in ref.CORES_ANSWER_LIST
+        )
+        assert not masks[0].any() and masks[1].all()
+
+
+@pytest.mark.parametrize(
+    ("answer", "chain_token", "message"),
+    [
+        ("[SEG].", "", None),
+        ("[SEG].", "[SEG_SEMA]", None),  # chaining trained, plain validation: allowed
+        ("It usually appears on [SEG_SEMA]. It is [SEG].", "[SEG_SEMA]", None),
+        ("It is [SEG] and [SEG].", "", "holds 2 [SEG] and 0 [REJ]"),
+        ("Sure.", "", "holds 0 [SEG] and 0 [REJ]"),
+        ("[REJ] [SEG].", "", "holds 1 [SEG] and 1 [REJ]"),
+        ("It usually appears on [SEG_SEMA]. It is [SEG].", "", "one token only with"),
+        ("On [SEG_SEMA]. It is [SEG].", "[CHAIN]", "--chain_token [SEG_SEMA]"),
+        ("It is [SEG]. On [SEG_SEMA].", "[SEG_SEMA]", "at most once, before its [SEG]"),
+        ("[SEG_SEMA] [SEG_SEMA] [SEG].", "[SEG_SEMA]", "at most once, before its [SEG]"),
+    ],
+)
+def test_val_answer_rules(answer: str, chain_token: str, message: str | None) -> None:
+    problem = val_answer_problem(answer, chain_token)
+    if message is None:
+        assert problem is None
+    else:
+        assert problem is not None and problem.startswith(f"--val_answer {answer!r}")
+        assert message in problem
+
+
+def test_check_val_answer_counts_targets_only() -> None:
+    assert check_val_answer(CORES_VALIDATION_ANSWER) == CORES_VALIDATION_ANSWER
+    with pytest.raises(ValueError, match=r"--val_answer '\[SEG\], \[SEG\]\.' holds 2 \[SEG\]"):
+        check_val_answer("[SEG], [SEG].")
 
 
 # ---- GSVA answer formats ------------------------------------------------------------------

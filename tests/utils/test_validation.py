@@ -5,7 +5,8 @@ RefZOM and the bad-record checks.
 Reference strings are copied from the upstream code: GSVA LeapLabTHU/GSVA@618dc79
 `data/dataset.py:396-511` (gRefCOCO / RefZOM), `main.py:197-202` (`--val_refzom`); MMR
 jdg900/MMR@702a7b6 `utils/dataset.py:355-357,437,472,489-533` (multi-refCOCO, RefCOCOm); LISA
-dvlab-research/LISA@3cb2d43 `utils/dataset.py:372` (`strip().lower()`)."""
+dvlab-research/LISA@3cb2d43 `utils/dataset.py:372` (`strip().lower()`); CoReS
+baoxiaoyi/CoReS@296ee1f `utils/dataset.py:480-493` (its one validation answer)."""
 
 from __future__ import annotations
 
@@ -195,6 +196,40 @@ def test_refcoco_family_sentences_are_normalised(tmp_path: Path) -> None:
     refcocom = build_validation_set(tmp_path, ValEntry("RefCOCOm", "", "val"), path.name)[0]
     # MMR utils/dataset.py:472
     assert refcocom.target_names == ["the handle of the cup", "cup handle"]
+
+
+CORES_VAL_ANSWER = "It usually appears on [SEG_SEMA]. It is [SEG]."
+
+
+def test_single_target_sets_answer_val_answer_and_multi_target_sets_their_own(
+    tmp_path: Path,
+) -> None:
+    refs = [fx.ref(300, 3, 31, "val", ["The val thing", "Another one"])]
+    fx.write_refer(tmp_path, refs=refs)
+    path = fx.write_refcocom(tmp_path)
+    multi_refs = [fx.ref(301, 3, 31, "val", ["a", "b"])]
+    fx.write_refer(tmp_path, "refcocog", multi_refs, "refs(umd).p")
+    refcoco = build_validation_set(
+        tmp_path, ValEntry("refcoco", "unc", "val"), val_answer=CORES_VAL_ANSWER
+    )[0]
+    assert [c[0][1] for c in refcoco.conversations] == [CORES_VAL_ANSWER] * 2
+    refcocom = build_validation_set(
+        tmp_path, ValEntry("RefCOCOm", "", "val"), path.name, CORES_VAL_ANSWER
+    )[0]
+    assert {c[0][1] for c in refcocom.conversations} == {CORES_VAL_ANSWER}
+    multi = build_validation_set(
+        tmp_path, ValEntry("multirefcocog", "umd", "val"), val_answer=CORES_VAL_ANSWER
+    )[0]
+    assert multi.conversations[0][0][1] == "[SEG] and [SEG]."  # MMR's own answer
+    # the default keeps LISA's answer
+    default = build_validation_set(tmp_path, ValEntry("refcoco", "unc", "val"))[0]
+    assert [c[0][1] for c in default.conversations] == ["[SEG]."] * 2
+    for entry, json_name in (
+        (ValEntry("refcoco", "unc", "val"), ""),
+        (ValEntry("RefCOCOm", "", "val"), path.name),
+    ):
+        with pytest.raises(ValueError, match=r"--val_answer '\[SEG\] \[SEG\]\.' holds 2"):
+            build_validation_set(tmp_path, entry, json_name, "[SEG] [SEG].")
 
 
 def test_refzom_validation_gsva_protocol(tmp_path: Path) -> None:

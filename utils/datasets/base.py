@@ -106,7 +106,7 @@ class SamplingOptions:
     num_classes_per_sample: conversations (questions) per image at most.
     num_classes_per_question: targets per question ("mmr" style).
     use_expand_question_list: draw questions from the expanded template lists.
-    prompt_style: "lisa" | "mmr" | "gsva" (see utils.datasets.templates).
+    prompt_style: "lisa" | "mmr" | "gsva" | "cores" (see utils.datasets.templates).
     explanatory: probability of ReasonSeg's explanation-only answer; -1 disables.
     exclude_val: keep the refCOCO-family val/test images out of training.
     ignore_pixels: "background" (LISA, GSVA, MMR: ignore pixels (255) of sem_seg and ReasonSeg
@@ -115,7 +115,7 @@ class SamplingOptions:
         annotation) | "category" (one target per part category, the union of its instances).
     mmr_pairing: "aligned" (each MMR question with its own answer and masks) | "upstream" (the
         released M2SA loader's pairing: sampled questions with answers 0, 1, 2 in file order).
-    no_target_answer: how "lisa"/"mmr" styles answer a referring sentence without a target
+    no_target_answer: how "lisa"/"mmr"/"cores" styles answer a referring sentence without a target
         (gRefCOCO, RefZOM): "rej" (`[REJ]`) | "empty_seg" (LISA/MMR: `[SEG]` with an empty mask).
     """
 

@@ -24,7 +24,11 @@ Training: up to `num_classes_per_sample` of the image's texts, each its own LISA
 conversation with one `[SEG]` and the same mask. For an image with an explanation (unless
 `explanatory` < 0): with probability `explanatory` every answer is the explanation alone (no
 `[SEG]`, no mask); otherwise 50/50 the plain form or "text + explanatory question" answered
-"<[SEG] answer> <explanation>". Validation asks about `text[0]` only and answers "[SEG].".
+"<[SEG] answer> <explanation>". The answers are LISA's, whatever `--prompt_style` (GSVA and MMR
+keep LISA's ReasonSeg loader), except with "cores": CoReS's loader is LISA's with its own
+ANSWER_LIST, so plain and explained answers are drawn from CORES_ANSWERS. Validation asks about
+`text[0]` only and answers `--val_answer` (default "[SEG].", LISA's; CoReS's: "It usually
+appears on [SEG_SEMA]. It is [SEG].").
 """
 
 from __future__ import annotations
@@ -50,13 +54,16 @@ from utils.datasets.base import (
     stack_masks,
 )
 from utils.datasets.templates import (
-    ANSWERS,
+    CORES_STYLE,
+    DEFAULT_VAL_ANSWER,
     EXPLANATORY_QUESTIONS,
     IMAGE_PREFIX,
-    SEG,
+    LISA_STYLE,
     Target,
     build_conversations,
+    check_val_answer,
     choose,
+    single_target_answers,
     validation_question,
 )
 
@@ -69,7 +76,6 @@ FLAG_LABEL = "flag"  # deprecated shapes that mean nothing
 IGNORE_MARK = "ignore"
 TARGET_VALUE = 1
 MIN_POLYGON_POINTS = 3
-VALIDATION_ANSWER = SEG + "."
 SPLIT_JOINER = "_"
 # query-type suffix of a split name -> the `is_sentence` it keeps
 QUERY_KINDS = {"short": False, "long": True}
@@ -310,16 +316,19 @@ class ReasonSegSource:
         ]
         outputs = self.explanation(path.name)
         mode = explanation_mode(outputs, self.options.explanatory, rng)
+        style = reason_seg_style(self.options.prompt_style)
         if mode == PLAIN:
             targets = [
                 Target(t if annotation.is_sentence else t.lower(), annotation.is_sentence, mask)
                 for t in texts
             ]
             conversations, masks = build_conversations(
-                targets, "lisa", rng, mask.shape, self.options.num_classes_per_sample
+                targets, style, rng, mask.shape, self.options.num_classes_per_sample
             )
         else:
-            conversations, masks = explanation_conversations(texts, mask, outputs, mode, rng)
+            conversations, masks = explanation_conversations(
+                texts, mask, outputs, mode, rng, single_target_answers(style)
+            )
         return Sample(image, conversations, masks, str(path), self.name)
 
     def check(self, deep: bool = False) -> Iterator[DataError]:
@@ -330,6 +339,12 @@ class ReasonSegSource:
             except DataError as error:
                 yield error
         yield from check_records(self.images, deep)
+
+
+def reason_seg_style(prompt_style: str) -> str:
+    """The style of ReasonSeg's conversations: "cores" for CoReS, LISA's for every other
+    `--prompt_style` (module docstring)."""
+    return CORES_STYLE if prompt_style == CORES_STYLE else LISA_STYLE
 
 
 def explanation_mode(explanation: str | None, probability: float, rng: np.random.Generator) -> str:
@@ -343,17 +358,23 @@ def explanation_mode(explanation: str | None, probability: float, rng: np.random
 
 
 def explanation_conversations(
-    texts: list[str], mask: np.ndarray, outputs: str, mode: str, rng: np.random.Generator
+    texts: list[str],
+    mask: np.ndarray,
+    outputs: str,
+    mode: str,
+    rng: np.random.Generator,
+    answers: tuple[str, ...],
 ) -> tuple[list[list[tuple[str, str]]], np.ndarray]:
     """One conversation per text answered with the explanation `outputs`: alone and without
-    masks (EXPLANATION_ONLY), or after a `[SEG]` answer with `mask` [H, W] each (EXPLAINED)."""
+    masks (EXPLANATION_ONLY), or after a `[SEG]` answer drawn from `answers` with `mask` [H, W]
+    each (EXPLAINED)."""
     if mode == EXPLANATION_ONLY:
         return [[(IMAGE_PREFIX + text, outputs)] for text in texts], stack_masks([], mask.shape)
     conversations = [
         [
             (
                 f"{IMAGE_PREFIX}{text} {choose(rng, EXPLANATORY_QUESTIONS)}",
-                f"{choose(rng, ANSWERS)} {outputs}",
+                f"{choose(rng, answers)} {outputs}",
             )
         ]
         for text in texts
@@ -364,12 +385,17 @@ def explanation_conversations(
 class ReasonSegValidation:
     """ReasonSeg validation/test images (`--val_dataset "ReasonSeg|val"` gives split "val"; "a_b"
     joins splits; "test_short"/"test_long" (or "testshort"/"testlong") keep one query type):
-    one question about `text[0]` per image."""
+    one question about `text[0]` per image, answered `answer` (`--val_answer`, one `[SEG]`)."""
 
     def __init__(
-        self, dataset_dir: str | Path, split: str = "val", dataset: str = "ReasonSeg"
+        self,
+        dataset_dir: str | Path,
+        split: str = "val",
+        dataset: str = "ReasonSeg",
+        answer: str = DEFAULT_VAL_ANSWER,
     ) -> None:
         self.name = f"{dataset}|{split}"
+        self.answer = check_val_answer(answer)
         self.images = select_images(Path(dataset_dir), self.name)
 
     def __len__(self) -> int:
@@ -382,9 +408,7 @@ class ReasonSegValidation:
         text = annotation.texts[0].strip()
         return ValidationSample(
             image=image,
-            conversations=[
-                [(validation_question(text, annotation.is_sentence), VALIDATION_ANSWER)]
-            ],
+            conversations=[[(validation_question(text, annotation.is_sentence), self.answer)]],
             masks=mask[None],
             image_path=str(path),
             source=f"reason_seg/{self.name}",

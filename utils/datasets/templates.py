@@ -4,7 +4,7 @@ turns a list of named targets into conversations plus masks in `[SEG]`/`[REJ]` o
 `target_count` says how many targets a source draws).
 
 Every string is copied from the reference code (LISA `utils/utils.py`, MMR `utils/utils.py`,
-GSVA `model/llava/constants.py`); nothing here is our own wording.
+GSVA `model/llava/constants.py`, CoReS `utils/utils.py`); nothing here is our own wording.
 
 Prompt styles (`--prompt_style`):
 - "lisa": one target per conversation, a short (class name) or long (sentence) question and one
@@ -13,12 +13,16 @@ Prompt styles (`--prompt_style`):
   `allocate_class`). One target: LISA's answers. Several, 50/50: one SINGLE_ANSWER_LIST template
   drawn per question and applied to every target ("a is [SEG], b is [SEG] and c is [SEG].",
   "separate"), or a MULTI_ANSWER_LIST template listing all the tokens ("multi").
+- "cores": as "lisa" (one target per conversation, LISA's questions), answered with one of
+  CoReS's 18 templates (CORES_ANSWERS), each "<where it appears> [SEG_SEMA]. <it is> [SEG].":
+  the chain token `[SEG_SEMA]` (CORES_CHAIN_TOKEN, `--chain_token`) before the target. CoReS's
+  loaders are LISA's with that list, one `random.choice` per answer, as here.
 - "gsva": all targets of the image in one conversation, "Sure, a:[SEG], b:[REJ]." style; the
   answer's joiner, name cleaning and empty-mask rule differ between GSVA's sem_seg and refer_seg
   loaders (`GsvaAnswerFormat`).
 Names are lower-cased in questions and in the "multi" answers and keep their case elsewhere, as
 the references do. A target whose mask is None (the source says the named thing is not in the
-image) is answered `[REJ]` in every style.
+image) is answered `[REJ]` in every style ("cores": in place of `[SEG]`, `[SEG_SEMA]` kept).
 
 `--use_expand_question_list` reproduces MMR's draw probabilities: MMR's SemSegDataset and
 ReferSegDataset each `extend` the shared module-level SHORT_QUESTION_LIST with the 14 expanded
@@ -38,7 +42,10 @@ from utils.datasets.base import IMAGE_PLACEHOLDER, Sample, SamplingOptions
 
 SEG = "[SEG]"
 REJ = "[REJ]"
-PROMPT_STYLES = ("lisa", "mmr", "gsva")
+LISA_STYLE, CORES_STYLE = "lisa", "cores"
+PROMPT_STYLES = (LISA_STYLE, "mmr", "gsva", CORES_STYLE)
+# CoReS's chain token: its state's mask prompts the next [SEG] (`--chain_token`)
+CORES_CHAIN_TOKEN = "[SEG_SEMA]"
 IMAGE_PREFIX = IMAGE_PLACEHOLDER + "\n"
 
 # LISA utils/utils.py (MMR and GSVA carry the same lists)
@@ -64,6 +71,35 @@ ANSWERS = (
     "Sure, the segmentation result is [SEG].",
     "[SEG].",
 )
+
+# CoReS utils/utils.py:39-58 ANSWER_LIST (baoxiaoyi/CoReS @296ee1f), in its order
+CORES_ANSWERS = tuple(
+    template.replace("{chain}", CORES_CHAIN_TOKEN)
+    for template in (
+        "It appears on {chain}. It is [SEG].",
+        "It usually appears on {chain}. It is [SEG].",
+        "It typically appears on {chain}. It is [SEG].",
+        "We can usually find it on {chain}. It is [SEG].",
+        "It is usually found on {chain}. It is [SEG].",
+        "It appears on {chain}. The segmentation result is [SEG].",
+        "It usually appears on {chain}. The segmentation result is [SEG].",
+        "It typically appears on {chain}. The segmentation result is [SEG].",
+        "We can usually find it on {chain}. The segmentation result is [SEG].",
+        "Sure, we can usually find it on {chain}. It is [SEG].",
+        "Sure, it usually appears on {chain}. It is [SEG].",
+        "Sure, it typically appears on {chain}. It is [SEG].",
+        "Sure, it appears on {chain}. It is [SEG].",
+        "Sure, it is typically found on {chain}. It is [SEG].",
+        "Sure, we can usually find it on {chain}. The segmentation result is [SEG].",
+        "Sure, it usually appears on {chain}. The segmentation result is [SEG].",
+        "Sure, it typically appears on {chain}. The segmentation result is [SEG].",
+        "Sure, it appears on {chain}. The segmentation result is [SEG].",
+    )
+)
+# CoReS utils/dataset.py:482,493 (ValDataset): the one answer of every validation conversation
+CORES_VALIDATION_ANSWER = f"It usually appears on {CORES_CHAIN_TOKEN}. It is {SEG}."
+# LISA, MMR and GSVA validation: "[SEG]." (`--val_answer` default)
+DEFAULT_VAL_ANSWER = SEG + "."
 
 # MMR utils/utils.py: EXPAND_QUESTION_LIST, EXPAND_LONG_QUESTION_LIST, SINGLE_ANSWER_LIST,
 # MULTI_ANSWER_LIST (typos such as "asegment" are MMR's own)
@@ -195,8 +231,15 @@ def token_of(target: Target) -> str:
     return REJ if target.mask is None else SEG
 
 
-def lisa_answer(target: Target, rng: np.random.Generator) -> str:
-    return choose(rng, ANSWERS).replace(SEG, token_of(target))
+def single_target_answers(style: str) -> tuple[str, ...]:
+    """The answer list of one-target conversations: CoReS's for "cores", else LISA's."""
+    return CORES_ANSWERS if style == CORES_STYLE else ANSWERS
+
+
+def lisa_answer(target: Target, rng: np.random.Generator, style: str = LISA_STYLE) -> str:
+    """One answer of `style`'s one-target list, `[REJ]` in place of `[SEG]` for an absent
+    target (a "cores" answer keeps its chain token)."""
+    return choose(rng, single_target_answers(style)).replace(SEG, token_of(target))
 
 
 def mmr_answer(targets: list[Target], rng: np.random.Generator) -> str:
@@ -294,7 +337,9 @@ def build_conversations(
             is_sentence = all(t.is_sentence for t in chosen)
             names = [t.name for t in chosen]
             asked = question(names, is_sentence, rng, expand)
-            answer = lisa_answer(chosen[0], rng) if style == "lisa" else mmr_answer(chosen, rng)
+            answer = (
+                mmr_answer(chosen, rng) if style == "mmr" else lisa_answer(chosen[0], rng, style)
+            )
             conversations.append([(asked, answer)])
         ordered.extend(chosen)
     masks = [t.mask if t.mask is not None else np.zeros(shape, np.uint8) for t in ordered]
@@ -346,6 +391,40 @@ def finish_sample(
         gsva_format,
     )
     return Sample(image, conversations, masks, str(image_path), source)
+
+
+def target_count_problem(answer: str) -> str | None:
+    """None when `answer` holds exactly one `[SEG]` and no `[REJ]`, else what it holds."""
+    seg, rej = answer.count(SEG), answer.count(REJ)
+    if seg == 1 and not rej:
+        return None
+    return f"holds {seg} {SEG} and {rej} {REJ}; it needs exactly one {SEG} and no {REJ}"
+
+
+def check_val_answer(answer: str) -> str:
+    """`answer` if it can answer a single-target validation conversation (`--val_answer`: one
+    `[SEG]`, no `[REJ]`), else ValueError naming the flag."""
+    problem = target_count_problem(answer)
+    if problem:
+        raise ValueError(f"--val_answer {answer!r} {problem}")
+    return answer
+
+
+def val_answer_problem(answer: str, chain_token: str = "") -> str | None:
+    """What makes `answer` unfit as `--val_answer` beside `--chain_token`, or None: besides
+    `target_count_problem`, the chain token (if any) at most once and before the `[SEG]`;
+    CoReS's `[SEG_SEMA]` only when it is the chain token (else the tokenizer splits it into
+    word pieces)."""
+    problem = target_count_problem(answer)
+    misplaced = answer.count(chain_token) > 1 or answer.find(chain_token) > answer.find(SEG)
+    if problem is None and CORES_CHAIN_TOKEN in answer and chain_token != CORES_CHAIN_TOKEN:
+        problem = (
+            f"holds {CORES_CHAIN_TOKEN}, which is one token only with --chain_token "
+            f"{CORES_CHAIN_TOKEN} (else it is split into word pieces)"
+        )
+    elif problem is None and chain_token and misplaced:
+        problem = f"must hold --chain_token {chain_token} at most once, before its {SEG}"
+    return None if problem is None else f"--val_answer {answer!r} {problem}"
 
 
 def validation_question(sentence: str, is_sentence: bool) -> str:

@@ -4,7 +4,9 @@ Accepted entries (upstream commits: LISA 3cb2d43, GSVA 618dc79, MMR 702a7b6):
 - "ReasonSeg|<split>": `utils.datasets.reason_seg.ReasonSegValidation`.
 - "<refclef|refcoco|refcoco+|refcocog>|<splitBy>|<val|testA|testB|test>" (LISA / MMR): per
   image, each sentence its own conversation "<image>\\n What is {sent} in this image? Please
-  output segmentation mask." answered "[SEG]."; one target per sentence (gIoU per sentence).
+  output segmentation mask." answered `--val_answer` ("[SEG]." by default, as LISA and MMR;
+  CoReS: "It usually appears on [SEG_SEMA]. It is [SEG]."); one target per sentence (gIoU per
+  sentence).
 - "multi<refclef|refcoco|refcoco+|refcocog>|<splitBy>|<split>" (MMR's multi-target referring
   evaluation, MMR `utils/dataset.py:355-357,489-533`): per image, its sentences in file order
   grouped 6, 5, 4, 6, 5, 4, ... per conversation, "What is a, b and c in this image? ..."
@@ -23,7 +25,9 @@ Accepted entries (upstream commits: LISA 3cb2d43, GSVA 618dc79, MMR 702a7b6):
   `{seg}`/`{rej}`, named by its phrase.
 - "RefCOCOm|<val|testA|testB>": `refer_seg/RefCOCOm/annotations/<--val_json_name>`, masks
   `refer_seg/RefCOCOm/masks/<segment_id>.png` (0/255), images train2014; per annotation, each
-  sentence its own conversation as refCOCO.
+  sentence its own conversation as refCOCO (answered `--val_answer`).
+The single-target sets (ReasonSeg, refCOCO-family, RefCOCOm) answer `--val_answer`, which must
+hold exactly one `[SEG]`; the multi-target ones (MMR's, GSVA's, custom) write their own answers.
 Sentences are read `strip().lower()` as LISA, MMR and GSVA read them (`normalised_sentence`).
 Referring files are read under `<dataset_dir>/refer_seg/`, as in training.
 
@@ -57,7 +61,15 @@ from utils.datasets.refer import (
     normalised_sentence,
     open_refer_index,
 )
-from utils.datasets.templates import IMAGE_PREFIX, REJ, SEG, join_names, validation_question
+from utils.datasets.templates import (
+    DEFAULT_VAL_ANSWER,
+    IMAGE_PREFIX,
+    REJ,
+    SEG,
+    check_val_answer,
+    join_names,
+    validation_question,
+)
 
 ENTRY_SEPARATOR = "||"
 FIELD_SEPARATOR = "|"
@@ -178,11 +190,14 @@ Conversations = list[list[tuple[str, str]]]
 
 class ReferValidation:
     """refCOCO-family validation (LISA / MMR): per image, one conversation and one target per
-    sentence, answered "[SEG]."."""
+    sentence, answered `answer` (`--val_answer`, one `[SEG]`)."""
 
-    def __init__(self, dataset_dir: Path, entry: ValEntry) -> None:
+    def __init__(
+        self, dataset_dir: Path, entry: ValEntry, answer: str = DEFAULT_VAL_ANSWER
+    ) -> None:
         self.name = str(entry)
         self.entry = entry
+        self.answer = check_val_answer(answer)
         self.dataset = MULTI_REFER_SETS.get(entry.dataset, entry.dataset)
         self.index = open_refer_index(dataset_dir, self.dataset, entry.split_by)
         unreadable = self.index.unreadable_refs(entry.split)
@@ -217,7 +232,7 @@ class ReferValidation:
         return image, path, targets
 
     def _conversations(self, targets: Targets) -> Conversations:
-        return [[(validation_question(sent, False), f"{SEG}.")] for sent, _ in targets]
+        return [[(validation_question(sent, False), self.answer)] for sent, _ in targets]
 
     def __getitem__(self, index: int) -> ValidationSample:
         image, path, targets = self._targets(index)
@@ -294,9 +309,12 @@ class GReferValidation(ReferValidation):
 
 class RefCOCOmValidation:
     """RefCOCOm (part-level refCOCO): per annotation, each sentence its own conversation about
-    the annotation's mask `masks/<segment_id>.png` (0/255)."""
+    the annotation's mask `masks/<segment_id>.png` (0/255), answered `answer` (`--val_answer`)."""
 
-    def __init__(self, dataset_dir: Path, entry: ValEntry, json_name: str) -> None:
+    def __init__(
+        self, dataset_dir: Path, entry: ValEntry, json_name: str, answer: str = DEFAULT_VAL_ANSWER
+    ) -> None:
+        self.answer = check_val_answer(answer)
         root = Path(dataset_dir) / REFCOCOM_DIR
         if not json_name:
             raise DataError(
@@ -355,7 +373,7 @@ class RefCOCOmValidation:
         mask = self._mask(mask_path, image.shape[:2], label)
         return ValidationSample(
             image,
-            [[(validation_question(sent, False), f"{SEG}.")] for sent in sentences],
+            [[(validation_question(sent, False), self.answer)] for sent in sentences],
             stack_masks([mask] * len(sentences), image.shape[:2]),
             str(image_path),
             f"{REFER_ROOT}/RefCOCOm",
@@ -379,18 +397,22 @@ class RefCOCOmValidation:
 
 
 def build_validation_set(
-    dataset_dir: Path, entry: ValEntry, val_json_name: str = ""
+    dataset_dir: Path,
+    entry: ValEntry,
+    val_json_name: str = "",
+    val_answer: str = DEFAULT_VAL_ANSWER,
 ) -> ValidationSet:
-    """The validation set of one parsed `--val_dataset` entry."""
+    """The validation set of one parsed `--val_dataset` entry; the single-target sets answer
+    `val_answer` (ValueError unless it holds exactly one `[SEG]`)."""
     dataset_dir = Path(dataset_dir)
     if entry.dataset == "ReasonSeg":
         from utils.datasets.reason_seg import ReasonSegValidation
 
-        return ReasonSegValidation(dataset_dir, entry.split)
+        return ReasonSegValidation(dataset_dir, entry.split, answer=val_answer)
     if entry.dataset == "MultiPartReasonSeg":
         return MMRValidation(dataset_dir, val_json_name or MMR_VAL_JSON, entry.split)
     if entry.dataset == "RefCOCOm":
-        return RefCOCOmValidation(dataset_dir, entry, val_json_name)
+        return RefCOCOmValidation(dataset_dir, entry, val_json_name, val_answer)
     if entry.dataset == CUSTOM_SET:
         from utils.datasets.custom import CustomValidation
 
@@ -400,5 +422,5 @@ def build_validation_set(
     if entry.dataset in MULTI_REFER_SETS:
         return MultiReferValidation(dataset_dir, entry)
     if entry.dataset in REFER_SPLIT_BYS:
-        return ReferValidation(dataset_dir, entry)
+        return ReferValidation(dataset_dir, entry, val_answer)
     raise ValueError(f"unknown validation dataset {entry.dataset!r}; accepted: {accepted_forms()}")
