@@ -126,6 +126,23 @@ def step_validation(model, jobs, processor, config: TrainConfig, logger, epoch, 
     return after_step
 
 
+def report_chainless_validation(config: TrainConfig, model, tokenizer) -> None:
+    """Warn when a model with a chain token (a CoReS checkpoint) is validated with answers that
+    hold none: its `[SEG]` masks are then decoded without their coarse prompts."""
+    chain = model.token_ids.chain
+    validates = config.eval_only or not config.no_eval
+    if chain is not None and validates:
+        token = tokenizer.convert_ids_to_tokens(chain)
+        if token not in config.val_answer:
+            LOGGER.warning(
+                "%s has the chain token %s but --val_answer %r holds none: each [SEG] is "
+                "decoded without its coarse mask (CoReS checkpoints: --recipe cores)",
+                config.version,
+                token,
+                config.val_answer,
+            )
+
+
 def report_unused_flags(config: TrainConfig, model, layout: Layout) -> None:
     """Say which model flags the loaded files (of `layout`) override (nothing is fetched from a
     hub)."""
@@ -251,9 +268,12 @@ def run(resolved: ResolvedConfig, state: RunState, world: int):
         report_recipe(resolved)
         LOGGER.info("configuration: %s", config)
         report_unused_flags(config, model, layout)
+        report_chainless_validation(config, model, tokenizer)
     needs_validation = config.eval_only or not config.no_eval
     jobs = (
-        build_validation_jobs(config.dataset_dir, config.val_dataset, config.val_json_name)
+        build_validation_jobs(
+            config.dataset_dir, config.val_dataset, config.val_json_name, config.val_answer
+        )
         if needs_validation
         else []
     )

@@ -208,7 +208,9 @@ def load_tokenization(config: TrainConfig) -> Tokenization | None:
     images = image_settings_directory(config.version, config.vision_tower, layout)
     if layout in LEGACY_LAYOUTS:
         checkpoint = read_legacy_checkpoint(config.version, layout)
-        tokenizer, token_ids = legacy_segmentation_tokenizer(checkpoint, config.use_mm_start_end)
+        tokenizer, token_ids = legacy_segmentation_tokenizer(
+            checkpoint, config.use_mm_start_end, config.chain_token or None
+        )
         if not Path(config.vision_tower).is_dir():  # nothing is downloaded
             raise FileNotFoundError(
                 f"--vision-tower {config.vision_tower!r} is not a local directory; this "
@@ -219,7 +221,9 @@ def load_tokenization(config: TrainConfig) -> Tokenization | None:
         llava = legacy_llava_config(checkpoint.config, vision, token_ids.image, len(tokenizer))
         return Tokenization(tokenizer, token_ids, image_token_count(llava), images)
     merged = read_segmenter_config(config.version) if layout is Layout.MERGED else None
-    tokenizer, token_ids = segmentation_tokenizer(config.version, config.use_mm_start_end, merged)
+    tokenizer, token_ids = segmentation_tokenizer(
+        config.version, config.use_mm_start_end, merged, config.chain_token or None
+    )
     llava = LlavaConfig.from_pretrained(config.version)
     return Tokenization(tokenizer, token_ids, image_token_count(llava), images)
 

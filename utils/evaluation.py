@@ -26,8 +26,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from pycocotools import mask as mask_utils
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -36,13 +38,20 @@ from model.tokens import TokenIds
 from utils.collate import ProcessedSample, SampleProcessor, collate
 from utils.datasets.base import ValidationSample
 from utils.datasets.mmr import MMR_VAL_JSON
+from utils.datasets.templates import DEFAULT_VAL_ANSWER
 from utils.datasets.validation import (
     ValEntry,
     ValidationSet,
     build_validation_set,
     parse_val_datasets,
 )
-from utils.generative_eval import PROTOCOL_SUFFIX, MatchCounts, generate_batch
+from utils.generative_eval import (
+    PROTOCOL_SUFFIX,
+    CoarseMasks,
+    MatchCounts,
+    generate_batch,
+    linked_coarse,
+)
 from utils.metrics import (
     Accumulator,
     GresAccumulator,
@@ -109,14 +118,18 @@ def job_name(entry: ValEntry, val_json_name: str = "") -> str:
 
 
 def build_validation_jobs(
-    dataset_dir: str | Path, val_dataset: str, val_json_name: str = ""
+    dataset_dir: str | Path,
+    val_dataset: str,
+    val_json_name: str = "",
+    val_answer: str = DEFAULT_VAL_ANSWER,
 ) -> list[ValidationJob]:
-    """One job per `--val_dataset` entry ("||"-joined), datasets built (their files are read)."""
+    """One job per `--val_dataset` entry ("||"-joined), datasets built (their files are read);
+    the single-target sets answer `val_answer`."""
     return [
         ValidationJob(
             job_name(entry, val_json_name),
             entry,
-            build_validation_set(Path(dataset_dir), entry, val_json_name),
+            build_validation_set(Path(dataset_dir), entry, val_json_name, val_answer),
         )
         for entry in parse_val_datasets(val_dataset)
     ]
@@ -179,8 +192,10 @@ def largest_over_ranks(value: int, device: torch.device | str) -> int:
 
 def decode_batch(
     model: nn.Module, batch: Batch, token_ids: TokenIds, second_pass: bool
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(decisions, masks) per image: bool [k_i] from pass 1 and float32 [k_i, H_i, W_i] logits.
+) -> tuple[list[torch.Tensor], list[torch.Tensor], CoarseMasks]:
+    """(decisions, masks, coarse) per image: bool [k_i] from pass 1, float32 [k_i, H_i, W_i]
+    logits, and per target the chain token's mask logits [H_i, W_i] that prompted it (None for
+    a plain target; `utils.generative_eval.linked_coarse`), from pass 1.
 
     With `second_pass` and a `[REJ]` in the input (of this or any other rank's batch), the
     masks come from a rerun with `[REJ]` written as `[SEG]`; labels and GT masks are dropped
@@ -190,6 +205,10 @@ def decode_batch(
     output = model(batch)
     decisions = predicted_present(batch, output, token_ids)
     masks = output.pred_masks
+    coarse = [
+        linked_coarse(image_coarse, source)
+        for image_coarse, source in zip(output.coarse_masks, output.coarse_source, strict=True)
+    ]
     has_rej = bool((batch.input_ids == token_ids.rej).any())
     # every rank reruns when any does: ranks must run the same forwards (ZeRO-3 gathers
     # parameters collectively); a batch without [REJ] reruns to the same masks
@@ -201,23 +220,43 @@ def decode_batch(
             gt_masks=None,
         )
         masks = model(rerun).pred_masks
-    return decisions, masks
+    return decisions, masks, coarse
+
+
+def coarse_fields(coarse: torch.Tensor | None, gt: torch.Tensor) -> dict[str, Any]:
+    """The JSONL fields of a target's coarse (chain-token) mask: its IoU with the target's
+    ground truth and the binarised mask as COCO RLE (`pycocotools.mask.decode` reads it back);
+    nothing for a target without one. coarse: float32 logits [H, W]; gt: [H, W]."""
+    if coarse is None:
+        return {}
+    stats = target_stats(coarse[None].float(), gt[None])
+    iou = float(stats.intersection[0] / stats.union[0]) if stats.union[0] > 0 else None
+    binary = (coarse > 0).cpu().numpy().astype(np.uint8)
+    rle = mask_utils.encode(np.asfortranarray(binary))
+    return {
+        "coarse_iou": iou,
+        "coarse_mask": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+    }
 
 
 def _score_batch(
     accumulator: Accumulator,
     batch: Batch,
     items: list[_Item],
-    decisions: list[torch.Tensor],
-    masks: list[torch.Tensor],
+    decoded: tuple[list[torch.Tensor], list[torch.Tensor], CoarseMasks],
 ) -> None:
-    """Add each image's targets to the accumulator (GT masks already on the model's device)."""
-    for item, gt, present, pred in zip(items, batch.gt_masks, decisions, masks, strict=True):
+    """Add each image's targets to the accumulator (GT masks already on the model's device);
+    with chained decoding, each target's record also gets its coarse mask (`coarse_fields`)."""
+    for item, gt, present, pred, coarse in zip(items, batch.gt_masks, *decoded, strict=True):
         stats = target_stats(pred.float(), gt)
         if isinstance(accumulator, GresAccumulator):
             accumulator.update(stats, present, item.record_id, item.target_names)
         else:
             accumulator.update(stats, item.record_id, item.target_names, present)
+        if len(coarse) and any(mask is not None for mask in coarse):
+            records = accumulator.records[len(accumulator.records) - len(coarse) :]
+            for record, mask, target_gt in zip(records, coarse, gt, strict=True):
+                record.update(coarse_fields(mask, target_gt))
 
 
 def _training_modes(model: nn.Module) -> dict[nn.Module, bool]:
@@ -295,9 +334,9 @@ def evaluate(
             padding_batches = largest_over_ranks(len(loader), device) - len(loader)
             for batch, items in loader:
                 batch = batch.to(device, dtype)
-                decisions, masks, batch_counts = run_batch(batch)
+                decisions, masks, coarse, batch_counts = run_batch(batch)
                 counts.add(batch_counts)
-                _score_batch(accumulator, batch, items, decisions, masks)
+                _score_batch(accumulator, batch, items, (decisions, masks, coarse))
                 if bar is not None:
                     bar.update(len(items))
             for _ in range(padding_batches):

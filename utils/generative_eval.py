@@ -81,17 +81,33 @@ def ground_truth_kinds(batch: Batch, token_ids: TokenIds) -> list[torch.Tensor]:
     return [rej[seg | rej] for seg, rej in zip(is_seg, is_rej, strict=True)]
 
 
+CoarseMasks = list[list[torch.Tensor | None]]
+
+
+def linked_coarse(coarse_masks: torch.Tensor, coarse_source: torch.Tensor) -> list:
+    """Per target, the coarse (chain-token) mask logits [H, W] that prompted it, or None.
+
+    coarse_masks: float32 [c, H, W] of one image; coarse_source: long [k], an index into them or
+    -1 (a plain target)."""
+    return [coarse_masks[index] if index >= 0 else None for index in coarse_source.tolist()]
+
+
 def match_targets(
     batch: Batch, generation: Generation, token_ids: TokenIds
-) -> tuple[list[torch.Tensor], list[torch.Tensor], MatchCounts]:
-    """(decisions bool [k_i], mask logits float32 [k_i, H_i, W_i], counts) per image, in the
-    ground-truth target order of `batch` (conversation by conversation)."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor], CoarseMasks, MatchCounts]:
+    """(decisions bool [k_i], mask logits float32 [k_i, H_i, W_i], coarse mask per target
+    (`linked_coarse`; None for a missing target), counts) per image, in the ground-truth target
+    order of `batch` (conversation by conversation)."""
     kinds = ground_truth_kinds(batch, token_ids)
     counts = MatchCounts(answers=len(kinds))
-    decisions, masks = [], []
+    decisions, masks, coarse = [], [], []
     for image in range(batch.num_images):
         height, width = batch.original_sizes[image].tolist()
         image_decisions, image_masks = [], []
+        image_coarse = linked_coarse(
+            generation.coarse_masks[image], generation.coarse_source[image]
+        )
+        matched_coarse = []
         for conv in torch.nonzero(batch.conv_image == image).squeeze(1).tolist():
             rows = torch.nonzero(generation.target_conv[image] == conv).squeeze(1).tolist()
             wanted = len(kinds[conv])
@@ -102,20 +118,23 @@ def match_targets(
                     row = rows[index]
                     image_decisions.append(not bool(generation.target_is_rej[image][row]))
                     image_masks.append(generation.pred_masks[image][row])
+                    matched_coarse.append(image_coarse[row])
                 else:
                     image_decisions.append(False)
+                    matched_coarse.append(None)
                     image_masks.append(
                         torch.full(
                             (height, width), EMPTY_MASK_LOGIT, device=batch.sam_pixels.device
                         )
                     )
         decisions.append(torch.tensor(image_decisions, dtype=torch.bool))
+        coarse.append(matched_coarse)
         masks.append(
             torch.stack(image_masks)
             if image_masks
             else torch.zeros(0, height, width, device=batch.sam_pixels.device)
         )
-    return decisions, masks, counts
+    return decisions, masks, coarse, counts
 
 
 def generate_batch(
@@ -125,7 +144,7 @@ def generate_batch(
     max_new_tokens: int,
     decode_rejected: bool,
     any_rank_unfinished: Callable[[bool], bool] = bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], MatchCounts]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor], CoarseMasks, MatchCounts]:
     """Generate the answers of a validation batch and match them to its targets."""
     segmenter = getattr(model, "module", model)
     generation = generate(

@@ -30,9 +30,11 @@ from model.tokens import IGNORE_INDEX, REJ_TOKEN, SEG_TOKEN
 from utils.collate import ProcessedSample, collate, template_for, tokenize_prompt
 from utils.conversation import DEFAULT_CONV_TYPE
 from utils.datasets.base import IMAGE_PLACEHOLDER, read_image
+from utils.generative_eval import linked_coarse
 from utils.preprocess import ImageProcessors
 
 MASK_THRESHOLD = 0.0
+CORES_CONV_TYPE = "llava_v1_cores"  # utils.conversation: CoReS's system prompt and example
 OVERLAY_ALPHA = 0.5
 OVERLAY_COLOURS = ((255, 64, 64), (64, 200, 64), (64, 96, 255), (255, 200, 0), (200, 64, 255))
 OVERLAY_COLOUR_NAMES = ("red", "green", "blue", "yellow", "purple")
@@ -58,12 +60,15 @@ class Target:
 
     present: False for `[REJ]` ("the named target is not in the image").
     mask: bool [H, W] at the image's size (None when not present). score: SAM's predicted IoU.
+    coarse: with chained decoding (`--chain_token`, CoReS's `[SEG_SEMA]`), the bool [H, W] mask
+        of the chain token that prompted this target's mask; None otherwise.
     """
 
     index: int
     present: bool
     mask: np.ndarray | None
     score: float | None
+    coarse: np.ndarray | None = None
 
 
 @dataclass
@@ -125,7 +130,7 @@ class Segmentation:
         model, tokenizer = build_segmenter(config, layout)
         device = device or device_default()
         model = model.to(device).eval()
-        conv_type = conv_type or (saved.conv_type if saved else DEFAULT_CONV_TYPE)
+        conv_type = conv_type or (saved.conv_type if saved else published_conv_type(model))
         images = ImageProcessors.from_pretrained(
             image_settings_directory(version, vision_tower, layout), model.sam_input_size
         )
@@ -176,18 +181,21 @@ class Segmentation:
             tokens = generation.sequences[index].tolist()
             if tokens and tokens[-1] == self.model.token_ids.eos:
                 tokens = tokens[:-1]
+            coarse = linked_coarse(generation.coarse_masks[index], generation.coarse_source[index])
             targets = [
                 Target(
                     index=slot,
                     present=not bool(is_rej),
-                    mask=None if is_rej else (logits > MASK_THRESHOLD).cpu().numpy(),
+                    mask=None if is_rej else binary(logits),
                     score=None if is_rej else float(score),
+                    coarse=None if chained is None else binary(chained),
                 )
-                for slot, (is_rej, logits, score) in enumerate(
+                for slot, (is_rej, logits, score, chained) in enumerate(
                     zip(
                         generation.target_is_rej[index],
                         generation.pred_masks[index],
                         generation.mask_scores[index],
+                        coarse,
                         strict=True,
                     )
                 )
@@ -195,6 +203,17 @@ class Segmentation:
             text = self.tokenizer.decode(tokens, skip_special_tokens=False)
             answers.append(Answer(image_name(image), prompt, text.strip(), targets))
         return answers
+
+
+def published_conv_type(model: Segmenter) -> str:
+    """The template a published (LLaVA-v1 / LISA-family) directory was trained with: CoReS's,
+    with its in-context example, when it has a chain token, else LLaVA-v1's."""
+    return CORES_CONV_TYPE if model.token_ids.chain is not None else DEFAULT_CONV_TYPE
+
+
+def binary(logits: torch.Tensor) -> np.ndarray:
+    """Mask logits [H, W] -> bool [H, W] (logit > MASK_THRESHOLD)."""
+    return (logits > MASK_THRESHOLD).cpu().numpy()
 
 
 def image_name(image: str | Path | np.ndarray) -> str:
@@ -263,9 +282,24 @@ def overlay(image: np.ndarray, mask: np.ndarray, index: int) -> np.ndarray:
     return drawn
 
 
+def save_mask(
+    image: np.ndarray, mask: np.ndarray, index: int, directory: Path, name: str
+) -> dict[str, object]:
+    """Write `<name>_mask_<index>.png` (0/255) and `<name>_overlay_<index>.png`; returns their
+    paths and the mask's area in pixels."""
+    mask_path = directory / f"{name}_mask_{index}.png"
+    overlay_path = directory / f"{name}_overlay_{index}.png"
+    cv2.imwrite(str(mask_path), mask.astype(np.uint8) * FOREGROUND)
+    drawn = overlay(image, mask, index)
+    cv2.imwrite(str(overlay_path), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+    return {"mask": str(mask_path), "overlay": str(overlay_path), "area": int(mask.sum())}
+
+
 def save_answer(answer: Answer, directory: str | Path, stem: str) -> dict:
     """Write `<stem>_mask_<i>.png` and `<stem>_overlay_<i>.png` per present target under
-    `directory`; returns the JSON record (text, and per target its files and score)."""
+    `directory`, and with chained decoding `<stem>_coarse_mask_<i>.png` and
+    `<stem>_coarse_overlay_<i>.png` for the chain token's mask that prompted target i; returns
+    the JSON record (text, and per target its files, score and a "coarse" entry)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     image = read_image(answer.image_path)
@@ -273,17 +307,11 @@ def save_answer(answer: Answer, directory: str | Path, stem: str) -> dict:
     for target in answer.targets:
         record = {"index": target.index, "present": target.present}
         if target.present:
-            mask_path = directory / f"{stem}_mask_{target.index}.png"
-            overlay_path = directory / f"{stem}_overlay_{target.index}.png"
-            cv2.imwrite(str(mask_path), target.mask.astype(np.uint8) * FOREGROUND)
-            drawn = overlay(image, target.mask, target.index)
-            cv2.imwrite(str(overlay_path), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-            record.update(
-                mask=str(mask_path),
-                overlay=str(overlay_path),
-                score=target.score,
-                area=int(target.mask.sum()),
-            )
+            record.update(save_mask(image, target.mask, target.index, directory, stem))
+            record["score"] = target.score
+        if target.coarse is not None:
+            coarse = save_mask(image, target.coarse, target.index, directory, f"{stem}_coarse")
+            record["coarse"] = coarse
         records.append(record)
     return {
         "image": answer.image_path,
@@ -304,4 +332,9 @@ def describe(answer: Answer) -> str:
             )
         else:
             lines.append(f"  [REJ] {target.index}: not present in the image")
+        if target.coarse is not None:
+            lines.append(
+                f"    prompted by the coarse mask of its chain token: "
+                f"{int(target.coarse.sum())} pixels"
+            )
     return "\n".join(lines)

@@ -37,6 +37,7 @@ STRUCTURAL_FLAGS = (
     "early_fusion",
     "out_dim",
     "conv_type",
+    "chain_token",
 )
 
 

@@ -61,6 +61,10 @@ def generation(target_conv, target_is_rej, masks) -> Generation:
         pred_masks=masks,
         mask_scores=[torch.zeros(len(c)) for c in target_conv],
         steps=1,
+        coarse_masks=[m[:0] for m in masks],
+        coarse_scores=[torch.zeros(0) for _ in masks],
+        coarse_source=[torch.full((len(c),), -1, dtype=torch.long) for c in target_conv],
+        coarse_conv=[torch.zeros(0, dtype=torch.long) for _ in masks],
     )
 
 
@@ -75,7 +79,8 @@ def test_generated_targets_are_matched_in_order_with_missing_and_extra_counted()
     # conv 0 generated [SEG] only (one missing), conv 1 generated [REJ] [SEG] (one extra),
     # conv 2 generated nothing (one missing)
     out = generation([[0, 1, 1], []], [[False, True, False], []], generated_masks)
-    decisions, masks, counts = match_targets(batch, out, IDS)
+    decisions, masks, coarse, counts = match_targets(batch, out, IDS)
+    assert coarse == [[None, None, None], [None]]  # no chain token: no coarse masks
     assert [d.tolist() for d in decisions] == [[True, False, False], [False]]
     assert torch.equal(masks[0][0], generated_masks[0][0])
     assert bool((masks[0][1] == EMPTY_MASK_LOGIT).all())  # missing
