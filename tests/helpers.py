@@ -163,3 +163,30 @@ def write_rigged_checkpoint(tiny_dir, directory, image, question: str, answer: s
     return save_merged(
         model, tokenizer, directory, source_version=source, conv_type=DEFAULT_CONV_TYPE
     )
+
+
+def rig_merged_checkpoint(merged, image, question: str, roles: list[str], directory):
+    """A copy of the merged checkpoint `merged` whose LM head is edited so that greedy
+    generation answers `question` about `image` with the tokens of `roles` (TokenIds field
+    names, e.g. ["seg", "rej", "eos"]) in the checkpoint's own template; returns its directory."""
+    from dataclasses import replace
+
+    from model.checkpoint import save_merged
+    from utils.collate import collate
+    from utils.inference import Segmentation
+
+    segmentation = Segmentation.load(str(merged), precision="fp32", device="cpu")
+    model = segmentation.model
+    batch = replace(
+        collate([segmentation.prepare(image, question)], model.token_ids.pad),
+        labels=None,
+        gt_masks=None,
+    )
+    rig_greedy_answer(model, batch, [getattr(model.token_ids, role) for role in roles])
+    return save_merged(
+        model,
+        segmentation.tokenizer,
+        directory,
+        source_version=merged,
+        conv_type=segmentation.conv_type,
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -18,16 +17,15 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from model.checkpoint import save_merged
 from tests.e2e import LAUNCHER_PORT, python, run
-from tests.helpers import rig_greedy_answer
-from utils.collate import collate
+from tests.helpers import rig_merged_checkpoint
 from utils.datasets.mixer import check_rates
 from utils.inference import Segmentation
 
 FAMILIES, RATES = ("vqa", "reason_seg"), (1.0, 1.0)
 SEED, STEPS, WORLD = 42, 4, 2
 CHAIN = "[SEG_SEMA]"
+QUESTION = "What is the red circle in this image? Please output segmentation mask."
 
 
 def family_of_item(index: int, epoch: int = 0) -> str:
@@ -108,7 +106,9 @@ def test_cores_trains_under_zero3_merges_evaluates_and_chats(assets: Path, tmp_p
         assert record["coarse_iou"] is None or 0.0 <= record["coarse_iou"] <= 1.0
 
     image = sorted((assets / "dataset" / "reason_seg" / "ReasonSeg" / "val").glob("*.jpg"))[0]
-    rigged = rig_chained_answer(merged, image, tmp_path / "rigged")
+    rigged = rig_merged_checkpoint(
+        merged, image, QUESTION, ["chain", "seg", "eos"], tmp_path / "rigged"
+    )
     vis = tmp_path / "vis"
     result = python(
         "chat.py",
@@ -132,27 +132,3 @@ def test_cores_trains_under_zero3_merges_evaluates_and_chats(assets: Path, tmp_p
     original = cv2.imread(str(image))
     coarse_overlay = cv2.imread(str(vis / f"{stem}_coarse_overlay_0.png"))
     assert coarse_overlay.shape == original.shape
-
-
-QUESTION = "What is the red circle in this image? Please output segmentation mask."
-
-
-def rig_chained_answer(merged: Path, image: Path, directory: Path) -> Path:
-    """The merged CoReS checkpoint with its LM head edited so that QUESTION on `image` is
-    answered `[SEG_SEMA] [SEG] </s>` in the checkpoint's own template; returns its directory."""
-    segmentation = Segmentation.load(str(merged), precision="fp32", device="cpu")
-    model = segmentation.model
-    batch = replace(
-        collate([segmentation.prepare(image, QUESTION)], model.token_ids.pad),
-        labels=None,
-        gt_masks=None,
-    )
-    ids = model.token_ids
-    rig_greedy_answer(model, batch, [ids.chain, ids.seg, ids.eos])
-    return save_merged(
-        model,
-        segmentation.tokenizer,
-        directory,
-        source_version=merged,
-        conv_type=segmentation.conv_type,
-    )

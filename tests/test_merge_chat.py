@@ -19,9 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from model.builder import ModelConfig, build_segmenter
-from model.checkpoint import save_merged
 from tests.e2e import ROOT, python
-from tests.helpers import rig_greedy_answer
+from tests.helpers import rig_merged_checkpoint
 from utils.collate import collate
 from utils.evaluation import build_validation_jobs, evaluate
 from utils.inference import Segmentation
@@ -149,21 +148,8 @@ def rigged(assets, merged, tmp_path_factory) -> tuple[Path, Path]:
     """The merged checkpoint with its LM head edited so that QUESTION on first_image gets the
     answer `[SEG] [REJ] </s>`; returns (checkpoint, image)."""
     image = first_image(assets)
-    segmentation = Segmentation.load(str(merged), precision="fp32", device="cpu")
-    model = segmentation.model
-    batch = replace(
-        collate([segmentation.prepare(image, QUESTION)], model.token_ids.pad),
-        labels=None,
-        gt_masks=None,
-    )
-    ids = model.token_ids
-    rig_greedy_answer(model, batch, [ids.seg, ids.rej, ids.eos])
-    directory = save_merged(
-        model,
-        segmentation.tokenizer,
-        tmp_path_factory.mktemp("rigged") / "ckpt",
-        source_version=merged,
-        conv_type=segmentation.conv_type,
+    directory = rig_merged_checkpoint(
+        merged, image, QUESTION, ["seg", "rej", "eos"], tmp_path_factory.mktemp("rigged") / "ckpt"
     )
     return directory, image
 

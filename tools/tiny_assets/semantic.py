@@ -114,9 +114,10 @@ def mapillary_config() -> dict:
     return {"labels": labels, "version": "2.0"}
 
 
-def mapillary_keys(ctx: Context, count: int) -> list[str]:
-    """Mapillary-like image keys (22 characters, URL-safe alphabet), distinct and seeded."""
-    rng = ctx.rng("mapillary keys")
+def mapillary_keys(ctx: Context, count: int, stream: str = "mapillary keys") -> list[str]:
+    """Mapillary-like image keys (22 characters, URL-safe alphabet), distinct and seeded by the
+    random stream `stream` (the validation images have their own)."""
+    rng = ctx.rng(stream)
     keys: list[str] = []
     while len(keys) < count:
         key = "".join(rng.choice(list(MAPILLARY_KEY_ALPHABET), size=MAPILLARY_KEY_LENGTH))

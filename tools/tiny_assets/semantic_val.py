@@ -32,10 +32,9 @@ from tools.tiny_assets.classes import (
 from tools.tiny_assets.common import Context, write_jpeg, write_json, write_palette_png, write_png
 from tools.tiny_assets.semantic import (
     FRAME_WIDTH,
-    MAPILLARY_KEY_ALPHABET,
-    MAPILLARY_KEY_LENGTH,
     ade20k_label,
     label_colour,
+    mapillary_keys,
 )
 from tools.tiny_assets.shapes_world import OBJECT_SHAPES, Scene
 from utils.datasets.base import IGNORE_LABEL
@@ -157,17 +156,6 @@ def mapillary_v12_config() -> dict:
     return {"labels": labels, "version": "1.2"}
 
 
-def mapillary_val_keys(ctx: Context, count: int) -> list[str]:
-    """Distinct Mapillary-like image keys of their own stream (not the training images')."""
-    rng = ctx.rng("mapillary val keys")
-    keys: list[str] = []
-    while len(keys) < count:
-        key = "".join(rng.choice(list(MAPILLARY_KEY_ALPHABET), size=MAPILLARY_KEY_LENGTH))
-        if key not in keys:
-            keys.append(key)
-    return keys
-
-
 def write_mapillary_val(ctx: Context) -> None:
     base = ctx.root / "mapillary"
     config = mapillary_v12_config()
@@ -175,7 +163,8 @@ def write_mapillary_val(ctx: Context) -> None:
     colours = [label["color"] for label in config["labels"]]
     scenes = ctx.scenes("mapillary val", ctx.options.images_per_split)
     unlabeled = MAPILLARY_V12_LABELS - 1
-    for key, scene in zip(mapillary_val_keys(ctx, len(scenes)), scenes, strict=True):
+    keys = mapillary_keys(ctx, len(scenes), "mapillary val keys")
+    for key, scene in zip(keys, scenes, strict=True):
         write_jpeg(base / "validation" / "images" / f"{key}.jpg", scene.image)
         label = scene.class_map(MAPILLARY_V12_INDEX, unlabeled)
         write_palette_png(base / "validation" / "v1.2" / "labels" / f"{key}.png", label, colours)
