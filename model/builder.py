@@ -40,7 +40,7 @@ from model.lora import apply_lora, set_trainable
 from model.losses import LossWeights
 from model.sam import EarlyFusion, first_global_layer, load_sam_checkpoint
 from model.segmenter import Segmenter, build_projector
-from model.tokens import TokenIds, add_segmentation_tokens
+from model.tokens import DEFAULT_VOCABULARY, TokenIds, add_segmentation_tokens, vocabulary_for
 
 PRECISIONS: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -80,6 +80,9 @@ class ModelConfig:
         conversation (`--chain_token`, CoReS's "[SEG_SEMA]"; model.segmenter); None = none.
     supervise_coarse: also BCE + Dice on each coarse mask against the ground truth of the
         target it prompts (`--supervise_coarse`; needs a chain token).
+    vocabulary: the strings of the seg/rej roles in the tokenizer (`--vocabulary`,
+        `model.tokens.VOCABULARIES`: "lisa" `[SEG]`/`[REJ]`, "lasagna" `<ins>`/`<no_ins>` and
+        LaSagnA's special tokens); a trained checkpoint keeps the one it was trained with.
     """
 
     version: str
@@ -102,6 +105,7 @@ class ModelConfig:
     new_token_rows: str = "mean"
     chain_token: str | None = None
     supervise_coarse: bool = False
+    vocabulary: str = DEFAULT_VOCABULARY
 
     @property
     def dtype(self) -> torch.dtype:
@@ -181,11 +185,12 @@ def load_backbone(config: ModelConfig, layout: Layout | None = None) -> LoadedBa
             config.attn_implementation,
             config.use_mm_start_end,
             chain_token=config.chain_token,
+            vocabulary=config.vocabulary,
         )
     merged = read_segmenter_config(config.version) if layout is Layout.MERGED else None
     llava = load_llava(config.version, config.dtype, config.attn_implementation)
     tokenizer, token_ids = segmentation_tokenizer(
-        config.version, config.use_mm_start_end, merged, config.chain_token
+        config.version, config.use_mm_start_end, merged, config.chain_token, config.vocabulary
     )
     check_token_ids(config.version, llava, token_ids, merged)
     parts = merged_parts(config.version, merged, config.dtype) if merged else None
@@ -197,10 +202,12 @@ def segmentation_tokenizer(
     use_mm_start_end: bool,
     merged: SegmenterFileConfig | None,
     chain_token: str | None = None,
+    vocabulary: str = DEFAULT_VOCABULARY,
 ) -> tuple[PreTrainedTokenizerBase, TokenIds]:
     """A Hugging Face layout's tokenizer with the segmentation tokens added (image wrapping as a
-    merged checkpoint saved it, else `use_mm_start_end`; the chain token as a merged checkpoint
-    was trained, see `trained_chain_token`, else `chain_token`) and their ids."""
+    merged checkpoint saved it, else `use_mm_start_end`; the chain token and the vocabulary as
+    a merged checkpoint was trained, see `merged_chain_token` and `merged_vocabulary`, else
+    `chain_token` and `vocabulary`) and their ids."""
     tokenizer = load_tokenizer(version)
     wrap = merged.use_mm_start_end if merged else use_mm_start_end
     token_ids = add_segmentation_tokens(
@@ -208,8 +215,26 @@ def segmentation_tokenizer(
         wrap,
         strip_whitespace=uses_lisa_tokenization(tokenizer),
         chain_token=merged_chain_token(version, tokenizer, merged, chain_token),
+        vocabulary=merged_vocabulary(version, merged, vocabulary),
     )
     return tokenizer, token_ids
+
+
+def merged_vocabulary(version: str, merged: SegmenterFileConfig | None, requested: str) -> str:
+    """The vocabulary a merged checkpoint was trained with (its `segmenter_config.json`),
+    whatever was requested (a warning when another than the default was); else `requested`."""
+    vocabulary_for(requested)
+    if merged is None:
+        return requested
+    if requested != merged.vocabulary:
+        log = LOGGER.warning if requested != DEFAULT_VOCABULARY else LOGGER.info
+        log(
+            "%s was trained with the %s vocabulary; --vocabulary %s is ignored",
+            version,
+            merged.vocabulary,
+            requested,
+        )
+    return merged.vocabulary
 
 
 def merged_chain_token(

@@ -7,7 +7,9 @@ reads it with no other weights. Layout of the directory:
         the LLaVA, LoRA merged, the segmentation tokens in its vocabulary; plain
         `LlavaForConditionalGeneration.from_pretrained(<dir>)` loads it.
     tokenizer files, preprocessor_config.json
-        the tokenizer with `[SEG]`/`[REJ]` (and `<im_start>`/`<im_end>`), the CLIP settings.
+        the tokenizer with the vocabulary's seg/rej tokens (`[SEG]`/`[REJ]`, or LaSagnA's
+        `<ins>`/`<no_ins>` and its special tokens) and `<im_start>`/`<im_end>`, the CLIP
+        settings.
     segmenter_config.json
         what the segmentation side needs (`SegmenterFileConfig`).
     segmenter*.safetensors (+ segmenter.safetensors.index.json when sharded)
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from model.losses import LossWeights
 from model.sam import sam_from_original_state_dict, to_original_state_dict
 from model.tensor_files import read_tensor_files
-from model.tokens import TokenIds
+from model.tokens import DEFAULT_VOCABULARY, TokenIds, vocabulary_name
 
 SEGMENTER_CONFIG_FILE = "segmenter_config.json"
 SEGMENTER_WEIGHTS_PATTERN = "segmenter{suffix}.safetensors"
@@ -62,6 +64,8 @@ class SegmenterFileConfig:
     loss_weights: kept so that fine-tuning from this checkpoint starts with them set.
     train_mask_decoder: always True; the LISA-family marker of a segmentation checkpoint.
     provenance: where the weights came from (base --version, --weight, run directory).
+    vocabulary: the strings of the seg/rej roles (`model.tokens.VOCABULARIES`); a directory
+        written before it was recorded is "lisa".
     """
 
     token_ids: dict[str, int | None]
@@ -73,6 +77,7 @@ class SegmenterFileConfig:
     loss_weights: dict[str, float] = field(default_factory=lambda: asdict(LossWeights()))
     train_mask_decoder: bool = True
     provenance: dict[str, str] = field(default_factory=dict)
+    vocabulary: str = DEFAULT_VOCABULARY
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -180,6 +185,7 @@ def save_merged(
         conv_type=conv_type,
         loss_weights=asdict(model.loss_weights),
         provenance=dict(provenance or {}),
+        vocabulary=vocabulary_name(tokenizer, model.token_ids),
     )
     (directory / SEGMENTER_CONFIG_FILE).write_text(json.dumps(asdict(file_config), indent=2))
     return directory

@@ -10,9 +10,11 @@ point (train_ds.py, the merge, `Segmentation.load`, the tools), which hands the 
 - `llava-v1`: a LLaVA-v1 base the LISA family trained from (`LLaVA-Lightning-7B-v1-1`,
   `llava-llama-2-13b-chat-lightning-preview`): LLaMA keys plus `model.mm_projector`, one
   Linear(1024 -> H). CLIP is not stored; it comes from `--vision-tower`.
-- `lisa`: a merged LISA-family directory (LISA, M2SA): the same plus SAM, the projector and
-  M2SA's fusion under `model.visual_model.*` / `model.text_hidden_fcs.*` (config:
-  `train_mask_decoder`).
+- `lisa`: a merged LISA-family directory (LISA, M2SA, CoReS, LaSagnA): the same plus SAM, the
+  projector and M2SA's fusion under `model.visual_model.*` / `model.text_hidden_fcs.*` (config:
+  `train_mask_decoder`). Its tokenizer tells what it was trained with: CoReS's chain token
+  (`trained_chain_token`), LaSagnA's vocabulary, `<ins>` in place of `[SEG]`
+  (`trained_vocabulary`).
 
 The legacy two are read as JSON and tensors (transformers would parse their `model_type "llava"`
 config as a LlavaConfig; the tensors come through `model.tensor_files`, which refuses code) and
@@ -69,12 +71,20 @@ from model.checkpoint import (
 from model.sam import convert_original_state_dict
 from model.tensor_files import read_tensor_file
 from model.tokens import (
+    CAT_END_TOKEN,
+    CAT_START_TOKEN,
+    DEFAULT_VOCABULARY,
     IM_END_TOKEN,
     IM_START_TOKEN,
+    INS_TOKEN,
+    NO_INS_TOKEN,
     REJ_TOKEN,
     SEG_TOKEN,
+    SEMANTIC_TOKEN,
+    VOCABULARIES,
     TokenIds,
     add_segmentation_tokens,
+    vocabulary_for,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -130,11 +140,22 @@ LLAMA_CONFIG_FIELDS = (
 # directory whose tokenizer holds it was trained with chained decoding
 CORES_CHAIN_TOKEN = "[SEG_SEMA]"
 # tokens the LISA family appended to the LLaMA vocabulary, in id order (REFERENCE.md 2.1);
-# GSVA and CoReS both add four: a run with a chain token reads four added rows as CoReS's
+# GSVA and CoReS both add four: a run with a chain token reads four added rows as CoReS's.
+# LaSagnA (train_ds.py, merge_lora_weights_and_save_hf_model.py) adds its three special
+# tokens, then <ins> and <no_ins> as normal tokens, then the image wrapping.
 FAMILY_ADDED_TOKENS: dict[str, tuple[str, ...]] = {
     "LISA": (SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN),
     "GSVA": (SEG_TOKEN, REJ_TOKEN, IM_START_TOKEN, IM_END_TOKEN),
     "CoReS": (CORES_CHAIN_TOKEN, SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN),
+    "LaSagnA": (
+        CAT_START_TOKEN,
+        CAT_END_TOKEN,
+        SEMANTIC_TOKEN,
+        INS_TOKEN,
+        NO_INS_TOKEN,
+        IM_START_TOKEN,
+        IM_END_TOKEN,
+    ),
 }
 
 
@@ -330,18 +351,32 @@ def load_legacy_tokenizer(checkpoint: LegacyCheckpoint) -> PreTrainedTokenizerBa
     tokenizer.init_kwargs["legacy"] = True  # saved with it: copies tokenize the same way
     if checkpoint.layout is not Layout.LISA:
         return tokenizer
-    trained = [SEG_TOKEN] + (
+    vocabulary = vocabulary_for(published_vocabulary(tokenizer, checkpoint.source))
+    trained = [*vocabulary.extras, vocabulary.seg] + (
         [IM_START_TOKEN, IM_END_TOKEN] if wraps_image(checkpoint, True) else []
     )
     absent = [token for token in trained if token not in tokenizer.get_vocab()]
     if absent or len(tokenizer) != checkpoint.vocab_rows:
         raise ValueError(
             f"{checkpoint.source}: its tokenizer has {len(tokenizer)} tokens (lacking {absent}) "
-            f"but the embeddings have {checkpoint.vocab_rows} rows, so the ids [SEG], <im_start> "
-            "and <im_end> were trained at cannot be known; keep the tokenizer files the "
-            "checkpoint was released with in its directory"
+            f"but the embeddings have {checkpoint.vocab_rows} rows, so the ids "
+            f"{', '.join(trained)} were trained at cannot be known; keep the tokenizer files "
+            "the checkpoint was released with in its directory"
         )
     return tokenizer
+
+
+def published_vocabulary(tokenizer: PreTrainedTokenizerBase, source: str) -> str:
+    """The vocabulary whose seg token a LISA-layout directory's tokenizer holds (LISA's `[SEG]`,
+    LaSagnA's `<ins>`); the default when it holds none (its tokenizer check then fails)."""
+    vocab = tokenizer.get_vocab()
+    held = [name for name, vocabulary in VOCABULARIES.items() if vocabulary.seg in vocab]
+    if len(held) > 1:
+        raise ValueError(
+            f"{source}: its tokenizer holds the seg tokens of the vocabularies {held}; a "
+            "checkpoint is trained with one"
+        )
+    return held[0] if held else DEFAULT_VOCABULARY
 
 
 def load_vision_tower(path: str | None, named: str | None) -> tuple[CLIPVisionConfig, dict]:
@@ -464,18 +499,42 @@ def trained_chain_token(
     return CORES_CHAIN_TOKEN if trained else requested
 
 
+def trained_vocabulary(
+    checkpoint: LegacyCheckpoint, tokenizer: PreTrainedTokenizerBase, requested: str
+) -> str:
+    """The vocabulary: as trained for a LISA-layout directory (`published_vocabulary`: LaSagnA's
+    when its tokenizer holds `<ins>`), whatever was requested; else `requested`."""
+    vocabulary_for(requested)
+    if checkpoint.layout is not Layout.LISA:
+        return requested
+    trained = published_vocabulary(tokenizer, checkpoint.source)
+    if requested not in (DEFAULT_VOCABULARY, trained):
+        LOGGER.warning(
+            "%s was trained with the %s vocabulary; --vocabulary %s is ignored",
+            checkpoint.source,
+            trained,
+            requested,
+        )
+    return trained
+
+
 def legacy_segmentation_tokenizer(
-    checkpoint: LegacyCheckpoint, use_mm_start_end: bool, chain_token: str | None = None
+    checkpoint: LegacyCheckpoint,
+    use_mm_start_end: bool,
+    chain_token: str | None = None,
+    vocabulary: str = DEFAULT_VOCABULARY,
 ) -> tuple[PreTrainedTokenizerBase, TokenIds]:
     """The checkpoint's tokenizer with the segmentation tokens added as its model was trained
-    (image wrapping as saved; LISA's 4.31 whitespace handling; CoReS's chain token when it
-    holds it, see `trained_chain_token`) and their ids."""
+    (image wrapping as saved; LISA's 4.31 whitespace handling; CoReS's chain token and
+    LaSagnA's vocabulary when it holds them, see `trained_chain_token`, `trained_vocabulary`)
+    and their ids."""
     tokenizer = load_legacy_tokenizer(checkpoint)
     token_ids = add_segmentation_tokens(
         tokenizer,
         wraps_image(checkpoint, use_mm_start_end),
         strip_whitespace=True,
         chain_token=trained_chain_token(checkpoint, tokenizer, chain_token),
+        vocabulary=trained_vocabulary(checkpoint, tokenizer, vocabulary),
     )
     return tokenizer, token_ids
 
@@ -488,11 +547,15 @@ def load_legacy_backbone(
     attn_implementation: str,
     use_mm_start_end: bool,
     chain_token: str | None = None,
+    vocabulary: str = DEFAULT_VOCABULARY,
 ) -> LoadedBackbone:
     """A LLaVA-v1 or LISA-family directory of the detected `layout` as the builder needs it
-    (see LoadedBackbone); `chain_token` as requested (`trained_chain_token`)."""
+    (see LoadedBackbone); `chain_token` and `vocabulary` as requested (`trained_chain_token`,
+    `trained_vocabulary`)."""
     checkpoint = read_legacy_checkpoint(version, layout)
-    tokenizer, token_ids = legacy_segmentation_tokenizer(checkpoint, use_mm_start_end, chain_token)
+    tokenizer, token_ids = legacy_segmentation_tokenizer(
+        checkpoint, use_mm_start_end, chain_token, vocabulary
+    )
     llava = build_legacy_llava(
         checkpoint, vision_tower, token_ids.image, dtype, attn_implementation
     )
@@ -518,6 +581,12 @@ def remap_token_rows(matrix: Tensor, current: Tensor, token_ids: TokenIds, sourc
     (FAMILY_ADDED_TOKENS, told apart by their count; four are CoReS's when the model has a
     chain token, else GSVA's); current: [V, H], the model's rows, kept for tokens the checkpoint
     lacks (`<image>`; `[REJ]` for LISA and CoReS). Returns [V, H].
+
+    LaSagnA over a LLaVA-v1 base with the lasagna vocabulary: its three special tokens were
+    added first, as `add_segmentation_tokens` adds them, so they sit at the same ids below the
+    role tokens and are copied in place with the base vocabulary; its remaining four rows are
+    read as the roles (`<ins>` = seg, `<no_ins>` = rej, then the image wrapping) as GSVA's are.
+    Over a base whose tokenizer already holds `<image>` its seven rows are an error.
     """
     ours = {
         SEG_TOKEN: token_ids.seg,
@@ -539,10 +608,12 @@ def remap_token_rows(matrix: Tensor, current: Tensor, token_ids: TokenIds, sourc
             f"{tuple(current.shape)}: {added} rows past the base vocabulary of {base}, where "
             f"the LISA family adds {FAMILY_ADDED_TOKENS}"
         )
-    if absent := [token for token in FAMILY_ADDED_TOKENS[family] if ours[token] is None]:
+    if absent := [token for token in FAMILY_ADDED_TOKENS[family] if ours.get(token) is None]:
         raise ValueError(
             f"{source}: trained with {absent}; build with --use_mm_start_end (and "
-            f"--chain_token {CORES_CHAIN_TOKEN} for CoReS)"
+            f"--chain_token {CORES_CHAIN_TOKEN} for CoReS; a LaSagnA training-time state dict "
+            "is read once merged by LaSagnA's merge_lora_weights_and_save_hf_model.py, as "
+            "--version)"
         )
     rows = current.detach().to(matrix.dtype).clone()
     rows[:base] = matrix[:base]

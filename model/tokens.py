@@ -13,6 +13,13 @@ With `strip_whitespace` the tokens swallow the whitespace on both sides, as ever
 in transformers 4.31's slow LLaMA tokenizer that the LISA family trained with (`ASSISTANT: [SEG]`
 -> `ASSISTANT:` `[SEG]`, `<im_end>\n What` -> `<im_end>` `What`; the chain token alike);
 `<image>` never reached that tokenizer (it was split out first), so it keeps its whitespace.
+
+Vocabularies (`--vocabulary`, `VOCABULARIES`): the data pipeline always writes the canonical
+markers `[SEG]`/`[REJ]`; a model's vocabulary names the strings those two roles are in its
+tokenizer ("lisa": `[SEG]`, `[REJ]`; "lasagna": LaSagnA's `<ins>`, `<no_ins>`, plus its
+`<cat_start>`, `<cat_end>`, `<semantic>` special tokens, added first as LaSagnA's train_ds.py
+adds them). The roles keep their names (`TokenIds.seg`, `TokenIds.rej`), so every id-based path
+is the same for both; `utils.collate` writes the markers as the vocabulary's strings.
 """
 
 from __future__ import annotations
@@ -30,6 +37,39 @@ IM_END_TOKEN = "<im_end>"
 IGNORE_INDEX = -100
 # tokens with a fixed role that a chain token must not double as
 RESERVED_TOKENS = (SEG_TOKEN, REJ_TOKEN, IMAGE_TOKEN, IM_START_TOKEN, IM_END_TOKEN)
+# LaSagnA's vocabulary (congvvc/LaSagnA utils/utils.py)
+INS_TOKEN = "<ins>"
+NO_INS_TOKEN = "<no_ins>"
+CAT_START_TOKEN = "<cat_start>"
+CAT_END_TOKEN = "<cat_end>"
+SEMANTIC_TOKEN = "<semantic>"
+DEFAULT_VOCABULARY = "lisa"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The strings a model's tokenizer holds for the segmentation roles.
+
+    seg, rej: the tokens of the `[SEG]` / `[REJ]` roles (added as normal tokens).
+    extras: special tokens added before them, in this order (LaSagnA's task and class-list
+    markers); the model has no role for them beyond their text.
+    """
+
+    seg: str
+    rej: str
+    extras: tuple[str, ...] = ()
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return (*self.extras, self.seg, self.rej)
+
+
+VOCABULARIES: dict[str, Vocabulary] = {
+    "lisa": Vocabulary(SEG_TOKEN, REJ_TOKEN),
+    "lasagna": Vocabulary(
+        INS_TOKEN, NO_INS_TOKEN, (CAT_START_TOKEN, CAT_END_TOKEN, SEMANTIC_TOKEN)
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -75,11 +115,32 @@ def _added(token: str, special: bool, strip_whitespace: bool) -> str | AddedToke
     return AddedToken(token, lstrip=True, rstrip=True, special=special, normalized=False)
 
 
-def _check_chain_token(chain_token: str | None) -> None:
-    if chain_token is not None and (not chain_token.strip() or chain_token in RESERVED_TOKENS):
+def vocabulary_for(name: str) -> Vocabulary:
+    """The declared vocabulary `name` (`--vocabulary`); ValueError naming the choices."""
+    if name not in VOCABULARIES:
+        raise ValueError(f"--vocabulary must be one of {sorted(VOCABULARIES)}, not {name!r}")
+    return VOCABULARIES[name]
+
+
+def vocabulary_name(tokenizer: PreTrainedTokenizerBase, token_ids: TokenIds) -> str:
+    """The name of the vocabulary whose seg/rej strings the tokenizer holds at the role ids."""
+    strings = tuple(tokenizer.convert_ids_to_tokens([token_ids.seg, token_ids.rej]))
+    for name, vocabulary in VOCABULARIES.items():
+        if strings == (vocabulary.seg, vocabulary.rej):
+            return name
+    known = ", ".join(f"{name} ({v.seg}, {v.rej})" for name, v in VOCABULARIES.items())
+    raise ValueError(
+        f"the tokenizer holds {strings} at the seg/rej ids ({token_ids.seg}, {token_ids.rej}), "
+        f"which is none of the vocabularies {known}"
+    )
+
+
+def _check_chain_token(chain_token: str | None, vocabulary: Vocabulary) -> None:
+    reserved = tuple(dict.fromkeys((*RESERVED_TOKENS, *vocabulary.tokens)))
+    if chain_token is not None and (not chain_token.strip() or chain_token in reserved):
         raise ValueError(
             f"--chain_token {chain_token!r}: expected a non-empty token other than "
-            f"{', '.join(RESERVED_TOKENS)} (e.g. CoReS's [SEG_SEMA])"
+            f"{', '.join(reserved)} (e.g. CoReS's [SEG_SEMA])"
         )
 
 
@@ -88,16 +149,25 @@ def add_segmentation_tokens(
     use_mm_start_end: bool,
     strip_whitespace: bool = False,
     chain_token: str | None = None,
+    vocabulary: str = DEFAULT_VOCABULARY,
 ) -> TokenIds:
-    """Add `[SEG]`, `[REJ]`, the chain token when given (and `<im_start>`, `<im_end>`,
-    `<image>` as needed) in place; tokens already present keep their ids.
+    """Add the vocabulary's extras (special), its seg and rej tokens (`[SEG]`, `[REJ]` for
+    "lisa"), the chain token when given (and `<im_start>`, `<im_end>`, `<image>` as needed) in
+    place, in that order; tokens already present keep their ids.
 
     Also sets right padding and, when the tokenizer has no pad token, pad = unk (LLaMA
     convention used by the LISA family). `strip_whitespace`: the LISA family's tokenization
-    (module docstring); `chain_token` must differ from RESERVED_TOKENS. Returns the verified ids.
+    (module docstring); `chain_token` must differ from RESERVED_TOKENS and the vocabulary's
+    tokens. Returns the verified ids (every extra is verified to encode to one id too).
     """
-    _check_chain_token(chain_token)
-    normal = (SEG_TOKEN, REJ_TOKEN) if chain_token is None else (SEG_TOKEN, REJ_TOKEN, chain_token)
+    chosen = vocabulary_for(vocabulary)
+    _check_chain_token(chain_token, chosen)
+    if chosen.extras:
+        tokenizer.add_tokens(
+            [_added(token, True, strip_whitespace) for token in chosen.extras], special_tokens=True
+        )
+    roles = (chosen.seg, chosen.rej)
+    normal = roles if chain_token is None else (*roles, chain_token)
     tokenizer.add_tokens(
         [_added(token, False, strip_whitespace) for token in normal], special_tokens=False
     )
@@ -115,9 +185,11 @@ def add_segmentation_tokens(
         tokenizer.pad_token = tokenizer.unk_token
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; answers must end with one")
+    for token in chosen.extras:
+        _single_id(tokenizer, token)
     return TokenIds(
-        seg=_single_id(tokenizer, SEG_TOKEN),
-        rej=_single_id(tokenizer, REJ_TOKEN),
+        seg=_single_id(tokenizer, chosen.seg),
+        rej=_single_id(tokenizer, chosen.rej),
         image=_single_id(tokenizer, IMAGE_TOKEN),
         pad=tokenizer.pad_token_id,
         bos=tokenizer.bos_token_id,

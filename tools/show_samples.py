@@ -209,7 +209,7 @@ def load_tokenization(config: TrainConfig) -> Tokenization | None:
     if layout in LEGACY_LAYOUTS:
         checkpoint = read_legacy_checkpoint(config.version, layout)
         tokenizer, token_ids = legacy_segmentation_tokenizer(
-            checkpoint, config.use_mm_start_end, config.chain_token or None
+            checkpoint, config.use_mm_start_end, config.chain_token or None, config.vocabulary
         )
         if not Path(config.vision_tower).is_dir():  # nothing is downloaded
             raise FileNotFoundError(
@@ -222,7 +222,11 @@ def load_tokenization(config: TrainConfig) -> Tokenization | None:
         return Tokenization(tokenizer, token_ids, image_token_count(llava), images)
     merged = read_segmenter_config(config.version) if layout is Layout.MERGED else None
     tokenizer, token_ids = segmentation_tokenizer(
-        config.version, config.use_mm_start_end, merged, config.chain_token or None
+        config.version,
+        config.use_mm_start_end,
+        merged,
+        config.chain_token or None,
+        config.vocabulary,
     )
     llava = LlavaConfig.from_pretrained(config.version)
     return Tokenization(tokenizer, token_ids, image_token_count(llava), images)

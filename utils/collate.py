@@ -8,6 +8,12 @@ code with other tokenizers. `<image>` is expanded in the text
 to one image-token id per image feature (`model.backbone.image_token_count`), so ids, labels and
 the language model's hidden states align 1:1.
 
+The model's vocabulary (`model.tokens.VOCABULARIES`) is applied here and only here:
+`model_rounds`, which every tokenized conversation passes through (training, teacher-forced
+validation, generation prompts), writes the canonical `[SEG]`/`[REJ]` markers of the data
+pipeline as the strings the tokenizer holds at the seg/rej ids (LaSagnA's `<ins>`/`<no_ins>`),
+before the template renders the text, so answer spans and labels cover those tokens.
+
 Too-long conversations (more tokens than `model_max_length`, counted after the image expansion,
 i.e. the length the language model sees) follow `too_long`:
 - "truncate" (default; LISA utils/dataset.py:138-143, MMR utils/dataset.py:161-166, GSVA
@@ -36,7 +42,15 @@ from transformers import PreTrainedTokenizerBase
 
 from model.backbone import image_token_count
 from model.batch import Batch
-from model.tokens import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, TokenIds
+from model.tokens import (
+    IGNORE_INDEX,
+    IM_END_TOKEN,
+    IM_START_TOKEN,
+    IMAGE_TOKEN,
+    REJ_TOKEN,
+    SEG_TOKEN,
+    TokenIds,
+)
 from utils.conversation import DEFAULT_CONV_TYPE, Span, Template, get_template
 from utils.datasets.base import IMAGE_PLACEHOLDER, TOO_LONG_CHOICES, Sample, UnusableSample
 from utils.preprocess import ImageProcessors
@@ -95,6 +109,35 @@ def expand_image(
     return [(question.replace(IMAGE_PLACEHOLDER, expansion), answer) for question, answer in rounds]
 
 
+def vocabulary_markers(
+    rounds: Sequence[tuple[str, str | None]],
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: TokenIds,
+) -> list[tuple[str, str | None]]:
+    """Rounds with the canonical `[SEG]`/`[REJ]` written as the tokenizer's tokens at the
+    seg/rej ids (the model's vocabulary; unchanged for LISA's)."""
+    seg, rej = tokenizer.convert_ids_to_tokens([token_ids.seg, token_ids.rej])
+    if (seg, rej) == (SEG_TOKEN, REJ_TOKEN):
+        return list(rounds)
+
+    def written(text: str | None) -> str | None:
+        return None if text is None else text.replace(SEG_TOKEN, seg).replace(REJ_TOKEN, rej)
+
+    return [(written(question), written(answer)) for question, answer in rounds]
+
+
+def model_rounds(
+    rounds: Sequence[tuple[str, str | None]],
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: TokenIds,
+    image_tokens: int,
+) -> list[tuple[str, str | None]]:
+    """Rounds as the model reads them, the one place every tokenized conversation passes:
+    markers in the model's vocabulary (`vocabulary_markers`), the image expanded
+    (`expand_image`)."""
+    return expand_image(vocabulary_markers(rounds, tokenizer, token_ids), token_ids, image_tokens)
+
+
 class ImageTokenCountError(ValueError):
     """A conversation's text does not encode to exactly one image's worth of image tokens."""
 
@@ -142,7 +185,8 @@ def tokenize_conversation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One conversation -> (input_ids long [L], labels long [L]).
 
-    IMAGE_PLACEHOLDER is expanded (`expand_image`). Labels are the ids of the answer tokens
+    Markers are written in the model's vocabulary and IMAGE_PLACEHOLDER is expanded
+    (`model_rounds`). Labels are the ids of the answer tokens
     (each answer ending with EOS), IGNORE_INDEX elsewhere. Raises ValueError when the image
     tokens or an answer's EOS do not come out as the expected ids.
 
@@ -169,7 +213,7 @@ def label_conversation(
     template: Template,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`tokenize_conversation` on the text with `image_tokens` image tokens, as int64 arrays."""
-    text, spans = template.render(expand_image(rounds, token_ids, image_tokens))
+    text, spans = template.render(model_rounds(rounds, tokenizer, token_ids, image_tokens))
     ids, offsets = encode(text, tokenizer, token_ids, image_tokens)
     owner = answer_owner(text, offsets, spans)
     for index, (span_start, span_end) in enumerate(spans):
@@ -192,7 +236,7 @@ def tokenize_prompt(
 ) -> torch.Tensor:
     """A generation prompt (last answer None) -> input_ids long [L]; its ids are the training
     conversation's ids up to the first label of the open answer."""
-    text = template.generation_prompt(expand_image(rounds, token_ids, image_tokens))
+    text = template.generation_prompt(model_rounds(rounds, tokenizer, token_ids, image_tokens))
     return torch.from_numpy(encode(text, tokenizer, token_ids, image_tokens)[0])
 
 

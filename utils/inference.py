@@ -8,6 +8,10 @@
 drawn over the image and labelled with its index); a `[REJ]` is reported as not present.
 `overlay_targets` draws every mask of an answer in its own colour (the web demo, app.py), and
 `target_phrases` reads the phrase naming each target from the answer's text.
+
+Prompts are written with the canonical `[SEG]`/`[REJ]` markers and tokenized in the model's
+vocabulary (`utils.collate.model_rounds`); answers are decoded with the vocabulary's strings
+(LaSagnA's "wall<ins>sky<no_ins>"), and targets come from the generated token ids.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from model.checkpoint import read_segmenter_config
 from model.generate import generate
 from model.layouts import Layout, detect_layout, image_settings_directory
 from model.segmenter import Segmenter
-from model.tokens import IGNORE_INDEX, REJ_TOKEN, SEG_TOKEN
+from model.tokens import IGNORE_INDEX, VOCABULARIES
 from utils.collate import ProcessedSample, collate, template_for, tokenize_prompt
 from utils.conversation import DEFAULT_CONV_TYPE
 from utils.datasets.base import IMAGE_PLACEHOLDER, read_image
@@ -39,7 +43,10 @@ OVERLAY_ALPHA = 0.5
 OVERLAY_COLOURS = ((255, 64, 64), (64, 200, 64), (64, 96, 255), (255, 200, 0), (200, 64, 255))
 OVERLAY_COLOUR_NAMES = ("red", "green", "blue", "yellow", "purple")
 ARRAY_IMAGE_NAME = "<array>"  # Answer.image_path of an image given as an array
-TARGET_TOKENS = re.compile(f"({re.escape(SEG_TOKEN)}|{re.escape(REJ_TOKEN)})")
+# the seg/rej tokens of every vocabulary (decoded answers show the model's own)
+TARGET_TOKENS = re.compile(
+    "(" + "|".join(re.escape(t) for v in VOCABULARIES.values() for t in (v.seg, v.rej)) + ")"
+)
 CLAUSE_END = re.compile(r"[,.;!?]")
 # the answer templates' words around a target's name (LISA, GSVA, MMR; REFERENCE.md), so that
 # "Sure, the mask of the red circle is [SEG]" names "the red circle"
@@ -255,8 +262,9 @@ def overlay_targets(image: np.ndarray, targets: list[Target]) -> np.ndarray:
 
 
 def target_phrases(text: str) -> list[str]:
-    """The phrase naming each `[SEG]`/`[REJ]` of an answer, in order ("" when the answer gives
-    none, as in "Sure, [SEG]."): the clause before the token without the template's words.
+    """The phrase naming each `[SEG]`/`[REJ]` (or another vocabulary's seg/rej token, e.g.
+    `<ins>`) of an answer, in order ("" when the answer gives none, as in "Sure, [SEG]."): the
+    clause before the token without the template's words.
 
     "Sure, the mask of the red circle is [SEG], blue square:[REJ]." -> ["the red circle",
     "blue square"].

@@ -6,8 +6,8 @@ Settings come in layers: train_ds.py's defaults and recipe (`--recipe`, else the
 recipe), then the run's own `config.json` (written by train_ds.py next to `ckpt_model/`, found
 by walking up from `--weight`), then the flags given on the command line. A given flag that
 changes the model's structure (LoRA rank, alpha, targets, image-token wrapping, fusion,
-projector width) and disagrees with the run stops the merge: it could only produce a model that
-is not the one trained.
+projector width, template, chain token, vocabulary) and disagrees with the run stops the
+merge: it could only produce a model that is not the one trained.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ STRUCTURAL_FLAGS = (
     "out_dim",
     "conv_type",
     "chain_token",
+    "vocabulary",
 )
 
 

@@ -60,7 +60,21 @@ LISA_TOKENS = ("[SEG]", "<im_start>", "<im_end>")
 GSVA_TOKENS = ("[SEG]", "[REJ]", "<im_start>", "<im_end>")
 # CoReS train_ds_best.py: add_tokens("[SEG_SEMA]"), add_tokens("[SEG]"), then the image wrapping
 CORES_TOKENS = ("[SEG_SEMA]", "[SEG]", "<im_start>", "<im_end>")
-ARCHITECTURES = {LISA_TOKENS: "LISAForCausalLM", CORES_TOKENS: "CORESForCausalLM"}
+# LaSagnA train_ds.py:142-160: its three special tokens, <ins>, <no_ins>, the image wrapping
+LASAGNA_TOKENS = (
+    "<cat_start>",
+    "<cat_end>",
+    "<semantic>",
+    "<ins>",
+    "<no_ins>",
+    "<im_start>",
+    "<im_end>",
+)
+ARCHITECTURES = {
+    LISA_TOKENS: "LISAForCausalLM",
+    CORES_TOKENS: "CORESForCausalLM",
+    LASAGNA_TOKENS: "LaSagnAForCausalLM",
+}
 CORES_ANSWER = "It usually appears on [SEG_SEMA]. It is [SEG]."  # CoReS's validation answer
 PROMPT_DIM = 32  # the tiny SAM's prompt width (256 in the real ones)
 FIRST_GLOBAL_BLOCK = 1  # of the tiny SAM; M2SA fuses ViT-H's block 7
@@ -262,8 +276,8 @@ def write_lisa(
     seed: int = 2,
     added: tuple[str, ...] = LISA_TOKENS,
 ) -> Legacy:
-    """A merged LISA (with fusion, M2SA; with CORES_TOKENS, CoReS) directory: bf16, LLM + SAM +
-    projector, the family's added tokens in its id order."""
+    """A merged LISA (with fusion, M2SA; with CORES_TOKENS, CoReS; with LASAGNA_TOKENS, LaSagnA)
+    directory: bf16, LLM + SAM + projector, the family's added tokens in its id order."""
     directory.mkdir(parents=True)
     vocab = SP_VOCAB + len(added)
     width, clip_width = TINY_TEXT["hidden_size"], TINY_VISION["hidden_size"]
@@ -345,6 +359,7 @@ class Assets:
     lisa: Legacy
     m2sa: Legacy
     cores: Legacy
+    lasagna: Legacy
 
 
 @pytest.fixture(scope="session")
@@ -360,6 +375,7 @@ def legacy_assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
         lisa=write_lisa(root / "LISA-7B-v1", sp_model),
         m2sa=write_lisa(root / "M2SA-7B", sp_model, fusion=True, seed=4),
         cores=write_lisa(root / "CoReS-7B", sp_model, seed=8, added=CORES_TOKENS),
+        lasagna=write_lisa(root / "LaSagnA-7B", sp_model, seed=10, added=LASAGNA_TOKENS),
     )
 
 
@@ -400,6 +416,11 @@ def m2sa_model(legacy_assets):
 @pytest.fixture(scope="module")
 def cores_model(legacy_assets):
     return build(legacy_assets, legacy_assets.cores.directory, vision_pretrained="")
+
+
+@pytest.fixture(scope="module")
+def lasagna_model(legacy_assets):
+    return build(legacy_assets, legacy_assets.lasagna.directory, vision_pretrained="")
 
 
 # --- the independent composition ---------------------------------------------------------
@@ -862,3 +883,122 @@ def test_a_cores_training_time_state_dict_loads_over_a_llava_v1_base(
         torch.testing.assert_close(
             embed[tokenizer.convert_tokens_to_ids(token)], stored[SP_VOCAB + offset]
         )
+
+
+LASAGNA_CONVERSATIONS = [
+    Conversation(
+        0,
+        "<semantic>Segment this image.<cat_start> red circle, blue square <cat_end>",
+        "red circle<ins>blue square<no_ins>",
+    ),
+    Conversation(
+        1,
+        "<semantic>Please segment this image.<cat_start> yellow car, green star <cat_end>",
+        "yellow car<ins>green star<ins>",
+    ),
+]
+
+
+def test_a_lasagna_directory_keeps_its_vocabulary_and_ids_as_trained(legacy_assets) -> None:
+    """LaSagnA-7B's merged directory: its tokenizer holds <ins> and no [SEG], so it loads with
+    the lasagna vocabulary (whatever was asked) and every added token at its trained id."""
+    model, tokenizer = build(
+        legacy_assets, legacy_assets.lasagna.directory, vision_pretrained="", vocabulary="lisa"
+    )
+    ids = model.token_ids
+    assert tokenizer.convert_tokens_to_ids(list(LASAGNA_TOKENS)) == list(range(500, 507))
+    assert (ids.seg, ids.rej, ids.im_start, ids.im_end, ids.image) == (503, 504, 505, 506, 507)
+    assert "[SEG]" not in tokenizer.get_vocab() and "[REJ]" not in tokenizer.get_vocab()
+    assert ids.chain is None
+
+
+def test_the_lasagna_prompt_is_the_one_lasagna_built_token_by_token(
+    legacy_assets, lasagna_model
+) -> None:
+    """The pipeline's "red circle[SEG]blue square[REJ]" is LaSagnA's "red circle<ins>blue
+    square<no_ins>": its text split at every added token, each piece through 4.31's slow LLaMA
+    tokenizer (whitespace around added tokens stripped), labels on the answer."""
+    model, tokenizer = lasagna_model
+    sp = spm.SentencePieceProcessor(model_proto=legacy_assets.sp_model)
+    ids, count = model.token_ids, image_token_count(model.llava.config)
+    added = dict(zip(LASAGNA_TOKENS, range(SP_VOCAB, SP_VOCAB + len(LASAGNA_TOKENS)), strict=True))
+    question = "<image>\n<semantic>Segment this image.<cat_start> red circle, blue square <cat_end>"
+    template = template_for(tokenizer, "llava_v1")
+    rounds = [(question, "red circle[SEG]blue square[REJ]")]
+    input_ids, labels = tokenize_conversation(rounds, tokenizer, ids, count, template)
+    before_answer = [
+        ids.bos,
+        *sp.encode(f"{SYSTEM} USER:"),
+        added["<im_start>"],
+        *[ids.image] * count,
+        added["<im_end>"],
+        added["<semantic>"],
+        *sp.encode("Segment this image."),
+        added["<cat_start>"],
+        *sp.encode("red circle, blue square"),
+        added["<cat_end>"],
+    ]
+    # "ASSISTANT: red circle" is one piece, between <cat_end> and <ins>
+    expected = [
+        *before_answer,
+        *sp.encode("ASSISTANT: red circle"),
+        added["<ins>"],
+        *sp.encode("blue square"),
+        added["<no_ins>"],
+        ids.eos,
+    ]
+    assert input_ids.tolist() == expected
+    labelled = [token for token in labels.tolist() if token >= 0]
+    answer = expected[len(expected) - len(labelled) :]
+    assert labelled == answer and answer[: len(sp.encode("red circle"))] == sp.encode("red circle")
+    generation = tokenize_prompt([(question, None)], tokenizer, ids, count, template)
+    assert generation.tolist() == [*before_answer, *sp.encode("ASSISTANT:")]
+
+
+def test_a_lasagna_directory_prompts_the_decoder_with_each_ins(
+    legacy_assets, lasagna_model
+) -> None:
+    """Each <ins> prompts SAM as LaSagnA's model_forward does (the official decoder on the
+    projected hidden state before it), each <no_ins> is a target with no decoder call."""
+    model, tokenizer = lasagna_model
+    ids = model.token_ids
+    batch = make_batch(model, tokenizer, IMAGE_SIZES, LASAGNA_CONVERSATIONS, gt_masks=None, seed=5)
+    assert int((batch.input_ids == ids.seg).sum()) == 3
+    assert int((batch.input_ids == ids.rej).sum()) == 1
+    tensors = as_fp32(legacy_assets.lasagna.tensors)
+    rows = checkpoint_rows(tokenizer, LASAGNA_TOKENS)
+    expected = reference(tensors, clip_model(legacy_assets), batch, ids, rows)
+    with torch.no_grad():
+        output = model(batch)
+    assert [rej.tolist() for rej in output.target_is_rej] == [[False, True], [False, False]]
+    columns = [0] * expected.logits.shape[-1]
+    for ours, row in enumerate(rows.tolist()):
+        if row < len(columns):
+            columns[row] = ours
+    real = batch.attention_mask
+    torch.testing.assert_close(output.logits[..., columns][real], expected.logits[real], **TOL)
+    for image, (prompts, masks) in enumerate(zip(expected.prompts, expected.masks, strict=True)):
+        present = ~output.target_is_rej[image]
+        assert masks.std() > 1e-3
+        torch.testing.assert_close(output.prompt_embeddings[image][present], prompts, **TOL)
+        torch.testing.assert_close(output.pred_masks[image][present], masks, **TOL)
+
+
+def test_a_lasagna_training_time_state_dict_loads_over_a_llava_v1_base(
+    legacy_assets, tmp_path
+) -> None:
+    """Over a LLaVA-v1 base with the lasagna vocabulary (LaSagnA's own starting point) each of
+    LaSagnA's seven added rows lands on its own token."""
+    path = tmp_path / "lasagna-7b.bin"
+    tensors, _ = write_training_state_dict(path, LASAGNA_TOKENS, "old")
+    model, tokenizer = build(legacy_assets, legacy_assets.llava_v1.directory, vocabulary="lasagna")
+    load_weights(model, path)
+    stored = {
+        "model.embed_tokens.weight": model.llava.get_input_embeddings().weight,
+        "lm_head.weight": model.llava.get_output_embeddings().weight,
+    }
+    for key, rows in stored.items():
+        for offset, token in enumerate(LASAGNA_TOKENS):
+            torch.testing.assert_close(
+                rows[tokenizer.convert_tokens_to_ids(token)], tensors[key][SP_VOCAB + offset]
+            )

@@ -18,11 +18,15 @@ from model.tokens import (
     IM_END_TOKEN,
     IM_START_TOKEN,
     IMAGE_TOKEN,
+    INS_TOKEN,
+    NO_INS_TOKEN,
     REJ_TOKEN,
     SEG_TOKEN,
+    SEMANTIC_TOKEN,
     _single_id,
     add_segmentation_tokens,
     predictor_mask,
+    vocabulary_name,
 )
 
 
@@ -55,6 +59,43 @@ def test_token_that_splits_or_is_unknown_fails_loudly() -> None:
     assert piece in tokenizer.get_vocab() and "\u2581" + piece not in tokenizer.get_vocab()
     with pytest.raises(ValueError, match="must encode to exactly one id"):
         _single_id(tokenizer, piece)
+
+
+def test_the_lasagna_vocabulary_strips_whitespace_as_the_lisa_family_did() -> None:
+    """With LISA-family tokenization every LaSagnA token swallows the whitespace around it,
+    as transformers 4.31's slow tokenizer did for `<ins>` as for `[SEG]`."""
+    tokenizer = build_tiny_tokenizer()
+    ids = add_segmentation_tokens(tokenizer, True, strip_whitespace=True, vocabulary="lasagna")
+    semantic = tokenizer.convert_tokens_to_ids(SEMANTIC_TOKEN)
+    spaced = tokenizer.encode(
+        f"{IM_END_TOKEN}\n {SEMANTIC_TOKEN} ASSISTANT: {INS_TOKEN} {NO_INS_TOKEN}",
+        add_special_tokens=False,
+    )
+    glued = f"{IM_END_TOKEN}{SEMANTIC_TOKEN}ASSISTANT:{INS_TOKEN}{NO_INS_TOKEN}"
+    assert spaced == tokenizer.encode(glued, add_special_tokens=False)
+    assert spaced[:2] == [ids.im_end, semantic] and spaced[-2:] == [ids.seg, ids.rej]
+    assert tokenizer.decode(spaced[2:-2]) == "ASSISTANT:"
+    assert tokenizer.convert_ids_to_tokens([ids.seg, ids.rej]) == [INS_TOKEN, NO_INS_TOKEN]
+    assert vocabulary_name(tokenizer, ids) == "lasagna"
+    assert SEG_TOKEN not in tokenizer.get_vocab() and REJ_TOKEN not in tokenizer.get_vocab()
+
+
+def test_the_chain_token_works_with_either_vocabulary_and_never_doubles_a_role() -> None:
+    for vocabulary in ("lisa", "lasagna"):
+        tokenizer = build_tiny_tokenizer()
+        ids = add_segmentation_tokens(
+            tokenizer, True, chain_token="[SEG_SEMA]", vocabulary=vocabulary
+        )
+        assert (
+            ids.chain == ids.rej + 1 and tokenizer.convert_ids_to_tokens(ids.chain) == "[SEG_SEMA]"
+        )
+    for token in (INS_TOKEN, SEMANTIC_TOKEN):
+        with pytest.raises(ValueError, match=f"--chain_token '{token}': expected"):
+            add_segmentation_tokens(
+                build_tiny_tokenizer(), True, chain_token=token, vocabulary="lasagna"
+            )
+    with pytest.raises(ValueError, match=r"--vocabulary must be one of \['lasagna', 'lisa'\]"):
+        add_segmentation_tokens(build_tiny_tokenizer(), True, vocabulary="LaSagnA")
 
 
 def test_predictor_mask_marks_the_position_before_each_target() -> None:

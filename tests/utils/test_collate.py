@@ -183,6 +183,35 @@ def test_generation_prompt_ends_where_the_labels_start(
         assert torch.equal(prompt, input_ids[:start])
 
 
+@pytest.mark.parametrize("tokenizer_name", sorted(TOKENIZERS))
+@pytest.mark.parametrize("conv_type", ["llava_v1", "llava_llama_2"])
+@pytest.mark.parametrize("rounds", [SEGMENT, SEG_FIRST])
+def test_the_markers_are_written_in_the_models_vocabulary(tokenizer_name, conv_type, rounds):
+    """With LaSagnA's vocabulary, [SEG]/[REJ] become <ins>/<no_ins> before rendering: ids and
+    labels equal those of the hand-written text, and the generation prompt ends where the
+    labels start."""
+    tokenizer = TOKENIZERS[tokenizer_name]()
+    token_ids = add_segmentation_tokens(tokenizer, use_mm_start_end=True, vocabulary="lasagna")
+    template = template_for(tokenizer, conv_type)
+    input_ids, labels = tokenize_conversation(rounds, tokenizer, token_ids, IMAGE_TOKENS, template)
+    by_hand = [
+        (question, answer.replace("[SEG]", "<ins>").replace("[REJ]", "<no_ins>"))
+        for question, answer in rounds
+    ]
+    text, spans = template.render(expand_image(by_hand, token_ids, IMAGE_TOKENS))
+    encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    owner = answer_owner(text, np.asarray(encoding["offset_mapping"]).reshape(-1, 2), spans)
+    expected = np.asarray(encoding["input_ids"])
+    assert input_ids.tolist() == expected.tolist()
+    assert labels.tolist() == np.where(owner >= 0, expected, IGNORE_INDEX).tolist()
+    seg_count = sum(answer.count("[SEG]") for _, answer in rounds)
+    assert int((labels == token_ids.seg).sum()) == seg_count
+    assert int((labels == token_ids.rej).sum()) == sum(a.count("[REJ]") for _, a in rounds)
+    first = int(torch.nonzero(labels != IGNORE_INDEX)[0])
+    prompt = tokenize_prompt([(rounds[0][0], None)], tokenizer, token_ids, IMAGE_TOKENS, template)
+    assert torch.equal(prompt, input_ids[:first])
+
+
 def test_image_tokens_without_start_end() -> None:
     tokenizer = build_tiny_tokenizer()
     token_ids = add_segmentation_tokens(tokenizer, use_mm_start_end=False)

@@ -70,6 +70,14 @@ def test_a_given_flag_that_changes_the_model_is_refused(tmp_path) -> None:
     assert config.lora_r == 16
 
 
+def test_the_runs_vocabulary_is_merged_and_another_one_refused(tmp_path) -> None:
+    run = write_run(tmp_path / "exp", vocabulary="lasagna")
+    config, _ = resolve_merge_config([f"--weight={run / 'ckpt_model'}", "--save_path=o"])
+    assert config.vocabulary == "lasagna" and config.model_config().vocabulary == "lasagna"
+    with pytest.raises(ValueError, match=r"--vocabulary 'lisa' \(the run used 'lasagna'\)"):
+        resolve_merge_config([f"--weight={run}/ckpt_model", "--save_path=o", "--vocabulary=lisa"])
+
+
 def test_without_a_run_config_the_flags_are_used_as_given(tmp_path) -> None:
     (tmp_path / "w.bin").write_bytes(b"")
     config, _ = resolve_merge_config(
