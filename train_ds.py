@@ -43,9 +43,10 @@ from utils.engine import (
 from utils.evaluation import build_validation_jobs, evaluate, write_eval_outputs
 from utils.flops import StepFlops, device_peak
 from utils.memory_plan import print_memory_plan, split_json_flag
-from utils.metrics import format_table
+from utils.metrics import MIOU, format_table
 from utils.run_log import LOG_FORMAT, attach_run_log, report_error
 from utils.runlock import RunLock, RunLockedError
+from utils.semantic_eval import PER_CLASS_IOU, format_class_table
 from utils.training import (
     NonFiniteLossError,
     RunLogger,
@@ -61,6 +62,7 @@ from utils.weights import UnsafeCheckpointError, load_weights
 
 LOGGER = logging.getLogger("train_ds")
 SCORE_METRIC = "giou"
+SEMANTIC_SCORE_METRIC = MIOU  # a semantic set (ade20k|val, ...) first: the best by its mIoU
 # errors that explain themselves (bad flags or files, model/SAM mismatches, data errors, a
 # locked run directory): reported in one line (utils.run_log.report_error)
 EXPLAINED_ERRORS = (
@@ -90,22 +92,38 @@ def validate(model, jobs, processor, config: TrainConfig, rank: int, world: int)
             progress=rank == 0,
             protocol=config.eval_protocol,
             max_new_tokens=config.max_new_tokens,
+            lasagna_miou_compat=config.lasagna_miou_compat,
         )
         summaries[result.name] = result.summary
         if rank == 0:
             write_eval_outputs(config.log_dir, result)
+            if PER_CLASS_IOU in result.details:
+                table = {**result.details, **result.summary}
+                print(f"{result.name}\n{format_class_table(table)}", flush=True)
     if rank == 0:
         print(format_table(summaries), flush=True)
     return summaries
 
 
+def first_set_score(summaries: dict[str, dict]) -> float | None:
+    """The best-checkpoint score: the first set's gIoU, or its mIoU for a semantic set."""
+    if not summaries:
+        return None
+    first = next(iter(summaries.values()))
+    return first.get(SCORE_METRIC, first.get(SEMANTIC_SCORE_METRIC))
+
+
 def evaluate_only(model, jobs, processor, config: TrainConfig, rank: int, world: int) -> dict:
-    """`--eval_only`: the model as loaded, on every validation set; prints `giou: x, ciou: y`."""
+    """`--eval_only`: the model as loaded, on every validation set; prints `giou: x, ciou: y`
+    (`miou: x` when the first set is a semantic one)."""
     model.to(get_accelerator().current_device_name(), config.model_config().dtype)
     summaries = validate(model, jobs, processor, config, rank, world)
     if rank == 0 and summaries:
         first = next(iter(summaries.values()))
-        print(f"giou: {first.get('giou')}, ciou: {first.get('ciou')}", flush=True)
+        if SCORE_METRIC in first:
+            print(f"giou: {first.get('giou')}, ciou: {first.get('ciou')}", flush=True)
+        else:
+            print(f"miou: {first.get(SEMANTIC_SCORE_METRIC)}", flush=True)
     return summaries
 
 
@@ -199,7 +217,7 @@ def train(model, tokenizer, jobs, processor, config: TrainConfig, rank: int, wor
         )
         summaries = {} if config.no_eval else validate(model, jobs, processor, config, rank, world)
         logger.validation(engine.global_steps, epoch, summaries)
-        score = next(iter(summaries.values())).get(SCORE_METRIC) if summaries else None
+        score = first_set_score(summaries)
         best = score if score is not None and (best is None or score > best) else best
         save_checkpoint(
             engine,
@@ -272,7 +290,11 @@ def run(resolved: ResolvedConfig, state: RunState, world: int):
     needs_validation = config.eval_only or not config.no_eval
     jobs = (
         build_validation_jobs(
-            config.dataset_dir, config.val_dataset, config.val_json_name, config.val_answer
+            config.dataset_dir,
+            config.val_dataset,
+            config.val_json_name,
+            config.val_answer,
+            config.semantic_val_chunk,
         )
         if needs_validation
         else []

@@ -1,13 +1,15 @@
-"""Published checkpoints through the real scripts: a LISA-format directory evaluated with
-train_ds.py --eval_only, fine-tuned, merged and chatted with; a GSVA training-time .bin over a
-LLaVA-v1 base evaluated on gRefCOCO. The tiny checkpoints are written in the real layouts by the
-fidelity tests' writers (tests/model/test_layouts.py)."""
+"""Published checkpoints through the real scripts: LISA-, CoReS- and LaSagnA-format directories
+evaluated with train_ds.py --eval_only, fine-tuned, merged and chatted with; a GSVA
+training-time .bin over a LLaVA-v1 base evaluated on gRefCOCO. The tiny checkpoints are written
+in the real layouts by the fidelity tests' writers (tests/model/test_layouts.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+import pytest
 
 from tests.e2e import python
 from tests.model import test_layouts
@@ -35,15 +37,29 @@ def summary(run_dir: Path) -> dict:
     return json.loads(path.read_text())["summary"]
 
 
-def test_a_lisa_directory_evaluates_fine_tunes_merges_and_chats(
-    assets, legacy_assets, tmp_path
+# per released family: its replica, its validation set and the metric that must be finite, the
+# recipe flags its evaluation needs, and what its merged segmenter_config.json must keep
+FAMILIES = {
+    "lisa": ("ReasonSeg|val", "giou", [], {"vocabulary": "lisa"}),
+    "cores": ("ReasonSeg|val", "giou", ["--recipe=cores"], {"vocabulary": "lisa"}),
+    "lasagna": ("ade20k|val", "pixel_accuracy", ["--max_new_tokens=8"], {"vocabulary": "lasagna"}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_released_directory_evaluates_fine_tunes_merges_and_chats(
+    assets, legacy_assets, tmp_path, family
 ) -> None:
-    lisa, clip = legacy_assets.lisa.directory, legacy_assets.clip
-    model_flags = [f"--version={lisa}", f"--vision-tower={clip}"]
-    flags = data_flags(assets, tmp_path, "lisa-val", "ReasonSeg|val")
+    """LISA-7B-v1, CoReS's cores7bft and LaSagnA-7B (all merged LISA-layout directories) through
+    --eval_only on their paper's validation set, a fine-tune, the merge and chat; the merged
+    copy keeps the family's chain token and vocabulary."""
+    val_dataset, metric, recipe, kept = FAMILIES[family]
+    directory, clip = getattr(legacy_assets, family).directory, legacy_assets.clip
+    model_flags = [f"--version={directory}", f"--vision-tower={clip}", *recipe]
+    flags = data_flags(assets, tmp_path, f"{family}-val", val_dataset)
     python("train_ds.py", *model_flags, *flags, "--eval_only")
-    assert math.isfinite(summary(tmp_path / "lisa-val")["giou"])
-    training = data_flags(assets, tmp_path, "lisa-ft", "ReasonSeg|val") + [
+    assert math.isfinite(summary(tmp_path / f"{family}-val")[metric])
+    training = data_flags(assets, tmp_path, f"{family}-ft", "ReasonSeg|val") + [
         "--dataset=reason_seg||refer_seg",
         "--sample_rates=1,1",
         "--refer_seg_data=refcoco",
@@ -55,13 +71,16 @@ def test_a_lisa_directory_evaluates_fine_tunes_merges_and_chats(
         f"--lora_r={LORA_R}",
     ]
     python("train_ds.py", *model_flags, *training)
-    merged = tmp_path / "LISA-ft-merged"
+    merged = tmp_path / f"{family}-ft-merged"
     python(
         "merge_lora_weights_and_save_hf_model.py",
-        f"--weight={tmp_path / 'lisa-ft' / 'ckpt_model'}",
+        f"--weight={tmp_path / f'{family}-ft' / 'ckpt_model'}",
         f"--save_path={merged}",
     )
     assert (merged / "preprocessor_config.json").is_file()
+    saved = json.loads((merged / "segmenter_config.json").read_text())
+    assert {key: saved[key] for key in kept} == kept
+    assert (saved["token_ids"].get("chain") is not None) == (family == "cores")
     image = sorted((assets / "dataset" / "reason_seg" / "ReasonSeg" / "val").glob("*.jpg"))[0]
     result = python(
         "chat.py",

@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the project's packages im
 
 from tools.tiny_assets.common import AssetOptions, Context, write_jpeg  # noqa: E402
 from tools.tiny_assets.grefcoco import write_grefcoco, write_refcocom  # noqa: E402
+from tools.tiny_assets.lasagna_train import write_lasagna_train  # noqa: E402
 from tools.tiny_assets.mmr import write_mmr  # noqa: E402
 from tools.tiny_assets.parts import coco_file_name, write_paco, write_pascal_part  # noqa: E402
 from tools.tiny_assets.reason_seg import write_reason_seg  # noqa: E402
@@ -62,6 +63,7 @@ FAMILIES = (
     "reason_seg",
     "vqa",
     "semantic_val",
+    "lasagna_train",
 )
 COCO2017_FAMILIES = {"cocostuff", "vqa"}
 TRAIN2014_FAMILIES = {"refer_seg", "grefcoco", "refzom", "refcocom"}
@@ -102,6 +104,7 @@ SINGLE_WRITERS = {
     "mmr": write_mmr,
     "reason_seg": write_reason_seg,
     "semantic_val": write_semantic_val,
+    "lasagna_train": write_lasagna_train,
 }
 
 

@@ -63,6 +63,7 @@ class TrainConfig:
     reason_seg_data: str
     multi_part_reason_seg_data: str
     custom_data: str
+    lasagna_sem_seg_data: str
     val_dataset: str
     val_json_name: str
     val_answer: str
@@ -89,6 +90,7 @@ class TrainConfig:
     beta2: float
     num_classes_per_sample: int
     num_classes_per_question: int
+    num_all_classes: int
     use_expand_question_list: bool
     prompt_style: str
     ignore_pixels: str
@@ -103,6 +105,8 @@ class TrainConfig:
     eval_steps: int
     eval_protocol: str
     max_new_tokens: int
+    lasagna_miou_compat: bool
+    semantic_val_chunk: int
     vision_pretrained: str
     out_dim: int | None
     resume: str
@@ -117,6 +121,7 @@ class TrainConfig:
     conv_type: str
     early_fusion: bool
     chain_token: str
+    vocabulary: str
     supervise_coarse: bool
     seed: int
     zero_stage: int
@@ -175,6 +180,7 @@ class TrainConfig:
             family_data=self.family_data(),
             options=self.sampling_options(),
             seed=self.seed,
+            num_all_classes=self.num_all_classes,
         )
 
     def model_config(self) -> ModelConfig:
@@ -197,6 +203,7 @@ class TrainConfig:
             train_mm_projector=self.train_mm_projector,
             early_fusion=self.early_fusion,
             chain_token=self.chain_token or None,
+            vocabulary=self.vocabulary,
             supervise_coarse=self.supervise_coarse,
             new_token_init=tuple(parse_token_init(self.new_token_init).items()),
             new_token_rows=self.new_token_rows,
@@ -337,9 +344,13 @@ def data_flag_problem(config: TrainConfig) -> str | None:
                 check_custom_entries(config.family_data()[CUSTOM_FAMILY])
         except ValueError as error:
             return str(error)
+        if config.num_all_classes < 1:
+            return f"--num_all_classes must be at least 1, got {config.num_all_classes}"
     if config.eval_only or not config.no_eval:
         try:
             parse_val_datasets(config.val_dataset)
         except ValueError as error:
             return str(error)
+    if config.semantic_val_chunk < 0:
+        return f"--semantic_val_chunk must be 0 or more, got {config.semantic_val_chunk}"
     return chain_token_problem(config)

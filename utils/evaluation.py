@@ -14,6 +14,10 @@ Sharding: rank r evaluates `shard_indices(n, r, world_size)` (no padding duplica
 be unequal or empty). `reduce()` and `gather_records` are collectives: every rank reaches them
 once per set, whatever its shard. Conversations are never dropped for length here (evaluation
 does not truncate), so every target of the set is scored exactly once.
+
+The semantic-segmentation sets (`ade20k|val`, `cocostuff|val`, `cityscapes|val`,
+`mapillary|val`) are always evaluated by generation (`--eval_protocol` does not apply) and
+scored with mIoU, one record per image: `utils.semantic_validation`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +43,13 @@ from model.tokens import TokenIds
 from utils.collate import ProcessedSample, SampleProcessor, collate
 from utils.datasets.base import ValidationSample
 from utils.datasets.mmr import MMR_VAL_JSON
+from utils.datasets.semantic_val import SemanticValidation
 from utils.datasets.templates import DEFAULT_VAL_ANSWER
 from utils.datasets.validation import (
     ValEntry,
     ValidationSet,
     build_validation_set,
+    is_semantic,
     parse_val_datasets,
 )
 from utils.generative_eval import (
@@ -57,6 +64,7 @@ from utils.metrics import (
     GresAccumulator,
     accumulator_for,
     gather_records,
+    largest_over_ranks,
     predicted_present,
     shard_indices,
     target_stats,
@@ -82,11 +90,16 @@ class ValidationJob:
 
     name: str
     entry: ValEntry
-    dataset: ValidationSet
+    dataset: ValidationSet | SemanticValidation
 
     @property
     def metric(self) -> str:
         return self.entry.dataset
+
+    @property
+    def semantic(self) -> bool:
+        """A semantic-segmentation set (generated class sequences, mIoU)."""
+        return is_semantic(self.entry)
 
     def new_accumulator(self, device: torch.device | str | None = None) -> Accumulator:
         """A fresh accumulator of this set's kind (sums on `device`)."""
@@ -98,8 +111,10 @@ class EvalResult:
     """The outcome of `evaluate` for one set.
 
     summary: the accumulator's reduced summary (gIoU, cIoU, ..., fractions in [0, 1] or None;
-        "targets" is a count). records: one dict per target (`utils.metrics.RECORD_KEYS`), every
-        rank's, rank by rank. samples: images in the set. seconds: wall time of this rank.
+        "targets" is a count), scalars only. records: one dict per target
+        (`utils.metrics.RECORD_KEYS`; a semantic set: one per image), every rank's, rank by
+        rank. samples: images in the set. seconds: wall time of this rank. details: what is
+        not a scalar (a semantic set's protocol and per-class IoU table), for eval_<set>.json.
     """
 
     name: str
@@ -107,6 +122,7 @@ class EvalResult:
     records: list[dict[str, Any]]
     seconds: float
     samples: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def job_name(entry: ValEntry, val_json_name: str = "") -> str:
@@ -122,14 +138,18 @@ def build_validation_jobs(
     val_dataset: str,
     val_json_name: str = "",
     val_answer: str = DEFAULT_VAL_ANSWER,
+    semantic_val_chunk: int = 0,
 ) -> list[ValidationJob]:
     """One job per `--val_dataset` entry ("||"-joined), datasets built (their files are read);
-    the single-target sets answer `val_answer`."""
+    the single-target sets answer `val_answer`, the semantic sets ask `semantic_val_chunk`
+    class names per question (0: all)."""
     return [
         ValidationJob(
             job_name(entry, val_json_name),
             entry,
-            build_validation_set(Path(dataset_dir), entry, val_json_name, val_answer),
+            build_validation_set(
+                Path(dataset_dir), entry, val_json_name, val_answer, semantic_val_chunk
+            ),
         )
         for entry in parse_val_datasets(val_dataset)
     ]
@@ -179,15 +199,6 @@ class _ItemCollator:
 def reject_as_segment(input_ids: torch.Tensor, token_ids: TokenIds) -> torch.Tensor:
     """input_ids long [C, L] with every `[REJ]` id replaced by the `[SEG]` id (GSVA pass 2)."""
     return input_ids.masked_fill(input_ids == token_ids.rej, token_ids.seg)
-
-
-def largest_over_ranks(value: int, device: torch.device | str) -> int:
-    """The maximum of `value` over the ranks (a collective in a group of several ranks)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
 
 
 def decode_batch(
@@ -279,6 +290,22 @@ def _progress_bar(total: int, name: str, enabled: bool):
     return tqdm(total=total, desc=f"eval {name}", unit="img", dynamic_ncols=True)
 
 
+@contextmanager
+def _evaluating(model: nn.Module, total: int, name: str, progress: bool):
+    """Eval mode and no_grad around a shard's loop (every submodule's training mode restored
+    afterwards); yields `on_images(count)`, which advances the progress bar when shown."""
+    bar = _progress_bar(total, name, progress)
+    modes = _training_modes(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield (lambda count: None) if bar is None else bar.update
+    finally:
+        _restore_training_modes(modes)
+        if bar is not None:
+            bar.close()
+
+
 def evaluate(
     model: nn.Module,
     job: ValidationJob,
@@ -293,6 +320,7 @@ def evaluate(
     num_workers: int = 0,
     protocol: str = TEACHER_FORCED,
     max_new_tokens: int = 512,
+    lasagna_miou_compat: bool = False,
 ) -> EvalResult:
     """Evaluate `model` (a Segmenter or an engine wrapping one) on this rank's shard of `job`.
 
@@ -302,7 +330,10 @@ def evaluate(
     process images. Collective: every rank of the process group calls it for the same job.
     protocol: "teacher_forced" (the published numbers' protocol) or "generate" (the model writes
     its answers, `utils.generative_eval`; the result is named "<set> (generate)" and its
-    summary adds missing_targets, extra_targets and answers).
+    summary adds missing_targets, extra_targets and answers). A semantic set ignores
+    `protocol` (always generated) and is scored as `utils.semantic_validation` says, with
+    LaSagnA's own scoring under `lasagna_miou_compat` (its result named "<set>
+    (lasagna_miou_compat)").
     """
     if protocol not in (TEACHER_FORCED, GENERATE):
         raise ValueError(f"protocol must be {TEACHER_FORCED} or {GENERATE}, not {protocol!r}")
@@ -311,8 +342,30 @@ def evaluate(
     start = time.perf_counter()
     # Evaluation never drops a too-long conversation: each target must be scored once.
     processor = replace(processor, model_max_length=None)
-    token_ids = processor.token_ids
     indices = shard_indices(len(job.dataset), rank, world_size)
+    if job.semantic:
+        from utils.semantic_validation import COMPAT_SUFFIX, evaluate_semantic
+
+        with _evaluating(model, len(indices), job.name, progress and rank == 0) as on_images:
+            outcome = evaluate_semantic(
+                model,
+                job.dataset,
+                processor,
+                indices,
+                device=device,
+                dtype=dtype,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                max_new_tokens=max_new_tokens,
+                lasagna_miou_compat=lasagna_miou_compat,
+                on_images=on_images,
+            )
+        name = job.name + (COMPAT_SUFFIX if lasagna_miou_compat else "")
+        seconds = time.perf_counter() - start
+        return EvalResult(
+            name, outcome.summary, outcome.records, seconds, len(job.dataset), outcome.details
+        )
+    token_ids = processor.token_ids
     loader = DataLoader(
         _ShardSamples(job.dataset, indices, processor),
         batch_size=batch_size,
@@ -324,28 +377,19 @@ def evaluate(
     second_pass = isinstance(accumulator, GresAccumulator)
     run_batch = _batch_runner(model, token_ids, second_pass, protocol, max_new_tokens, device)
     counts = MatchCounts()
-    bar = _progress_bar(len(indices), job.name, progress and rank == 0)
-    modes = _training_modes(model)
-    model.eval()
-    try:
-        with torch.no_grad():
-            # shards may differ by a batch: the shorter ranks repeat an uncounted batch so that
-            # every rank runs the same forwards (ZeRO-3 gathers parameters collectively)
-            padding_batches = largest_over_ranks(len(loader), device) - len(loader)
-            for batch, items in loader:
-                batch = batch.to(device, dtype)
-                decisions, masks, coarse, batch_counts = run_batch(batch)
-                counts.add(batch_counts)
-                _score_batch(accumulator, batch, items, (decisions, masks, coarse))
-                if bar is not None:
-                    bar.update(len(items))
-            for _ in range(padding_batches):
-                padding = collate([processor(job.dataset[0])], token_ids.pad)
-                run_batch(padding.to(device, dtype))
-    finally:
-        _restore_training_modes(modes)
-        if bar is not None:
-            bar.close()
+    with _evaluating(model, len(indices), job.name, progress and rank == 0) as on_images:
+        # shards may differ by a batch: the shorter ranks repeat an uncounted batch so that
+        # every rank runs the same forwards (ZeRO-3 gathers parameters collectively)
+        padding_batches = largest_over_ranks(len(loader), device) - len(loader)
+        for batch, items in loader:
+            batch = batch.to(device, dtype)
+            decisions, masks, coarse, batch_counts = run_batch(batch)
+            counts.add(batch_counts)
+            _score_batch(accumulator, batch, items, (decisions, masks, coarse))
+            on_images(len(items))
+        for _ in range(padding_batches):
+            padding = collate([processor(job.dataset[0])], token_ids.pad)
+            run_batch(padding.to(device, dtype))
     accumulator.reduce()
     records = gather_records(accumulator.records)
     summary = accumulator.summary()
@@ -385,8 +429,10 @@ def safe_name(name: str) -> str:
 
 
 def write_eval_outputs(directory: str | Path, result: EvalResult) -> tuple[Path, Path]:
-    """Write `eval_<safe name>.json` (name, summary, counts, seconds) and `eval_<safe name>.jsonl`
-    (one record per target) under `directory`; returns both paths. Call it on rank 0 only."""
+    """Write `eval_<safe name>.json` (name, summary, counts, seconds, and the details: a
+    semantic set's protocol and per_class_iou) and `eval_<safe name>.jsonl` (one record per
+    target; per image for a semantic set) under `directory`; returns both paths. Call it on
+    rank 0 only."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stem = OUTPUT_PREFIX + safe_name(result.name)
@@ -397,6 +443,7 @@ def write_eval_outputs(directory: str | Path, result: EvalResult) -> tuple[Path,
         "samples": result.samples,
         "records": len(result.records),
         "seconds": result.seconds,
+        **result.details,
     }
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     with records_path.open("w") as handle:

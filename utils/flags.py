@@ -14,6 +14,7 @@ import os
 
 from model.backbone import NEW_TOKEN_ROWS
 from model.builder import PRECISIONS
+from model.tokens import DEFAULT_VOCABULARY, VOCABULARIES
 from utils.conversation import TEMPLATES
 from utils.datasets.base import (
     IGNORE_PIXEL_CHOICES,
@@ -22,6 +23,7 @@ from utils.datasets.base import (
     PART_TARGET_CHOICES,
     TOO_LONG_CHOICES,
 )
+from utils.datasets.lasagna import DEFAULT_NUM_ALL_CLASSES
 from utils.datasets.mixer import DEFAULT_FAMILY_DATA
 from utils.datasets.templates import DEFAULT_VAL_ANSWER, PROMPT_STYLES
 
@@ -98,6 +100,14 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "conversation, e.g. CoReS's [SEG_SEMA] (default: no chaining)",
     )
     add(
+        "--vocabulary",
+        default=DEFAULT_VOCABULARY,
+        choices=sorted(VOCABULARIES),
+        help="the tokens of the [SEG]/[REJ] roles: lisa ([SEG], [REJ]) or lasagna (LaSagnA's "
+        "<ins>, <no_ins> and its <cat_start>, <cat_end>, <semantic>); a trained checkpoint "
+        "keeps its own",
+    )
+    add(
         "--supervise_coarse",
         default=False,
         action=argparse.BooleanOptionalAction,
@@ -147,6 +157,12 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     add("--explanatory", default=0.1, type=float, help="-1 disables ReasonSeg explanations")
     add("--num_classes_per_sample", default=3, type=int)
     add("--num_classes_per_question", default=3, type=int)
+    add(
+        "--num_all_classes",
+        default=DEFAULT_NUM_ALL_CLASSES,
+        type=int,
+        help="lasagna_sem_seg: classes named per answer (LaSagnA's random class list)",
+    )
     add("--use_expand_question_list", default=True, action=argparse.BooleanOptionalAction)
     add("--prompt_style", default="mmr", choices=PROMPT_STYLES)
     add(
@@ -228,8 +244,25 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     add("--no_eval", action="store_true", help="skip validation, save every epoch")
     add("--eval_only", action="store_true")
     add("--eval_steps", default=0, type=int, help="also validate every N steps (0: off)")
-    add("--eval_protocol", default="teacher_forced", choices=EVAL_PROTOCOLS)
+    add(
+        "--eval_protocol",
+        default="teacher_forced",
+        choices=EVAL_PROTOCOLS,
+        help="referring/reasoning sets; the semantic sets (ade20k|val, ...) always generate",
+    )
     add("--max_new_tokens", default=512, type=int, help="answer length cap (generate protocol)")
+    add(
+        "--lasagna_miou_compat",
+        action="store_true",
+        help="semantic sets: LaSagnA's own mIoU (ignore pixels scored as class 0, fuzzy "
+        "matching without threshold)",
+    )
+    add(
+        "--semantic_val_chunk",
+        default=0,
+        type=int,
+        help="semantic sets: class names per question (0: LaSagnA's, the whole list at once)",
+    )
     add("--resume", default="")
     add("--auto_resume", default=True, action=argparse.BooleanOptionalAction)
     add("--start_epoch", default=0, type=int)

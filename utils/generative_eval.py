@@ -9,11 +9,19 @@ A ground-truth target left without a generated token is scored as an empty "abse
 and counted in `missing_targets`; generated tokens beyond the targets are counted in
 `extra_targets`. Both counts are part of the result, which is reported under its own name
 (never mixed with the teacher-forced numbers of the same set).
+
+Class sequences (the semantic sets, LaSagnA's "wall<ins>sky<no_ins>"): `class_items` reads a
+generated sequence by token ids, whatever strings the model's vocabulary writes for `[SEG]` /
+`[REJ]`: the k-th target's class name is the text decoded between the previous target token (or
+the start of the answer) and it; present for `[SEG]`, absent for `[REJ]`. Names are cleaned
+only at their ends (whitespace runs folded, separators " ,.;:" stripped, one of LaSagnA's
+lead-ins such as "Sure, " dropped from the first).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,8 +30,12 @@ from model.batch import Batch
 from model.generate import Generation, generate
 from model.segmenter import EMPTY_MASK_LOGIT
 from model.tokens import IGNORE_INDEX, TokenIds, predictor_mask
+from utils.datasets.lasagna import ANSWER_LEAD_INS
 
 PROTOCOL_SUFFIX = " (generate)"
+NAME_SEPARATORS = " ,.;:"
+WHITESPACE = re.compile(r"\s+")
+LEAD_INS = sorted((p.strip() for p in ANSWER_LEAD_INS), key=len, reverse=True)
 
 
 @dataclass
@@ -155,3 +167,26 @@ def generate_batch(
         decode_rejected=decode_rejected,
     )
     return match_targets(batch, generation, token_ids)
+
+
+def _clean_name(text: str, first: bool) -> str:
+    name = WHITESPACE.sub(" ", text).strip(NAME_SEPARATORS)
+    if first:
+        lead_in = next((p for p in LEAD_INS if name.startswith(p)), None)
+        name = name[len(lead_in) :].strip(NAME_SEPARATORS) if lead_in else name
+    return name
+
+
+def class_items(
+    tokens: Sequence[int], token_ids: TokenIds, decode: Callable[[list[int]], str]
+) -> list[tuple[str, bool]]:
+    """[(class name, present)] of a generated class sequence, one per `[SEG]`/`[REJ]` id in
+    order (see the module docstring); `decode` turns ids into text (special tokens dropped).
+    Text after the last target token (EOS, a period) names nothing."""
+    items, start = [], 0
+    for position, token in enumerate(tokens):
+        if token in (token_ids.seg, token_ids.rej):
+            name = _clean_name(decode(list(tokens[start:position])), not items)
+            items.append((name, token == token_ids.seg))
+            start = position + 1
+    return items

@@ -60,6 +60,9 @@ PERCENT = 100.0
 GIOU, CIOU, N_ACC, T_ACC, MIOU, TARGETS = "giou", "ciou", "n_acc", "t_acc", "miou", "targets"
 RECORD_KEYS = tuple("record_id target iou intersection union empty_gt predicted_present".split())
 TABLE_COLUMNS = {GIOU: "gIoU", CIOU: "cIoU", N_ACC: "N-acc", T_ACC: "T-acc"}
+# columns shown only when some set has them (the semantic sets': utils.semantic_eval keys)
+OPTIONAL_COLUMNS = {MIOU: "mIoU", "pixel_accuracy": "pAcc", "unmatched_names": "unmatched"}
+COUNT_COLUMNS = ("unmatched_names",)  # written as integers, not percentages
 
 
 @dataclass
@@ -332,8 +335,9 @@ class SemanticIoUAccumulator(Accumulator):
     def _zeros(self, device: torch.device) -> torch.Tensor:
         return torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=device)
 
-    def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
-        """pred: integer class ids [..., H, W] in [0, K); gt: same shape, K classes or 255."""
+    def update(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """pred: integer class ids [..., H, W] in [0, K); gt: same shape, K classes or 255.
+        Returns this update's confusion matrix, int64 [K, K] (rows GT, columns prediction)."""
         if pred.shape != gt.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and GT {tuple(gt.shape)} differ")
         gt, pred = gt.long(), pred.long()
@@ -343,7 +347,9 @@ class SemanticIoUAccumulator(Accumulator):
             raise ValueError(f"classes must be in [0, {self.num_classes}) (GT may also be 255)")
         pairs = gt[valid] * self.num_classes + pred[valid]
         counts = torch.bincount(pairs, minlength=self.num_classes**2)
-        self._accumulate(counts.view(self.num_classes, self.num_classes))
+        counts = counts.view(self.num_classes, self.num_classes)
+        self._accumulate(counts)
+        return counts
 
     def class_iou(self) -> torch.Tensor:
         """float64 [K]: TP / (TP + FP + FN), nan for classes absent from GT and prediction."""
@@ -375,6 +381,15 @@ def gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [record for part in gathered for record in (part or [])]
 
 
+def largest_over_ranks(value: int, device: torch.device | str) -> int:
+    """The maximum of `value` over the ranks (a collective in a group of several ranks)."""
+    if not _distributed() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
     """Rank r evaluates samples r, r + world_size, ...: each of the n samples exactly once.
 
@@ -386,8 +401,10 @@ def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, n, world_size))
 
 
-def _cell(value: float | None) -> str:
-    return "" if value is None else f"{value * PERCENT:.2f}"
+def _cell(value: float | None, count: bool = False) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if count else f"{value * PERCENT:.2f}"
 
 
 def _format_row(row: list[str], widths: list[int]) -> str:
@@ -398,12 +415,17 @@ def _format_row(row: list[str], widths: list[int]) -> str:
 
 
 def format_table(results: dict[str, dict[str, float | None]]) -> str:
-    """One row per validation set: gIoU, cIoU, N-acc, T-acc (and mIoU when any set has it) as
-    percentages with 2 decimals; blank where a metric is absent or None."""
+    """One row per validation set: gIoU, cIoU, N-acc, T-acc (and mIoU, pixel accuracy and the
+    unmatched-name count when any set has them) as percentages with 2 decimals (the count as an
+    integer); blank where a metric is absent or None."""
     columns = dict(TABLE_COLUMNS)
-    if any(MIOU in metrics for metrics in results.values()):
-        columns[MIOU] = "mIoU"
+    for key, title in OPTIONAL_COLUMNS.items():
+        if any(key in metrics for metrics in results.values()):
+            columns[key] = title
     rows = [["dataset", *columns.values()]]
-    rows += [[name, *(_cell(m.get(key)) for key in columns)] for name, m in results.items()]
+    rows += [
+        [name, *(_cell(m.get(key), key in COUNT_COLUMNS) for key in columns)]
+        for name, m in results.items()
+    ]
     widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
     return "\n".join(_format_row(row, widths) for row in rows)

@@ -33,6 +33,7 @@ LIST_SEPARATORS: dict[str, str] = {
     "vqa_data": "||",
     "reason_seg_data": "||",
     "multi_part_reason_seg_data": "||",
+    "lasagna_sem_seg_data": "||",
     "custom_data": "||",
     "val_dataset": "||",
     "lora_target_modules": ",",

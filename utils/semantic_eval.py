@@ -30,7 +30,10 @@ every pixel no mask covers, every all-zero GT pixel, i.e. every 255 pixel, becom
 the confusion matrix has no ignore index (`IoU(num_classes, ignore_index=None)`). IoU and
 mIoU as above over K classes.
 
-Every sum is all-reduced once across ranks by `reduce()` (utils.metrics accumulators).
+Every sum is all-reduced once across ranks by `reduce()` (utils.metrics accumulators). Each
+image also leaves a record (names, matched classes, unmatched count, and per class its
+[intersection, union] in pixels under the protocol), which `utils.semantic_validation` completes
+with the generated texts for the per-image JSONL.
 """
 
 from __future__ import annotations
@@ -173,14 +176,28 @@ class ComposedIoUAccumulator(SemanticIoUAccumulator):
         super().__init__(num_classes + 1, device)
         self.scored_classes = num_classes
 
-    def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
-        """pred: long [H, W] in [0, K] (K = NO_CLASS); gt: [H, W] in [0, K) or 255."""
+    def update(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """pred: long [H, W] in [0, K] (K = NO_CLASS); gt: [H, W] in [0, K) or 255. Returns
+        the image's confusion matrix int64 [K + 1, K + 1]."""
         if ((gt != IGNORE_LABEL) & (gt.long() >= self.scored_classes)).any():
             raise ValueError(f"GT classes must be in [0, {self.scored_classes}) or 255")
-        super().update(pred, gt)
+        return super().update(pred, gt)
 
     def class_iou(self) -> torch.Tensor:
         return super().class_iou()[: self.scored_classes]
+
+
+def class_areas(confusion: torch.Tensor, classes: Sequence[str]) -> dict[str, list[int]]:
+    """{class name: [intersection, union] in pixels} of one confusion matrix (rows GT, columns
+    prediction, at least len(classes) of each), for the classes with a non-zero union."""
+    scored = len(classes)
+    true_pos = confusion.diagonal()[:scored]
+    union = confusion.sum(dim=0)[:scored] + confusion.sum(dim=1)[:scored] - true_pos
+    return {
+        name: [int(inter), int(total)]
+        for name, inter, total in zip(classes, true_pos.tolist(), union.tolist(), strict=True)
+        if total > 0
+    }
 
 
 def pixel_accuracy(confusion: torch.Tensor, num_classes: int) -> float | None:
@@ -232,26 +249,30 @@ class SemanticScorer:
 
     def update(
         self, logits: torch.Tensor, names: Sequence[str], gt: torch.Tensor, record_id: str = ""
-    ) -> None:
+    ) -> dict[str, Any]:
         """One image. logits: float [k, H, W], one per `<ins>` name in `names`; gt: [H, W]
-        class ids or 255."""
+        class ids or 255. Returns the image's record (also kept in `records`): its names, the
+        class each matched (None: unmatched), the unmatched count and per class [intersection,
+        union] in pixels (`class_areas`)."""
         if self.compat:
             match = lasagna_match(names, self.classes)
             pred = lasagna_compat_labels(logits, match.class_ids, len(self.classes))
-            self.confusion.update(pred, lasagna_compat_gt(gt))
+            confusion = self.confusion.update(pred, lasagna_compat_gt(gt))
         else:
             match = match_names(names, self.classes, self.min_score)
-            self.confusion.update(compose_labels(logits, match.class_ids, len(self.classes)), gt)
+            pred = compose_labels(logits, match.class_ids, len(self.classes))
+            confusion = self.confusion.update(pred, gt)
         self.names.update(match)
         matched = [None if i is None else self.classes[i] for i in match.class_ids]
-        self.records.append(
-            {
-                "record_id": record_id,
-                "names": list(names),
-                "matched": matched,
-                "unmatched": match.unmatched,
-            }
-        )
+        record = {
+            "record_id": record_id,
+            "names": list(names),
+            "matched": matched,
+            "unmatched": match.unmatched,
+            "classes": class_areas(confusion, self.classes),
+        }
+        self.records.append(record)
+        return record
 
     def reduce(self) -> None:
         """All-reduce the sums across ranks (every rank calls it once)."""
@@ -277,7 +298,8 @@ class SemanticScorer:
 
 
 def format_class_table(summary: dict[str, Any]) -> str:
-    """The per-class IoU table (percentages, 2 decimals; blank when undefined), then mIoU."""
+    """The per-class IoU table (percentages, 2 decimals; blank when undefined), then mIoU;
+    `summary` holds per_class_iou and miou (`SemanticScorer.summary`)."""
     per_class = summary[PER_CLASS_IOU]
     width = max(len(name) for name in [*per_class, "class", "mIoU"])
     lines = [f"{'class'.ljust(width)}  IoU"]

@@ -9,11 +9,11 @@ import re
 import numpy as np
 import pytest
 
+from model.tokens import VOCABULARIES
 from utils.datasets.base import IGNORE_LABEL
 from utils.datasets.lasagna import (
     ANSWER_LEAD_INS,
     DEFAULT_NUM_ALL_CLASSES,
-    LASAGNA_TOKENS,
     MANY_POSITIVES_DRAWN,
     MANY_POSITIVES_NEGATIVES,
     SEMANTIC_QUESTIONS,
@@ -76,6 +76,12 @@ LASAGNA_TEST_LEAD_INS = [
 VOCABULARY = [f"class {i}" for i in range(150)]
 
 
+def lasagna_spelling(answer: str) -> str:
+    """A canonical answer as the lasagna vocabulary writes it (`[SEG]` -> `<ins>`, `[REJ]` ->
+    `<no_ins>`)."""
+    return answer.replace("[SEG]", "<ins>").replace("[REJ]", "<no_ins>")
+
+
 def lasagna_get_class_name(text: str) -> list[str]:
     """LaSagnA test_sem.py get_class_name, transcribed (the oracle for present names)."""
     for lead_in in LASAGNA_TEST_LEAD_INS:
@@ -90,7 +96,8 @@ def lasagna_get_class_name(text: str) -> list[str]:
 
 def test_strings_are_lasagnas() -> None:
     assert list(SEMANTIC_QUESTIONS) == LASAGNA_SEG_INPUT_LIST
-    assert LASAGNA_TOKENS == ("<cat_start>", "<cat_end>", "<semantic>", "<ins>", "<no_ins>")
+    vocabulary = VOCABULARIES["lasagna"]  # LaSagnA utils/utils.py, in its add order
+    assert vocabulary.tokens == ("<cat_start>", "<cat_end>", "<semantic>", "<ins>", "<no_ins>")
     assert list(ANSWER_LEAD_INS) == LASAGNA_TEST_LEAD_INS
     assert DEFAULT_NUM_ALL_CLASSES == 80
     assert (MANY_POSITIVES_DRAWN, MANY_POSITIVES_NEGATIVES) == (40, 20)
@@ -105,11 +112,14 @@ def test_question_lists_the_names_lower_cased_with_the_first_template() -> None:
 def test_answer_round_trip() -> None:
     items = [("Wall", True), ("sky", False), ("traffic light", True), ("person", False)]
     answer = semantic_answer(items)
-    assert answer == "wall<ins>sky<no_ins>traffic light<ins>person<no_ins>"
+    assert answer == "wall[SEG]sky[REJ]traffic light[SEG]person[REJ]"  # the canonical markers
     expected = [(name.lower(), present) for name, present in items]
     assert parse_semantic_answer(answer) == expected
-    generated = f"A chat. USER: <image> hi ASSISTANT: Sure, the results are {answer}.</s>"
-    assert parse_semantic_answer(generated) == expected
+    lasagna = "wall<ins>sky<no_ins>traffic light<ins>person<no_ins>"
+    assert lasagna_spelling(answer) == lasagna and parse_semantic_answer(lasagna) == expected
+    for text in (answer, lasagna):
+        generated = f"A chat. USER: <image> hi ASSISTANT: Sure, the results are {text}.</s>"
+        assert parse_semantic_answer(generated) == expected
 
 
 def test_parser_keeps_spaces_and_one_entry_per_token() -> None:
@@ -135,7 +145,7 @@ def test_present_names_match_lasagnas_parser_after_its_space_removal(seed: int) 
     names = ["wall", "traffic light", "chest of drawers", "sky", "pool table", "road"]
     items = [(names[i], bool(rng.integers(2))) for i in rng.permutation(len(names))]
     lead_in = LASAGNA_TEST_LEAD_INS[int(rng.integers(len(LASAGNA_TEST_LEAD_INS)))]
-    text = f"USER: q ASSISTANT: {lead_in}{semantic_answer(items)}</s>"
+    text = f"USER: q ASSISTANT: {lead_in}{lasagna_spelling(semantic_answer(items))}</s>"
     ours = [lasagna_name(name) for name, present in parse_semantic_answer(text) if present]
     assert ours == lasagna_get_class_name(text)
 
@@ -209,7 +219,7 @@ def test_targets_of_a_label_map_in_answer_order() -> None:
     assert sample.question in [q.format(all_class=asked) for q in LASAGNA_SEG_INPUT_LIST]
 
 
-def test_sample_masks_are_the_present_targets_in_answer_order() -> None:
+def test_sample_masks_are_one_per_item_in_answer_order() -> None:
     vocabulary = ["wall", "sky", "person", "road"]
     raw = np.array([[1, 5, 0], [3, 3, 1]], dtype=np.uint8)
     label = LabelMap(raw, np.array([0, 1, 3, 5]), np.array([IGNORE_LABEL, 0, 2, 0]))
@@ -217,19 +227,25 @@ def test_sample_masks_are_the_present_targets_in_answer_order() -> None:
     image = np.zeros((2, 3, 3), np.uint8)
     sample = lasagna_sample(image, drawn, "x.jpg", "sem_seg/ade20k")
     assert sample.conversations == [[(drawn.question, drawn.answer)]]
-    present = [t.name for t in drawn.targets if t.mask is not None]
-    assert present == [n for n, p in parse_semantic_answer(drawn.answer) if p]
-    assert len(sample.masks) == drawn.answer.count("<ins>") == 2
-    expected = {  # "exclude": the ignored pixel (value 0) is IGNORE_LABEL in every mask
+    items = parse_semantic_answer(drawn.answer)
+    assert [t.name for t in drawn.targets] == [name for name, _ in items]
+    assert drawn.answer.count("[SEG]") == 2 and drawn.answer.count("[REJ]") == 2
+    assert len(sample.masks) == len(items) == 4  # one row per [SEG] / [REJ], in answer order
+    expected = {  # "exclude": the ignored pixel (value 0) is IGNORE_LABEL in every class mask
         "wall": [[1, 1, IGNORE_LABEL], [0, 0, 1]],
         "person": [[0, 0, IGNORE_LABEL], [1, 1, 0]],
+        "sky": [[0, 0, 0], [0, 0, 0]],  # absent ([REJ]): an all-zero row
+        "road": [[0, 0, 0], [0, 0, 0]],
     }
-    for name, mask in zip(present, sample.masks, strict=True):
+    for (name, present), mask in zip(items, sample.masks, strict=True):
+        assert present == (name in ("wall", "person"))
         np.testing.assert_array_equal(mask, expected[name])
+    assert sample.masks.dtype == np.uint8
     unlabelled = LabelMap(np.zeros((2, 3), np.uint8), np.array([0]), np.array([IGNORE_LABEL]))
     absent = semantic_targets("ade20k", vocabulary, unlabelled, np.random.default_rng(0))
-    assert "<ins>" not in absent.answer and absent.answer.count("<no_ins>") == 4
-    assert lasagna_sample(image, absent, "x.jpg", "sem_seg/ade20k").masks.shape == (0, 2, 3)
+    assert "[SEG]" not in absent.answer and absent.answer.count("[REJ]") == 4
+    rows = lasagna_sample(image, absent, "x.jpg", "sem_seg/ade20k").masks
+    assert rows.shape == (4, 2, 3) and not rows.any()
 
 
 def test_too_few_negatives_is_one_clear_error() -> None:

@@ -5,7 +5,8 @@ The expected settings below are written from the reference code, not read from o
 files: LISA `train_ds.py` @3cb2d43 (dvlab-research/LISA), GSVA `main.py` and
 `scripts/train_demo.sh` @618dc79 (LeapLabTHU/GSVA), MMR `train_ds.py` and README @702a7b6
 (jdg900/MMR), CoReS `train_ds_best.py` (its README's training script), `utils/dataset.py` and
-`model/llava/conversation.py` @296ee1f (baoxiaoyi/CoReS), and each loader's behaviour
+`model/llava/conversation.py` @296ee1f (baoxiaoyi/CoReS), LaSagnA `train_ds.py`, README and
+`utils/sem_seg_dataset.py` @897cbbe (congvvc/LaSagnA), and each loader's behaviour
 (../shared/REFERENCE.md section 11).
 """
 
@@ -116,6 +117,32 @@ PAPER_SETTINGS: dict[str, dict[str, object]] = {
         "no_eval": False,
         "val_dataset": "ReasonSeg|val",
         "val_answer": "It usually appears on [SEG_SEMA]. It is [SEG].",
+    },
+    "lasagna": {
+        **COMMON,
+        # its sem_seg is its own class-sequence SemSegDataset: our lasagna_sem_seg family
+        "dataset": "lasagna_sem_seg||refer_seg||vqa||reason_seg",
+        "sample_rates": "10,6,1,2",
+        # --sem_seg_data "cocostuff||ade20k||mapillary||cityscapes||openimage", less openimage
+        "lasagna_sem_seg_data": "cocostuff||ade20k||mapillary||cityscapes",
+        "reason_seg_data": "ReasonSeg|train",
+        "num_all_classes": 80,
+        "model_max_length": 1024,
+        "lora_r": 8,
+        "batch_size": 2,
+        "grad_accumulation_steps": 10,
+        "workers": 4,
+        "num_classes_per_sample": 5,
+        "epochs": 36,  # LISA: 10
+        "vocabulary": "lasagna",  # <ins> / <no_ins> for [SEG] / [REJ]
+        "prompt_style": "lisa",  # its referring / reasoning answers: one <ins> each
+        "use_expand_question_list": False,
+        "no_target_answer": "empty_seg",
+        "early_fusion": False,
+        "auto_resume": True,
+        "no_eval": False,
+        "exp_name": "LaSagnA-7b",
+        "val_dataset": "ReasonSeg|val",
     },
     "m2sa": {
         **COMMON,

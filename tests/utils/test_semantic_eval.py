@@ -124,8 +124,16 @@ def test_standard_scoring_by_hand() -> None:
     assert summary["pixel_accuracy"] == pytest.approx(3 / 5)
     assert (summary["generated_names"], summary["unmatched_names"]) == (2, 0)
     assert summary["protocol"] == "standard"
+    # per class [intersection, union] of this image: wall [0, 2 + 0], sky [2, 2 + 3 - 2],
+    # road [1, 1 + 1 - 1]
     assert scorer.records == [
-        {"record_id": "a", "names": ["sky", "road"], "matched": ["sky", "road"], "unmatched": 0}
+        {
+            "record_id": "a",
+            "names": ["sky", "road"],
+            "matched": ["sky", "road"],
+            "unmatched": 0,
+            "classes": {"wall": [0, 2], "sky": [2, 3], "road": [1, 1]},
+        }
     ]
 
 
@@ -140,6 +148,8 @@ def test_compat_scoring_by_hand() -> None:
     assert summary["miou"] == pytest.approx(11 / 18)
     assert summary["pixel_accuracy"] == pytest.approx(4 / 6)
     assert summary["protocol"] == "lasagna_compat"
+    # per class [intersection, union]: wall [1, 3 + 1 - 1], sky [2, 2 + 4 - 2], road [1, 1]
+    assert scorer.records[0]["classes"] == {"wall": [1, 3], "sky": [2, 4], "road": [1, 1]}
 
 
 def lasagna_iou(images: list[tuple[torch.Tensor, list[int], torch.Tensor]], k: int) -> tuple:

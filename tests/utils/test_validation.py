@@ -26,8 +26,10 @@ from utils.datasets.validation import (
     ValEntry,
     build_validation_set,
     gsva_epoch_validation,
+    is_semantic,
     multi_groups,
     parse_val_datasets,
+    semantic_chunk_size,
 )
 from utils.evaluation import build_validation_jobs
 from utils.metrics import (
@@ -64,6 +66,10 @@ ACCEPTED = {
     "multirefclef|unc|val": ("multirefclef", "unc", "val"),
     "custom|mine/val.jsonl@mine/images": ("custom", "", "mine/val.jsonl@mine/images"),
     "custom|mine/val.json": ("custom", "", "mine/val.json"),
+    "ade20k|val": ("ade20k", "", "val"),
+    "cocostuff|val": ("cocostuff", "", "val"),
+    "cityscapes|val": ("cityscapes", "", "val"),
+    "mapillary|val": ("mapillary", "", "val"),
 }
 
 
@@ -98,6 +104,9 @@ def test_parse_joined_entries() -> None:
         "multirefzom|final|test",
         "custom|",
         "custom|a|b",
+        "ade20k|train",
+        "ade20k|unc|val",
+        "cocostuff|test",
     ],
 )
 def test_parse_rejects_with_accepted_forms(text: str) -> None:
@@ -453,3 +462,27 @@ def test_custom_entries_are_built_by_their_module() -> None:
     assert isinstance(validation, CustomValidation) and len(validation) == 2
     with pytest.raises(ValueError, match=r"custom\|<file>\[@<image root>\]"):
         parse_val_datasets("custom")
+
+
+def test_semantic_sets_mix_with_the_others_and_are_built_chunked(assets: Path) -> None:
+    """The "ade20k|val" entry and its three siblings join the other entries;
+    --semantic_val_chunk 0 asks for the whole class list in one question (LaSagnA), N in
+    questions of N names."""
+    from utils.datasets.semantic_val import SemanticValidation
+
+    tiny_dataset = assets / "dataset"
+    entries = parse_val_datasets("ade20k|val||ReasonSeg|val||cityscapes|val")
+    assert [is_semantic(entry) for entry in entries] == [True, False, True]
+    whole = build_validation_set(tiny_dataset, entries[0])
+    assert isinstance(whole, SemanticValidation) and len(whole[0].questions) == 1
+    chunked = build_validation_set(tiny_dataset, entries[0], semantic_val_chunk=60)
+    assert [len(q.split(", ")) for q in chunked[0].questions] == [60, 60, 30]
+    assert semantic_chunk_size(0) is None and semantic_chunk_size(7) == 7
+    with pytest.raises(ValueError, match="--semantic_val_chunk must be 0 or more, got -1"):
+        semantic_chunk_size(-1)
+    jobs = build_validation_jobs(tiny_dataset, "ade20k|val||ReasonSeg|val", semantic_val_chunk=60)
+    assert [(job.name, job.semantic) for job in jobs] == [
+        ("ade20k|val", True),
+        ("ReasonSeg|val", False),
+    ]
+    assert len(jobs[0].dataset[0].questions) == 3

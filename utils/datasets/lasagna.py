@@ -11,6 +11,11 @@ No separators, no lead-in phrase and no final period (LaSagnA `utils/sem_seg_dat
 its SEG_ANSWER_LIST lead-ins are commented out in training, the test parser still strips them).
 Every string here is copied from LaSagnA `utils/utils.py` and `test_sem.py`.
 
+Our samples write the pipeline's canonical markers, `[SEG]` for `<ins>` and `[REJ]` for
+`<no_ins>` ("wall[SEG]sky[REJ]person[SEG]"), with one mask row per marker as every family (an
+absent class's row is all zeros); `--vocabulary lasagna` turns the markers into LaSagnA's
+strings when a conversation is tokenized. The parser reads either spelling.
+
 Training draw (`get_sample_classes`, LaSagnA `utils/sem_seg_dataset.py:250-287`): the positives
 are every class with pixels, the negatives every other vocabulary class; a vocabulary shorter
 than `num_all_classes` uses all of them; at least `num_all_classes` positives ("maybe not
@@ -31,10 +36,11 @@ Parsing generated text (`parse_semantic_answer`, LaSagnA `test_sem.py:get_class_
 strips the lead-ins anywhere, removes newlines, keeps the text after "ASSISTANT:" (none: no
 class), removes "</s>" and every ".", captures the text before each `<ins>` and then REMOVES
 EVERY SPACE ("traffic light" -> "trafficlight") before fuzzy matching. Ours returns one entry per
-`<ins>` / `<no_ins>` token in order (so the k-th present entry is the k-th mask even when a name
-is empty), strips a lead-in only at the start, takes the text after the first "ASSISTANT:" when
-there is one (else the whole text, for decoded answers alone) and keeps inner spaces
-(whitespace runs folded to one space, ends stripped); `lasagna_name` gives LaSagnA's spelling.
+`<ins>` / `<no_ins>` token (or `[SEG]` / `[REJ]` marker) in order (so the k-th present entry is
+the k-th mask even when a name is empty), strips a lead-in only at the start, takes the text
+after the first "ASSISTANT:" when there is one (else the whole text, for decoded answers alone)
+and keeps inner spaces (whitespace runs folded to one space, ends stripped); `lasagna_name` gives
+LaSagnA's spelling.
 """
 
 from __future__ import annotations
@@ -46,18 +52,10 @@ from pathlib import Path
 
 import numpy as np
 
+from model.tokens import CAT_END_TOKEN, CAT_START_TOKEN, INS_TOKEN, NO_INS_TOKEN, SEMANTIC_TOKEN
 from utils.datasets.base import IGNORE_LABEL, IMAGE_PLACEHOLDER, Sample, stack_masks
 from utils.datasets.sem_seg import LabelMap, class_mask
-from utils.datasets.templates import Target
-
-# the vocabulary LaSagnA adds (utils/utils.py): `<ins>` and `<no_ins>` with add_tokens,
-# the other three with add_tokens(..., special_tokens=True)
-INS_TOKEN = "<ins>"
-NO_INS_TOKEN = "<no_ins>"
-SEMANTIC_TOKEN = "<semantic>"
-CAT_START_TOKEN = "<cat_start>"
-CAT_END_TOKEN = "<cat_end>"
-LASAGNA_TOKENS = (CAT_START_TOKEN, CAT_END_TOKEN, SEMANTIC_TOKEN, INS_TOKEN, NO_INS_TOKEN)
+from utils.datasets.templates import REJ, SEG, Target
 
 # LaSagnA utils/utils.py SEG_INPUT_LIST, in its order: the instruction sentences
 SEMANTIC_INSTRUCTIONS = (
@@ -87,7 +85,9 @@ SEMANTIC_QUESTIONS = tuple(
 )
 VALIDATION_TEMPLATE = 0  # test_sem_seg_dataset.py asks with SEG_INPUT_LIST[0]
 CLASS_JOINER = ", "
-PRESENT_ITEM, ABSENT_ITEM = "{class_name}" + INS_TOKEN, "{class_name}" + NO_INS_TOKEN
+# LaSagnA's SEG_INS_OUTPUT / SEG_NO_INS_OUTPUT with the canonical markers in place of its tokens
+PRESENT_ITEM, ABSENT_ITEM = "{class_name}" + SEG, "{class_name}" + REJ
+PRESENT_MARKERS = (INS_TOKEN, SEG)
 
 # LaSagnA train_ds.py `--num_all_classes` default (its README command passes 80 too; the
 # dataset class's own default, 100, is overridden by train_ds.py)
@@ -112,7 +112,10 @@ ANSWER_LEAD_INS = (
 ASSISTANT_MARK = "ASSISTANT:"
 END_OF_SEQUENCE = "</s>"
 PERIOD = "."
-ITEM_PATTERN = re.compile(rf"([^<>]*?)({re.escape(INS_TOKEN)}|{re.escape(NO_INS_TOKEN)})")
+ITEM_MARKERS = (INS_TOKEN, NO_INS_TOKEN, SEG, REJ)
+ITEM_PATTERN = re.compile(
+    r"([^<>]*?)(" + "|".join(re.escape(marker) for marker in ITEM_MARKERS) + ")"
+)
 WHITESPACE = re.compile(r"\s+")
 
 
@@ -143,8 +146,8 @@ def semantic_question(class_names: Sequence[str], template: int = VALIDATION_TEM
 
 
 def semantic_answer(items: Sequence[tuple[str, bool]]) -> str:
-    """ "wall<ins>sky<no_ins>..." from (name, present) items in answer order (names lower-cased,
-    as LaSagnA writes them)."""
+    """ "wall[SEG]sky[REJ]..." (LaSagnA's "wall<ins>sky<no_ins>...") from (name, present) items
+    in answer order (names lower-cased, as LaSagnA writes them)."""
     return "".join(
         (PRESENT_ITEM if present else ABSENT_ITEM).format(class_name=name.lower())
         for name, present in items
@@ -225,9 +228,11 @@ def semantic_targets(
 def lasagna_sample(
     image: np.ndarray, drawn: LasagnaSample, image_path: str | Path, source: str
 ) -> Sample:
-    """One conversation (question, answer); masks uint8 [p, H, W]: the present targets' masks
-    in answer order, one per `<ins>` (a `<no_ins>` item has no mask and no decoder call)."""
-    masks = [target.mask for target in drawn.targets if target.mask is not None]
+    """One conversation (question, answer); masks uint8 [n, H, W], one per answer item in
+    answer order: a present class's mask (`[SEG]`), all zeros for an absent one (`[REJ]`, which
+    prompts no decoder call)."""
+    empty = np.zeros(image.shape[:2], dtype=np.uint8)
+    masks = [empty if target.mask is None else target.mask for target in drawn.targets]
     return Sample(
         image,
         [[(drawn.question, drawn.answer)]],
@@ -238,8 +243,8 @@ def lasagna_sample(
 
 
 def parse_semantic_answer(text: str) -> list[tuple[str, bool]]:
-    """Generated text -> [(name, present)], one per `<ins>` / `<no_ins>` token in order (see the
-    module docstring for how this differs from LaSagnA's parser)."""
+    """Generated text -> [(name, present)], one per `<ins>` / `<no_ins>` (or `[SEG]` / `[REJ]`)
+    marker in order (see the module docstring for how this differs from LaSagnA's parser)."""
     if ASSISTANT_MARK in text:
         text = text.split(ASSISTANT_MARK, 1)[1]
     text = text.replace(END_OF_SEQUENCE, "").replace(PERIOD, "").strip()
@@ -248,7 +253,7 @@ def parse_semantic_answer(text: str) -> list[tuple[str, bool]]:
             text = text[len(lead_in) :]
             break
     return [
-        (WHITESPACE.sub(" ", name).strip(), token == INS_TOKEN)
+        (WHITESPACE.sub(" ", name).strip(), token in PRESENT_MARKERS)
         for name, token in ITEM_PATTERN.findall(text)
     ]
 

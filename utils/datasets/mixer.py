@@ -24,9 +24,11 @@ import numpy as np
 from torch.utils.data import Dataset, Sampler
 
 from utils.datasets.base import DataError, Sample, SamplingOptions, Source, UnusableSample
+from utils.datasets.lasagna import DEFAULT_NUM_ALL_CLASSES
 
 LOGGER = logging.getLogger(__name__)
-# family name -> (module, factory); factory(dataset_dir, names, options) -> list[Source]
+# family name -> (module, factory); factory(dataset_dir, names, options, **its
+# FAMILY_SETTINGS) -> list[Source]
 FAMILY_BUILDERS: dict[str, tuple[str, str]] = {
     "sem_seg": ("utils.datasets.sem_seg", "build_sem_seg_sources"),
     "refer_seg": ("utils.datasets.refer_seg", "build_refer_seg_sources"),
@@ -34,7 +36,10 @@ FAMILY_BUILDERS: dict[str, tuple[str, str]] = {
     "reason_seg": ("utils.datasets.reason_seg", "build_reason_seg_sources"),
     "multi_part_reason_seg": ("utils.datasets.mmr", "build_mmr_sources"),
     "custom": ("utils.datasets.custom", "build_custom_sources"),
+    "lasagna_sem_seg": ("utils.datasets.lasagna_sem_seg", "build_lasagna_sem_seg_sources"),
 }
+# the DataConfig fields a family's factory also takes, as keywords of the same name
+FAMILY_SETTINGS: dict[str, tuple[str, ...]] = {"lasagna_sem_seg": ("num_all_classes",)}
 MAX_DRAWS = 20
 # what reading a bad record raises at run time: DataError and other ValueErrors (malformed
 # records), OSError (unreadable files); --skip_bad_samples skips exactly these
@@ -53,6 +58,8 @@ DEFAULT_FAMILY_DATA: dict[str, str] = {
     "reason_seg": "ReasonSeg|train",
     "multi_part_reason_seg": "MMR_train.json",
     "custom": "",  # your own files: FILE[@IMAGE_ROOT][:WEIGHT] ("utils.datasets.custom")
+    # LaSagnA's --sem_seg_data default less openimage ("utils.datasets.lasagna_sem_seg")
+    "lasagna_sem_seg": "cocostuff||ade20k||mapillary||cityscapes",
 }
 # a source's share of its family's draws: its `weight` attribute when it has one (the custom
 # family's files), else DEFAULT_SOURCE_WEIGHT (sub-datasets drawn uniformly, as LISA)
@@ -65,6 +72,8 @@ class DataConfig:
     """The training mix (train_ds.py flags; lists already split on "||" / ",").
 
     family_data: for each family, the names of its sub-datasets (`--sem_seg_data` etc.).
+    num_all_classes: LaSagnA's class-list length (`--num_all_classes`, the lasagna_sem_seg
+        family's).
     """
 
     dataset_dir: Path
@@ -73,6 +82,7 @@ class DataConfig:
     family_data: dict[str, tuple[str, ...]] = field(default_factory=dict)
     options: SamplingOptions = field(default_factory=SamplingOptions)
     seed: int = 0
+    num_all_classes: int = DEFAULT_NUM_ALL_CLASSES
 
 
 def check_rates(dataset: Sequence[str], rates: Sequence[float]) -> np.ndarray:
@@ -97,9 +107,12 @@ def family_factory(family: str) -> Callable[..., list[Source]]:
 
 
 def build_family(config: DataConfig, family: str) -> list[Source]:
-    """The sources of one `--dataset` family; DataError if it has none."""
+    """The sources of one `--dataset` family (its FAMILY_SETTINGS passed as keywords);
+    DataError if it has none."""
     names = list(config.family_data.get(family, ()))
-    sources = family_factory(family)(Path(config.dataset_dir), names, config.options)
+    settings = {name: getattr(config, name) for name in FAMILY_SETTINGS.get(family, ())}
+    factory = family_factory(family)
+    sources = factory(Path(config.dataset_dir), names, config.options, **settings)
     if not sources:
         raise DataError(config.dataset_dir, family, "no usable sub-dataset", f"names {names}")
     return sources

@@ -5,8 +5,8 @@ A sample is an image, the set's whole class list in dataset order, the question(
 (SEMANTIC_QUESTIONS[0], as LaSagnA's test) and the ground-truth label map: uint8 [H, W] of class
 indices into that list, IGNORE_LABEL (255) where the annotation does not count. LaSagnA asks for
 the whole list in one question (its chunking loop, `test_class_internal`, is commented out), so
-the default `chunk_size` None does too; a chunk size splits the list into several questions in
-dataset order (for models whose context cannot hold 171 names).
+the default `chunk_size` None does too (`--semantic_val_chunk 0`); a chunk size splits the list
+into several questions in dataset order (for models whose context cannot hold 171 names).
 
 Layouts (label maps listed, each with its image) and label values:
 - `ade20k|val`: `ade20k/annotations/validation/*.png` (or `ADEChallengeData2016/`, the download's

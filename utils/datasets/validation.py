@@ -23,6 +23,10 @@ Accepted entries (upstream commits: LISA 3cb2d43, GSVA 618dc79, MMR 702a7b6):
 - "custom|FILE[@IMAGE_ROOT]": a file of the generic format (`utils.datasets.custom`, read under
   `--dataset_dir`): every conversation as written, teacher-forced, one target per
   `{seg}`/`{rej}`, named by its phrase.
+- "<ade20k|cocostuff|cityscapes|mapillary>|val": LaSagnA's semantic-segmentation sets
+  (`utils.datasets.semantic_val.SemanticValidation`, their real layouts): per image the class
+  list asked in `--semantic_val_chunk` names per question (0: all at once, as LaSagnA); always
+  evaluated by generation and scored with mIoU (`utils.semantic_eval`).
 - "RefCOCOm|<val|testA|testB>": `refer_seg/RefCOCOm/annotations/<--val_json_name>`, masks
   `refer_seg/RefCOCOm/masks/<segment_id>.png` (0/255), images train2014; per annotation, each
   sentence its own conversation as refCOCO (answered `--val_answer`).
@@ -60,6 +64,11 @@ from utils.datasets.refer import (
     REFER_ROOT,
     normalised_sentence,
     open_refer_index,
+)
+from utils.datasets.semantic_val import (
+    SEMANTIC_VAL_SETS,
+    SEMANTIC_VAL_SPLIT,
+    SemanticValidation,
 )
 from utils.datasets.templates import (
     DEFAULT_VAL_ANSWER,
@@ -103,6 +112,7 @@ TWO_FIELD_SPLITS: dict[str, tuple[str, ...] | None] = {
     "ReasonSeg": None,
     "MultiPartReasonSeg": ("val", "test"),
     "RefCOCOm": ("val", "testA", "testB"),
+    **{name: (SEMANTIC_VAL_SPLIT,) for name in SEMANTIC_VAL_SETS},
 }
 REFCOCOM_DIR = "refer_seg/RefCOCOm"
 CUSTOM_SET = "custom"
@@ -396,15 +406,32 @@ class RefCOCOmValidation:
                 yield error
 
 
+def is_semantic(entry: ValEntry) -> bool:
+    """Whether `entry` is one of the semantic-segmentation sets ("ade20k|val", ...)."""
+    return entry.dataset in SEMANTIC_VAL_SETS
+
+
+def semantic_chunk_size(semantic_val_chunk: int) -> int | None:
+    """`--semantic_val_chunk` as `class_chunks` takes it: 0 -> None (the whole list, LaSagnA)."""
+    if semantic_val_chunk < 0:
+        raise ValueError(f"--semantic_val_chunk must be 0 or more, got {semantic_val_chunk}")
+    return semantic_val_chunk or None
+
+
 def build_validation_set(
     dataset_dir: Path,
     entry: ValEntry,
     val_json_name: str = "",
     val_answer: str = DEFAULT_VAL_ANSWER,
-) -> ValidationSet:
+    semantic_val_chunk: int = 0,
+) -> ValidationSet | SemanticValidation:
     """The validation set of one parsed `--val_dataset` entry; the single-target sets answer
-    `val_answer` (ValueError unless it holds exactly one `[SEG]`)."""
+    `val_answer` (ValueError unless it holds exactly one `[SEG]`); the semantic sets ask
+    `semantic_val_chunk` class names per question (0: all)."""
     dataset_dir = Path(dataset_dir)
+    if is_semantic(entry):
+        chunk = semantic_chunk_size(semantic_val_chunk)
+        return SemanticValidation(dataset_dir, entry.dataset, chunk)
     if entry.dataset == "ReasonSeg":
         from utils.datasets.reason_seg import ReasonSegValidation
 
