@@ -115,7 +115,10 @@ def vocabulary_markers(
     token_ids: TokenIds,
 ) -> list[tuple[str, str | None]]:
     """Rounds with the canonical `[SEG]`/`[REJ]` written as the tokenizer's tokens at the
-    seg/rej ids (the model's vocabulary; unchanged for LISA's)."""
+    seg/rej ids (the model's vocabulary; unchanged for LISA's, and for a tokenizer without
+    segmentation tokens, whose ids are negative: LLaVA pretraining)."""
+    if min(token_ids.seg, token_ids.rej) < 0:
+        return list(rounds)
     seg, rej = tokenizer.convert_ids_to_tokens([token_ids.seg, token_ids.rej])
     if (seg, rej) == (SEG_TOKEN, REJ_TOKEN):
         return list(rounds)
