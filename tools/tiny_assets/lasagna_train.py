@@ -12,32 +12,16 @@
 
 from __future__ import annotations
 
-from tools.tiny_assets.common import Context, write_jpeg, write_json, write_palette_png, write_png
-from tools.tiny_assets.semantic import mapillary_keys
+from tools.tiny_assets.common import Context, write_json, write_png
 from tools.tiny_assets.semantic_val import (
     CITYSCAPES_SEQUENCE,
-    MAPILLARY_V12_INDEX,
-    MAPILLARY_V12_LABELS,
     cityscapes_label,
     cityscapes_panoptic_json,
-    mapillary_v12_config,
+    write_mapillary_v12,
     write_rgb_png,
 )
 
 CITYSCAPES_TRAIN_CITY = "aachen"
-
-
-def write_mapillary_v12_train(ctx: Context) -> None:
-    base = ctx.root / "mapillary"
-    config = mapillary_v12_config()
-    write_json(base / "config_v1.2.json", config)
-    colours = [label["color"] for label in config["labels"]]
-    scenes = ctx.scenes("mapillary", ctx.options.images_per_split)
-    unlabeled = MAPILLARY_V12_LABELS - 1
-    for key, scene in zip(mapillary_keys(ctx, len(scenes)), scenes, strict=True):
-        write_jpeg(base / "training" / "images" / f"{key}.jpg", scene.image)
-        label = scene.class_map(MAPILLARY_V12_INDEX, unlabeled)
-        write_palette_png(base / "training" / "v1.2" / "labels" / f"{key}.png", label, colours)
 
 
 def write_cityscapes_train(ctx: Context) -> None:
@@ -52,5 +36,5 @@ def write_cityscapes_train(ctx: Context) -> None:
 
 def write_lasagna_train(ctx: Context) -> None:
     """Both of LaSagnA's extra training layouts."""
-    write_mapillary_v12_train(ctx)
+    write_mapillary_v12(ctx, "training", "mapillary", "mapillary keys")
     write_cityscapes_train(ctx)

@@ -156,18 +156,20 @@ def mapillary_v12_config() -> dict:
     return {"labels": labels, "version": "1.2"}
 
 
-def write_mapillary_val(ctx: Context) -> None:
+def write_mapillary_v12(ctx: Context, split: str, scenes: str, keys: str) -> None:
+    """`mapillary/config_v1.2.json` and `<split>/images/<key>.jpg` with
+    `<split>/v1.2/labels/<key>.png` (pixel = v1.2 label index), from the random streams
+    `scenes` and `keys` (the training images reuse the `mapillary` family's)."""
     base = ctx.root / "mapillary"
     config = mapillary_v12_config()
     write_json(base / "config_v1.2.json", config)
     colours = [label["color"] for label in config["labels"]]
-    scenes = ctx.scenes("mapillary val", ctx.options.images_per_split)
+    drawn = ctx.scenes(scenes, ctx.options.images_per_split)
     unlabeled = MAPILLARY_V12_LABELS - 1
-    keys = mapillary_keys(ctx, len(scenes), "mapillary val keys")
-    for key, scene in zip(keys, scenes, strict=True):
-        write_jpeg(base / "validation" / "images" / f"{key}.jpg", scene.image)
+    for key, scene in zip(mapillary_keys(ctx, len(drawn), keys), drawn, strict=True):
+        write_jpeg(base / split / "images" / f"{key}.jpg", scene.image)
         label = scene.class_map(MAPILLARY_V12_INDEX, unlabeled)
-        write_palette_png(base / "validation" / "v1.2" / "labels" / f"{key}.png", label, colours)
+        write_palette_png(base / split / "v1.2" / "labels" / f"{key}.png", label, colours)
 
 
 def write_semantic_val(ctx: Context) -> None:
@@ -175,4 +177,4 @@ def write_semantic_val(ctx: Context) -> None:
     write_ade20k_val(ctx)
     write_cocostuff_val(ctx)
     write_cityscapes_val(ctx)
-    write_mapillary_val(ctx)
+    write_mapillary_v12(ctx, "validation", "mapillary val", "mapillary val keys")

@@ -63,7 +63,9 @@ from utils.datasets.semantic_val import (
     Vocabulary,
     ade20k_vocabulary,
     cityscapes_vocabulary,
+    class_positions,
     cocostuff_vocabulary,
+    known_values,
     mapillary_vocabulary,
 )
 
@@ -165,7 +167,7 @@ class LasagnaSemSegSource:
         self.root = next((path for path in candidates if path.is_dir()), candidates[0])
         vocabulary = self.spec.vocabulary(root, self.root)
         self.classes = vocabulary.names
-        self.position = {value: index for index, value in enumerate(vocabulary.values)}
+        self.position = class_positions(vocabulary)
         self.labels = sorted(self.root.glob(self.spec.labels))
         if not self.labels:
             hint = f"LaSagnA's {dataset} training layout: {self.spec.labels} under it"
@@ -187,15 +189,7 @@ class LasagnaSemSegSource:
         image = read_image(image_path, label_path, record)
         raw = read_label_map(label_path, image.shape[:2], label_path, record)
         values = stored_values(raw)
-        known = np.array([value in self.position for value in values.tolist()], dtype=bool)
-        unknown = values[~known & ~self.spec.ignored(values)]
-        if unknown.size:
-            raise DataError(
-                label_path,
-                record,
-                f"label value {int(unknown[0])} is neither one of the {len(self.classes)} "
-                f"{self.dataset} classes' values nor an ignored one",
-            )
+        known_values(values, self.position, self.spec.ignored, self.dataset, label_path, record)
         labels = np.array(
             [self.position.get(value, IGNORE_LABEL) for value in values.tolist()], dtype=np.int64
         )

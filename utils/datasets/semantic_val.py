@@ -248,6 +248,33 @@ def class_chunks(classes: list[str], chunk_size: int | None) -> list[list[str]]:
     return [classes[start : start + chunk_size] for start in range(0, len(classes), chunk_size)]
 
 
+def class_positions(vocabulary: Vocabulary) -> dict[int, int]:
+    """Stored label value -> class index (its position in the class list)."""
+    return {value: index for index, value in enumerate(vocabulary.values)}
+
+
+def known_values(
+    values: np.ndarray,
+    position: dict[int, int],
+    ignored: Callable[[np.ndarray], np.ndarray],
+    dataset: str,
+    file: Path,
+    record: str,
+) -> np.ndarray:
+    """bool [n]: which of a map's distinct stored `values` [n] are a class's; DataError naming
+    the first one that is neither a class's nor an `ignored` one."""
+    known = np.array([value in position for value in values.tolist()], dtype=bool)
+    unknown = values[~known & ~ignored(values)]
+    if unknown.size:
+        raise DataError(
+            file,
+            record,
+            f"label value {int(unknown[0])} is neither one of the {len(position)} "
+            f"classes' values nor an ignored one ({dataset})",
+        )
+    return known
+
+
 class SemanticValidation:
     """One of the four sets ("<dataset>|val"): `len` images, `[i]` a SemanticValSample, and
     `check` for the dataset doctor."""
@@ -291,16 +318,8 @@ class SemanticValidation:
     def class_indices(self, raw: np.ndarray, file: Path, record: str) -> np.ndarray:
         """Stored values [H, W] -> uint8 class indices (IGNORE_LABEL where ignored)."""
         values = stored_values(raw)
-        position = {value: index for index, value in enumerate(self.vocabulary.values)}
-        known = np.array([value in position for value in values.tolist()], dtype=bool)
-        unknown = values[~known & ~self.spec.ignored(values)]
-        if unknown.size:
-            raise DataError(
-                file,
-                record,
-                f"label value {int(unknown[0])} is neither one of the {len(self.classes)} "
-                f"classes' values nor an ignored one ({self.dataset})",
-            )
+        position = class_positions(self.vocabulary)
+        known = known_values(values, position, self.spec.ignored, self.dataset, file, record)
         lookup = np.full(int(values.max()) + 1, IGNORE_LABEL, dtype=np.uint8)
         for value in values[known].tolist():
             lookup[value] = position[value]
