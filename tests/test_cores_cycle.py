@@ -132,3 +132,21 @@ def test_cores_trains_under_zero3_merges_evaluates_and_chats(assets: Path, tmp_p
     original = cv2.imread(str(image))
     coarse_overlay = cv2.imread(str(vis / f"{stem}_coarse_overlay_0.png"))
     assert coarse_overlay.shape == original.shape
+
+    # generative evaluation of the rigged model on ReasonSeg's short-query test split: each
+    # generated chain's coarse mask lands in the JSONL beside the [SEG] mask it prompted
+    generate = ["--recipe=cores", f"--version={rigged}", "--eval_only", "--eval_protocol=generate"]
+    python(
+        "train_ds.py",
+        *generate,
+        *flags(assets, tmp_path, "generated"),
+        "--val_dataset=ReasonSeg|test_short",
+        "--max_new_tokens=4",
+    )
+    (summary_path,) = (tmp_path / "generated").glob("eval_*_generate.json")
+    generated = json.loads(summary_path.read_text())
+    assert generated["name"] == "ReasonSeg|test_short (generate)"
+    assert generated["summary"]["missing_targets"] == 0  # the rigged answer generalises
+    lines = summary_path.with_suffix(".jsonl").read_text().splitlines()
+    assert len(lines) == generated["records"] > 0
+    assert all("coarse_mask" in json.loads(line) for line in lines)
