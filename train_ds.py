@@ -50,6 +50,7 @@ from utils.semantic_eval import PER_CLASS_IOU, format_class_table
 from utils.training import (
     NonFiniteLossError,
     RunLogger,
+    close_distributed,
     describe_run,
     init_distributed,
     launcher_rank,
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None):
             tqdm.write(line, file=sys.stderr)
         raise SystemExit(1) from None
     finally:
+        close_distributed()
         lock.release()
 
 

@@ -64,6 +64,7 @@ with contextlib.redirect_stdout(sys.stderr):
     from utils.flops import StepFlops, device_peak  # noqa: E402
     from utils.memory_plan import activation_bytes, activation_shape  # noqa: E402
     from utils.training import (  # noqa: E402
+        close_distributed,
         init_distributed,
         training_dataset,
         training_loader,
@@ -185,6 +186,13 @@ def run_steps(engine, loader, config, steps: int, device, dtype) -> tuple[Clock,
 
 def measure(args) -> dict:
     rank, world = init_distributed()
+    try:
+        return measure_in_group(args, rank, world)
+    finally:
+        close_distributed()
+
+
+def measure_in_group(args, rank: int, world: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         assets = write_assets(args.preset, Path(scratch))
         config = train_config(args, assets)

@@ -76,6 +76,14 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def close_distributed() -> None:
+    """Destroy the process group before the interpreter exits. Left to interpreter shutdown,
+    the communication backend's threads can be torn down in the wrong order and abort the
+    process ("terminate called without an active exception") after a successful run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     """Same seed on every rank, so randomly initialised parts start identical."""
     random.seed(seed)
