@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from model.builder import build_segmenter
 from model.layouts import LEGACY_LAYOUTS, Layout, detect_layout, image_settings_directory
+from model.packing import packing_enabled
 from utils.collate import SampleProcessor
 from utils.config import ResolvedConfig, TrainConfig, resolve_config
 from utils.datasets.base import DataError
@@ -274,6 +275,7 @@ def run(resolved: ResolvedConfig, state: RunState, world: int):
     layout = detect_layout(config.version)  # once per run, handed on
     model, tokenizer = build_segmenter(config.model_config(), layout)
     model.full_logits = config.full_logits
+    model.packing = packing_enabled(config.packing, config.attn_implementation)
     if config.weight:
         load_weights(model, config.weight)
     # CLIP's image settings: --version's own, or --vision-tower's for the legacy layouts

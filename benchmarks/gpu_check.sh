@@ -6,11 +6,13 @@
 # 1. memory plan of the 7B m2sa recipe (train_ds.py --estimate_memory --json, no weights);
 # 2. a training step of the 7b preset (random LLaVA-7B + SAM ViT-H weights, bf16, ZeRO-2,
 #    gradient checkpointing, flash-attention 2 when flash_attn is installed, else sdpa):
-#    trimmed logits, then full logits on the same samples (samples/s, tokens/s, model TFLOP/s,
-#    MFU against the card's bf16 peak, peak memory, "speedup");
+#    padded with trimmed logits, then full logits, then packed (--packing: with flash-attention 2
+#    one varlen row per micro-batch), each for the same number of steps (samples/s, tokens/s,
+#    model TFLOP/s, MFU against the card's bf16 peak, peak memory, "speedup" of trimmed over
+#    full logits, "packing_speedup" of packed over padded);
 # 3. generation of the 7b preset with and without the KV cache.
-# Padding-free packing is not in this check yet (issue 19 item 1). Each part has its own time
-# limit; a part that fails or runs out of time is recorded as an error and the rest still runs.
+# Each part has its own time limit; a part that fails or runs out of time is recorded as an
+# error and the rest still runs.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,9 +39,9 @@ run() {
 
 run memory_plan 40 "$PYTHON" train_ds.py --version=LLaVA-7B-Lightening-v1-1 \
     --estimate_memory --json --gpu_memory_gb=80
-run train_step 340 "$PYTHON" benchmarks/train_step.py --preset 7b --steps 5 \
+run train_step 340 "$PYTHON" benchmarks/train_step.py --preset 7b --steps 4 \
     --grad_accumulation_steps 2 --workers 4 --attn_implementation "$ATTENTION" \
-    --compare_full_logits
+    --compare_full_logits --compare_packing
 run generate 90 "$PYTHON" benchmarks/generate.py --preset 7b --new_tokens 32,128 \
     --batch_sizes 1,8
 

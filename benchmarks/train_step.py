@@ -3,8 +3,11 @@ optimizer step, samples/s, the fraction of step time outside the model's forward
 (on an accelerator) peak memory and model-FLOPs utilisation. Prints JSON.
 
     python benchmarks/train_step.py [--preset tiny] [--steps 20] [--workers 4]
-    python benchmarks/train_step.py --preset small [--batches 3]
+    python benchmarks/train_step.py --preset small [--batches 3] [--compare both]
     deepspeed --num_gpus 1 benchmarks/train_step.py --preset 7b [--offload_optimizer]
+
+`--compare_full_logits` and `--compare_packing` (tiny, 7b) time as many steps again with full
+logits, or with `--packing` flipped, adding "speedup" and "packing_speedup".
 
 "tiny": the tiny model on the shapes-world assets, on CPU. "7b": a random-weight
 LLaVA-7B-shaped backbone (LLaMA-7B, CLIP ViT-L/14 224 px) and SAM ViT-H, written to disk and
@@ -12,12 +15,17 @@ loaded through the real builder, bf16, ZeRO-2, gradient checkpointing (meant for
 writes about 16 GB of random weights first). Both run the real data pipeline, DeepSpeed engine
 and train_ds.py flags.
 
-"small" (CPU) compares trimmed with full logits on the same batches in one run: a LLaMA of
-width 1024, 8 layers and a 32000-token vocabulary, a CLIP giving 256 image tokens, the m2sa
-recipe's mix and question templates on the shapes-world assets, fp32; forward + backward of
-each batch on each path (same dropout masks), alternating. JSON: "speedup" (trimmed over full
-samples/s), "max_abs_loss_diff", and per path the seconds per batch and the peak resident
-memory the step added, against the memory planner's activation estimate of those batches.
+"small" (CPU) compares two paths on the same batches in one run: a LLaMA of width 1024,
+8 layers and a 32000-token vocabulary, a CLIP giving 256 image tokens, the m2sa recipe's mix and
+question templates on the shapes-world assets, fp32; forward + backward of each batch on each
+path, alternating. `--compare logits` (default): trimmed against full logits (same dropout
+masks); `--compare packing`: packed against padded language-model passes (`--packing`), both
+with trimmed logits; `--compare both`: packed with trimmed logits against padded with full
+logits (where a path packs, both run with dropout off: packing changes the dropout masks' shapes).
+JSON: "speedup" (candidate over baseline samples/s), "max_abs_loss_diff", and per path the
+seconds per batch and the peak resident memory the step added, against the memory planner's
+activation estimate of those batches (the planner counts padded slots, also for "packed");
+"conversations" and "packed_rows" count the language-model rows without and with packing.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ with contextlib.redirect_stdout(sys.stderr):
     from benchmarks.report import print_report  # noqa: E402
     from model.backbone import image_token_count  # noqa: E402
     from model.builder import build_segmenter  # noqa: E402
+    from model.packing import plan_packing, row_capacity  # noqa: E402
     from model.tiny import (  # noqa: E402
         CLIP_L14_224,
         LLAMA_7B,
@@ -76,6 +85,21 @@ PRESET_FLAGS = {
     "7b": ["--precision=bf16", "--out_dim=256", "--lora_r=8", "--gradient_checkpointing"],
 }
 WARMUP_STEPS = 3
+# small preset: per comparison, its two paths (baseline first) as Segmenter attributes
+COMPARISONS = {
+    "logits": {
+        "full": {"full_logits": True, "packing": False},
+        "trimmed": {"full_logits": False, "packing": False},
+    },
+    "packing": {
+        "padded": {"full_logits": False, "packing": False},
+        "packed": {"full_logits": False, "packing": True},
+    },
+    "both": {
+        "padded_full": {"full_logits": True, "packing": False},
+        "packed_trimmed": {"full_logits": False, "packing": True},
+    },
+}
 BYTES_PER_GB = 2**30
 TERA = 1e12
 
@@ -96,6 +120,21 @@ def parse() -> argparse.Namespace:
         "--compare_full_logits",
         action="store_true",
         help="after the timed steps, time as many with full logits; adds 'speedup'",
+    )
+    parser.add_argument(
+        "--packing",
+        default=False,
+        action=argparse.BooleanOptionalAction,
+        help="tiny/7b: the padding-free language-model pass (train_ds.py's --packing)",
+    )
+    parser.add_argument(
+        "--compare_packing",
+        action="store_true",
+        help="tiny/7b: then time as many steps with --packing flipped; adds 'packing_speedup' "
+        "(packed over padded samples/s)",
+    )
+    parser.add_argument(
+        "--compare", choices=sorted(COMPARISONS), default="logits", help="small: the two paths"
     )
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument("--batches", type=int, default=3, help="small: batches per path")
@@ -198,6 +237,7 @@ def measure_in_group(args, rank: int, world: int) -> dict:
         config = train_config(args, assets)
         model, tokenizer = build_segmenter(config.model_config())
         model.full_logits = args.full_logits
+        model.packing = args.packing
         processor = SampleProcessor.for_model(
             model, tokenizer, config.version, config.conv_type, config.model_max_length
         )
@@ -206,16 +246,24 @@ def measure_in_group(args, rank: int, world: int) -> dict:
         loader = training_loader(dataset, config, rank, world, model.token_ids.pad)
         device = get_accelerator().current_device_name()
         dtype = config.model_config().dtype
-        result = summarise(
-            args, config, model, *run_steps(engine, loader, config, args.steps, device, dtype)
-        )
+
+        def timed() -> dict:
+            get_accelerator().reset_peak_memory_stats()
+            steps = run_steps(engine, loader, config, args.steps, device, dtype)
+            return summarise(args, config, model, *steps)
+
+        result = timed()
         if args.compare_full_logits:
             model.full_logits = True
-            full = summarise(
-                args, config, model, *run_steps(engine, loader, config, args.steps, device, dtype)
-            )
-            result["full_logits"] = full
-            result["speedup"] = result["samples_per_s"] / full["samples_per_s"]
+            result["full_logits"] = timed()
+            result["speedup"] = result["samples_per_s"] / result["full_logits"]["samples_per_s"]
+            model.full_logits = args.full_logits
+        if args.compare_packing:
+            model.packing = not args.packing
+            other = timed()
+            packed, padded = (result, other) if args.packing else (other, result)
+            result["packed" if model.packing else "padded"] = other
+            result["packing_speedup"] = packed["samples_per_s"] / padded["samples_per_s"]
     return result
 
 
@@ -229,6 +277,7 @@ def summarise(args, config, model, clock: Clock, counts: Counts) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "attn_implementation": config.attn_implementation,
         "full_logits": model.full_logits,
+        "packing": model.packing,
         "image_tokens": image_token_count(model.llava.config),
         "seconds_per_step": total / args.steps,
         "seconds_per_step_by_part": per_step,
@@ -343,15 +392,29 @@ def planned_bytes(model, config, batch, head_rows: int) -> int:
     return activations + trainable * shape.bytes_per_value
 
 
-def compare_logits(args) -> dict:
-    """Trimmed and full logits, alternating on the same batches; the first batch warms up."""
+def packed_rows(batch, attn_implementation: str) -> int:
+    """The rows `--packing` packs this batch's conversations into."""
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    capacity = row_capacity(lengths, batch.input_ids.shape[1], attn_implementation)
+    return len(plan_packing(lengths, capacity).rows)
+
+
+def compare_paths(args) -> dict:
+    """The two paths of `args.compare`, alternating on the same batches; the first batch warms
+    up."""
     with tempfile.TemporaryDirectory() as scratch:
         config, model, batches = small_batches(args, Path(scratch))
     model.train()
-    runs: dict[str, list[dict]] = {"full": [], "trimmed": []}
+    paths = COMPARISONS[args.compare]
+    if any(settings["packing"] for settings in paths.values()):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    runs: dict[str, list[dict]] = {path: [] for path in paths}
     for index, batch in enumerate(batches):
-        for path in runs:
-            model.full_logits = path == "full"
+        for path, settings in paths.items():
+            for name, value in settings.items():
+                setattr(model, name, value)
             run = forward_backward(model, batch, seed=index)
             run["planned_bytes"] = planned_bytes(model, config, batch, run["head_rows"])
             if index:
@@ -360,8 +423,11 @@ def compare_logits(args) -> dict:
     samples = sum(batch.num_images for batch in timed)
     tokens = sum(int(batch.attention_mask.sum()) for batch in timed)
     slots = sum(batch.attention_mask.numel() for batch in timed)
-    result = {"preset": "small", "batches": len(timed), "samples": samples}
+    result = {"preset": "small", "compare": args.compare, "batches": len(timed)}
+    result["samples"] = samples
     result["padding_fraction"] = 1 - tokens / slots
+    result["conversations"] = sum(batch.input_ids.shape[0] for batch in timed)
+    result["packed_rows"] = sum(packed_rows(batch, config.attn_implementation) for batch in timed)
     for path, path_runs in runs.items():
         seconds = sum(run["seconds"] for run in path_runs)
         peak = max(run["added_bytes"] for run in path_runs)
@@ -375,17 +441,17 @@ def compare_logits(args) -> dict:
             "planned_over_measured": planned / peak,
             "losses": [run["loss"] for run in path_runs],
         }
-    result["speedup"] = result["trimmed"]["samples_per_s"] / result["full"]["samples_per_s"]
+    baseline, candidate = (result[path] for path in paths)
+    result["speedup"] = candidate["samples_per_s"] / baseline["samples_per_s"]
     result["max_abs_loss_diff"] = max(
-        abs(a - b)
-        for a, b in zip(result["trimmed"]["losses"], result["full"]["losses"], strict=True)
+        abs(a - b) for a, b in zip(candidate["losses"], baseline["losses"], strict=True)
     )
     return result
 
 
 def main() -> None:
     args = parse()
-    print_report(compare_logits if args.preset == "small" else measure, args)
+    print_report(compare_paths if args.preset == "small" else measure, args)
 
 
 if __name__ == "__main__":

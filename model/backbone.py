@@ -22,6 +22,8 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from model.packing import pack, unpack
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 WEIGHT_FILE_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 
@@ -191,10 +193,27 @@ def language_model_hidden_states(
     return language_model_step(llava, input_ids, attention_mask, conversation_features)[0]
 
 
-def language_model_step(
+def packed_language_model_hidden_states(
     llava: LlavaForConditionalGeneration,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    conversation_features: torch.Tensor,
+    pad_id: int,
+) -> torch.Tensor:
+    """`language_model_hidden_states` with the conversations packed padding-free (model.packing).
+
+    Same arguments and result [C, L, H] (zero at padding positions); pad_id fills row tails.
+    """
+    packed = pack(input_ids, attention_mask, pad_id, llava.config.text_config._attn_implementation)
+    features = conversation_features[packed.order]
+    hidden, _ = language_model_step(llava, packed.input_ids, None, features, packed.position_ids)
+    return unpack(hidden, packed, *input_ids.shape)
+
+
+def language_model_step(
+    llava: LlavaForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     conversation_features: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     past_key_values: Cache | None = None,
@@ -202,7 +221,8 @@ def language_model_step(
 ) -> tuple[torch.Tensor, Cache | None]:
     """The language model over new tokens: (hidden states [C, L_new, H], KV cache or None).
 
-    input_ids: [C, L_new]; attention_mask: [C, L_past + L_new] (False on padding);
+    input_ids: [C, L_new]; attention_mask: [C, L_past + L_new] (False on padding), or None for
+    packed rows (transformers then starts a new sequence wherever position_ids restart);
     conversation_features: [C, T, H] when input_ids hold image tokens, else None;
     position_ids: [C, L_new] (left-padded rows need them); past_key_values: the cache of the
     L_past earlier tokens, extended in place when `use_cache`.

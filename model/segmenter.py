@@ -22,6 +22,8 @@ about 0.5 GB in fp32 per micro-batch plus its gradient. The CE equals the full-l
 sum over the same tokens, same count). In eval mode, or with `full_logits=True`
 (`--full_logits`), the head runs on every position and `SegmenterOutput.logits` holds them, as
 evaluation and the tests of generation read them.
+With `packing=True` (`--packing`) the LLM runs padding-free (model.packing): the hidden states
+at padding positions are zero instead of the padded pass's, and nothing downstream reads them.
 The graph is static: the projector and the mask decoder run exactly once per batch (see
 `decode_targets`), which ZeRO-3 on several ranks requires.
 
@@ -48,7 +50,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from model.backbone import image_features, language_model_hidden_states
+from model.backbone import (
+    image_features,
+    language_model_hidden_states,
+    packed_language_model_hidden_states,
+)
 from model.batch import Batch
 from model.losses import (
     LossWeights,
@@ -227,6 +233,7 @@ class Segmenter(nn.Module):
         early_fusion: EarlyFusion | None = None,
         early_layer: int | None = None,
         full_logits: bool = False,
+        packing: bool = False,
         supervise_coarse: bool = False,
     ) -> None:
         super().__init__()
@@ -242,6 +249,7 @@ class Segmenter(nn.Module):
         self.token_ids = token_ids
         self.loss_weights = loss_weights
         self.full_logits = full_logits
+        self.packing = packing
         self.supervise_coarse = supervise_coarse
 
     @property
@@ -317,10 +325,14 @@ class Segmenter(nn.Module):
         return embeddings
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
-        """Hidden states [C, L, H] of the final layer, after the norm."""
-        features = image_features(self.llava, batch.clip_pixels)
+        """Hidden states [C, L, H] of the final layer, after the norm (packed with `packing`)."""
+        features = image_features(self.llava, batch.clip_pixels)[batch.conv_image]
+        if self.packing:
+            return packed_language_model_hidden_states(
+                self.llava, batch.input_ids, batch.attention_mask, features, self.token_ids.pad
+            )
         return language_model_hidden_states(
-            self.llava, batch.input_ids, batch.attention_mask, features[batch.conv_image]
+            self.llava, batch.input_ids, batch.attention_mask, features
         )
 
     @property

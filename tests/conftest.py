@@ -36,7 +36,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def launched_run(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run of the real DeepSpeed launcher on two CPU ranks (ZeRO-2, MMR README flags, 8
-    steps), shared by the launcher and merge tests. Returns its run directory."""
+    steps, the padding-free `--packing` pass), shared by the launcher and merge tests. Returns
+    its run directory."""
     from tests.e2e import launch_two_ranks
 
-    return launch_two_ranks(assets, tmp_path_factory.mktemp("launched"), "M2SA", zero_stage=2)
+    runs = tmp_path_factory.mktemp("launched")
+    return launch_two_ranks(assets, runs, "M2SA", zero_stage=2, extra=("--packing",))

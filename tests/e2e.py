@@ -72,9 +72,11 @@ def python(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedP
     return run([sys.executable, script, *args], timeout)
 
 
-def launch_two_ranks(assets: Path, runs: Path, exp_name: str, zero_stage: int) -> Path:
-    """`deepspeed --num_gpus 2 train_ds.py` with the MMR README's flags, 2 epochs of 4 steps.
-    Returns the run directory."""
+def launch_two_ranks(
+    assets: Path, runs: Path, exp_name: str, zero_stage: int, extra: tuple[str, ...] = ()
+) -> Path:
+    """`deepspeed --num_gpus 2 train_ds.py` with the MMR README's flags, 2 epochs of 4 steps,
+    and `extra` flags. Returns the run directory."""
     flags = (
         tiny_flags(assets, runs, exp_name)
         + MMR_README_FLAGS
@@ -83,6 +85,7 @@ def launch_two_ranks(assets: Path, runs: Path, exp_name: str, zero_stage: int) -
             "--epochs=2",
             "--steps_per_epoch=4",
             f"--zero_stage={zero_stage}",
+            *extra,
         ]
     )
     deepspeed = Path(sys.executable).parent / "deepspeed"

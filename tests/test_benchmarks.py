@@ -21,15 +21,18 @@ def run_json(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
-def test_train_step_benchmark_reports_the_split() -> None:
-    report = run_json("benchmarks/train_step.py", "--steps", "2", "--workers", "0")
-    parts = report["seconds_per_step_by_part"]
-    assert set(parts) == {"data", "forward", "backward", "step"}
-    assert report["seconds_per_step"] > 0 and 0 <= report["data_wait_fraction"] < 1
-    assert (
-        report["seconds_per_step"] == sum(parts.values())
-        or abs(report["seconds_per_step"] - sum(parts.values())) < 1e-9
+def test_train_step_benchmark_reports_the_split_and_the_packing_comparison() -> None:
+    flags = ("--steps", "2", "--workers", "0", "--compare_packing")
+    report = run_json("benchmarks/train_step.py", *flags)
+    assert not report["packing"] and report["packed"]["packing"]
+    assert report["packing_speedup"] == pytest.approx(
+        report["packed"]["samples_per_s"] / report["samples_per_s"]
     )
+    for timed in (report, report["packed"]):
+        parts = timed["seconds_per_step_by_part"]
+        assert set(parts) == {"data", "forward", "backward", "step"}
+        assert timed["seconds_per_step"] > 0 and 0 <= timed["data_wait_fraction"] < 1
+        assert timed["seconds_per_step"] == pytest.approx(sum(parts.values()), abs=1e-9)
 
 
 def test_data_throughput_benchmark_covers_every_source() -> None:
@@ -125,3 +128,17 @@ def test_generate_benchmark_compares_cached_and_rerun_paths() -> None:
         assert entry["speedup"] == pytest.approx(
             entry["rerun_seconds_per_answer"] / entry["cached_seconds_per_answer"]
         )
+
+
+@pytest.mark.slow
+def test_small_preset_compares_packed_trimmed_with_padded_full_logits() -> None:
+    report = run_json(
+        "benchmarks/train_step.py", "--preset", "small", "--batches", "2", "--compare", "both"
+    )
+    assert report["compare"] == "both" and report["batches"] == 2
+    baseline, candidate = report["padded_full"], report["packed_trimmed"]
+    assert report["speedup"] == pytest.approx(
+        candidate["samples_per_s"] / baseline["samples_per_s"]
+    )
+    assert report["max_abs_loss_diff"] < 1e-4
+    assert 0 < report["packed_rows"] <= report["conversations"]

@@ -1,5 +1,6 @@
 """train_ds.py end to end on the tiny assets: a one-process run and its outputs, --eval_only
-on the checkpoint reproducing the in-training validation, a run killed after its first
+on the checkpoint reproducing the in-training validation (the run trains and validates with
+`--packing`, the evaluation pads: the two passes agree), a run killed after its first
 checkpoint resuming with the same losses, and the real DeepSpeed launcher on two CPU ranks with
 the MMR README's flags (ZeRO-2; ZeRO-3 in the slow tier)."""
 
@@ -31,6 +32,7 @@ def trained(assets, tmp_path_factory) -> Path:
         "--epochs=2",
         "--steps_per_epoch=3",
         "--eval_steps=2",
+        "--packing",
     ]
     run([sys.executable, "train_ds.py", *flags])
     return runs / "tiny"
@@ -40,7 +42,7 @@ def test_one_process_run_writes_every_output(trained: Path) -> None:
     for name in ("config.json", "token_ids.json", "versions.json", "tokenizer/tokenizer.json"):
         assert (trained / name).is_file(), name
     config = json.loads((trained / "config.json").read_text())
-    assert config["steps_per_epoch"] == 3 and config["lora_r"] == 4
+    assert config["steps_per_epoch"] == 3 and config["lora_r"] == 4 and config["packing"]
     checkpoint = trained / "ckpt_model"
     assert (checkpoint / "latest").read_text().strip() == "global_step6"
     assert (checkpoint / "zero_to_fp32.py").is_file() and (checkpoint / "global_step6").is_dir()

@@ -135,6 +135,7 @@ class TrainConfig:
     print_config: bool
     force_unlock: bool
     full_logits: bool
+    packing: bool | None
     estimate_memory: bool
     gpu_memory_gb: float
     estimate_gpus: int

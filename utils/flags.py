@@ -298,6 +298,16 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
         "the scored and [SEG]/[REJ]-deciding positions)",
     )
     add(
+        "--packing",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="run the language model padding-free in training and teacher-forced evaluation: "
+        "conversations packed into rows with restarting positions, attention confined to each "
+        "(generation never packs). Default: on with flash_attention_2 (one varlen row per "
+        "micro-batch), off with sdpa/eager (rows of at most the padded length: about the padded "
+        "pass's work)",
+    )
+    add(
         "--estimate_memory",
         action="store_true",
         help="print the per-GPU memory of this run by part (no weights loaded) and exit; "

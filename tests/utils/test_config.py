@@ -135,6 +135,12 @@ def test_both_spellings_equals_and_space_forms_and_negations() -> None:
     assert config.gradient_checkpointing and config.auto_resume
 
 
+def test_packing_is_unset_by_default_and_both_spellings_set_it() -> None:
+    assert parse_args([]).packing is None  # model.packing.packing_enabled decides
+    assert parse_args(["--packing"]).packing is True
+    assert parse_args(["--packing", "--no-packing"]).packing is False
+
+
 def test_typed_configs_follow_the_flags() -> None:
     config = parse_args(
         [

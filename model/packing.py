@@ -1,0 +1,126 @@
+"""Padding-free packing of the language model pass (`--packing`).
+
+The C right-padded conversations [C, L] are placed first-fit, in order, into R rows (a
+conversation is never split). Position ids restart at 0 for every conversation, and with
+`attention_mask=None` and no KV cache transformers confines the attention to each conversation
+from the position ids alone, in two different ways:
+- sdpa and eager (`masking_utils.find_packed_sequence_indices`): a new sequence starts wherever
+  the position id does not grow by one, in every row, and the mask is block-diagonal causal. Its
+  cost is quadratic in the row's width, so rows hold at most L tokens (the padded length).
+- flash-attention (`modeling_flash_attention_utils._is_packed_sequence`): the varlen kernel, but
+  only for a batch of ONE row; with several rows it would attend across conversations. So every
+  conversation goes into one row of sum(lengths) tokens, which the varlen kernel handles at no
+  quadratic cost.
+A row's unused tail gets position ids 0, 1, ... too, so it is a separate sequence that no
+conversation attends to. Image features follow the packed
+order (LLaVA scatters them into the image tokens in row-major order). The hidden states are then
+unpacked to [C, L, H], zero at padding positions (downstream reads only non-padding positions).
+Generation (KV cache) never packs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLASH_ATTENTION_PREFIX = "flash_attention"
+
+
+def packing_enabled(choice: bool | None, attn_implementation: str) -> bool:
+    """`--packing`/`--no-packing` as given; unset (None): on only for flash-attention, where
+    the one varlen row removes the padding's work, off for sdpa/eager, where rows bounded by L
+    seldom hold two conversations that carry image tokens."""
+    if choice is None:
+        return attn_implementation.startswith(FLASH_ATTENTION_PREFIX)
+    return choice
+
+
+def row_capacity(lengths: list[int], padded_length: int, attn_implementation: str) -> int:
+    """Tokens per packed row: all of them in one row for flash-attention, else the padded length
+    L (see the module docstring)."""
+    if attn_implementation.startswith(FLASH_ATTENTION_PREFIX):
+        return sum(lengths)
+    return padded_length
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """Where each conversation sits: rows[r] lists conversation indices; offsets[c] its start."""
+
+    rows: list[list[int]]
+    row_of: list[int]
+    offsets: list[int]
+    lengths: list[int]
+    width: int
+
+
+def plan_packing(lengths: list[int], capacity: int) -> PackPlan:
+    """First-fit in order: each conversation goes to the first row with room, else a new row.
+
+    A conversation longer than `capacity` sits alone in its own row; width = longest row.
+    """
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    row_of, offsets = [], []
+    for index, length in enumerate(lengths):
+        row = next((r for r, used in enumerate(fill) if used + length <= capacity), len(rows))
+        if row == len(rows):
+            rows.append([])
+            fill.append(0)
+        row_of.append(row)
+        offsets.append(fill[row])
+        rows[row].append(index)
+        fill[row] += length
+    return PackPlan(rows, row_of, offsets, list(lengths), max(fill, default=0))
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """The packed language-model inputs and how to undo them.
+
+    input_ids, position_ids: [R, W]; order: [C] conversation indices in packed (row-major) order;
+    source, target: [N] flat indices (into R*W and C*L) of the N non-padding tokens.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    order: torch.Tensor
+    source: torch.Tensor
+    target: torch.Tensor
+
+
+def pack(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, attn_implementation: str
+) -> PackedBatch:
+    """Pack right-padded conversations input_ids, attention_mask [C, L] into rows of
+    `row_capacity` tokens for the language model's attention implementation."""
+    conversations, padded_length = input_ids.shape
+    lengths = attention_mask.sum(dim=1).tolist()
+    plan = plan_packing(lengths, row_capacity(lengths, padded_length, attn_implementation))
+    device = input_ids.device
+    packed = torch.full((len(plan.rows), plan.width), pad_id, dtype=input_ids.dtype, device=device)
+    positions = torch.arange(plan.width, device=device).repeat(len(plan.rows), 1)
+    sources, targets = [], []
+    for index in range(conversations):
+        row, start, length = plan.row_of[index], plan.offsets[index], plan.lengths[index]
+        packed[row, start : start + length] = input_ids[index, :length]
+        steps = torch.arange(length, device=device)
+        positions[row, start : start + length] = steps
+        sources.append(row * plan.width + start + steps)
+        targets.append(index * padded_length + steps)
+    for row, members in enumerate(plan.rows):
+        end = plan.offsets[members[-1]] + plan.lengths[members[-1]]
+        positions[row, end:] = torch.arange(plan.width - end, device=device)
+    order = torch.tensor([index for members in plan.rows for index in members], device=device)
+    return PackedBatch(packed, positions, order, torch.cat(sources), torch.cat(targets))
+
+
+def unpack(
+    hidden: torch.Tensor, packed: PackedBatch, conversations: int, length: int
+) -> torch.Tensor:
+    """Packed hidden states [R, W, H] -> [C, L, H], zero at padding positions."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = flat.new_zeros(conversations * length, hidden.shape[-1])
+    out = out.index_copy(0, packed.target, flat[packed.source])
+    return out.reshape(conversations, length, hidden.shape[-1])
