@@ -190,3 +190,15 @@ def rig_merged_checkpoint(merged, image, question: str, roles: list[str], direct
         source_version=merged,
         conv_type=segmentation.conv_type,
     )
+
+
+def forward_backward(model, batch: Batch, **settings) -> tuple:
+    """Set the segmenter's path switches (`full_logits`, `packing`), then one forward and
+    backward from fresh gradients. Returns (SegmenterOutput, {parameter name: gradient})."""
+    model.zero_grad(set_to_none=True)
+    for name, value in settings.items():
+        setattr(model, name, value)
+    output = model(batch)
+    output.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return output, grads

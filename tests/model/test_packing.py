@@ -15,6 +15,7 @@ from model.backbone import image_features, language_model_step
 from model.packing import pack, packing_enabled, plan_packing, row_capacity, unpack
 from model.tiny import build_tiny_segmenter
 from model.tokens import predictor_mask
+from tests.helpers import forward_backward
 from utils.collate import SampleProcessor, collate
 from utils.config import parse_args
 from utils.datasets.mixer import HybridDataset, build_sources
@@ -108,12 +109,9 @@ def test_the_batch_mixes_what_packing_must_handle(cores_batch) -> None:
     assert len(plan.rows) < batch.input_ids.shape[0]  # something is actually packed
 
 
-def forward_backward(model, batch, packing: bool):
-    model.zero_grad(set_to_none=True)
-    model.packing = packing
-    output = model(batch)
-    output.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+def forward_backward_states(model, batch, packing: bool):
+    """(output, gradients, hidden states [C, L, H]) of one path."""
+    output, grads = forward_backward(model, batch, packing=packing)
     with torch.no_grad():
         hidden = model.hidden_states(batch)
     return output, grads, hidden
@@ -121,8 +119,8 @@ def forward_backward(model, batch, packing: bool):
 
 def test_packed_forward_backward_equals_padded(cores_batch) -> None:
     model, batch, _ = cores_batch
-    padded, padded_grads, padded_hidden = forward_backward(model, batch, packing=False)
-    packed, packed_grads, packed_hidden = forward_backward(model, batch, packing=True)
+    padded, padded_grads, padded_hidden = forward_backward_states(model, batch, packing=False)
+    packed, packed_grads, packed_hidden = forward_backward_states(model, batch, packing=True)
     model.packing = False
     for name in ("loss", "ce_loss", "mask_loss"):
         assert getattr(packed, name).item() == pytest.approx(getattr(padded, name).item(), abs=ATOL)

@@ -11,7 +11,7 @@ from model.sam import decode_masks
 from model.segmenter import EMPTY_MASK_LOGIT
 from model.tiny import build_tiny_segmenter
 from model.tokens import predictor_mask
-from tests.helpers import Conversation, make_batch
+from tests.helpers import Conversation, forward_backward, make_batch
 from utils.metrics import target_decisions
 
 IMAGE_SIZES = [(40, 56), (48, 30)]
@@ -278,21 +278,12 @@ def without_dropout(model) -> None:
             module.p = 0.0
 
 
-def forward_backward(model, batch, full: bool):
-    model.zero_grad(set_to_none=True)
-    model.full_logits = full
-    output = model(batch)
-    output.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return output, grads
-
-
 def test_trimmed_logits_equal_the_full_path(tiny) -> None:
     model, tokenizer = tiny
     batch = make_batch(model, tokenizer, IMAGE_SIZES, [*CONVERSATIONS, VQA], ground_truth())
     without_dropout(model)
-    full, full_grads = forward_backward(model, batch, full=True)
-    trimmed, trimmed_grads = forward_backward(model, batch, full=False)
+    full, full_grads = forward_backward(model, batch, full_logits=True)
+    trimmed, trimmed_grads = forward_backward(model, batch, full_logits=False)
     assert trimmed.logits is None and full.logits is not None
     assert trimmed.ce_loss.item() == pytest.approx(full.ce_loss.item(), abs=1e-6)
     assert trimmed.loss.item() == pytest.approx(full.loss.item(), abs=1e-6)
