@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 
-.PHONY: test test-slow test-all lint demo demo-long clean-venv browser
+.PHONY: test test-slow test-all lint demo demo-long demo-assets clean-venv browser
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,13 +41,17 @@ test-all: $(STAMP) browser
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# The whole cycle on tiny models and shapes-world data, no GPU (tools/demo.py, docs/DEMO.md):
-# 15-17 minutes on 2 CPU cores after the install; demo-long pretrains and trains longer (about 34).
+# The whole cycle on tiny models and shapes-world data, no GPU (tools/demo.py, docs/DEMO.md),
+# starting from the pretrained tiny base models in demo_assets/; demo-long pretrains them itself
+# first; demo-assets rewrites demo_assets/ (the pretraining alone, about 30 minutes).
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
 demo-long: $(STAMP)
 	$(PY) tools/demo.py --long
+
+demo-assets: $(STAMP)
+	$(PY) tools/demo.py --base_models
 
 clean-venv:
 	rm -rf $(VENV)

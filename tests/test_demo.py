@@ -9,6 +9,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from tools import demo, demo_report
 from tools.make_tiny_assets import make_tiny_assets
@@ -176,3 +177,86 @@ def test_shortened_demo_learns(tmp_path) -> None:
         assert np.mean(values[-LOSS_WINDOW:]) < LOSS_DROP[tag] * np.mean(values[:LOSS_WINDOW]), tag
     assert (out / "training_curve.png").is_file() and (out / "summary.json").is_file()
     assert list((out / "chat" / "output").glob("*_overlay_*.png"))
+
+
+def test_the_demos_start_from_the_shipped_base_models() -> None:
+    for args in ([], ["--long"]):
+        profile = demo.profile_from(demo.parse_args(args))
+        version, sam = demo.model_paths(profile)
+        assert version == demo.BASE_MODELS / "llava_tiny"
+        assert sam == demo.BASE_MODELS / demo.BASE_SAM
+        assert "--no-models" in demo.asset_command(profile)
+        train = demo.train_command(profile)
+        assert f"--version={version}" in train and f"--vision_pretrained={sam}" in train
+        assert f"--version={version}" in demo.eval_command(profile, "untrained")
+    demo.check_base_models(demo.BASE_MODELS)  # the committed files are the manifest's
+
+
+def test_base_models_are_written_with_a_manifest_that_catches_a_changed_file(
+    tmp_path, monkeypatch
+) -> None:
+    """`make demo-assets` without its pretraining steps (the command is the same otherwise):
+    LLaVA in its directory, SAM as safetensors equal to the .pth make_tiny_assets wrote, every
+    file's SHA-256 in the manifest; a changed byte is named."""
+    from model.tensor_files import read_tensor_file
+    from tools.make_tiny_assets import make_tiny_assets
+
+    monkeypatch.setattr(demo, "BASE_PRETRAINING", ("--model_preset=demo",))
+    manifest = demo.write_base_models(demo.Runner(quiet=True), tmp_path / "base")
+    assert "llava_tiny/model.safetensors" in manifest["sha256"]
+    assert str(demo.BASE_SAM) in manifest["sha256"] and "OUT" in manifest["command"]
+    demo.check_base_models(tmp_path / "base")
+    reference = make_tiny_assets(
+        tmp_path / "reference",
+        seed=demo.BASE_SEED,
+        image_size=(64, 64),
+        families=[],
+        model_preset="demo",
+    )
+    ours = read_tensor_file(tmp_path / "base" / demo.BASE_SAM)
+    theirs = read_tensor_file(reference / "vision_pretrained" / "sam_tiny.pth")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    config = tmp_path / "base" / "llava_tiny" / "config.json"
+    config.write_text(config.read_text() + " ")
+    with pytest.raises(SystemExit, match="config.json: missing or not the file"):
+        demo.check_base_models(tmp_path / "base")
+    with pytest.raises(SystemExit, match="make demo-assets"):
+        demo.check_base_models(tmp_path / "nothing")
+
+
+def test_chat_results_score_the_present_mask_and_the_absent_rejection(tmp_path) -> None:
+    truth = np.zeros((SIDE, SIDE), np.uint8)
+    truth[:4, :4] = demo.MASK_ON  # 16 pixels
+    predicted = np.zeros_like(truth)
+    predicted[:4, :2] = demo.MASK_ON  # 8 of them
+    cv2.imwrite(str(tmp_path / demo.CHAT_TRUTH), truth)
+    cv2.imwrite(str(tmp_path / "mask.png"), predicted)
+    present = {"prompt": "q", "text": "Sure, red circle:[SEG].", "targets": []}
+    present["targets"] = [{"index": 0, "present": True, "mask": str(tmp_path / "mask.png")}]
+    absent = {"prompt": "q", "text": "Sure, red circle:[REJ].", "targets": []}
+    absent["targets"] = [{"index": 0, "present": False}]
+    lines = [json.dumps(record) for record in (present, absent)]
+    (tmp_path / demo.CHAT_ANSWERS).write_text("\n".join(lines) + "\n")
+    chat = demo.chat_results(tmp_path)
+    assert chat["present"]["iou"] == pytest.approx(0.5) and chat["absent"]["rejected"]
+    assert chat["met"]
+    absent["targets"][0]["present"] = True
+    absent["targets"][0]["mask"] = str(tmp_path / "mask.png")
+    lines[1] = json.dumps(absent)
+    (tmp_path / demo.CHAT_ANSWERS).write_text("\n".join(lines) + "\n")
+    assert not demo.chat_results(tmp_path)["met"]
+    assert "NOT met" in "\n".join(demo.chat_lines(demo.chat_results(tmp_path)))
+
+
+def test_chat_strip_puts_the_pictures_side_by_side_over_the_caption(tmp_path) -> None:
+    red, blue = (np.zeros((SIDE, SIDE, 3), np.uint8) for _ in range(2))
+    red[..., 2], blue[..., 0] = 255, 255
+    path = demo_report.write_chat_strip(tmp_path / "strip.png", [red, blue], ["a", "b"])
+    strip = cv2.imread(str(path))
+    height, gap = demo_report.STRIP_HEIGHT, demo_report.STRIP_GAP
+    assert strip.shape == (height + 2 * demo_report.CAPTION_LINE, 2 * height + gap, 3)
+    assert (strip[:height, :height] == (0, 0, 255)).all()
+    assert (strip[:height, height + gap :] == (255, 0, 0)).all()
+    assert (strip[:height, height : height + gap] == 255).all()
+    assert (strip[height:] < 128).any()  # the caption's text

@@ -1,28 +1,37 @@
 """`make demo`: the whole cycle on tiny models and shapes-world data, on a CPU, in minutes.
 
-    .venv/bin/python tools/demo.py [--long] [--out DIR] [--epochs N] [--steps_per_epoch N]
-        [--images_per_split N] [--master_port P] [--quiet]
+    .venv/bin/python tools/demo.py [--long] [--out DIR] [--seed S] [--epochs N]
+        [--steps_per_epoch N] [--images_per_split N] [--master_port P] [--quiet]
+    .venv/bin/python tools/demo.py --base_models      (`make demo-assets`)
 
-1. writes the tiny assets (data in every real format, tiny LLaVA, tiny SAM) under DIR/assets;
+1. writes the tiny dataset (every real format) under DIR/assets; the models start from the
+   pretrained tiny base models shipped in demo_assets/ (as a real run starts from a downloaded
+   LLaVA and SAM);
 2. evaluates the untrained model (`train_ds.py --eval_only`): MMR, gRefCOCO and ReasonSeg val;
 3. trains with the real launcher, `deepspeed --num_gpus 2 train_ds.py`, on the default mix;
 4. evaluates the trained model and compares it with the baselines (`tools/demo_report.py`);
 5. consolidates the checkpoint (`zero_to_fp32.py`), merges LoRA into an HF checkpoint, and asks
    `chat.py` about two images (the target present, then absent);
-6. writes DIR/summary.json, DIR/training_curve.png, and prints the tables, the outputs and
-   every command it ran. `--long` is `make demo-long` (DIR = runs/demo-long, longer training).
+6. writes DIR/summary.json (with the chat answers and the present target's mask IoU),
+   DIR/training_curve.png, and prints the tables, the outputs and every command it ran.
+`--long` is `make demo-long` (DIR = runs/demo-long, twice the training).
+`--base_models` (`make demo-assets`) reproduces demo_assets/: the tiny LLaVA and SAM pretrained
+by `tools/make_tiny_assets.py` (BASE_PRETRAINING), SAM converted to safetensors, and
+demo_assets/base_models.json naming the command and each file's SHA-256.
 The recipe (why these settings) is in docs/DEMO.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the project's packages im
     sys.path.insert(0, str(ROOT))
 
 from tools import demo_report  # noqa: E402
+from utils.datasets.templates import GSVA_QUESTIONS  # noqa: E402
 
 PYTHON = sys.executable
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -42,12 +52,34 @@ MMR_SET = "MultiPartReasonSeg|val"
 VAL_SETS = (MMR_SET, REFERRING_SET, "ReasonSeg|val")
 VAL_JSON = "MMR_val.json"
 CURVE_METRIC = "giou"
-CHAT_QUESTION = "Please segment the {name} in this image."
+# chat asks in the form only GSVA's answers follow ("What are {x} in this image? Please output
+# segmentation masks."): the training data answers it "x:[SEG]" or "x:[REJ]", while LISA's
+# single-name questions ("Please segment the x in this image.", ReasonSeg's phrases) are
+# always answered [SEG]
+CHAT_QUESTION = GSVA_QUESTIONS[3]
 CHAT_SCENE_SEED = 7
 CHAT_MAX_TOKENS = 32
 CHAT_SCENE_TRIES = 100
 CHAT_OBJECTS = (3, 4)  # shapes per chat image (inclusive range)
+CHAT_REQUESTS, CHAT_ANSWERS = "requests.jsonl", "answers.jsonl"
+CHAT_TRUTH = "present_target.png"
+CHAT_STRIP = "chat_strip.png"
+CHAT_MIN_IOU = 0.5  # issue 20: the present target's chat mask against its ground truth
+MASK_ON = 255
 VAL_BATCH_SIZE = 4
+# the pretrained tiny base models `make demo` starts from (`make demo-assets` writes them)
+BASE_MODELS = ROOT / "demo_assets"
+BASE_LLAVA = "llava_tiny"
+BASE_SAM = Path("vision_pretrained") / "sam_tiny.safetensors"
+BASE_MANIFEST = "base_models.json"
+BASE_SEED = 0
+# make_tiny_assets' pretraining of the base models
+BASE_PRETRAINING = (
+    "--model_preset=demo",
+    "--pretrain_steps=500",
+    "--clip_steps=6000",
+    "--llava_steps=6000",
+)
 # what a previous demo left in DIR (appending TensorBoard events and metrics.jsonl lines to an
 # old run would mix two runs' curves), removed before a new one starts; assets are rewritten
 RUN_OUTPUTS = ("untrained", "train", "trained", "merged", "chat", "summary.json")
@@ -55,23 +87,19 @@ RUN_OUTPUTS = ("untrained", "train", "trained", "merged", "chat", "summary.json"
 
 @dataclass(frozen=True)
 class Profile:
-    """One demo's settings: where it writes, the assets and the training recipe."""
+    """One demo's settings: where it writes, the assets and the training recipe, and the
+    directory of pretrained base models it starts from."""
 
     out: Path
     epochs: int
     steps_per_epoch: int
+    base_models: Path = BASE_MODELS
     images_per_split: int = 250
     image_size: int = 64
     seed: int = 0
     batch_size: int = 8
     lr: float = 2e-3
-    clip_steps: int = 1000
-    llava_steps: int = 1600
-    asset_flags: tuple[str, ...] = (
-        "--absent_refs=3",
-        "--model_preset=demo",
-        "--pretrain_steps=500",
-    )
+    asset_flags: tuple[str, ...] = ("--absent_refs=3",)
     master_port: int = MASTER_PORT
 
 
@@ -102,14 +130,8 @@ DATA_FLAGS = (
     "--workers=0",
 )
 PROFILES = {
-    "demo": Profile(out=ROOT / "runs" / "demo", epochs=4, steps_per_epoch=400),
-    "demo-long": Profile(
-        out=ROOT / "runs" / "demo-long",
-        epochs=5,
-        steps_per_epoch=800,
-        clip_steps=6000,
-        llava_steps=6000,
-    ),
+    "demo": Profile(out=ROOT / "runs" / "demo", epochs=4, steps_per_epoch=800),
+    "demo-long": Profile(out=ROOT / "runs" / "demo-long", epochs=8, steps_per_epoch=800),
 }
 
 
@@ -151,6 +173,7 @@ def _relative(text: str) -> str:
 
 
 def asset_command(profile: Profile) -> list[str]:
+    """The dataset (the models come from the base models)."""
     return [
         PYTHON,
         "tools/make_tiny_assets.py",
@@ -159,16 +182,86 @@ def asset_command(profile: Profile) -> list[str]:
         f"--image_size={profile.image_size}",
         f"--images_per_split={profile.images_per_split}",
         *profile.asset_flags,
-        f"--clip_steps={profile.clip_steps}",
-        f"--llava_steps={profile.llava_steps}",
+        "--no-models",
     ]
+
+
+def model_paths(profile: Profile) -> tuple[Path, Path]:
+    """(--version, --vision_pretrained) of the models the demo starts from."""
+    return profile.base_models / BASE_LLAVA, profile.base_models / BASE_SAM
+
+
+def check_base_models(directory: Path) -> None:
+    """SystemExit unless `directory` holds the base models its manifest lists, byte for byte."""
+    manifest = directory / BASE_MANIFEST
+    if not manifest.is_file():
+        raise SystemExit(f"{manifest} is missing: run `make demo-assets` to write the base models")
+    for name, digest in json.loads(manifest.read_text())["sha256"].items():
+        path = directory / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise SystemExit(
+                f"{path}: missing or not the file {manifest.name} lists (SHA-256 {digest}); "
+                "restore it with git or rewrite all of them with `make demo-assets`"
+            )
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pretrain_command(out: Path) -> list[str]:
+    """make_tiny_assets writing only the pretrained base models under `out`."""
+    return [
+        PYTHON,
+        "tools/make_tiny_assets.py",
+        f"--out={out}",
+        f"--seed={BASE_SEED}",
+        f"--image_size={PROFILES['demo'].image_size}",
+        "--families=",
+        *BASE_PRETRAINING,
+    ]
+
+
+def write_base_models(runner: Runner, directory: Path = BASE_MODELS) -> dict:
+    """`make demo-assets`: pretrain the tiny base models (`pretrain_command`) and install them
+    in `directory`; returns the manifest written."""
+    with tempfile.TemporaryDirectory() as scratch:
+        command = pretrain_command(Path(scratch))
+        runner("pretrain the tiny base models", command)
+        return install_base_models(Path(scratch), directory, command)
+
+
+def install_base_models(source: Path, directory: Path, command: list[str]) -> dict:
+    """Copy make_tiny_assets' models from `source` to `directory` (LLaVA as it is, SAM converted
+    to safetensors) and write the manifest: the command (its output directory as OUT) and each
+    file's SHA-256. Returns the manifest."""
+    from safetensors.torch import save_file
+
+    from model.tensor_files import read_tensor_file
+
+    shutil.rmtree(directory / BASE_LLAVA, ignore_errors=True)
+    shutil.copytree(source / BASE_LLAVA, directory / BASE_LLAVA)
+    state = read_tensor_file(source / "vision_pretrained" / "sam_tiny.pth")
+    (directory / BASE_SAM).parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, directory / BASE_SAM)
+    files = sorted(path for path in (directory / BASE_LLAVA).rglob("*") if path.is_file())
+    manifest = {
+        "command": _relative(shlex.join(command)).replace(str(source), "OUT"),
+        "sha256": {
+            str(path.relative_to(directory)): file_sha256(path)
+            for path in [*files, directory / BASE_SAM]
+        },
+    }
+    (directory / BASE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def model_flags(profile: Profile) -> list[str]:
     assets = profile.out / "assets"
+    version, sam = model_paths(profile)
     return [
-        f"--version={assets / 'llava_tiny'}",
-        f"--vision_pretrained={assets / 'vision_pretrained' / 'sam_tiny.pth'}",
+        f"--version={version}",
+        f"--vision_pretrained={sam}",
         f"--dataset_dir={assets / 'dataset'}",
         f"--log_base_dir={profile.out}",
         f"--seed={profile.seed}",
@@ -229,7 +322,9 @@ def read_evaluation(run_dir: Path) -> tuple[dict[str, dict], dict[str, float]]:
 
 
 def chat_images(profile: Profile) -> tuple[Path, Path, str]:
-    """Two demo images: one holding a shape, one without it; returns (present, absent, name)."""
+    """Two demo images: one holding a shape, one without it, written to DIR/chat with the
+    present image's ground truth for the named shape (`present_target.png`: every object of its
+    colour and shape). Returns (present, absent, name)."""
     import numpy as np
 
     from tools.tiny_assets.common import write_jpeg
@@ -247,7 +342,17 @@ def chat_images(profile: Profile) -> tuple[Path, Path, str]:
     paths = directory / "present.jpg", directory / "absent.jpg"
     write_jpeg(paths[0], present.image)
     write_jpeg(paths[1], absent.image)
+    same = [o.mask for o in present.objects if (o.colour, o.shape) == (target.colour, target.shape)]
+    truth = np.any(same, axis=0).astype(np.uint8) * MASK_ON
+    cv2_write(directory / CHAT_TRUTH, truth)
     return paths[0], paths[1], target.name
+
+
+def cv2_write(path: Path, image) -> None:
+    import cv2
+
+    if not cv2.imwrite(str(path), image):
+        raise SystemExit(f"could not write {path}")
 
 
 def write_app_examples(directory: Path, images: tuple[Path, ...], question: str) -> None:
@@ -256,23 +361,51 @@ def write_app_examples(directory: Path, images: tuple[Path, ...], question: str)
     (directory / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
 
 
-def chat_commands(profile: Profile, merged: Path) -> list[list[str]]:
+def chat_command(profile: Profile, merged: Path) -> list[str]:
+    """chat.py in batch mode on the two chat images (`requests.jsonl` -> `answers.jsonl`)."""
     present, absent, name = chat_images(profile)
-    question = CHAT_QUESTION.format(name=name)
+    question = CHAT_QUESTION.format(x=f"the {name}")
     write_app_examples(present.parent, (present, absent), question)
+    directory = profile.out / "chat"
+    requests = [{"image": str(image), "prompt": question} for image in (present, absent)]
+    (directory / CHAT_REQUESTS).write_text(
+        "".join(json.dumps(request) + "\n" for request in requests)
+    )
     return [
-        [
-            PYTHON,
-            "chat.py",
-            f"--version={merged}",
-            "--precision=fp32",
-            f"--max_new_tokens={CHAT_MAX_TOKENS}",
-            f"--image={image}",
-            f"--prompt={question}",
-            f"--vis_save_path={profile.out / 'chat' / 'output'}",
-        ]
-        for image in (present, absent)
+        PYTHON,
+        "chat.py",
+        f"--version={merged}",
+        "--precision=fp32",
+        f"--max_new_tokens={CHAT_MAX_TOKENS}",
+        f"--input_jsonl={directory / CHAT_REQUESTS}",
+        f"--output_jsonl={directory / CHAT_ANSWERS}",
+        f"--vis_save_path={directory / 'output'}",
     ]
+
+
+def read_chat_answers(directory: Path) -> list[dict]:
+    """chat.py's records of DIR/chat/answers.jsonl: the present image's, then the absent's."""
+    return [json.loads(line) for line in (directory / CHAT_ANSWERS).read_text().splitlines()]
+
+
+def chat_results(directory: Path) -> dict:
+    """What chat.py answered (DIR/chat/answers.jsonl): on the present image the IoU of its
+    first `[SEG]` mask with the ground truth (0 without one), on the absent image whether every
+    target was answered `[REJ]`; "met" when the IoU reaches CHAT_MIN_IOU and the absent target
+    is rejected."""
+    import cv2
+
+    present, absent = read_chat_answers(directory)
+    truth = cv2.imread(str(directory / CHAT_TRUTH), cv2.IMREAD_GRAYSCALE) > 0
+    masks = [target["mask"] for target in present["targets"] if target["present"]]
+    iou = demo_report.iou(cv2.imread(masks[0], cv2.IMREAD_GRAYSCALE) > 0, truth) if masks else 0.0
+    rejected = bool(absent["targets"]) and not any(t["present"] for t in absent["targets"])
+    return {
+        "question": present["prompt"],
+        "present": {"answer": present["text"], "iou": iou},
+        "absent": {"answer": absent["text"], "rejected": rejected},
+        "met": iou >= CHAT_MIN_IOU and rejected,
+    }
 
 
 def baselines(profile: Profile, untrained_referring: dict[str, float]) -> dict[str, float]:
@@ -295,6 +428,7 @@ def run_cycle(profile: Profile, runner: Runner) -> dict:
     """Every step of the demo; returns the summary written to DIR/summary.json."""
     start = time.perf_counter()
     out = profile.out
+    check_base_models(profile.base_models)
     clear_previous_run(out)
     runner("write the tiny assets", asset_command(profile))
     runner("evaluate the untrained model", eval_command(profile, "untrained"), processes=RANKS)
@@ -317,18 +451,23 @@ def run_cycle(profile: Profile, runner: Runner) -> dict:
         [
             PYTHON,
             "merge_lora_weights_and_save_hf_model.py",
-            f"--version={out / 'assets' / 'llava_tiny'}",
+            f"--version={model_paths(profile)[0]}",
             f"--weight={consolidated}",
             f"--save_path={merged}",
         ],
     )
-    for index, command in enumerate(chat_commands(profile, merged)):
-        runner(f"chat: image {index + 1} of 2", command)
+    runner("chat: the target present, then absent", chat_command(profile, merged))
     untrained, untrained_referring = read_evaluation(out / "untrained")
     trained, _ = read_evaluation(out / "trained")
     steps = profile.epochs * profile.steps_per_epoch
     extra = {
         "steps": steps,
+        "seed": profile.seed,
+        "base_models": _relative(str(profile.base_models)),
+        "chat": chat_results(out / "chat"),
+        "chat_strip": _relative(
+            str(write_chat_strip(out / "chat", read_chat_answers(out / "chat")))
+        ),
         "seconds": round(time.perf_counter() - start, 1),
         "commands": [command for _, command in runner.commands],
     }
@@ -362,13 +501,16 @@ def report(profile: Profile, summary: dict, runner: Runner) -> str:
         "(present targets; SEG/REJ decisions)",
         demo_report.format_baselines(summary, REFERRING_SET),
         "",
+        *chat_lines(summary["chat"]),
+        "",
         f"=== outputs (the whole cycle took {summary['seconds'] / 60:.1f} min)",
         f"summary:          {out}/summary.json",
         f"training curve:   {out}/training_curve.png",
         f"TensorBoard:      tensorboard --logdir {out}/train",
         f"checkpoint:       {out}/train/ckpt_model (consolidated: {out}/train/pytorch_model)",
         f"merged model:     {out}/merged",
-        f"chat overlays:    {out}/chat/output/*_overlay_*.png",
+        f"chat answers:     {out}/chat/answers.jsonl (overlays: {out}/chat/output/, "
+        f"side by side: {out}/chat/{CHAT_STRIP})",
         f"evaluations:      {out}/untrained/eval_*.json, {out}/trained/eval_*.json(l)",
         "",
         "=== commands (swap in real paths: --version, --vision_pretrained, --dataset_dir)",
@@ -379,10 +521,42 @@ def report(profile: Profile, summary: dict, runner: Runner) -> str:
     return "\n".join(lines)
 
 
+def write_chat_strip(directory: Path, answers: list[dict]) -> Path:
+    """DIR/chat/chat_strip.png: each chat image beside its first overlay (the image again when
+    the answer has no [SEG]), the question underneath (the README's demo picture)."""
+    import cv2
+
+    pictures = []
+    for answer in answers:
+        image = cv2.imread(answer["image"])
+        overlays = [t["overlay"] for t in answer["targets"] if t["present"]]
+        pictures += [image, cv2.imread(overlays[0]) if overlays else image]
+    captions = ["present | overlay | absent | overlay", f'"{answers[0]["prompt"]}"']
+    return demo_report.write_chat_strip(directory / CHAT_STRIP, pictures, captions)
+
+
+def chat_lines(chat: dict) -> list[str]:
+    """The chat answers under the report's tables."""
+    verdict = "met" if chat["met"] else "NOT met"
+    rejected = "yes" if chat["absent"]["rejected"] else "no"
+    return [
+        f"=== chat.py on two new images: {chat['question']}",
+        f"target present: {chat['present']['answer']!r}  mask IoU {chat['present']['iou']:.3f}",
+        f"target absent:  {chat['absent']['answer']!r}  answered [REJ]: {rejected}",
+        f"chat (IoU >= {CHAT_MIN_IOU} and [REJ] when absent): {verdict}",
+    ]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--long", action="store_true", help="make demo-long's longer training")
+    parser.add_argument("--long", action="store_true", help="make demo-long: twice the training")
+    parser.add_argument(
+        "--base_models",
+        action="store_true",
+        help="make demo-assets: pretrain the base models again into demo_assets/",
+    )
     parser.add_argument("--out", type=Path, help="output directory (default runs/demo[-long])")
+    parser.add_argument("--seed", type=int, help="seed of the dataset and the training run")
     parser.add_argument("--epochs", type=int, help="epochs, each ending with a validation")
     parser.add_argument("--steps_per_epoch", type=int, help="optimizer steps per epoch")
     parser.add_argument("--images_per_split", type=int, help="images per split of the assets")
@@ -395,6 +569,7 @@ def profile_from(args: argparse.Namespace) -> Profile:
     profile = PROFILES["demo-long" if args.long else "demo"]
     overrides = {
         "out": args.out.resolve() if args.out else None,
+        "seed": args.seed,
         "epochs": args.epochs,
         "steps_per_epoch": args.steps_per_epoch,
         "images_per_split": args.images_per_split,
@@ -405,8 +580,12 @@ def profile_from(args: argparse.Namespace) -> Profile:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    profile = profile_from(args)
     runner = Runner(args.quiet)
+    if args.base_models:
+        manifest = write_base_models(runner)
+        print(json.dumps(manifest, indent=2), flush=True)
+        return manifest
+    profile = profile_from(args)
     summary = run_cycle(profile, runner)
     print(report(profile, summary, runner), flush=True)
     return summary

@@ -1,6 +1,6 @@
 """What `make demo` reports: the referring baselines it measures learning against, the model's
-scores on the same targets, the criterion, `summary.json`, the printed tables and the
-training-curve PNG (drawn with OpenCV; no plotting library is needed).
+scores on the same targets, the criterion, `summary.json`, the printed tables, the
+training-curve PNG and the chat strip (drawn with OpenCV; no plotting library is needed).
 
 Baselines, on the present targets of the referring validation set (gRefCOCO val: several shapes
 per image, distractors sharing colour or shape, some expressions naming absent shapes):
@@ -38,6 +38,9 @@ FONT, FONT_SCALE, TITLE_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 0.5
 LINE_WIDTH, POINT_RADIUS = 2, 3
 GRID_LINES = 4
 UNIT_RANGE = (0.0, 1.0)  # the vertical axis of gIoU
+# chat strip: each picture enlarged to STRIP_HEIGHT (nearest pixels), STRIP_GAP white columns
+# between them, a caption band of CAPTION_LINE pixels per line below
+STRIP_HEIGHT, STRIP_GAP, CAPTION_LINE, CAPTION_BASELINE = 128, 4, 16, 5
 
 ImageTargets = tuple[Sequence[np.ndarray | None], Sequence[np.ndarray]]
 
@@ -284,3 +287,24 @@ def loss_curve(run_dir: str | Path, tag: str = "train/loss") -> list[tuple[int, 
 
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
     return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def write_chat_strip(
+    path: str | Path, pictures: Sequence[np.ndarray], captions: Sequence[str]
+) -> Path:
+    """One PNG of the chat's pictures (BGR uint8 [H, W, 3] each) side by side, enlarged to
+    STRIP_HEIGHT, with the caption lines underneath."""
+    tiles = []
+    for picture in pictures:
+        width = round(picture.shape[1] * STRIP_HEIGHT / picture.shape[0])
+        tiles.append(cv2.resize(picture, (width, STRIP_HEIGHT), interpolation=cv2.INTER_NEAREST))
+        tiles.append(np.full((STRIP_HEIGHT, STRIP_GAP, 3), WHITE, np.uint8))
+    row = np.concatenate(tiles[:-1], axis=1)
+    band = np.full((CAPTION_LINE * len(captions), row.shape[1], 3), WHITE, np.uint8)
+    for index, caption in enumerate(captions):
+        origin = (2, CAPTION_LINE * (index + 1) - CAPTION_BASELINE)
+        cv2.putText(band, caption, origin, FONT, FONT_SCALE, BLACK, 1, cv2.LINE_AA)
+    path = Path(path)
+    if not cv2.imwrite(str(path), np.concatenate([row, band], axis=0)):
+        raise OSError(f"could not write {path}")
+    return path
