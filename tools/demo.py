@@ -172,18 +172,28 @@ def _relative(text: str) -> str:
     return text.replace(str(ROOT) + "/", "")
 
 
-def asset_command(profile: Profile) -> list[str]:
-    """The dataset (the models come from the base models)."""
+def make_assets_command(out: Path, seed: int, image_size: int, *flags: str) -> list[str]:
+    """tools/make_tiny_assets.py writing under `out` with square images."""
     return [
         PYTHON,
         "tools/make_tiny_assets.py",
-        f"--out={profile.out / 'assets'}",
-        f"--seed={profile.seed}",
-        f"--image_size={profile.image_size}",
+        f"--out={out}",
+        f"--seed={seed}",
+        f"--image_size={image_size}",
+        *flags,
+    ]
+
+
+def asset_command(profile: Profile) -> list[str]:
+    """The dataset (the models come from the base models)."""
+    return make_assets_command(
+        profile.out / "assets",
+        profile.seed,
+        profile.image_size,
         f"--images_per_split={profile.images_per_split}",
         *profile.asset_flags,
         "--no-models",
-    ]
+    )
 
 
 def model_paths(profile: Profile) -> tuple[Path, Path]:
@@ -211,15 +221,8 @@ def file_sha256(path: Path) -> str:
 
 def pretrain_command(out: Path) -> list[str]:
     """make_tiny_assets writing only the pretrained base models under `out`."""
-    return [
-        PYTHON,
-        "tools/make_tiny_assets.py",
-        f"--out={out}",
-        f"--seed={BASE_SEED}",
-        f"--image_size={PROFILES['demo'].image_size}",
-        "--families=",
-        *BASE_PRETRAINING,
-    ]
+    image_size = PROFILES["demo"].image_size
+    return make_assets_command(out, BASE_SEED, image_size, "--families=", *BASE_PRETRAINING)
 
 
 def write_base_models(runner: Runner, directory: Path = BASE_MODELS) -> dict:
