@@ -14,7 +14,7 @@
    `chat.py` about two images (the target present, then absent);
 6. writes DIR/summary.json (with the chat answers and the present target's mask IoU),
    DIR/training_curve.png, and prints the tables, the outputs and every command it ran.
-`--long` is `make demo-long` (DIR = runs/demo-long, twice the training).
+`--long` is `make demo-long` (DIR = runs/demo-long, 5 epochs instead of 4).
 `--base_models` (`make demo-assets`) reproduces demo_assets/: the tiny LLaVA and SAM pretrained
 by `tools/make_tiny_assets.py` (BASE_PRETRAINING), SAM converted to safetensors, and
 demo_assets/base_models.json naming the command and each file's SHA-256.
@@ -131,7 +131,7 @@ DATA_FLAGS = (
 )
 PROFILES = {
     "demo": Profile(out=ROOT / "runs" / "demo", epochs=4, steps_per_epoch=800),
-    "demo-long": Profile(out=ROOT / "runs" / "demo-long", epochs=8, steps_per_epoch=800),
+    "demo-long": Profile(out=ROOT / "runs" / "demo-long", epochs=5, steps_per_epoch=800),
 }
 
 
@@ -552,7 +552,7 @@ def chat_lines(chat: dict) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--long", action="store_true", help="make demo-long: twice the training")
+    parser.add_argument("--long", action="store_true", help="make demo-long: 5 epochs, not 4")
     parser.add_argument(
         "--base_models",
         action="store_true",
