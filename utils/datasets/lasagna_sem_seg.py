@@ -60,6 +60,7 @@ from utils.datasets.sem_seg import LabelMap, read_cocostuff_classes, stored_valu
 from utils.datasets.semantic_val import (
     ADE20K_ROOTS,
     SPECS,
+    LabelMapRecords,
     Vocabulary,
     ade20k_vocabulary,
     cityscapes_vocabulary,
@@ -147,7 +148,7 @@ SPECS_BY_NAME = {
 }
 
 
-class LasagnaSemSegSource:
+class LasagnaSemSegSource(LabelMapRecords):
     """One of LaSagnA's closed-set training sets: (image, label map) records, the set's class
     list, and its weight in the family (`SOURCE_WEIGHTS`)."""
 
@@ -168,18 +169,8 @@ class LasagnaSemSegSource:
         vocabulary = self.spec.vocabulary(root, self.root)
         self.classes = vocabulary.names
         self.position = class_positions(vocabulary)
-        self.labels = sorted(self.root.glob(self.spec.labels))
-        if not self.labels:
-            hint = f"LaSagnA's {dataset} training layout: {self.spec.labels} under it"
-            raise DataError(self.root, None, "holds no training label maps", hint)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def paths(self, index: int) -> tuple[Path, Path]:
-        """(image, label map) of record `index`."""
-        label = self.labels[index]
-        return self.spec.image_of(self.root, label), label
+        hint = f"LaSagnA's {dataset} training layout: {self.spec.labels} under it"
+        self.find_labels("holds no training label maps", hint)
 
     def load(self, index: int) -> tuple[np.ndarray, LabelMap]:
         """(image uint8 [H, W, 3], its LabelMap of class indices into `classes`); DataError

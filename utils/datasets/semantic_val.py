@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -275,7 +276,39 @@ def known_values(
     return known
 
 
-class SemanticValidation:
+class LabelMapLayout(Protocol):
+    """Where a set's records are: a glob of its label maps under the root, and each label
+    map's image (SemanticValSpec, lasagna_sem_seg.LasagnaSpec)."""
+
+    labels: str
+    image_of: Callable[[Path, Path], Path]
+
+
+class LabelMapRecords:
+    """Records that are the label maps under `root` matching `spec.labels`, each paired with the
+    image `spec.image_of` names (the validation sets here and LaSagnA's training sets).
+    Subclasses set `root` and `spec`, then call `find_labels`."""
+
+    root: Path
+    spec: LabelMapLayout
+    labels: list[Path]
+
+    def find_labels(self, problem: str, hint: str) -> None:
+        """List the label maps; a DataError naming the root when there are none."""
+        self.labels = sorted(self.root.glob(self.spec.labels))
+        if not self.labels:
+            raise DataError(self.root, None, problem, hint)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def paths(self, index: int) -> tuple[Path, Path]:
+        """(image, label map) of record `index`."""
+        label = self.labels[index]
+        return self.spec.image_of(self.root, label), label
+
+
+class SemanticValidation(LabelMapRecords):
     """One of the four sets ("<dataset>|val"): `len` images, `[i]` a SemanticValSample, and
     `check` for the dataset doctor."""
 
@@ -290,18 +323,8 @@ class SemanticValidation:
         self.vocabulary = self.spec.vocabulary(Path(dataset_dir), self.root)
         self.classes = self.vocabulary.names
         self.questions = [semantic_question(c) for c in class_chunks(self.classes, chunk_size)]
-        self.labels = sorted(self.root.glob(self.spec.labels))
-        if not self.labels:
-            hint = f"expected {self.root}/{self.spec.labels}"
-            raise DataError(self.root, None, "holds no validation label maps", hint)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def paths(self, index: int) -> tuple[Path, Path]:
-        """(image, label map) of record `index`."""
-        label = self.labels[index]
-        return self.spec.image_of(self.root, label), label
+        hint = f"expected {self.root}/{self.spec.labels}"
+        self.find_labels("holds no validation label maps", hint)
 
     def record_id(self, index: int) -> str:
         return self.paths(index)[0].stem
