@@ -37,7 +37,7 @@ class is the same word in training and in `<set>|val`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +50,6 @@ from utils.datasets.base import (
     SamplingOptions,
     Source,
     UnusableSample,
-    check_image,
     check_record_index,
     read_image,
     read_label_map,
@@ -205,18 +204,6 @@ class LasagnaSemSegSource(LabelMapRecords):
             self.options.ignore_pixels,
         )
         return lasagna_sample(image, drawn, image_path, self.name)
-
-    def check(self, deep: bool = False) -> Iterator[DataError]:
-        """Every record: image and label map exist (deep: decode both, sizes and values)."""
-        for index in range(len(self)):
-            image_path, label_path = self.paths(index)
-            try:
-                if deep:
-                    self.load(index)
-                    continue
-                check_image(image_path, label_path, label_path.stem, deep=False)
-            except DataError as error:
-                yield error
 
 
 def build_lasagna_sem_seg_sources(

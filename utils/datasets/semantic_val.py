@@ -307,6 +307,27 @@ class LabelMapRecords:
         label = self.labels[index]
         return self.spec.image_of(self.root, label), label
 
+    def record_id(self, index: int) -> str:
+        """How errors name record `index` (its label map's stem)."""
+        return self.paths(index)[1].stem
+
+    def load(self, index: int) -> tuple:
+        """(image, labels) of record `index`, decoded and checked (each subclass)."""
+        raise NotImplementedError
+
+    def check(self, deep: bool = False) -> Iterator[DataError]:
+        """Every record: image and label map exist (deep: `load` it, which decodes both and
+        checks their sizes and label values)."""
+        for index in range(len(self)):
+            image_path, label_path = self.paths(index)
+            try:
+                if deep:
+                    self.load(index)
+                    continue
+                check_image(image_path, label_path, self.record_id(index), deep=False)
+            except DataError as error:
+                yield error
+
 
 class SemanticValidation(LabelMapRecords):
     """One of the four sets ("<dataset>|val"): `len` images, `[i]` a SemanticValSample, and
@@ -327,6 +348,7 @@ class SemanticValidation(LabelMapRecords):
         self.find_labels("holds no validation label maps", hint)
 
     def record_id(self, index: int) -> str:
+        """How errors name record `index` (its image's stem)."""
         return self.paths(index)[0].stem
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -359,19 +381,6 @@ class SemanticValidation(LabelMapRecords):
             str(image_path),
             self.record_id(index),
         )
-
-    def check(self, deep: bool = False) -> Iterator[DataError]:
-        """Every record: image and label map exist (deep: decode both, sizes agree, every
-        label value is a class's or an ignored one)."""
-        for index in range(len(self)):
-            image_path, label_path = self.paths(index)
-            try:
-                if deep:
-                    self.load(index)
-                    continue
-                check_image(image_path, label_path, self.record_id(index), deep=False)
-            except DataError as error:
-                yield error
 
 
 def parse_semantic_val(entry: str) -> str:
