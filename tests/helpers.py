@@ -202,3 +202,20 @@ def forward_backward(model, batch: Batch, **settings) -> tuple:
     output.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return output, grads
+
+
+def evaluate_on_cpu(model, job, processor, rank=0, world_size=1, batch_size=1, **kwargs):
+    """`utils.evaluation.evaluate` in fp32 on the CPU as rank `rank` of `world_size`."""
+    from utils.evaluation import evaluate
+
+    return evaluate(
+        model,
+        job,
+        processor,
+        device="cpu",
+        dtype=torch.float32,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        **kwargs,
+    )

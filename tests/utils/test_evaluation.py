@@ -13,12 +13,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from model.tiny import build_tiny_segmenter
+from tests.helpers import evaluate_on_cpu
 from utils.collate import SampleProcessor, collate
 from utils.evaluation import (
     ValidationJob,
     build_validation_jobs,
     decode_batch,
-    evaluate,
     reject_as_segment,
     safe_name,
     write_eval_outputs,
@@ -59,24 +59,10 @@ def jobs(assets) -> dict[str, ValidationJob]:
     return built
 
 
-def run(model, job, processor, rank=0, world_size=1, batch_size=1, **kwargs):
-    return evaluate(
-        model,
-        job,
-        processor,
-        device="cpu",
-        dtype=torch.float32,
-        rank=rank,
-        world_size=world_size,
-        batch_size=batch_size,
-        **kwargs,
-    )
-
-
 @pytest.fixture(scope="module")
 def results(tiny, jobs) -> dict:
     model, processor = tiny
-    return {name: run(model, job, processor) for name, job in jobs.items()}
+    return {name: evaluate_on_cpu(model, job, processor) for name, job in jobs.items()}
 
 
 def record_key(record: dict) -> str:
@@ -144,7 +130,7 @@ def test_grefcoco_has_empty_targets(results) -> None:
 @pytest.mark.parametrize("name", sorted(SETS))
 def test_batch_size_does_not_change_results(tiny, jobs, results, name) -> None:
     model, processor = tiny
-    assert_same(run(model, jobs[name], processor, batch_size=3), results[name])
+    assert_same(evaluate_on_cpu(model, jobs[name], processor, batch_size=3), results[name])
 
 
 # --- Two ranks (real gloo process group) ---
@@ -189,7 +175,9 @@ def rank_worker(rank: int, assets, init_file: str, shared: dict) -> None:
         for job in build_validation_jobs(assets / "dataset", "grefcoco|unc|val||refcoco|unc|val"):
             for each in (job, small_job(job)):  # shards of 4 and 4 images, then of 1 and 0
                 before = counting.calls
-                shared[rank, each.name] = run(counting, each, processor, rank, WORLD_SIZE, 2)
+                shared[rank, each.name] = evaluate_on_cpu(
+                    counting, each, processor, rank, WORLD_SIZE, 2
+                )
                 shared[rank, each.name, "forwards"] = counting.calls - before
     finally:
         dist.destroy_process_group()
@@ -208,7 +196,7 @@ def test_two_ranks_equal_one_process(assets, tiny, jobs, results, tmp_path) -> N
         per_rank = dict(shared)
     for name in ("grefcoco|unc|val", "refcoco|unc|val"):
         small = small_job(jobs[name])
-        expected_small = run(model, small, processor)
+        expected_small = evaluate_on_cpu(model, small, processor)
         for rank in range(WORLD_SIZE):
             assert_same(per_rank[rank, name], results[name])
             assert_same(per_rank[rank, small.name], expected_small)
@@ -257,7 +245,7 @@ def test_grefcoco_scores_pass_two_masks_of_rejected_targets(tiny, jobs) -> None:
     model, processor = tiny
     job = jobs["grefcoco|unc|val"]
     always_seg = ForcedDecision(model, processor.token_ids.seg)
-    result = run(always_seg, job, processor, batch_size=2)
+    result = evaluate_on_cpu(always_seg, job, processor, batch_size=2)
     intersection, union, false_area = pass_two_areas(model, processor, job.dataset)
     assert false_area > 0, "the tiny model should predict some area for absent targets"
     # every target called SEG: absent ones add their pass-2 mask area to the union
@@ -278,7 +266,7 @@ def test_rejected_targets_called_absent_leave_the_union(tiny, jobs) -> None:
     model, processor = tiny
     job = jobs["grefcoco|unc|val"]
     always_rej = ForcedDecision(model, processor.token_ids.rej)
-    result = run(always_rej, job, processor)
+    result = evaluate_on_cpu(always_rej, job, processor)
     intersection, union, _ = pass_two_areas(model, processor, job.dataset)
     assert result.summary["ciou"] == pytest.approx(intersection / union, rel=1e-9)
     assert result.summary["n_acc"] == 1.0 and result.summary["t_acc"] == 0.0
@@ -303,7 +291,7 @@ def test_no_second_pass_outside_grefcoco(tiny, jobs) -> None:
     model, processor = tiny
     job = jobs["refcoco|unc|val"]
     counting = ForcedDecision(model, processor.token_ids.seg)
-    run(counting, job, processor)
+    evaluate_on_cpu(counting, job, processor)
     assert counting.calls == len(job.dataset)
 
 
@@ -327,7 +315,7 @@ def test_training_modes_are_restored(tiny, jobs) -> None:
     model.sam.eval()  # a frozen part kept in eval mode while the rest trains
     before = {name: module.training for name, module in model.named_modules()}
     try:
-        run(model, jobs["MultiPartReasonSeg|val:MMR_val.json"], processor)
+        evaluate_on_cpu(model, jobs["MultiPartReasonSeg|val:MMR_val.json"], processor)
         assert {name: module.training for name, module in model.named_modules()} == before
     finally:
         model.eval()
@@ -336,7 +324,7 @@ def test_training_modes_are_restored(tiny, jobs) -> None:
 def test_progress_bar_on_rank_zero_only(tiny, jobs, capsys) -> None:
     model, processor = tiny
     job = jobs["MultiPartReasonSeg|val:MMR_val.json"]
-    run(model, job, processor, rank=1, world_size=WORLD_SIZE, progress=True)
+    evaluate_on_cpu(model, job, processor, rank=1, world_size=WORLD_SIZE, progress=True)
     assert "eval MultiPartReasonSeg" not in capsys.readouterr().err
-    run(model, job, processor, rank=0, world_size=WORLD_SIZE, progress=True)
+    evaluate_on_cpu(model, job, processor, rank=0, world_size=WORLD_SIZE, progress=True)
     assert "eval MultiPartReasonSeg" in capsys.readouterr().err

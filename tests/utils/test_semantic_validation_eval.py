@@ -21,10 +21,11 @@ from model.generate import generate
 from model.tiny import build_tiny_segmenter
 from model.tokens import TokenIds
 from tests.e2e import python
+from tests.helpers import evaluate_on_cpu
 from utils.collate import SampleProcessor, collate
 from utils.conversation import DEFAULT_CONV_TYPE
 from utils.datasets.base import IGNORE_LABEL
-from utils.evaluation import ValidationJob, build_validation_jobs, evaluate
+from utils.evaluation import ValidationJob, build_validation_jobs
 from utils.generative_eval import class_items
 from utils.inference import Segmentation
 from utils.training import RunLogger
@@ -239,16 +240,8 @@ def rigged(assets):
 
 
 def run(model, job, processor, rank=0, world_size=1, **kwargs):
-    return evaluate(
-        model,
-        job,
-        processor,
-        device="cpu",
-        dtype=torch.float32,
-        rank=rank,
-        world_size=world_size,
-        max_new_tokens=len(ANSWER),
-        **kwargs,
+    return evaluate_on_cpu(
+        model, job, processor, rank, world_size, max_new_tokens=len(ANSWER), **kwargs
     )
 
 
