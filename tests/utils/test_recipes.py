@@ -166,6 +166,16 @@ PAPER_SETTINGS: dict[str, dict[str, object]] = {
         "val_json_name": "MMR_val.json",
     },
 }
+# ours (no paper): M2SA's experiment on Qwen2.5-VL, the backbone's own settings changed
+PAPER_SETTINGS["qwen2_5_vl"] = {
+    **PAPER_SETTINGS["m2sa"],
+    "conv_type": "qwen2_vl",
+    "max_pixels": 802816,  # at most 1024 image tokens of 28 x 28 pixels
+    "min_pixels": None,  # the directory's
+    "early_fusion": False,
+    "new_token_rows": "mean",
+    "exp_name": "qwen2_5_vl-m2sa",
+}
 # what a README line may set itself without changing the experiment
 RUN_SPECIFIC = {
     "recipe",
