@@ -27,6 +27,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
+from model.backbone import supports_packing
 from model.builder import build_segmenter
 from model.layouts import LEGACY_LAYOUTS, Layout, detect_layout, image_settings_directory
 from model.packing import packing_enabled
@@ -275,15 +276,26 @@ def run(resolved: ResolvedConfig, state: RunState, world: int):
     layout = detect_layout(config.version)  # once per run, handed on
     model, tokenizer = build_segmenter(config.model_config(), layout)
     model.full_logits = config.full_logits
-    model.packing = packing_enabled(config.packing, config.attn_implementation)
+    model.packing = packing_enabled(
+        config.packing, config.attn_implementation, supports_packing(model.llava)
+    )
     if config.weight:
         load_weights(model, config.weight)
     # CLIP's image settings: --version's own, or --vision-tower's for the legacy layouts
     images = image_settings_directory(config.version, config.vision_tower, layout)
+    budget = (config.min_pixels, config.max_pixels)
     processor = SampleProcessor.for_model(
-        model, tokenizer, images, config.conv_type, config.model_max_length, config.too_long
+        model,
+        tokenizer,
+        images,
+        config.conv_type,
+        config.model_max_length,
+        config.too_long,
+        budget,
     )
-    eval_processor = SampleProcessor.for_model(model, tokenizer, images, config.conv_type)
+    eval_processor = SampleProcessor.for_model(
+        model, tokenizer, images, config.conv_type, pixel_budget=budget
+    )
     if rank == 0:
         describe_run(config.log_dir, config, model.token_ids, tokenizer)
         report_recipe(resolved)

@@ -219,7 +219,9 @@ def run_steps(engine, loader, config, steps: int, device, dtype) -> tuple[Clock,
             counts.tokens += sum(lengths)
             counts.slots += batch.attention_mask.numel()
             counts.images += batch.num_images
-            counts.flops += flops.micro_batch(lengths, output.head_rows, batch.num_images)
+            counts.flops += flops.micro_batch(
+                lengths, output.head_rows, batch.num_images, batch.patch_count
+            )
     return clock, counts
 
 

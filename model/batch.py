@@ -22,7 +22,8 @@ class Batch:
     attention_mask: bool [C, L], False on padding.
     labels: long [C, L], IGNORE_INDEX except on assistant answers; None at inference.
     conv_image: long [C], index of each conversation's image, non-decreasing.
-    clip_pixels: float [N, 3, h, w], CLIP inputs.
+    clip_pixels: the vision tower's inputs: float [N, 3, h, w] for CLIP, or the flat patches of
+        all N images in order, float [sum P_i, D], for Qwen-VL (with `image_grid`).
     sam_pixels: float [N, 3, S, S], SAM inputs (normalised, padded right/bottom to S).
     resized_sizes: long [N, 2], (h', w') of each image inside the SAM input before padding.
     original_sizes: long [N, 2], (H, W) of each original image.
@@ -33,6 +34,8 @@ class Batch:
     dropped_conversations: conversations left out of this batch for exceeding
         `--model_max_length` (with their masks), for the training log.
     truncated_conversations: conversations of this batch cut to `--model_max_length`.
+    image_grid: long [N, 3], the (t, h, w) patch grid of each image (Qwen-VL; image i holds
+        t * h * w / merge^2 image tokens), None for CLIP.
     skipped_samples: with `--skip_bad_samples`, the bad records skipped while drawing this
         batch's samples ({source name: count}); None when the mixer does not count.
     """
@@ -51,10 +54,16 @@ class Batch:
     dropped_conversations: int = 0
     truncated_conversations: int = 0
     skipped_samples: dict[str, int] | None = None
+    image_grid: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
         return self.sam_pixels.shape[0]
+
+    @property
+    def patch_count(self) -> int:
+        """Patches of the batch's patch-grid images (Qwen-VL), 0 for CLIP images."""
+        return 0 if self.image_grid is None else self.clip_pixels.shape[0]
 
     def describe_image(self, index: int) -> str:
         """'image i (path, source)' for error messages."""

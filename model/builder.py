@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from model.backbone import (
+    family_of,
     init_new_rows_normal,
     init_new_token_rows,
     load_llava,
@@ -40,7 +41,14 @@ from model.lora import apply_lora, set_trainable
 from model.losses import LossWeights
 from model.sam import EarlyFusion, first_global_layer, load_sam_checkpoint
 from model.segmenter import Segmenter, build_projector
-from model.tokens import DEFAULT_VOCABULARY, TokenIds, add_segmentation_tokens, vocabulary_for
+from model.tokens import (
+    DEFAULT_VOCABULARY,
+    LLAVA_IMAGE_TOKENS,
+    ImageTokens,
+    TokenIds,
+    add_segmentation_tokens,
+    vocabulary_for,
+)
 
 PRECISIONS: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -126,11 +134,12 @@ def build_segmenter(config: ModelConfig, layout: Layout | None = None):
     (`model.layouts.detect_layout`, once per run); detected here when None.
     """
     dtype = config.dtype
-    llava, tokenizer, token_ids, parts = load_backbone(config, layout)
-    first_new_id = llava.get_input_embeddings().weight.shape[0]
-    resize_embeddings_to_mean(llava, len(tokenizer))
+    llava, tokenizer, token_ids, parts, base_size = load_backbone(config, layout)
+    rows = llava.get_input_embeddings().weight.shape[0]
+    first_new_id = rows if base_size is None else min(rows, base_size)
+    resize_embeddings_to_mean(llava, len(tokenizer), first_new_id)
     if config.new_token_rows == "normal":
-        init_new_rows_normal(llava, first_new_id)
+        init_new_rows_normal(llava, first_new_id, end=len(tokenizer))
     init_new_token_rows(llava, tokenizer, dict(config.new_token_init), first_new_id)
     apply_lora(
         llava, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
@@ -189,12 +198,18 @@ def load_backbone(config: ModelConfig, layout: Layout | None = None) -> LoadedBa
         )
     merged = read_segmenter_config(config.version) if layout is Layout.MERGED else None
     llava = load_llava(config.version, config.dtype, config.attn_implementation)
+    base_size = len(load_tokenizer(config.version))
     tokenizer, token_ids = segmentation_tokenizer(
-        config.version, config.use_mm_start_end, merged, config.chain_token, config.vocabulary
+        config.version,
+        config.use_mm_start_end,
+        merged,
+        config.chain_token,
+        config.vocabulary,
+        family_of(llava.config).image_tokens,
     )
     check_token_ids(config.version, llava, token_ids, merged)
     parts = merged_parts(config.version, merged, config.dtype) if merged else None
-    return LoadedBackbone(llava, tokenizer, token_ids, parts)
+    return LoadedBackbone(llava, tokenizer, token_ids, parts, base_size)
 
 
 def segmentation_tokenizer(
@@ -203,11 +218,12 @@ def segmentation_tokenizer(
     merged: SegmenterFileConfig | None,
     chain_token: str | None = None,
     vocabulary: str = DEFAULT_VOCABULARY,
+    image_tokens: ImageTokens = LLAVA_IMAGE_TOKENS,
 ) -> tuple[PreTrainedTokenizerBase, TokenIds]:
     """A Hugging Face layout's tokenizer with the segmentation tokens added (image wrapping as a
     merged checkpoint saved it, else `use_mm_start_end`; the chain token and the vocabulary as
     a merged checkpoint was trained, see `merged_chain_token` and `merged_vocabulary`, else
-    `chain_token` and `vocabulary`) and their ids."""
+    `chain_token` and `vocabulary`; the backbone family's `image_tokens`) and their ids."""
     tokenizer = load_tokenizer(version)
     wrap = merged.use_mm_start_end if merged else use_mm_start_end
     token_ids = add_segmentation_tokens(
@@ -216,6 +232,7 @@ def segmentation_tokenizer(
         strip_whitespace=uses_lisa_tokenization(tokenizer),
         chain_token=merged_chain_token(version, tokenizer, merged, chain_token),
         vocabulary=merged_vocabulary(version, merged, vocabulary),
+        image_tokens=image_tokens,
     )
     return tokenizer, token_ids
 

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from model.backbone import image_features, language_model_step
+from model.backbone import (
+    image_features,
+    language_model_step,
+    next_positions,
+    per_conversation,
+    prompt_positions,
+)
 from model.batch import Batch
 from model.segmenter import Segmenter, Targets, find_chains
 
@@ -72,12 +78,13 @@ def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int)
 
 @dataclass
 class _Decoding:
-    """Loop state: ids so far [C, L + t], their mask, positions of the last column, captures,
-    and an anchor state [H] (the prompt's first position) for batches without any `[SEG]`."""
+    """Loop state: ids so far [C, L + t], their mask, positions of all columns ([C, L + t], or
+    [3, C, L + t] for multimodal rotary positions), captures, and an anchor state [H] (the
+    prompt's first position) for batches without any `[SEG]`."""
 
     ids: torch.Tensor
     mask: torch.Tensor
-    last_position: torch.Tensor
+    positions: torch.Tensor
     finished: torch.Tensor
     generated: list[list[int]]
     captured: list[tuple[int, int, torch.Tensor]]
@@ -110,12 +117,16 @@ def _decode_tokens(
     """The autoregressive loop; returns its final state and the number of steps run."""
     llava = model.llava
     ids, mask, positions = left_pad(batch.input_ids, batch.attention_mask, model.token_ids.pad)
-    features = image_features(llava, batch.clip_pixels)[batch.conv_image]
+    grids = None if batch.image_grid is None else batch.image_grid[batch.conv_image]
+    positions = prompt_positions(llava, ids, mask, positions, grids)
+    features = per_conversation(
+        image_features(llava, batch.clip_pixels, batch.image_grid), batch.conv_image
+    )
     hidden, cache = language_model_step(llava, ids, mask, features, positions, None, use_cache)
     state = _Decoding(
         ids=ids,
         mask=mask,
-        last_position=positions[:, -1],
+        positions=positions,
         finished=torch.zeros(len(ids), dtype=torch.bool, device=ids.device),
         generated=[[] for _ in range(len(ids))],
         captured=[],
@@ -129,17 +140,18 @@ def _decode_tokens(
             break
         state.ids = torch.cat([state.ids, tokens[:, None]], dim=1)
         state.mask = torch.cat([state.mask, state.mask.new_ones(len(ids), 1)], dim=1)
-        state.last_position = state.last_position + 1
+        new_positions = next_positions(state.positions)
+        state.positions = torch.cat([state.positions, new_positions], dim=-1)
         if use_cache:
-            new_positions = state.last_position[:, None]
             hidden, cache = language_model_step(
                 llava, tokens[:, None], state.mask, None, new_positions, cache, True
             )
         else:
             # the old way re-ran everything, the vision tower included, at every step
-            features = image_features(llava, batch.clip_pixels)[batch.conv_image]
-            positions = torch.cat([positions, state.last_position[:, None]], dim=1)
-            hidden, _ = language_model_step(llava, state.ids, state.mask, features, positions)
+            features = per_conversation(
+                image_features(llava, batch.clip_pixels, batch.image_grid), batch.conv_image
+            )
+            hidden, _ = language_model_step(llava, state.ids, state.mask, features, state.positions)
     return state, steps
 
 

@@ -55,11 +55,12 @@ from transformers import (
     LlamaTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
-from model.backbone import check_attn_implementation, check_model_directory
+from model.backbone import FAMILIES, LLAVA, check_attn_implementation, check_model_directory
 from model.checkpoint import (
     PROJECTOR_PREFIX,
     SAM_PREFIX,
@@ -174,15 +175,17 @@ LEGACY_LAYOUTS = (Layout.LLAVA_V1, Layout.LISA)
 class LoadedBackbone(NamedTuple):
     """A `--version` directory loaded for the builder.
 
-    llava: the LLaVA (embeddings not yet grown to the tokenizer); tokenizer: with the
+    llava: the backbone (embeddings not yet grown to the tokenizer); tokenizer: with the
     segmentation tokens; token_ids: their ids; parts: the checkpoint's trained SAM, projector
-    and fusion, or None when it has none.
+    and fusion, or None when it has none; base_size: the tokenizer's length before this run's
+    tokens (the first new id; None: the embedding's row count).
     """
 
-    llava: LlavaForConditionalGeneration
+    llava: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     token_ids: TokenIds
     parts: SegmentationParts | None
+    base_size: int | None = None
 
 
 @dataclass
@@ -223,7 +226,10 @@ def detect_layout(directory: str | Path) -> Layout:
     if is_merged_checkpoint(directory):
         return Layout.MERGED
     config = read_config(directory)
-    if "text_config" in config:
+    # LLaVA-v1's own config.json says model_type "llava" too, without a text_config; Qwen-VL
+    # directories saved by older transformers keep the text settings at the top level
+    qwen_vl = config.get("model_type") in FAMILIES and config.get("model_type") != LLAVA.name
+    if "text_config" in config or qwen_vl:
         return Layout.HF_LLAVA
     if "train_mask_decoder" in config:
         return Layout.LISA

@@ -19,15 +19,20 @@ from torch import nn
 
 LANGUAGE_MODEL_PREFIX = "model.language_model."
 
-# group name -> substring of the parameter names (relative to the Segmenter) in that group
-TRAINABLE_GROUPS: dict[str, str] = {
-    "lora": ".lora_",
-    "embed_tokens": "embed_tokens.",
-    "lm_head": "lm_head.",
-    "mask_decoder": "sam.mask_decoder.",
-    "text_hidden_fcs": "text_hidden_fcs.",
-    "early_fusion": "early_fusion.",
-    "mm_projector": "multi_modal_projector.",
+# group name -> substrings of the parameter names (relative to the Segmenter) in that group;
+# the multimodal projector is LLaVA's `multi_modal_projector`, Qwen-VL's patch merger(s)
+TRAINABLE_GROUPS: dict[str, tuple[str, ...]] = {
+    "lora": (".lora_",),
+    "embed_tokens": ("embed_tokens.",),
+    "lm_head": ("lm_head.",),
+    "mask_decoder": ("sam.mask_decoder.",),
+    "text_hidden_fcs": ("text_hidden_fcs.",),
+    "early_fusion": ("early_fusion.",),
+    "mm_projector": (
+        "multi_modal_projector.",
+        "visual.merger.",
+        "visual.deepstack_merger_list.",
+    ),
 }
 ALWAYS_TRAINED = ("lora", "embed_tokens", "lm_head", "text_hidden_fcs", "early_fusion")
 
@@ -72,8 +77,8 @@ def apply_lora(
 
 def parameter_group(name: str) -> str | None:
     """The trainable group a parameter name belongs to, or None."""
-    for group, marker in TRAINABLE_GROUPS.items():
-        if marker in name:
+    for group, markers in TRAINABLE_GROUPS.items():
+        if any(marker in name for marker in markers):
             return group
     return None
 

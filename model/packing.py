@@ -27,12 +27,15 @@ import torch
 FLASH_ATTENTION_PREFIX = "flash_attention"
 
 
-def packing_enabled(choice: bool | None, attn_implementation: str) -> bool:
+def packing_enabled(choice: bool | None, attn_implementation: str, supported: bool = True) -> bool:
     """`--packing`/`--no-packing` as given; unset (None): on only for flash-attention, where
     the one varlen row removes the padding's work, off for sdpa/eager, where rows bounded by L
-    seldom hold two conversations that carry image tokens."""
+    seldom hold two conversations that carry image tokens. `supported`: whether the backbone
+    packs (Qwen-VL's multimodal positions do not yet); asking for packing then is a ValueError."""
+    if choice and not supported:
+        raise ValueError("--packing is not supported for this backbone yet; use --no-packing")
     if choice is None:
-        return attn_implementation.startswith(FLASH_ATTENTION_PREFIX)
+        return supported and attn_implementation.startswith(FLASH_ATTENTION_PREFIX)
     return choice
 
 

@@ -54,6 +54,7 @@ from model.backbone import (
     image_features,
     language_model_hidden_states,
     packed_language_model_hidden_states,
+    per_conversation,
 )
 from model.batch import Batch
 from model.losses import (
@@ -326,13 +327,15 @@ class Segmenter(nn.Module):
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """Hidden states [C, L, H] of the final layer, after the norm (packed with `packing`)."""
-        features = image_features(self.llava, batch.clip_pixels)[batch.conv_image]
+        images = image_features(self.llava, batch.clip_pixels, batch.image_grid)
+        features = per_conversation(images, batch.conv_image)
         if self.packing:
             return packed_language_model_hidden_states(
                 self.llava, batch.input_ids, batch.attention_mask, features, self.token_ids.pad
             )
+        grids = None if batch.image_grid is None else batch.image_grid[batch.conv_image]
         return language_model_hidden_states(
-            self.llava, batch.input_ids, batch.attention_mask, features
+            self.llava, batch.input_ids, batch.attention_mask, features, grids
         )
 
     @property

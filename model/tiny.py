@@ -4,10 +4,17 @@ real sizes: a LLaMA-style BPE tokenizer trained locally on the shapes-world voca
 original segment-anything layout, and `build_tiny_segmenter`, which loads both with
 `build_segmenter` exactly as a real run loads LLaVA-7B and ViT-H.
 
-The tokenizer is one tokenizer in both of LLaMA's files: the `sentencepiece` trainer writes the
-`tokenizer.model` (BPE, byte fallback, LLaMA's trainer settings and special ids unk=0, <s>=1,
-</s>=2), and transformers' own sentencepiece converter derives the `tokenizer.json` from it, so
-a legacy reader of `tokenizer.model` and a reader of `tokenizer.json` get the same ids.
+Qwen2.5-VL (`write_tiny_qwen2_5_vl`) is written as its Hugging Face directories are: a
+byte-level BPE tokenizer (trained locally on the same corpus) with Qwen's special tokens in
+their order and `<|im_end|>` as EOS, a `Qwen2_5_VLForConditionalGeneration` with multimodal
+rotary sections, and Qwen2-VL's image-processor settings (pixel budget, 14-pixel patches, 2 x 2
+merge).
+
+The LLaMA tokenizer is one tokenizer in both of LLaMA's files: the `sentencepiece` trainer
+writes the `tokenizer.model` (BPE, byte fallback, LLaMA's trainer settings and special ids
+unk=0, <s>=1, </s>=2), and transformers' own sentencepiece converter derives the
+`tokenizer.json` from it, so a legacy reader of `tokenizer.model` and a reader of
+`tokenizer.json` get the same ids.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+from tokenizers import Tokenizer, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from torch import nn
 from transformers import (
@@ -30,6 +38,11 @@ from transformers import (
     LlamaTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -42,7 +55,7 @@ from model.sam import (
     sam_config_from_preset,
     save_sam_checkpoint,
 )
-from model.tokens import IMAGE_TOKEN
+from model.tokens import IMAGE_TOKEN, QWEN_VL_IMAGE_TOKENS
 
 RESET_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)
 
@@ -148,6 +161,61 @@ SMALL_VISION = dict(
     patch_size=4,
 )
 SMALL_VOCAB = 32000  # LLaMA's vocabulary: a real head and softmax
+
+# Qwen2.5-VL's tokenizer: its special tokens in their order after the vocabulary, its EOS
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+QWEN_EOS = "<|im_end|>"
+TINY_QWEN_VISION = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=56,
+    fullatt_block_indexes=[1],
+)
+PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+# Qwen2.5-VL's preprocessor_config.json with a tiny pixel budget: 4 to 16 image tokens
+TINY_QWEN_IMAGE_SETTINGS = {
+    "min_pixels": 56 * 56,
+    "max_pixels": 112 * 112,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": list(CLIP_MEAN),
+    "image_std": list(CLIP_STD),
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
+
+TINY_QWEN3_VISION = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=16,  # a 4 x 4 grid of learned positions, interpolated per image
+    deepstack_visual_indexes=[0],
+)
+# Qwen3-VL's preprocessor_config.json (pixel budget as `size`, mean/std 0.5), tiny budget
+TINY_QWEN3_IMAGE_SETTINGS = {
+    "size": {"shortest_edge": 64 * 64, "longest_edge": 128 * 128},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+    "processor_class": "Qwen3VLProcessor",
+}
 
 COLOURS = (
     "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "gray"
@@ -276,6 +344,109 @@ def write_tiny_llava(
     return directory
 
 
+def build_tiny_qwen_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> Qwen2Tokenizer:
+    """A Qwen2 tokenizer (byte-level BPE trained on `tokenizer_corpus()`, no BOS) with Qwen's
+    special tokens after the vocabulary in Qwen2.5-VL's order (`QWEN_SPECIAL_TOKENS`), pad
+    `<|endoftext|>` and EOS `<|im_end|>`, as the Instruct models' tokenizers have them."""
+    trained = Tokenizer(BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    trained.train_from_iterator(tokenizer_corpus(), trainer)
+    model = json.loads(trained.to_str())["model"]
+    merges = [tuple(merge) for merge in model["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    tokenizer.eos_token = QWEN_EOS
+    return tokenizer
+
+
+def qwen2_5_vl_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL config of the tiny model (width 64, a 2-layer ViT of 14-pixel patches whose
+    2 x 2 merge writes one token per 28 x 28 pixels), the special ids read from `tokenizer`."""
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(
+        TINY_TEXT,
+        num_key_value_heads=TINY_TEXT["num_attention_heads"] // 2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=TINY_QWEN_VISION | {"out_hidden_size": TINY_TEXT["hidden_size"]},
+        image_token_id=ids(QWEN_VL_IMAGE_TOKENS.image),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids(QWEN_VL_IMAGE_TOKENS.start),
+        vision_end_token_id=ids(QWEN_VL_IMAGE_TOKENS.end),
+    )
+
+
+def qwen3_vl_config(tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
+    """Qwen3-VL config of the tiny model (width 64, a 2-layer ViT of 16-pixel patches whose
+    first layer also feeds DeepStack features to the first language layer; interleaved
+    multimodal rotary sections), the special ids read from `tokenizer`."""
+    ids = tokenizer.convert_tokens_to_ids
+    heads = TINY_TEXT["num_attention_heads"]
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3]}
+    text = dict(
+        TINY_TEXT,
+        num_key_value_heads=heads // 2,
+        head_dim=TINY_TEXT["hidden_size"] // heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        rope_parameters=rope | {"mrope_interleaved": True},
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=TINY_QWEN3_VISION | {"out_hidden_size": TINY_TEXT["hidden_size"]},
+        image_token_id=ids(QWEN_VL_IMAGE_TOKENS.image),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids(QWEN_VL_IMAGE_TOKENS.start),
+        vision_end_token_id=ids(QWEN_VL_IMAGE_TOKENS.end),
+    )
+
+
+def write_tiny_qwen_vl(
+    directory: str | Path, model: nn.Module, tokenizer: Qwen2Tokenizer, image_settings: dict
+) -> Path:
+    """Save a tiny Qwen-VL as its Hugging Face directories hold it (config.json,
+    model.safetensors, tokenizer.json + tokenizer_config.json, preprocessor_config.json)."""
+    directory = Path(directory)
+    reset_to_torch_defaults(model.model.visual)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / PREPROCESSOR_CONFIG_FILE).write_text(
+        json.dumps(image_settings, indent=2) + "\n", encoding="utf-8"
+    )
+    return directory
+
+
+def write_tiny_qwen2_5_vl(directory: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight tiny Qwen2.5-VL as a Hugging Face directory (`write_tiny_qwen_vl`,
+    image settings in Qwen2.5-VL's keys). Returns it."""
+    tokenizer = build_tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer))
+    return write_tiny_qwen_vl(directory, model, tokenizer, TINY_QWEN_IMAGE_SETTINGS)
+
+
+def write_tiny_qwen3_vl(directory: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight tiny Qwen3-VL as a Hugging Face directory (`write_tiny_qwen_vl`,
+    image settings in Qwen3-VL's keys). Returns it."""
+    tokenizer = build_tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(qwen3_vl_config(tokenizer))
+    return write_tiny_qwen_vl(directory, model, tokenizer, TINY_QWEN3_IMAGE_SETTINGS)
+
+
 def write_clip_image_settings(directory: str | Path, size: int) -> None:
     """`preprocessor_config.json` of a CLIP tower with `size`-pixel inputs (CLIP's mean/std,
     shortest side resized to `size`, centre crop)."""
@@ -314,12 +485,15 @@ def write_tiny_sam(
     return path
 
 
-def tiny_model_config(directory: str | Path, **overrides) -> ModelConfig:
-    """ModelConfig for the tiny assets under `directory` (fp32, small LoRA, tiny SAM width)."""
+def tiny_model_config(directory: str | Path, backbone: str = "llava", **overrides) -> ModelConfig:
+    """ModelConfig for the tiny assets under `directory` (fp32, small LoRA, tiny SAM width), with
+    the tiny `backbone` (`TINY_BACKBONES`) at `directory/<backbone>_tiny`."""
     directory = Path(directory)
+    if backbone not in TINY_BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(TINY_BACKBONES)}, not {backbone!r}")
     prompt_dim = sam_config_from_preset("tiny").mask_decoder_config.hidden_size
     config = ModelConfig(
-        version=str(directory / "llava_tiny"),
+        version=str(directory / f"{backbone}_tiny"),
         vision_pretrained=str(directory / "vision_pretrained" / "sam_tiny.pth"),
         precision="fp32",
         gradient_checkpointing=False,
@@ -329,12 +503,22 @@ def tiny_model_config(directory: str | Path, **overrides) -> ModelConfig:
     return replace(config, **overrides)
 
 
-def build_tiny_segmenter(directory: str | Path, seed: int = 0, **overrides):
-    """Write the tiny LLaVA and SAM under `directory` (if absent) and build the segmenter
-    from them with `build_segmenter`. Returns (Segmenter, tokenizer)."""
-    config = tiny_model_config(directory, **overrides)
+# the tiny backbones by family name: their writers (directory, seed) -> directory
+TINY_BACKBONES = {
+    "llava": write_tiny_llava,
+    "qwen2_5_vl": write_tiny_qwen2_5_vl,
+    "qwen3_vl": write_tiny_qwen3_vl,
+}
+
+
+def build_tiny_segmenter(
+    directory: str | Path, seed: int = 0, backbone: str = "llava", **overrides
+):
+    """Write the tiny `backbone` (LLaVA unless named) and SAM under `directory` (if absent) and
+    build the segmenter from them with `build_segmenter`. Returns (Segmenter, tokenizer)."""
+    config = tiny_model_config(directory, backbone, **overrides)
     if not Path(config.version).is_dir():
-        write_tiny_llava(config.version, seed)
+        TINY_BACKBONES[backbone](config.version, seed)
     if not Path(config.vision_pretrained).is_file():
         write_tiny_sam(config.vision_pretrained, seed)
     torch.manual_seed(seed)

@@ -73,6 +73,24 @@ VOCABULARIES: dict[str, Vocabulary] = {
 
 
 @dataclass(frozen=True)
+class ImageTokens:
+    """A backbone family's image tokens: the one repeated per image feature, and the two that
+    wrap an image's tokens; `always_wrapped` when the family's format always writes them
+    (Qwen-VL), else only with `use_mm_start_end` (LLaVA)."""
+
+    image: str
+    start: str
+    end: str
+    always_wrapped: bool = False
+
+
+LLAVA_IMAGE_TOKENS = ImageTokens(IMAGE_TOKEN, IM_START_TOKEN, IM_END_TOKEN)
+QWEN_VL_IMAGE_TOKENS = ImageTokens(
+    "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", always_wrapped=True
+)
+
+
+@dataclass(frozen=True)
 class TokenIds:
     """Ids of the tokens the model and the data pipeline need (saved with every run).
 
@@ -150,10 +168,12 @@ def add_segmentation_tokens(
     strip_whitespace: bool = False,
     chain_token: str | None = None,
     vocabulary: str = DEFAULT_VOCABULARY,
+    image_tokens: ImageTokens = LLAVA_IMAGE_TOKENS,
 ) -> TokenIds:
     """Add the vocabulary's extras (special), its seg and rej tokens (`[SEG]`, `[REJ]` for
-    "lisa"), the chain token when given (and `<im_start>`, `<im_end>`, `<image>` as needed) in
-    place, in that order; tokens already present keep their ids.
+    "lisa"), the chain token when given (and the family's image tokens as needed, LLaVA's
+    `<im_start>`, `<im_end>`, `<image>`) in place, in that order; tokens already present keep
+    their ids. `use_mm_start_end` is implied for a family whose images are always wrapped.
 
     Also sets right padding and, when the tokenizer has no pad token, pad = unk (LLaMA
     convention used by the LISA family). `strip_whitespace`: the LISA family's tokenization
@@ -171,10 +191,14 @@ def add_segmentation_tokens(
     tokenizer.add_tokens(
         [_added(token, False, strip_whitespace) for token in normal], special_tokens=False
     )
-    special = [] if IMAGE_TOKEN in tokenizer.get_vocab() else [IMAGE_TOKEN]
-    if use_mm_start_end:
+    vocab = tokenizer.get_vocab()
+    special = [] if image_tokens.image in vocab else [image_tokens.image]
+    wrapped = use_mm_start_end or image_tokens.always_wrapped
+    if wrapped:
         special += [
-            _added(token, True, strip_whitespace) for token in (IM_START_TOKEN, IM_END_TOKEN)
+            _added(token, True, strip_whitespace)
+            for token in (image_tokens.start, image_tokens.end)
+            if not (image_tokens.always_wrapped and token in vocab)
         ]
     if special:
         tokenizer.add_tokens(special, special_tokens=True)
@@ -190,12 +214,12 @@ def add_segmentation_tokens(
     return TokenIds(
         seg=_single_id(tokenizer, chosen.seg),
         rej=_single_id(tokenizer, chosen.rej),
-        image=_single_id(tokenizer, IMAGE_TOKEN),
+        image=_single_id(tokenizer, image_tokens.image),
         pad=tokenizer.pad_token_id,
         bos=tokenizer.bos_token_id,
         eos=tokenizer.eos_token_id,
-        im_start=_single_id(tokenizer, IM_START_TOKEN) if use_mm_start_end else None,
-        im_end=_single_id(tokenizer, IM_END_TOKEN) if use_mm_start_end else None,
+        im_start=_single_id(tokenizer, image_tokens.start) if wrapped else None,
+        im_end=_single_id(tokenizer, image_tokens.end) if wrapped else None,
         chain=None if chain_token is None else _single_id(tokenizer, chain_token),
     )
 

@@ -3,9 +3,11 @@
     python tools/make_tiny_assets.py --out DIR [--seed 0] [--image_size 96x72]
         [--images_per_split 8] [--min_objects 2] [--max_objects 5] [--size_jitter 0]
         [--absent_refs 1] [--families ade20k,refer_seg,...] [--no-models] [--model_preset tiny]
-        [--pretrain_steps 0] [--clip_steps 0] [--llava_steps 0]
+        [--pretrain_steps 0] [--clip_steps 0] [--llava_steps 0] [--backbone llava]
 
-writes `DIR/dataset/` (a `--dataset_dir`), `DIR/llava_tiny/` (a `--version`) and
+writes `DIR/dataset/` (a `--dataset_dir`), `DIR/llava_tiny/` (a `--version`; with
+`--backbone qwen2_5_vl` a tiny random Qwen2.5-VL in its Hugging Face format,
+`DIR/qwen2_5_vl_tiny/`, instead) and
 `DIR/vision_pretrained/sam_tiny.pth` (a `--vision_pretrained`); with `--pretrain_steps N` the
 two models' image encoders get N steps of pretraining on other shapes-world scenes (CLIP then
 `--clip_steps` more alone), and with `--llava_steps M` the LLaVA's projector and language
@@ -69,6 +71,9 @@ COCO2017_FAMILIES = {"cocostuff", "vqa"}
 TRAIN2014_FAMILIES = {"refer_seg", "grefcoco", "refzom", "refcocom"}
 COCO2017_FIRST_ID = 200001
 DEFAULT_IMAGE_SIZE = (96, 72)
+# the tiny backbones (`model.tiny.TINY_BACKBONES`, named here so that --help needs no torch)
+BACKBONES = ("llava", "qwen2_5_vl", "qwen3_vl")
+DEFAULT_BACKBONE = "llava"
 
 
 def write_coco2017(ctx: Context, families: set[str]) -> None:
@@ -109,16 +114,29 @@ SINGLE_WRITERS = {
 
 
 def write_models(
-    out: Path, seed: int, model_preset: str, pretrain: PretrainOptions | None = None
+    out: Path,
+    seed: int,
+    model_preset: str,
+    pretrain: PretrainOptions | None = None,
+    backbone: str = DEFAULT_BACKBONE,
 ) -> None:
-    """The tiny LLaVA (`out/llava_tiny/`) and SAM (`out/vision_pretrained/sam_tiny.pth`) of the
-    preset, pretrained with `pretrain` (a `PretrainOptions`) unless it is None."""
+    """The tiny backbone (`out/<backbone>_tiny/`, LLaVA's `out/llava_tiny/` by default) and SAM
+    (`out/vision_pretrained/sam_tiny.pth`) of the preset, pretrained with `pretrain` (a
+    `PretrainOptions`, LLaVA only) unless it is None."""
     # heavy imports (torch, transformers) only when the models are wanted
-    from model.tiny import MODEL_PRESETS, write_tiny_llava, write_tiny_sam
+    from model.tiny import MODEL_PRESETS, TINY_BACKBONES, write_tiny_llava, write_tiny_sam
 
     preset = MODEL_PRESETS[model_preset]
-    llava = write_tiny_llava(out / "llava_tiny", seed, preset.text, preset.vision)
     sam = write_tiny_sam(out / "vision_pretrained" / "sam_tiny.pth", seed, dims=preset.sam)
+    if backbone != DEFAULT_BACKBONE:
+        if pretrain is not None or model_preset != "tiny":
+            raise ValueError(
+                f"--backbone {backbone} writes the tiny random model only (no --model_preset "
+                "demo, no pretraining)"
+            )
+        TINY_BACKBONES[backbone](out / f"{backbone}_tiny", seed)
+        return
+    llava = write_tiny_llava(out / "llava_tiny", seed, preset.text, preset.vision)
     if pretrain is not None:
         from tools.tiny_assets.pretrain import pretrain_tiny_models
 
@@ -140,9 +158,11 @@ def make_tiny_assets(
     pretrain_steps: int = 0,
     llava_steps: int = 0,
     clip_steps: int = 0,
+    backbone: str = DEFAULT_BACKBONE,
 ) -> Path:
     """Write `out/dataset/` (the chosen families), and unless `models` is False the tiny
-    LLaVA (`out/llava_tiny/`) and SAM (`out/vision_pretrained/sam_tiny.pth`). Returns `out`.
+    backbone (`out/<backbone>_tiny/`: LLaVA's `out/llava_tiny/` by default, or Qwen2.5-VL's
+    `out/qwen2_5_vl_tiny/`) and SAM (`out/vision_pretrained/sam_tiny.pth`). Returns `out`.
 
     image_size: (W, H). images_per_split: images per split of each family (per source for
     single-split families). size_jitter: each image shrinks by up to this fraction per side.
@@ -197,7 +217,7 @@ def make_tiny_assets(
                 clip_steps=clip_steps,
                 llava_steps=llava_steps,
             )
-        write_models(out, seed, model_preset, pretrain)
+        write_models(out, seed, model_preset, pretrain, backbone)
     return out
 
 
@@ -267,6 +287,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="also write llava_tiny/ and vision_pretrained/sam_tiny.pth",
     )
+    parser.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default=DEFAULT_BACKBONE,
+        help="the tiny backbone written as <out>/<backbone>_tiny/ (default llava: llava_tiny/)",
+    )
     return parser.parse_args(argv)
 
 
@@ -288,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.pretrain_steps,
         args.llava_steps,
         args.clip_steps,
+        args.backbone,
     )
     files = sum(1 for path in out.rglob("*") if path.is_file())
     print(f"wrote {files} files under {out} in {time.perf_counter() - start:.1f} s")

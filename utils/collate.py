@@ -40,20 +40,17 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from model.backbone import image_token_count
+from model.backbone import family_of, image_token_count
 from model.batch import Batch
 from model.tokens import (
     IGNORE_INDEX,
-    IM_END_TOKEN,
-    IM_START_TOKEN,
-    IMAGE_TOKEN,
     REJ_TOKEN,
     SEG_TOKEN,
     TokenIds,
 )
-from utils.conversation import DEFAULT_CONV_TYPE, Span, Template, get_template
+from utils.conversation import DEFAULT_CONV_TYPE, Span, Style, Template, get_template
 from utils.datasets.base import IMAGE_PLACEHOLDER, TOO_LONG_CHOICES, Sample, UnusableSample
-from utils.preprocess import ImageProcessors
+from utils.preprocess import ImageProcessors, ProcessedImage
 
 logger = logging.getLogger(__name__)
 # the papers' handling of conversations over --model_max_length (see the module docstring)
@@ -69,7 +66,8 @@ class AllConversationsDropped(UnusableSample):
 class ProcessedSample:
     """One image ready for `collate` (C conversations, k targets, S = SAM input size).
 
-    clip_pixels: float32 [3, h, w]. sam_pixels: float32 [3, S, S].
+    clip_pixels: the vision tower's input, float32 [3, h, w] (CLIP) or [P, D] patches
+        (Qwen-VL, with `image_grid` (t, h, w); None for CLIP). sam_pixels: float32 [3, S, S].
     resized_size: (h', w') inside the SAM input. original_size: (H, W).
     input_ids, labels: per conversation long [L_c] (labels IGNORE_INDEX outside the answers).
     masks: uint8 [k, H, W], one per `[SEG]`/`[REJ]` of the kept conversations, in order.
@@ -91,6 +89,19 @@ class ProcessedSample:
     dropped_conversations: int = 0
     truncated_conversations: int = 0
     skipped_samples: dict[str, int] | None = None
+    image_grid: tuple[int, int, int] | None = None
+
+
+def check_conv_type(model, conv_type: str) -> None:
+    """ValueError unless `conv_type` writes the chat format of the model's backbone family
+    (ChatML for Qwen-VL, a LLaVA template for LLaVA)."""
+    family = family_of(model.llava.config)
+    chatml = get_template(conv_type).style is Style.CHATML
+    if chatml != (get_template(family.conv_type).style is Style.CHATML):
+        raise ValueError(
+            f"--conv_type {conv_type} does not write the chat format of the {family.name} "
+            f"backbone; use --conv_type {family.conv_type}"
+        )
 
 
 def template_for(tokenizer: PreTrainedTokenizerBase, conv_type: str) -> Template:
@@ -99,13 +110,20 @@ def template_for(tokenizer: PreTrainedTokenizerBase, conv_type: str) -> Template
 
 
 def expand_image(
-    rounds: Sequence[tuple[str, str | None]], token_ids: TokenIds, image_tokens: int
+    rounds: Sequence[tuple[str, str | None]],
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: TokenIds,
+    image_tokens: int,
 ) -> list[tuple[str, str | None]]:
-    """Rounds with IMAGE_PLACEHOLDER written as `image_tokens` image tokens (inside
-    `<im_start>`/`<im_end>` when the model uses them)."""
-    expansion = IMAGE_TOKEN * image_tokens
+    """Rounds with IMAGE_PLACEHOLDER written as `image_tokens` image tokens, inside the image
+    start/end tokens when the model uses them: the tokenizer's strings at those ids (LLaVA's
+    `<image>`, `<im_start>`, `<im_end>`; Qwen-VL's `<|image_pad|>`, `<|vision_start|>`,
+    `<|vision_end|>`)."""
+    image = tokenizer.convert_ids_to_tokens(token_ids.image)
+    expansion = image * image_tokens
     if token_ids.im_start is not None:
-        expansion = f"{IM_START_TOKEN}{expansion}{IM_END_TOKEN}"
+        start, end = tokenizer.convert_ids_to_tokens([token_ids.im_start, token_ids.im_end])
+        expansion = f"{start}{expansion}{end}"
     return [(question.replace(IMAGE_PLACEHOLDER, expansion), answer) for question, answer in rounds]
 
 
@@ -138,7 +156,9 @@ def model_rounds(
     """Rounds as the model reads them, the one place every tokenized conversation passes:
     markers in the model's vocabulary (`vocabulary_markers`), the image expanded
     (`expand_image`)."""
-    return expand_image(vocabulary_markers(rounds, tokenizer, token_ids), token_ids, image_tokens)
+    return expand_image(
+        vocabulary_markers(rounds, tokenizer, token_ids), tokenizer, token_ids, image_tokens
+    )
 
 
 class ImageTokenCountError(ValueError):
@@ -161,7 +181,9 @@ def encode(
     return ids, np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
 
 
-def answer_owner(text: str, offsets: np.ndarray, spans: Sequence[Span]) -> np.ndarray:
+def answer_owner(
+    text: str, offsets: np.ndarray, spans: Sequence[Span], takes_space: bool = True
+) -> np.ndarray:
     """offsets: int [L, 2] character [start, end) per token -> int [L]: the index of the answer
     span each token's characters overlap, -1 for tokens outside every answer.
 
@@ -169,12 +191,14 @@ def answer_owner(text: str, offsets: np.ndarray, spans: Sequence[Span]) -> np.nd
     space to the answer's first word ("▁Sure") or, before an added token, make it a token of its
     own ("▁", "[SEG]") that the model must generate after "ASSISTANT:" (as LISA labels it).
     Tokens inserted without characters (BOS at (0, 0)) count as sitting on their start character.
+    Without `takes_space` (ChatML, `Template.answer_takes_space`) a span is exactly its text.
     """
     starts = offsets[:, 0]
     ends = np.maximum(offsets[:, 1], starts + 1)
     owner = np.full(len(offsets), -1, dtype=np.int64)
     for index, (span_start, span_end) in enumerate(spans):
-        span_start = len(text[:span_start].rstrip())
+        if takes_space:
+            span_start = len(text[:span_start].rstrip())
         owner[(starts < span_end) & (ends > span_start)] = index
     return owner
 
@@ -218,7 +242,7 @@ def label_conversation(
     """`tokenize_conversation` on the text with `image_tokens` image tokens, as int64 arrays."""
     text, spans = template.render(model_rounds(rounds, tokenizer, token_ids, image_tokens))
     ids, offsets = encode(text, tokenizer, token_ids, image_tokens)
-    owner = answer_owner(text, offsets, spans)
+    owner = answer_owner(text, offsets, spans, template.answer_takes_space)
     for index, (span_start, span_end) in enumerate(spans):
         members = np.flatnonzero(owner == index)
         if len(members) == 0 or ids[members[-1]] != token_ids.eos:
@@ -321,18 +345,29 @@ def check_too_long(too_long: str) -> None:
         raise ValueError(f"too_long must be one of {TOO_LONG_CHOICES}, not {too_long!r}")
 
 
+def image_tokens_of(image: ProcessedImage, fixed: int | None) -> int:
+    """The image tokens `image` takes: its own count (Qwen-VL's dynamic resolution) or the
+    model's fixed one (LLaVA)."""
+    tokens = image.tokens if image.tokens is not None else fixed
+    if tokens is None:
+        raise ValueError("a model with a fixed image-token count needs that count (image_tokens)")
+    return tokens
+
+
 def process_sample(
     sample: Sample,
     tokenizer: PreTrainedTokenizerBase,
     token_ids: TokenIds,
     images: ImageProcessors,
-    image_tokens: int,
+    image_tokens: int | None,
     conv_type: str = DEFAULT_CONV_TYPE,
     model_max_length: int | None = None,
     too_long: str = DEFAULT_TOO_LONG,
 ) -> ProcessedSample:
     """Tokenize, label and transform one sample (each transform runs once for the image).
 
+    image_tokens: the model's image-token count per image, None for a backbone whose count
+    follows each image (Qwen-VL; `ProcessedImage.tokens`).
     model_max_length: conversations with more tokens are cut or dropped as `too_long` says (see
     the module docstring; None keeps all whole, as evaluation does). Raises ValueError naming
     the image when the `[SEG]`/`[REJ]` count differs from the number of masks or the limit cuts
@@ -342,6 +377,8 @@ def process_sample(
     if not sample.conversations:
         raise ValueError(f"{sample.image_path} ({sample.source}): the sample has no conversations")
     template = template_for(tokenizer, conv_type)
+    image = images(sample.image)
+    image_tokens = image_tokens_of(image, image_tokens)
     encoded = [
         tokenize_conversation(rounds, tokenizer, token_ids, image_tokens, template)
         for rounds in sample.conversations
@@ -362,11 +399,11 @@ def process_sample(
     except ValueError as error:
         raise ValueError(f"{sample.image_path} ({sample.source}): {error}") from error
     report_too_long(sample, encoded, targets, fitted, model_max_length)
-    clip_pixels, sam_pixels, resized_size = images(sample.image)
     return ProcessedSample(
-        clip_pixels=clip_pixels,
-        sam_pixels=sam_pixels,
-        resized_size=resized_size,
+        clip_pixels=image.vision,
+        sam_pixels=image.sam,
+        resized_size=image.resized_size,
+        image_grid=image.grid,
         original_size=image_size,
         input_ids=[ids for ids, _ in fitted.conversations],
         labels=[labels for _, labels in fitted.conversations],
@@ -426,7 +463,7 @@ class SampleProcessor:
     tokenizer: PreTrainedTokenizerBase
     token_ids: TokenIds
     images: ImageProcessors
-    image_tokens: int
+    image_tokens: int | None
     conv_type: str = DEFAULT_CONV_TYPE
     model_max_length: int | None = None
     too_long: str = DEFAULT_TOO_LONG
@@ -443,15 +480,20 @@ class SampleProcessor:
         conv_type: str = DEFAULT_CONV_TYPE,
         model_max_length: int | None = None,
         too_long: str = DEFAULT_TOO_LONG,
+        pixel_budget: tuple[int | None, int | None] = (None, None),
     ) -> SampleProcessor:
         """Settings read from a built Segmenter (token ids, image-token count, SAM input size)
         and its LLaVA directory (CLIP image settings); `model_max_length` and `too_long` as in
-        `process_sample`."""
+        `process_sample`. `conv_type` must be the backbone's chat format (`check_conv_type`);
+        `pixel_budget`: Qwen-VL's (min_pixels, max_pixels), None for the directory's."""
+        check_conv_type(model, conv_type)
         return cls(
             tokenizer=tokenizer,
             token_ids=model.token_ids,
-            images=ImageProcessors.from_pretrained(llava_directory, model.sam_input_size),
-            image_tokens=image_token_count(model.llava.config),
+            images=ImageProcessors.from_pretrained(
+                llava_directory, model.sam_input_size, *pixel_budget
+            ),
+            image_tokens=image_token_count(model.llava.config),  # None: per image
             conv_type=conv_type,
             model_max_length=model_max_length,
             too_long=too_long,
@@ -497,7 +539,8 @@ def collate(samples: Sequence[ProcessedSample], pad_id: int) -> Batch:
         attention_mask=attention_mask,
         labels=labels,
         conv_image=torch.tensor([image for _, _, image in rows], dtype=torch.long),
-        clip_pixels=torch.stack([sample.clip_pixels for sample in samples]),
+        clip_pixels=vision_inputs(samples),
+        image_grid=image_grids(samples),
         sam_pixels=torch.stack([sample.sam_pixels for sample in samples]),
         resized_sizes=torch.tensor([sample.resized_size for sample in samples], dtype=torch.long),
         original_sizes=torch.tensor([sample.original_size for sample in samples], dtype=torch.long),
@@ -508,6 +551,24 @@ def collate(samples: Sequence[ProcessedSample], pad_id: int) -> Batch:
         truncated_conversations=sum(sample.truncated_conversations for sample in samples),
         skipped_samples=sum_counts([sample.skipped_samples for sample in samples]),
     )
+
+
+def vision_inputs(samples: Sequence[ProcessedSample]) -> torch.Tensor:
+    """The vision tower's inputs of the samples' images: CLIP pixels stacked [N, 3, h, w], or
+    patches concatenated in image order [sum P_i, D] (`image_grid` set)."""
+    if samples[0].image_grid is None:
+        return torch.stack([sample.clip_pixels for sample in samples])
+    return torch.cat([sample.clip_pixels for sample in samples])
+
+
+def image_grids(samples: Sequence[ProcessedSample]) -> torch.Tensor | None:
+    """long [N, 3]: the (t, h, w) patch grid of every image, None for CLIP images."""
+    grids = [sample.image_grid for sample in samples]
+    if all(grid is None for grid in grids):
+        return None
+    if any(grid is None for grid in grids):
+        raise ValueError("a batch mixes CLIP images with patch-grid images")
+    return torch.tensor(grids, dtype=torch.long)
 
 
 def sum_counts(counts: Sequence[dict[str, int] | None]) -> dict[str, int] | None:

@@ -139,6 +139,8 @@ class TrainConfig:
     estimate_memory: bool
     gpu_memory_gb: float
     estimate_gpus: int
+    min_pixels: int | None
+    max_pixels: int | None
 
     @property
     def log_dir(self) -> Path:

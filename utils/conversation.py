@@ -6,6 +6,8 @@ Two templates written exactly as LLaVA writes them,
 - `llava_llama_2`:
   `[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST] {a2} </s>`
 
+Qwen2-VL's ChatML (`qwen2_vl`; Qwen3-VL's `qwen3_vl` has no system turn):
+`<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n`,
 and CoReS's two (`llava_v1_cores`, `llava_llama_2_cores`): the same with CoReS's system prompt,
 LLaVA's plus one sentence, followed by the fixed in-context example that CoReS's `get_prompt()`
 appends to every prompt (`EXAMPLE_QA_LIST[0]`, CoReS model/llava/conversation.py @296ee1f).
@@ -34,10 +36,11 @@ Span = tuple[int, int]
 
 
 class Style(Enum):
-    """How rounds are joined (LLaVA's `SeparatorStyle` members we support)."""
+    """How rounds are joined (LLaVA's `SeparatorStyle` members we support, and ChatML)."""
 
     TWO = "two"
     LLAMA_2 = "llama_2"
+    CHATML = "chatml"
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,9 @@ class Template:
     """A conversation template.
 
     sep: llava_v1 - the space after the system prompt and each question; llama_2 - the BOS
-        string that opens every round after the first.
+        string that opens every round after the first; chatml - the line break after each turn.
     sep2: the end-of-turn string written after each answer (the EOS token's text).
-    roles: (user, assistant) role names, written by the TWO style only.
+    roles: (user, assistant) role names, written by the TWO and CHATML styles.
     """
 
     name: str
@@ -88,7 +91,15 @@ class Template:
             raise ValueError("a conversation needs at least one round")
         if self.style is Style.TWO:
             return self._render_two(rounds)
+        if self.style is Style.CHATML:
+            return self._render_chatml(rounds)
         return self._render_llama_2(rounds)
+
+    @property
+    def answer_takes_space(self) -> bool:
+        """Whether the whitespace written before an answer is the answer's first token (LLaVA's
+        " " after "ASSISTANT:"), so labelled; ChatML's line break after the role is prompt."""
+        return self.style is not Style.CHATML
 
     def _render_two(self, rounds: Sequence[PromptRound]) -> tuple[str, list[Span]]:
         user, assistant = self.roles
@@ -100,6 +111,21 @@ class Template:
                 start = len(text)
                 text += answer + self.sep2
                 spans.append((start, len(text)))
+        return text, spans
+
+    def _render_chatml(self, rounds: Sequence[PromptRound]) -> tuple[str, list[Span]]:
+        user, assistant = self.roles
+        text, spans = "", []
+        if self.system:  # Qwen3-VL's template writes no system turn unless given one
+            text = f"{CHATML_START}system\n{self.system}{self.sep2}{self.sep}"
+        for question, answer in rounds:
+            text += f"{CHATML_START}{user}\n{question}{self.sep2}{self.sep}"
+            text += f"{CHATML_START}{assistant}\n"
+            if answer is not None:
+                start = len(text)
+                text += answer + self.sep2
+                spans.append((start, len(text)))
+                text += self.sep
         return text, spans
 
     def _render_llama_2(self, rounds: Sequence[PromptRound]) -> tuple[str, list[Span]]:
@@ -138,6 +164,19 @@ LLAVA_LLAMA_2 = Template(
     sep2="</s>",
 )
 
+# ChatML as Qwen2-VL / Qwen2.5-VL's chat template writes it (their default system prompt; the
+# turn-opening token is a fixed string of the format, the end of turn the tokenizer's EOS)
+CHATML_START = "<|im_start|>"
+QWEN2_VL = Template(
+    name="qwen2_vl",
+    system="You are a helpful assistant.",
+    roles=("user", "assistant"),
+    style=Style.CHATML,
+    sep="\n",
+    sep2="<|im_end|>",
+)
+QWEN3_VL = replace(QWEN2_VL, name="qwen3_vl", system="")
+
 # CoReS model/llava/conversation.py @296ee1f: the sentence its conv_llava_v1 (:392-397) and
 # conv_llava_llama_2 (:335-339) add to LLaVA's system prompts, and EXAMPLE_QA_LIST[0] (:7),
 # which get_prompt() (:60-64, 88, 119) appends to the system prompt of every conversation.
@@ -168,6 +207,8 @@ TEMPLATES = {
     for template in (
         LLAVA_V1,
         LLAVA_LLAMA_2,
+        QWEN2_VL,
+        QWEN3_VL,
         with_in_context_guidance(LLAVA_V1, CORES_V1_GUIDANCE),
         with_in_context_guidance(LLAVA_LLAMA_2, CORES_LLAMA_2_GUIDANCE),
     )

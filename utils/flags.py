@@ -64,6 +64,20 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     add("--image_size", default=1024, type=int, help="SAM input side")
     add("--model_max_length", default=2048, type=int)
     add(
+        "--min_pixels",
+        default=None,
+        type=int,
+        help="Qwen-VL: the smallest pixel count an image is resized to (default: the --version "
+        "directory's preprocessor_config.json)",
+    )
+    add(
+        "--max_pixels",
+        default=None,
+        type=int,
+        help="Qwen-VL: the largest pixel count an image is resized to, so at most "
+        "max_pixels / 28^2 (Qwen3-VL: 32^2) image tokens (default: the directory's)",
+    )
+    add(
         "--out_dim",
         default=None,
         type=int,

@@ -13,7 +13,8 @@ checkpointing) excluded, each matrix product of [m, k] x [k, n] as 2 m k n:
   trained).
 - frozen image encoders, forward only, once per image: 2 x parameters x tokens for CLIP and
   the SAM image encoder (their attention-score products are left out: under 10 % at CLIP's
-  and SAM's sizes).
+  and SAM's sizes); a Qwen-VL vision tower, whose tokens follow each image, 2 x parameters per
+  patch of the batch (`Batch.patch_count`).
 
 MFU divides the FLOP/s by the accelerator's dense bf16 peak (`PEAK_BF16_FLOPS`, by device
 name; unknown devices get none) or, on CPU, by a matmul peak measured once
@@ -109,27 +110,37 @@ class StepFlops:
 
     language: LanguageModelShape
     image_forward_flops: float
+    patch_forward_flops: float = 0.0
 
     @classmethod
     def from_segmenter(cls, model) -> StepFlops:
-        """From a built `Segmenter` (its LLaVA config and encoder parameter counts)."""
-        from model.backbone import image_token_count
+        """From a built `Segmenter` (its backbone config and encoder parameter counts)."""
+        from model.backbone import image_token_count, vision_tower
 
         llava = model.llava
-        clip_params = sum(p.numel() for p in llava.model.vision_tower.parameters())
+        tower_params = sum(p.numel() for p in vision_tower(llava).parameters())
         sam_params = sum(p.numel() for p in model.sam.vision_encoder.parameters())
         vision = model.sam.config.vision_config
         sam_tokens = (vision.image_size // vision.patch_size) ** 2
-        clip_tokens = image_token_count(llava.config)
-        image = FLOPS_PER_MAC * (clip_params * clip_tokens + sam_params * sam_tokens)
-        return cls(LanguageModelShape.from_config(llava.config.text_config), float(image))
+        image = FLOPS_PER_MAC * sam_params * sam_tokens
+        tower_tokens = image_token_count(llava.config)
+        if tower_tokens is None:  # the tower's work follows each image's patches
+            patch = FLOPS_PER_MAC * tower_params
+        else:
+            image, patch = image + FLOPS_PER_MAC * tower_params * tower_tokens, 0.0
+        text = LanguageModelShape.from_config(llava.config.text_config)
+        return cls(text, float(image), float(patch))
 
-    def micro_batch(self, lengths: list[int], head_rows: int, num_images: int) -> float:
+    def micro_batch(
+        self, lengths: list[int], head_rows: int, num_images: int, patches: int = 0
+    ) -> float:
         """FLOPs of one micro-batch: conversations of `lengths` real tokens, the LM head on
-        `head_rows` rows, `num_images` images through the frozen encoders."""
+        `head_rows` rows, `num_images` images through the frozen encoders (and `patches`
+        patches through a Qwen-VL vision tower)."""
         layers = sum(self.language.forward_flops(n) for n in lengths) * (1 + FROZEN_BACKWARD)
         head = self.language.head_forward_flops(head_rows) * (1 + TRAINED_BACKWARD)
-        return layers + head + self.image_forward_flops * num_images
+        images = self.image_forward_flops * num_images + self.patch_forward_flops * patches
+        return layers + head + images
 
 
 def peak_bf16_flops(device_name: str) -> float | None:

@@ -24,15 +24,20 @@ import cv2
 import numpy as np
 import torch
 
-from model.backbone import image_token_count
+from model.backbone import family_of, image_token_count
 from model.builder import ModelConfig, build_segmenter
 from model.checkpoint import read_segmenter_config
 from model.generate import generate
 from model.layouts import Layout, detect_layout, image_settings_directory
 from model.segmenter import Segmenter
 from model.tokens import IGNORE_INDEX, VOCABULARIES
-from utils.collate import ProcessedSample, collate, template_for, tokenize_prompt
-from utils.conversation import DEFAULT_CONV_TYPE
+from utils.collate import (
+    ProcessedSample,
+    check_conv_type,
+    collate,
+    template_for,
+    tokenize_prompt,
+)
 from utils.datasets.base import IMAGE_PLACEHOLDER, read_image
 from utils.generative_eval import linked_coarse
 from utils.preprocess import ImageProcessors
@@ -138,6 +143,7 @@ class Segmentation:
         device = device or device_default()
         model = model.to(device).eval()
         conv_type = conv_type or (saved.conv_type if saved else published_conv_type(model))
+        check_conv_type(model, conv_type)
         images = ImageProcessors.from_pretrained(
             image_settings_directory(version, vision_tower, layout), model.sam_input_size
         )
@@ -148,25 +154,30 @@ class Segmentation:
         """Tokens the language model reads at most (prompt, image tokens and answer together)."""
         return self.model.llava.config.text_config.max_position_embeddings
 
-    def prompt_ids(self, prompt: str) -> torch.Tensor:
-        """int64 [L]: the generation prompt's ids, the image placeholder expanded."""
+    def prompt_ids(self, prompt: str, image_tokens: int | None = None) -> torch.Tensor:
+        """int64 [L]: the generation prompt's ids, the image placeholder expanded to
+        `image_tokens` tokens; when None, the model's fixed count (LLaVA) or the most one image
+        can take (Qwen-VL, whose count follows the image)."""
+        if image_tokens is None:
+            image_tokens = image_token_count(self.model.llava.config) or self.images.max_tokens
         return tokenize_prompt(
             [(question_text(prompt), None)],
             self.tokenizer,
             self.model.token_ids,
-            image_token_count(self.model.llava.config),
+            image_tokens,
             template_for(self.tokenizer, self.conv_type),
         )
 
     def prepare(self, image_path: str | Path | np.ndarray, prompt: str) -> ProcessedSample:
         """One generation prompt with its image (a file, or uint8 RGB [H, W, 3]), for `collate`."""
         image = image_path if isinstance(image_path, np.ndarray) else read_image(image_path)
-        input_ids = self.prompt_ids(prompt)
-        clip_pixels, sam_pixels, resized_size = self.images(image)
+        processed = self.images(image)
+        input_ids = self.prompt_ids(prompt, processed.tokens)
         return ProcessedSample(
-            clip_pixels=clip_pixels,
-            sam_pixels=sam_pixels,
-            resized_size=resized_size,
+            clip_pixels=processed.vision,
+            sam_pixels=processed.sam,
+            resized_size=processed.resized_size,
+            image_grid=processed.grid,
             original_size=tuple(image.shape[:2]),
             input_ids=[input_ids],
             labels=[torch.full_like(input_ids, IGNORE_INDEX)],
@@ -213,9 +224,12 @@ class Segmentation:
 
 
 def published_conv_type(model: Segmenter) -> str:
-    """The template a published (LLaVA-v1 / LISA-family) directory was trained with: CoReS's,
-    with its in-context example, when it has a chain token, else LLaVA-v1's."""
-    return CORES_CONV_TYPE if model.token_ids.chain is not None else DEFAULT_CONV_TYPE
+    """The template a directory without our segmenter config was trained with: CoReS's, with
+    its in-context example, when it has a chain token, else its backbone family's chat format
+    (LLaVA-v1's for the LISA family)."""
+    if model.token_ids.chain is not None:
+        return CORES_CONV_TYPE
+    return family_of(model.llava.config).conv_type
 
 
 def binary(logits: torch.Tensor) -> np.ndarray:

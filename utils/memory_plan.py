@@ -185,9 +185,13 @@ class MemoryPlan:
 def _llava_config(config):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+    from model.backbone import LLAVA, directory_family
+
     directory = Path(config.version)
     if (directory / "config.json").is_file():
         values = json.loads((directory / "config.json").read_text())
+        if values.get("model_type") not in (LLAVA.name, None):  # Qwen-VL
+            return directory_family(directory).model_class.config_class.from_pretrained(directory)
         if "text_config" in values:
             return LlavaConfig.from_pretrained(directory)
         text = LlamaConfig(**{k: v for k, v in values.items() if k != "model_type"})
@@ -214,8 +218,7 @@ def _sam_config(config):
 
 def meta_segmenter(config) -> nn.Module:
     """The segmenter of a TrainConfig on the meta device (no weights; real parameter counts)."""
-    from transformers import LlavaForConditionalGeneration
-
+    from model.backbone import family_of
     from model.lora import apply_lora, set_trainable
     from model.sam import EarlyFusion, build_sam
     from model.segmenter import Segmenter, build_projector
@@ -224,7 +227,7 @@ def meta_segmenter(config) -> nn.Module:
     llava_config, sam_config = _llava_config(config), _sam_config(config)
     prompt = sam_config.mask_decoder_config.hidden_size
     with torch.device("meta"):
-        llava = LlavaForConditionalGeneration(llava_config)
+        llava = family_of(llava_config).model_class(llava_config)
         sam = build_sam(sam_config)
         projector = build_projector(llava_config.text_config.hidden_size, prompt)
         fusion = EarlyFusion(sam_config.vision_config.hidden_size, prompt)
@@ -269,11 +272,14 @@ def activation_shape(model: nn.Module, config) -> ActivationShape:
 def plan_settings(config, gpus: int, on_gpu: bool = True) -> list[MemoryPlan]:
     """Every (ZeRO stage, offload, checkpointing) setting of the run, the configured first."""
     from model.backbone import image_token_count
+    from utils.preprocess import max_image_tokens
 
     model = meta_segmenter(config)
     counts, shape = parameter_counts(model), activation_shape(model, config)
     conversations = config.batch_size * max(config.num_classes_per_sample, 1)
-    image_tokens = image_token_count(model.llava.config)
+    image_tokens = image_token_count(model.llava.config) or max_image_tokens(
+        config.version, config.max_pixels
+    )
     lengths = {
         "planned": min(image_tokens + PLANNED_TEXT_TOKENS, config.model_max_length),
         "max": config.model_max_length,

@@ -22,6 +22,7 @@ from model.builder import build_segmenter
 from model.checkpoint import DEFAULT_MAX_SHARD_SIZE, merge_lora, save_merged
 from model.layouts import detect_layout, image_settings_directory
 from utils.config import TrainConfig, build_parser, explicit_flags, layered_values
+from utils.preprocess import write_pixel_budget
 from utils.weights import load_weights
 
 LOGGER = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def merge(config: TrainConfig, weight: str, save_path: str, max_shard_size: str)
             {k: asdict(config)[k] for k in ("lora_r", "lora_alpha", "lora_target_modules")}
         ),
     }
-    return save_merged(
+    directory = save_merged(
         model,
         tokenizer,
         save_path,
@@ -134,3 +135,6 @@ def merge(config: TrainConfig, weight: str, save_path: str, max_shard_size: str)
         provenance=provenance,
         max_shard_size=max_shard_size,
     )
+    if (config.min_pixels, config.max_pixels) != (None, None):
+        write_pixel_budget(directory, config.min_pixels, config.max_pixels)
+    return directory

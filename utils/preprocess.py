@@ -1,8 +1,13 @@
-"""Image transforms for CLIP and SAM, with PIL, NumPy and OpenCV (no torchvision).
+"""Image transforms for the vision towers and SAM, with PIL, NumPy and OpenCV (no torchvision).
 
 CLIP: the LLaVA directory's `preprocessor_config.json` (shortest-edge resize, centre crop,
 rescale, mean/std) is read and applied exactly as transformers' PIL image processor applies it
 (same PIL resampling, same size and crop arithmetic), but without its per-call overhead.
+Qwen-VL (`PatchTransform`): the dynamic resolution of Qwen2-VL's image processor, from the
+directory's `preprocessor_config.json` (`min_pixels`/`max_pixels` or `size`, patch, merge and
+temporal patch sizes): each image resized to multiples of patch x merge pixels within the pixel
+budget (`smart_resize`), normalised, and cut into flat patches [P, C * t * p * p] with its grid
+(1, h / p, w / p); the number of image tokens follows the grid (`tokens`).
 SAM: segment-anything's `ResizeLongestSide` (longest side -> S, `int(side * scale + 0.5)`,
 PIL bilinear as the original does through torchvision's PIL path), SAM pixel mean/std on 0-255
 RGB, then zero padding right/bottom to S x S after normalising.
@@ -12,6 +17,7 @@ Both take uint8 RGB [H, W, 3] arrays.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +39,9 @@ SAM_LOOKUP = (
 # transformers' defaults when a preprocessor_config.json leaves a key out
 DEFAULT_RESAMPLE = Image.Resampling.BICUBIC
 DEFAULT_RESCALE = 1 / 255
+# Qwen2-VL's image processor: its refusal of extreme aspect ratios, and its type-name prefix
+MAX_ASPECT_RATIO = 200
+PATCH_PROCESSOR_PREFIX = "Qwen2VLImageProcessor"
 
 
 def _resize_setting(size: int | dict[str, int], file: Path) -> dict[str, int]:
@@ -170,24 +179,206 @@ class SamTransform:
         return torch.from_numpy(pixels), (height, width)
 
 
+def smart_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """Qwen2-VL's output size: both sides multiples of `factor`, as close to the aspect ratio
+    as that allows, with min_pixels <= h * w <= max_pixels (Qwen2-VL `smart_resize`)."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"an image of {height}x{width} px has an aspect ratio above {MAX_ASPECT_RATIO}, "
+            "which Qwen-VL's image processor refuses"
+        )
+    resized_h = round(height / factor) * factor
+    resized_w = round(width / factor) * factor
+    if resized_h * resized_w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        resized_h = max(factor, math.floor(height / beta / factor) * factor)
+        resized_w = max(factor, math.floor(width / beta / factor) * factor)
+    elif resized_h * resized_w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        resized_h = math.ceil(height * beta / factor) * factor
+        resized_w = math.ceil(width * beta / factor) * factor
+    return resized_h, resized_w
+
+
+@dataclass(frozen=True)
+class PatchTransform:
+    """Qwen-VL preprocessing (dynamic resolution, module docstring): pixel budget, patch size p,
+    merge size m (m x m patches become one image token), temporal patch size t, mean/std."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    resample: Image.Resampling
+    rescale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_settings(cls, settings: dict, file: Path) -> PatchTransform:
+        """From the parsed `preprocessor_config.json` (`file`, named in errors)."""
+        size = settings.get("size") or {}
+        try:
+            min_pixels = settings.get("min_pixels", size.get("shortest_edge"))
+            max_pixels = settings.get("max_pixels", size.get("longest_edge"))
+            if min_pixels is None or max_pixels is None:
+                raise KeyError("min_pixels/max_pixels (or size.shortest_edge/longest_edge)")
+            return cls(
+                min_pixels=int(min_pixels),
+                max_pixels=int(max_pixels),
+                patch_size=int(settings["patch_size"]),
+                merge_size=int(settings["merge_size"]),
+                temporal_patch_size=int(settings["temporal_patch_size"]),
+                resample=Image.Resampling(settings.get("resample", DEFAULT_RESAMPLE)),
+                rescale=settings.get("rescale_factor", DEFAULT_RESCALE)
+                if settings.get("do_rescale", True)
+                else 1.0,
+                mean=tuple(settings["image_mean"]),
+                std=tuple(settings["image_std"]),
+            )
+        except KeyError as error:
+            raise ValueError(f"{file}: a Qwen-VL image processor needs {error}") from error
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the resized image, multiples of patch x merge pixels."""
+        factor = self.patch_size * self.merge_size
+        return smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+
+    @property
+    def max_tokens(self) -> int:
+        """The most image tokens one image can take: max_pixels / (patch x merge)^2."""
+        return self.max_pixels // (self.patch_size * self.merge_size) ** 2
+
+    def tokens(self, grid: tuple[int, int, int]) -> int:
+        """Image tokens of an image with patch grid (t, h, w): t * h * w / merge^2."""
+        return grid[0] * grid[1] * grid[2] // self.merge_size**2
+
+    def __call__(
+        self, image: np.ndarray | Image.Image
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """uint8 RGB [H, W, 3] (or an RGB PIL image) -> (float32 patches [P, C * t * p * p], grid
+        (1, h / p, w / p)), P = h * w / p^2, patches in Qwen-VL's order (merge blocks of m x m
+        patches, row by row; each patch's pixels channel-major, repeated t times)."""
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        height, width = self.output_size(pil.height, pil.width)
+        if (height, width) != (pil.height, pil.width):
+            pil = pil.resize((width, height), self.resample)
+        pixels = np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) * np.float32(self.rescale)
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
+        pixels = (pixels - mean) / std
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        grid_h, grid_w = height // p, width // p
+        blocks = pixels.reshape(RGB_CHANNELS, grid_h // m, m, p, grid_w // m, m, p)
+        blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh, gw, mh, mw, C, p, p)
+        repeated = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
+        patches = np.ascontiguousarray(repeated).reshape(grid_h * grid_w, RGB_CHANNELS * t * p * p)
+        return torch.from_numpy(patches), (1, grid_h, grid_w)
+
+
+def with_pixel_budget(settings: dict, min_pixels: int | None, max_pixels: int | None) -> dict:
+    """Qwen-VL image settings with the pixel budget replaced (`--min_pixels`/`--max_pixels`;
+    None keeps that bound), written in the keys the file uses: `min_pixels`/`max_pixels`
+    (Qwen2.5-VL) or `size` {shortest_edge, longest_edge} (Qwen3-VL)."""
+    updated = dict(settings)
+    for key, size_key, value in (
+        ("min_pixels", "shortest_edge", min_pixels),
+        ("max_pixels", "longest_edge", max_pixels),
+    ):
+        if value is None:
+            continue
+        size = updated.get("size")
+        if isinstance(size, dict) and size_key in size:
+            updated["size"] = {**size, size_key: value}
+        if key in updated or not isinstance(size, dict):
+            updated[key] = value
+    return updated
+
+
+def write_pixel_budget(directory: str | Path, min_pixels: int | None, max_pixels: int | None):
+    """Rewrite `directory`'s `preprocessor_config.json` with the pixel budget (a merged
+    checkpoint keeps the budget it was trained with)."""
+    file = Path(directory) / PREPROCESSOR_CONFIG
+    settings = with_pixel_budget(json.loads(file.read_text()), min_pixels, max_pixels)
+    file.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+def max_image_tokens(directory: str | Path, max_pixels: int | None = None) -> int:
+    """The most image tokens one image takes with the Qwen-VL image settings of `directory`
+    (its pixel budget, or `max_pixels` when given)."""
+    file = Path(directory) / PREPROCESSOR_CONFIG
+    settings = with_pixel_budget(json.loads(file.read_text()), None, max_pixels)
+    return PatchTransform.from_settings(settings, file).max_tokens
+
+
+def is_patch_processor(settings: dict) -> bool:
+    """Whether a `preprocessor_config.json` describes a Qwen-VL (patch) image processor."""
+    return settings.get("image_processor_type", "").startswith(PATCH_PROCESSOR_PREFIX)
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """One image as the model reads it.
+
+    vision: the vision tower's input, float32 [3, h, w] (CLIP) or [P, D] patches (Qwen-VL).
+    grid: the patch grid (t, h, w) of a patch transform, None for CLIP.
+    tokens: the image tokens it takes in a conversation, None for CLIP (the model's fixed
+        count, `model.backbone.image_token_count`).
+    sam: float32 [3, S, S]; resized_size: (h', w') of the image inside the SAM input.
+    """
+
+    vision: torch.Tensor
+    grid: tuple[int, int, int] | None
+    tokens: int | None
+    sam: torch.Tensor
+    resized_size: tuple[int, int]
+
+
 @dataclass(frozen=True)
 class ImageProcessors:
     """Both transforms, built once per run and shared by the datasets (picklable for workers)."""
 
-    clip: ClipTransform
+    clip: ClipTransform | PatchTransform
     sam: SamTransform
 
     @classmethod
-    def from_pretrained(cls, llava_directory: str | Path, sam_image_size: int) -> ImageProcessors:
-        """CLIP settings from the LLaVA directory; SAM input size from the SAM config."""
+    def from_pretrained(
+        cls,
+        llava_directory: str | Path,
+        sam_image_size: int,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> ImageProcessors:
+        """Vision settings from the model directory (CLIP, or Qwen-VL's patches with the pixel
+        budget `min_pixels`/`max_pixels` when given); SAM input size from the SAM config."""
+        file = Path(llava_directory) / PREPROCESSOR_CONFIG
+        if file.is_file() and is_patch_processor(settings := json.loads(file.read_text())):
+            budget = with_pixel_budget(settings, min_pixels, max_pixels)
+            return cls(PatchTransform.from_settings(budget, file), SamTransform(sam_image_size))
+        if (min_pixels, max_pixels) != (None, None):
+            raise ValueError(
+                f"--min_pixels/--max_pixels set the image budget of Qwen-VL backbones; "
+                f"{llava_directory} has CLIP's fixed-size images"
+            )
         return cls(ClipTransform.from_pretrained(llava_directory), SamTransform(sam_image_size))
 
-    def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """uint8 RGB [H, W, 3] -> (clip [3, h, w], sam [3, S, S], (h', w'))."""
+    @property
+    def max_tokens(self) -> int | None:
+        """The most image tokens one image can take with a patch transform; None for CLIP."""
+        return self.clip.max_tokens if isinstance(self.clip, PatchTransform) else None
+
+    def __call__(self, image: np.ndarray) -> ProcessedImage:
+        """uint8 RGB [H, W, 3] -> the image's vision and SAM inputs (`ProcessedImage`)."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != RGB_CHANNELS:
             raise ValueError(
                 f"expected a uint8 RGB [H, W, 3] image, got {image.dtype} {image.shape}"
             )
         pil = Image.fromarray(image)  # shared by both resizes
         sam_pixels, resized_size = self.sam(pil)
-        return self.clip(pil), sam_pixels, resized_size
+        if isinstance(self.clip, PatchTransform):
+            patches, grid = self.clip(pil)
+            return ProcessedImage(patches, grid, self.clip.tokens(grid), sam_pixels, resized_size)
+        return ProcessedImage(self.clip(pil), None, None, sam_pixels, resized_size)

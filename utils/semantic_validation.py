@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader, Dataset
 from model.batch import Batch
 from model.generate import Generation, generate
 from model.tokens import IGNORE_INDEX
-from utils.collate import ProcessedSample, SampleProcessor, collate, template_for, tokenize_prompt
+from utils.collate import (
+    ProcessedSample,
+    SampleProcessor,
+    collate,
+    image_tokens_of,
+    template_for,
+    tokenize_prompt,
+)
 from utils.datasets.semantic_val import SemanticValidation, SemanticValSample
 from utils.generative_eval import class_items
 from utils.metrics import gather_records, largest_over_ranks
@@ -66,22 +73,23 @@ def semantic_prompts(
     """The image's generation prompts, one per question (chunk), ready for `collate`; `source`
     names the set."""
     template = template_for(processor.tokenizer, processor.conv_type)
+    image = processor.images(sample.image)
     prompts = [
         tokenize_prompt(
             [(question, None)],
             processor.tokenizer,
             processor.token_ids,
-            processor.image_tokens,
+            image_tokens_of(image, processor.image_tokens),
             template,
         )
         for question in sample.questions
     ]
-    clip_pixels, sam_pixels, resized_size = processor.images(sample.image)
     size = tuple(sample.image.shape[:2])
     return ProcessedSample(
-        clip_pixels=clip_pixels,
-        sam_pixels=sam_pixels,
-        resized_size=resized_size,
+        clip_pixels=image.vision,
+        sam_pixels=image.sam,
+        resized_size=image.resized_size,
+        image_grid=image.grid,
         original_size=size,
         input_ids=prompts,
         labels=[torch.full_like(ids, IGNORE_INDEX) for ids in prompts],

@@ -389,7 +389,7 @@ class StepWindow:
         self.slots += batch.attention_mask.numel()
         if flops is not None:
             rows = getattr(output, "head_rows", 0)
-            self.flops += flops.micro_batch(lengths, rows, batch.num_images)
+            self.flops += flops.micro_batch(lengths, rows, batch.num_images, batch.patch_count)
 
     def throughput(self, elapsed: float, peak_flops: float | None) -> dict[str, float]:
         """This rank's tokens/s, padding fraction, model TFLOP/s and MFU (when known)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.backbone import image_features, language_model_step
+from model.backbone import image_features, language_model_step, per_conversation
 from model.packing import pack, packing_enabled, plan_packing, row_capacity, unpack
 from model.tiny import build_tiny_segmenter
 from model.tokens import predictor_mask
@@ -146,7 +146,7 @@ def row_states(model, batch, features, contiguous: bool, layout: str = "sdpa") -
     if contiguous:
         positions = torch.arange(positions.shape[1]).expand_as(positions)
     hidden, _ = language_model_step(
-        model.llava, packed.input_ids, None, features[packed.order], positions
+        model.llava, packed.input_ids, None, per_conversation(features, packed.order), positions
     )
     return unpack(hidden, packed, *batch.input_ids.shape)
 
@@ -165,7 +165,7 @@ def test_attention_never_crosses_conversations(cores_batch) -> None:
     rewritten[first, text] = rewritten[first, text].flip(0)
     assert not torch.equal(rewritten[first], batch.input_ids[first])
     changed = dataclasses.replace(batch, input_ids=rewritten)
-    features = image_features(model.llava, batch.clip_pixels)[batch.conv_image]
+    features = per_conversation(image_features(model.llava, batch.clip_pixels), batch.conv_image)
     for contiguous, crosses in ((False, False), (True, True)):
         before = row_states(model, batch, features, contiguous)[later]
         after = row_states(model, changed, features, contiguous)[later]
@@ -177,7 +177,7 @@ def test_the_one_row_layout_of_flash_attention_equals_the_padded_pass(cores_batc
     """flash-attention's layout (every conversation in one row) run through this model's
     attention (a block-diagonal mask): image features, positions and unpacking line up."""
     model, batch, _ = cores_batch
-    features = image_features(model.llava, batch.clip_pixels)[batch.conv_image]
+    features = per_conversation(image_features(model.llava, batch.clip_pixels), batch.conv_image)
     packed = pack(batch.input_ids, batch.attention_mask, model.token_ids.pad, "flash_attention_2")
     assert packed.input_ids.shape[0] == 1
     one_row = row_states(model, batch, features, contiguous=False, layout="flash_attention_2")

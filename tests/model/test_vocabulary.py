@@ -91,7 +91,9 @@ def test_a_sample_is_tokenized_with_ins_and_no_ins_where_the_model_generates_the
     input_ids, labels = processed.input_ids[0], processed.labels[0]
     template = template_for(tokenizer, DEFAULT_CONV_TYPE)
     image_tokens = int((input_ids == ids.image).sum())
-    text, _ = template.render(expand_image([(QUESTION, LASAGNA_ANSWER)], ids, image_tokens))
+    text, _ = template.render(
+        expand_image([(QUESTION, LASAGNA_ANSWER)], tokenizer, ids, image_tokens)
+    )
     assert input_ids.tolist() == tokenizer(text).input_ids
     answer = [*tokenizer.encode(LASAGNA_ANSWER, add_special_tokens=False), ids.eos]
     assert answer.count(ids.seg) == answer.count(ids.rej) == 1

@@ -256,8 +256,8 @@ def test_pool_keeps_uint8_scenes_and_preprocesses_them_as_the_dataset_images(
     assert not np.array_equal(held_out.images, pool.images)
     processors = ImageProcessors.from_pretrained(write_tiny_llava(tmp_path / "llava"), 64)
     batch = Batches(pool, processors)(torch.tensor([2, 0]))
-    clip, sam, _ = processors(pool.images[2])
-    assert torch.equal(batch.clip[0], clip) and torch.equal(batch.sam[0], sam)
+    image = processors(pool.images[2])
+    assert torch.equal(batch.clip[0], image.vision) and torch.equal(batch.sam[0], image.sam)
     assert batch.conversations == [pool.conversations[2], pool.conversations[0]]
     assert batch.sam_kinds.shape == (2, 64, 64) and batch.clip_kinds.dtype == torch.int64
 

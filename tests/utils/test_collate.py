@@ -144,7 +144,7 @@ def test_ids_and_labels_equal_those_of_the_fully_expanded_text(
     tokenizer, token_ids = tokenizer_with_tokens(tokenizer_name, use_mm_start_end)
     template = template_for(tokenizer, conv_type)
     input_ids, labels = tokenize_conversation(rounds, tokenizer, token_ids, image_tokens, template)
-    text, spans = template.render(expand_image(rounds, token_ids, image_tokens))
+    text, spans = template.render(expand_image(rounds, tokenizer, token_ids, image_tokens))
     encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     expected_ids = np.asarray(encoding["input_ids"])
     owner = answer_owner(text, np.asarray(encoding["offset_mapping"]).reshape(-1, 2), spans)
@@ -160,7 +160,7 @@ def test_a_text_with_two_images_names_the_expanded_counts() -> None:
     rounds = [("<image>\nWhat is this?", "A circle."), ("<image>\nAnd this?", "A dog.")]
     with pytest.raises(ValueError, match="one <image> \\(4 image tokens\\) but it encodes to 8"):
         tokenize_conversation(rounds, tokenizer, token_ids, IMAGE_TOKENS, template)
-    text, _ = template.render(expand_image(rounds, token_ids, IMAGE_TOKENS))
+    text, _ = template.render(expand_image(rounds, tokenizer, token_ids, IMAGE_TOKENS))
     with pytest.raises(ValueError, match="encodes to 8 image tokens"):
         encode(text, tokenizer, token_ids, IMAGE_TOKENS)
 
@@ -198,7 +198,7 @@ def test_the_markers_are_written_in_the_models_vocabulary(tokenizer_name, conv_t
         (question, answer.replace("[SEG]", "<ins>").replace("[REJ]", "<no_ins>"))
         for question, answer in rounds
     ]
-    text, spans = template.render(expand_image(by_hand, token_ids, IMAGE_TOKENS))
+    text, spans = template.render(expand_image(by_hand, tokenizer, token_ids, IMAGE_TOKENS))
     encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     owner = answer_owner(text, np.asarray(encoding["offset_mapping"]).reshape(-1, 2), spans)
     expected = np.asarray(encoding["input_ids"])

@@ -99,7 +99,33 @@ def test_bad_input_is_rejected() -> None:
         "llava_llama_2_cores",
         "llava_v1",
         "llava_v1_cores",
+        "qwen2_vl",
+        "qwen3_vl",
     ]
+
+
+# ChatML as Qwen2-VL / Qwen2.5-VL's chat template renders string contents ("<|im_start|>{role}
+# \n{content}<|im_end|>\n" per turn, its default system turn first unless one is given, and
+# "<|im_start|>assistant\n" as the generation prompt); Qwen3-VL's writes no default system turn
+QWEN_SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+QWEN_TURNS = (
+    "<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n"
+    "<|im_start|>assistant\nA red circle.<|im_end|>\n"
+    "<|im_start|>user\nSegment it.<|im_end|>\n"
+    "<|im_start|>assistant\nSure, [SEG].<|im_end|>\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("conv_type", "system"), [("qwen2_vl", QWEN_SYSTEM_TURN), ("qwen3_vl", "")]
+)
+def test_chatml_text_spans_and_generation_prompt(conv_type: str, system: str) -> None:
+    text, spans = render_conversation(ROUNDS, conv_type)
+    assert text == system + QWEN_TURNS
+    assert answers_in(text, spans) == ["A red circle.<|im_end|>", "Sure, [SEG].<|im_end|>"]
+    prompt = render_generation_prompt([*ROUNDS[:1], (ROUNDS[1][0], None)], conv_type)
+    assert prompt == text[: spans[1][0]] and prompt.endswith("<|im_start|>assistant\n")
+    assert not get_template(conv_type).answer_takes_space
 
 
 # CoReS @296ee1f (baoxiaoyi/CoReS) model/llava/conversation.py: the strings below are the output

@@ -167,9 +167,10 @@ def test_clip_pixels_are_bit_equal_to_rescaling_each_pixel(size) -> None:
 
 def test_image_processors_run_both_transforms(tiny_dir) -> None:
     processors = ImageProcessors.from_pretrained(tiny_model_config(tiny_dir).version, 64)
-    clip, sam, resized = processors(random_image(48, 30))
-    assert clip.shape == (3, TINY_VISION["image_size"], TINY_VISION["image_size"])
-    assert sam.shape == (3, 64, 64) and resized == (64, 40)
+    image = processors(random_image(48, 30))
+    assert image.vision.shape == (3, TINY_VISION["image_size"], TINY_VISION["image_size"])
+    assert image.sam.shape == (3, 64, 64) and image.resized_size == (64, 40)
+    assert image.grid is None and image.tokens is None
     with pytest.raises(ValueError, match="uint8 RGB"):
         processors(random_image(48, 30).astype(np.float32))
     with pytest.raises(ValueError, match="uint8 RGB"):

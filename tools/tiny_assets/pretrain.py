@@ -187,9 +187,9 @@ class Batches:
         pool, processors = self.pool, self.processors
         clip, sam, clip_kinds, sam_kinds, sam_parts = [], [], [], [], []
         for index in indexes.tolist():
-            clip_pixels, sam_pixels, _ = processors(pool.images[index])
-            clip.append(clip_pixels)
-            sam.append(sam_pixels)
+            image = processors(pool.images[index])
+            clip.append(image.vision)
+            sam.append(image.sam)
             kinds = processors.clip.resize_and_crop(pool.kinds[index], Image.Resampling.NEAREST)
             clip_kinds.append(torch.from_numpy(kinds.astype(np.int64)))
             sam_kinds.append(sam_labels(pool.kinds[index], processors.sam.image_size))
