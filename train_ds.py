@@ -27,7 +27,6 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from model.backbone import supports_packing
 from model.builder import build_segmenter
 from model.layouts import LEGACY_LAYOUTS, Layout, detect_layout, image_settings_directory
 from model.packing import packing_enabled
@@ -276,9 +275,7 @@ def run(resolved: ResolvedConfig, state: RunState, world: int):
     layout = detect_layout(config.version)  # once per run, handed on
     model, tokenizer = build_segmenter(config.model_config(), layout)
     model.full_logits = config.full_logits
-    model.packing = packing_enabled(
-        config.packing, config.attn_implementation, supports_packing(model.llava)
-    )
+    model.packing = packing_enabled(config.packing, config.attn_implementation)
     if config.weight:
         load_weights(model, config.weight)
     # CLIP's image settings: --version's own, or --vision-tower's for the legacy layouts

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from model.packing import pack, unpack
+from model.packing import pack, pack_rope_positions, unpack
 from model.tokens import LLAVA_IMAGE_TOKENS, QWEN_VL_IMAGE_TOKENS, ImageTokens
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -302,11 +302,6 @@ def vision_tower(model: PreTrainedModel) -> nn.Module:
     return model.model.vision_tower
 
 
-def supports_packing(model: PreTrainedModel) -> bool:
-    """Whether `model.packing` packs this backbone's conversations (not Qwen-VL's yet)."""
-    return not family_of(model.config).rope
-
-
 def per_conversation(items: list, conv_image: torch.Tensor) -> list:
     """Per-image items (features [T_i, H]) -> one per conversation, by conv_image [C]."""
     return [items[index] for index in conv_image.tolist()]
@@ -378,17 +373,20 @@ def packed_language_model_hidden_states(
     attention_mask: torch.Tensor,
     conversation_features: list[torch.Tensor],
     pad_id: int,
+    grids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`language_model_hidden_states` with the conversations packed padding-free (model.packing).
+    """`language_model_hidden_states` with the conversations packed padding-free (model.packing;
+    Qwen-VL's multimodal positions computed per conversation, then packed).
 
     Same arguments and result [C, L, H] (zero at padding positions); pad_id fills row tails.
-    LLaVA only: Qwen-VL's multimodal positions are not packed (ValueError).
     """
-    if family_of(llava.config).rope:
-        raise ValueError("--packing is not supported for Qwen-VL backbones yet; use --no-packing")
     packed = pack(input_ids, attention_mask, pad_id, llava.config.text_config._attn_implementation)
     features = [conversation_features[index] for index in packed.order.tolist()]
-    hidden, _ = language_model_step(llava, packed.input_ids, None, features, packed.position_ids)
+    positions = packed.position_ids
+    if family_of(llava.config).rope:
+        rope = rope_positions(llava, input_ids, attention_mask, grids)
+        positions = pack_rope_positions(rope, packed)
+    hidden, _ = language_model_step(llava, packed.input_ids, None, features, positions)
     return unpack(hidden, packed, *input_ids.shape)
 
 

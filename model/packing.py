@@ -12,7 +12,9 @@ from the position ids alone, in two different ways:
   conversation goes into one row of sum(lengths) tokens, which the varlen kernel handles at no
   quadratic cost.
 A row's unused tail gets position ids 0, 1, ... too, so it is a separate sequence that no
-conversation attends to. Image features follow the packed
+conversation attends to. Qwen-VL's multimodal rotary positions are computed per conversation
+and packed the same way, behind the restarting text positions (`pack_rope_positions`: the
+[4, R, W] layout its models read). Image features follow the packed
 order (LLaVA scatters them into the image tokens in row-major order). The hidden states are then
 unpacked to [C, L, H], zero at padding positions (downstream reads only non-padding positions).
 Generation (KV cache) never packs.
@@ -27,15 +29,12 @@ import torch
 FLASH_ATTENTION_PREFIX = "flash_attention"
 
 
-def packing_enabled(choice: bool | None, attn_implementation: str, supported: bool = True) -> bool:
+def packing_enabled(choice: bool | None, attn_implementation: str) -> bool:
     """`--packing`/`--no-packing` as given; unset (None): on only for flash-attention, where
     the one varlen row removes the padding's work, off for sdpa/eager, where rows bounded by L
-    seldom hold two conversations that carry image tokens. `supported`: whether the backbone
-    packs (Qwen-VL's multimodal positions do not yet); asking for packing then is a ValueError."""
-    if choice and not supported:
-        raise ValueError("--packing is not supported for this backbone yet; use --no-packing")
+    seldom hold two conversations that carry image tokens."""
     if choice is None:
-        return supported and attn_implementation.startswith(FLASH_ATTENTION_PREFIX)
+        return attn_implementation.startswith(FLASH_ATTENTION_PREFIX)
     return choice
 
 
@@ -117,6 +116,17 @@ def pack(
         positions[row, end:] = torch.arange(plan.width - end, device=device)
     order = torch.tensor([index for members in plan.rows for index in members], device=device)
     return PackedBatch(packed, positions, order, torch.cat(sources), torch.cat(targets))
+
+
+def pack_rope_positions(positions: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+    """Multimodal rotary positions [3, C, L] of the padded conversations -> [4, R, W] for the
+    packed rows: row 0 the restarting text positions (from which transformers' Qwen-VL models
+    build the block-diagonal mask), rows 1-3 each token's (t, h, w) positions; a row's unused
+    tail keeps its text positions on all four."""
+    rows, width = packed.position_ids.shape
+    planes = packed.position_ids.reshape(1, -1).repeat(positions.shape[0], 1)
+    planes[:, packed.source] = positions.reshape(positions.shape[0], -1)[:, packed.target]
+    return torch.cat([packed.position_ids[None], planes.reshape(-1, rows, width)])
 
 
 def unpack(

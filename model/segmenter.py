@@ -329,11 +329,16 @@ class Segmenter(nn.Module):
         """Hidden states [C, L, H] of the final layer, after the norm (packed with `packing`)."""
         images = image_features(self.llava, batch.clip_pixels, batch.image_grid)
         features = per_conversation(images, batch.conv_image)
+        grids = None if batch.image_grid is None else batch.image_grid[batch.conv_image]
         if self.packing:
             return packed_language_model_hidden_states(
-                self.llava, batch.input_ids, batch.attention_mask, features, self.token_ids.pad
+                self.llava,
+                batch.input_ids,
+                batch.attention_mask,
+                features,
+                self.token_ids.pad,
+                grids,
             )
-        grids = None if batch.image_grid is None else batch.image_grid[batch.conv_image]
         return language_model_hidden_states(
             self.llava, batch.input_ids, batch.attention_mask, features, grids
         )

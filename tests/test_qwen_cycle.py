@@ -58,6 +58,7 @@ def train_flags(epochs: int) -> list[str]:
         "--lr=0.001",
         "--zero_stage=2",
         f"--max_pixels={MAX_PIXELS}",
+        "--packing",  # validation packs too; --eval_only below pads
     ]
 
 

@@ -35,12 +35,12 @@ from model.backbone import (
     next_positions,
     per_conversation,
     prompt_positions,
-    supports_packing,
+    rope_positions,
 )
 from model.builder import build_segmenter
 from model.generate import generate, left_pad
 from model.layouts import Layout, detect_layout
-from model.packing import packing_enabled
+from model.packing import pack, pack_rope_positions, unpack
 from model.sam import decode_masks
 from model.tiny import (
     TINY_QWEN3_IMAGE_SETTINGS,
@@ -402,9 +402,6 @@ def test_a_llava_template_on_a_qwen_backbone_is_refused(qwen) -> None:
     model, tokenizer, version, spec = qwen
     with pytest.raises(ValueError, match=f"use --conv_type {spec.conv_type}"):
         SampleProcessor.for_model(model, tokenizer, version, conv_type="llava_v1")
-    with pytest.raises(ValueError, match="not supported for this backbone"):
-        packing_enabled(True, "sdpa", supports_packing(model.llava))
-    assert not packing_enabled(None, "flash_attention_2", supports_packing(model.llava))
 
 
 def test_the_memory_plan_counts_the_budgets_image_tokens(qwen, tiny_dir, capsys) -> None:
@@ -458,3 +455,48 @@ def test_a_padded_vocabulary_keeps_its_rows_and_new_tokens_take_spare_ones(tmp_p
     untouched = torch.ones(len(weights), dtype=torch.bool)
     untouched[[ids.seg, ids.rej]] = False
     assert torch.equal(weights[untouched], original[untouched])
+
+
+@torch.no_grad()
+def test_one_packed_row_equals_the_padded_pass_and_attends_within_conversations(qwen, batch):
+    """All conversations in one row (flash-attention's layout) run through this model's sdpa
+    attention: the packed multimodal positions [4, 1, W] give the padded pass's hidden states;
+    the control, contiguous text positions (one causal sequence), changes them."""
+    model = qwen[0]
+    model.eval()
+    ids, mask = batch.input_ids, batch.attention_mask
+    grids = batch.image_grid[batch.conv_image]
+    features = per_conversation(
+        image_features(model.llava, batch.clip_pixels, batch.image_grid), batch.conv_image
+    )
+    padded, _ = language_model_step(model.llava, ids, mask, features, grids=grids)
+    packed = pack(ids, mask, model.token_ids.pad, "flash_attention_2")
+    assert packed.input_ids.shape[0] == 1
+    positions = pack_rope_positions(rope_positions(model.llava, ids, mask, grids), packed)
+    ordered = per_conversation(features, packed.order)
+    real = mask.bool()
+    for contiguous in (False, True):
+        if contiguous:
+            positions[0] = torch.arange(positions.shape[-1])
+        hidden, _ = language_model_step(model.llava, packed.input_ids, None, ordered, positions)
+        one_row = unpack(hidden, packed, *ids.shape)
+        if contiguous:
+            assert (one_row[real] - padded[real]).abs().max() > 10 * TOLERANCE
+        else:
+            torch.testing.assert_close(one_row[real], padded[real], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_packing_gives_the_padded_losses_and_masks(qwen, batch) -> None:
+    model = qwen[0]
+    model.eval()
+    outputs = []
+    for packing in (False, True):
+        model.packing = packing
+        outputs.append(model(batch))
+    model.packing = False
+    padded, packed = outputs
+    for name in ("ce_loss", "mask_bce_loss", "mask_dice_loss", "loss"):
+        torch.testing.assert_close(getattr(packed, name), getattr(padded, name), atol=1e-5, rtol=0)
+    for ours, theirs in zip(packed.pred_masks, padded.pred_masks, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

@@ -275,7 +275,7 @@ def test_unknown_recipe_exits_2_from_the_command_line(tmp_path) -> None:
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
         "show_samples.py: error: --recipe 'nope': unknown recipe; shipped recipes: "
-        "cores, gsva, lasagna, lisa, m2sa (or give the path of a .yaml recipe file)"
+        "cores, gsva, lasagna, lisa, m2sa, qwen2_5_vl (or give the path of a .yaml recipe file)"
     ]
     assert not (tmp_path / "x").exists()
 

@@ -52,6 +52,7 @@ class FakeBatch:
     dropped_conversations = 1
     truncated_conversations = 3
     num_images = 2
+    patch_count = 0  # CLIP images
     skipped_samples = None
     # two conversations of 3 and 2 real tokens padded to 4: 5 tokens in 8 slots
     attention_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
