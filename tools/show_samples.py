@@ -54,13 +54,13 @@ from typing import NoReturn
 
 import numpy as np
 from tqdm import tqdm
-from transformers import CLIPVisionConfig, LlavaConfig, PreTrainedTokenizerBase
+from transformers import CLIPVisionConfig, PreTrainedTokenizerBase
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the project's packages importable
     sys.path.insert(0, str(ROOT))
 
-from model.backbone import image_token_count  # noqa: E402
+from model.backbone import directory_family, image_token_count  # noqa: E402
 from model.builder import segmentation_tokenizer  # noqa: E402
 from model.checkpoint import read_segmenter_config  # noqa: E402
 from model.layouts import (  # noqa: E402
@@ -98,7 +98,7 @@ class Tokenization:
 
     tokenizer: PreTrainedTokenizerBase
     token_ids: TokenIds
-    image_tokens: int
+    image_tokens: int | None  # None: each image's own count (Qwen-VL)
     images_directory: Path
 
 
@@ -124,14 +124,15 @@ class PreviewProcessor:
 
     def __call__(self, sample: Sample) -> Preview:
         processed = self.processor(sample)
+        ids = self.processor.token_ids
+        # the model's fixed count, or (Qwen-VL) this image's, which every conversation holds whole
+        image_tokens = self.processor.image_tokens or int(
+            (processed.input_ids[0] == ids.image).sum()
+        )
         lengths = [
             len(
                 tokenize_conversation(
-                    rounds,
-                    self.processor.tokenizer,
-                    self.processor.token_ids,
-                    self.processor.image_tokens,
-                    self.template,
+                    rounds, self.processor.tokenizer, ids, image_tokens, self.template
                 )[0]
             )
             for rounds in sample.conversations
@@ -221,15 +222,17 @@ def load_tokenization(config: TrainConfig) -> Tokenization | None:
         llava = legacy_llava_config(checkpoint.config, vision, token_ids.image, len(tokenizer))
         return Tokenization(tokenizer, token_ids, image_token_count(llava), images)
     merged = read_segmenter_config(config.version) if layout is Layout.MERGED else None
+    family = directory_family(config.version)
     tokenizer, token_ids = segmentation_tokenizer(
         config.version,
         config.use_mm_start_end,
         merged,
         config.chain_token or None,
         config.vocabulary,
+        family.image_tokens,
     )
-    llava = LlavaConfig.from_pretrained(config.version)
-    return Tokenization(tokenizer, token_ids, image_token_count(llava), images)
+    backbone = family.model_class.config_class.from_pretrained(config.version)
+    return Tokenization(tokenizer, token_ids, image_token_count(backbone), images)
 
 
 def training_processor(config: TrainConfig, tokenization: Tokenization) -> SampleProcessor:
@@ -239,7 +242,9 @@ def training_processor(config: TrainConfig, tokenization: Tokenization) -> Sampl
     return SampleProcessor(
         tokenizer=tokenization.tokenizer,
         token_ids=tokenization.token_ids,
-        images=ImageProcessors.from_pretrained(tokenization.images_directory, config.image_size),
+        images=ImageProcessors.from_pretrained(
+            tokenization.images_directory, config.image_size, config.min_pixels, config.max_pixels
+        ),
         image_tokens=tokenization.image_tokens,
         conv_type=config.conv_type,
         model_max_length=config.model_max_length,

@@ -24,7 +24,7 @@ from PIL import Image
 
 from model.backbone import image_token_count
 from model.builder import ModelConfig, build_segmenter, load_backbone
-from model.tiny import tiny_model_config
+from model.tiny import tiny_model_config, write_tiny_qwen2_5_vl
 from tests.model.test_layouts import legacy_assets  # noqa: F401  (a session fixture)
 from tools import show_samples
 from utils.collate import SampleProcessor
@@ -297,3 +297,21 @@ def test_tokenization_without_the_model_is_the_builders(layout, assets, legacy_a
     assert mine.image_tokens == image_token_count(built.llava.config)
     text = "<s> USER: <im_start><image><im_end>\n Is it [SEG] or [REJ]? ASSISTANT: [SEG].</s>"
     assert mine.tokenizer(text).input_ids == built.tokenizer(text).input_ids
+
+
+def test_a_qwen_directory_is_tokenized_as_its_training_run(assets, tmp_path) -> None:
+    """With a Qwen2.5-VL `--version`, the records' token lengths are the training processor's
+    (each image's own image-token count within the run's --max_pixels)."""
+    version = write_tiny_qwen2_5_vl(tmp_path / "qwen2_5_vl_tiny")
+    budget = "--max_pixels=6272"
+    flags = common_flags(assets, "qwen2_5_vl") + [f"--version={version}", budget]
+    records = run_tool(tmp_path, *flags)[0]
+    sam = str(assets / "vision_pretrained" / "sam_tiny.pth")
+    config = tiny_model_config(tmp_path, "qwen2_5_vl", vision_pretrained=sam)
+    model, tokenizer = build_segmenter(config)
+    processor = SampleProcessor.for_model(
+        model, tokenizer, str(version), "qwen2_vl", pixel_budget=(None, 6272)
+    )
+    samples = recipe_samples(assets / "dataset", "qwen2_5_vl")
+    for record, sample in zip(records, samples, strict=True):
+        assert record["token_lengths"] == [len(ids) for ids in processor(sample).input_ids]
