@@ -32,6 +32,24 @@ def test_micro_batch_counts_real_tokens_head_rows_and_images() -> None:
     assert flops.micro_batch([3], 0, 0) == 2 * 2 * (2 * 160 * 3 + 2 * 2 * 9 * 4)
 
 
+def test_a_qwen_vision_tower_is_counted_per_patch(tmp_path) -> None:
+    """Qwen-VL: SAM per image, the vision tower 2 x its parameters per patch of the batch
+    (its image-token count follows each image); LLaVA's CLIP stays a per-image cost."""
+    from model.backbone import vision_tower
+    from model.tiny import build_tiny_segmenter
+
+    model, _ = build_tiny_segmenter(tmp_path, backbone="qwen2_5_vl")
+    flops = StepFlops.from_segmenter(model)
+    tower = sum(p.numel() for p in vision_tower(model.llava).parameters())
+    sam = sum(p.numel() for p in model.sam.vision_encoder.parameters())
+    vision = model.sam.config.vision_config
+    sam_tokens = (vision.image_size // vision.patch_size) ** 2
+    assert flops.patch_forward_flops == 2 * tower
+    assert flops.image_forward_flops == 2 * sam * sam_tokens
+    none = flops.micro_batch([5], 0, num_images=2, patches=0)
+    assert flops.micro_batch([5], 0, num_images=2, patches=60) - none == 60 * 2 * tower
+
+
 @pytest.mark.parametrize(
     ("name", "peak"),
     [
