@@ -40,6 +40,8 @@ MIN_DECODER_HEAD_DIM = 16
 HEAD_MLP_DEPTH = 3
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 ORIGINAL_ENCODER_PREFIX = "image_encoder."
+# what only SAM 2's original checkpoints (sam2.1_hiera_*.pt) hold: its Hiera trunk, its decoder
+SAM2_PREFIXES = ("image_encoder.trunk.", "sam_mask_decoder.")
 SAM_EXPECTED = (
     "--vision_pretrained takes an original segment-anything checkpoint such as "
     "sam_vit_h_4b8939.pth (https://github.com/facebookresearch/segment-anything)"
@@ -401,6 +403,12 @@ def _read_state_dict(path: Path) -> Mapping[str, Tensor]:
             if isinstance(state.get(wrapper), Mapping):
                 state = state[wrapper]
                 break
+    if any(str(key).startswith(SAM2_PREFIXES) for key in state):
+        examples = sorted(key for key in map(str, state) if key.startswith(SAM2_PREFIXES))
+        raise ValueError(
+            f"{path}: a SAM 2 checkpoint (keys such as {examples[:MAX_LISTED_KEYS]}); SAM 2 as "
+            f"the segmenter is not supported yet; {SAM_EXPECTED}"
+        )
     if not any(str(key).startswith(ORIGINAL_ENCODER_PREFIX) for key in state):
         missing = [key for key in REQUIRED_ORIGINAL_KEYS if key not in state]
         examples = sorted(map(str, state))[:MAX_LISTED_KEYS]

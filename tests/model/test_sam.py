@@ -394,6 +394,15 @@ def test_loading_is_strict(tmp_path):
     with pytest.raises(ValueError, match=r"missing\.pth: missing keys \['mask_decoder\.iou_token"):
         load_sam_checkpoint(tmp_path / "missing.pth")
 
+    sam2 = {
+        "image_encoder.trunk.patch_embed.proj.weight": torch.ones(2, 3, 7, 7),
+        "image_encoder.neck.convs.0.conv.weight": torch.ones(2, 2, 1, 1),
+        "sam_mask_decoder.iou_token.weight": torch.ones(1, 2),
+    }
+    torch.save({"model": sam2}, tmp_path / "sam2.1_hiera_tiny.pt")
+    with pytest.raises(ValueError, match=r"hiera_tiny\.pt: a SAM 2 checkpoint .*not supported yet"):
+        load_sam_checkpoint(tmp_path / "sam2.1_hiera_tiny.pt")
+
     torch.save({"model.embed_tokens.weight": torch.ones(4, 2)}, tmp_path / "llava.bin")
     with pytest.raises(ValueError, match=r"llava\.bin: not a SAM checkpoint.*'image_encoder\.pos"):
         load_sam_checkpoint(tmp_path / "llava.bin")
