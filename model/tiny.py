@@ -364,54 +364,57 @@ def build_tiny_qwen_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> Qwen2Tokeniz
     return tokenizer
 
 
-def qwen2_5_vl_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
-    """Qwen2.5-VL config of the tiny model (width 64, a 2-layer ViT of 14-pixel patches whose
-    2 x 2 merge writes one token per 28 x 28 pixels), the special ids read from `tokenizer`."""
-    ids = tokenizer.convert_tokens_to_ids
-    text = dict(
+def qwen_vl_text(tokenizer: Qwen2Tokenizer, **settings) -> dict:
+    """The tiny Qwen-VL language model's config values (TINY_TEXT, grouped-query attention with
+    half the heads, the tokenizer's vocabulary and pad id) plus a family's `settings`."""
+    heads = TINY_TEXT["num_attention_heads"]
+    return dict(
         TINY_TEXT,
-        num_key_value_heads=TINY_TEXT["num_attention_heads"] // 2,
+        num_key_value_heads=heads // 2,
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-        bos_token_id=ids("<|endoftext|>"),
-        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **settings,
     )
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=TINY_QWEN_VISION | {"out_hidden_size": TINY_TEXT["hidden_size"]},
+
+
+def qwen_vl_token_ids(tokenizer: Qwen2Tokenizer) -> dict[str, int]:
+    """The config's image, video and vision start/end ids, read from `tokenizer`."""
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
         image_token_id=ids(QWEN_VL_IMAGE_TOKENS.image),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids(QWEN_VL_IMAGE_TOKENS.start),
         vision_end_token_id=ids(QWEN_VL_IMAGE_TOKENS.end),
     )
+
+
+def qwen2_5_vl_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL config of the tiny model (width 64, a 2-layer ViT of 14-pixel patches whose
+    2 x 2 merge writes one token per 28 x 28 pixels), the special ids read from `tokenizer`."""
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+    text = qwen_vl_text(
+        tokenizer,
+        rope_parameters=rope,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = TINY_QWEN_VISION | {"out_hidden_size": TINY_TEXT["hidden_size"]}
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **qwen_vl_token_ids(tokenizer))
 
 
 def qwen3_vl_config(tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
     """Qwen3-VL config of the tiny model (width 64, a 2-layer ViT of 16-pixel patches whose
     first layer also feeds DeepStack features to the first language layer; interleaved
     multimodal rotary sections), the special ids read from `tokenizer`."""
-    ids = tokenizer.convert_tokens_to_ids
-    heads = TINY_TEXT["num_attention_heads"]
     rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3]}
-    text = dict(
-        TINY_TEXT,
-        num_key_value_heads=heads // 2,
-        head_dim=TINY_TEXT["hidden_size"] // heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
+    text = qwen_vl_text(
+        tokenizer,
+        head_dim=TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"],
         rope_parameters=rope | {"mrope_interleaved": True},
-        pad_token_id=tokenizer.pad_token_id,
     )
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=TINY_QWEN3_VISION | {"out_hidden_size": TINY_TEXT["hidden_size"]},
-        image_token_id=ids(QWEN_VL_IMAGE_TOKENS.image),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids(QWEN_VL_IMAGE_TOKENS.start),
-        vision_end_token_id=ids(QWEN_VL_IMAGE_TOKENS.end),
-    )
+    vision = TINY_QWEN3_VISION | {"out_hidden_size": TINY_TEXT["hidden_size"]}
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **qwen_vl_token_ids(tokenizer))
 
 
 def write_tiny_qwen_vl(

@@ -94,6 +94,19 @@ def launch_two_ranks(
     return runs / exp_name
 
 
+def consolidate(checkpoint: Path, out: Path) -> None:
+    """The README's `zero_to_fp32.py` line, run where it says (cd ckpt_model): the run's
+    DeepSpeed checkpoint -> a consolidated fp32 state dict at `out`."""
+    result = subprocess.run(
+        [sys.executable, "zero_to_fp32.py", ".", str(out)],
+        cwd=checkpoint,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

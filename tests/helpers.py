@@ -219,3 +219,20 @@ def evaluate_on_cpu(model, job, processor, rank=0, world_size=1, batch_size=1, *
         batch_size=batch_size,
         **kwargs,
     )
+
+
+def reference_mask(model, embedding: torch.Tensor, prompt: torch.Tensor, batch: Batch, image: int):
+    """An independent composition's mask of one projected prompt [D] on image `image` (its SAM
+    embedding [D, g, g]): one decoder call, then SAM's post-processing by hand (upscale to the
+    input size, crop the padding, resize to the original size) -> logits [H, W]."""
+    from model.sam import decode_masks
+
+    sam_size = model.sam_input_size
+    height, width = batch.original_sizes[image].tolist()
+    resized_h, resized_w = batch.resized_sizes[image].tolist()
+    low = decode_masks(model.sam, embedding, prompt[None])
+    up = F.interpolate(
+        low[None].float(), (sam_size, sam_size), mode="bilinear", align_corners=False
+    )
+    cropped = up[..., :resized_h, :resized_w]
+    return F.interpolate(cropped, (height, width), mode="bilinear", align_corners=False)[0, 0]

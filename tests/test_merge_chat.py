@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.builder import ModelConfig, build_segmenter
-from tests.e2e import ROOT, python
+from tests.e2e import ROOT, consolidate, python
 from tests.helpers import rig_merged_checkpoint
 from utils.collate import collate
 from utils.evaluation import build_validation_jobs, evaluate
@@ -61,15 +61,7 @@ def merged(assets, launched_run, tmp_path_factory) -> Path:
 def test_zero_to_fp32_output_merges_to_the_same_weights(launched_run, merged, tmp_path) -> None:
     checkpoint = launched_run / "ckpt_model"
     consolidated = tmp_path / "pytorch_model"
-    # the README's line, run where it says (cd ckpt_model)
-    result = subprocess.run(
-        [sys.executable, "zero_to_fp32.py", ".", str(consolidated)],
-        cwd=checkpoint,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    consolidate(checkpoint, consolidated)
     assert any(consolidated.iterdir())
     again = tmp_path / "again"
     python(

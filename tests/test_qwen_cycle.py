@@ -10,7 +10,6 @@ answers as the Python API does."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from model.backbone import directory_family
 from model.builder import build_segmenter
 from model.tiny import TINY_BACKBONES, tiny_model_config
-from tests.e2e import LAUNCHER_PORT, python, run, scalars
+from tests.e2e import LAUNCHER_PORT, consolidate, python, run, scalars
 from utils.inference import Segmentation
 from utils.preprocess import PatchTransform
 from utils.weights import load_weights
@@ -87,14 +86,7 @@ def test_qwen_vl_trains_resumes_merges_evaluates_and_chats(
     in_training = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["results"]
 
     consolidated = tmp_path / "pytorch_model"
-    result = subprocess.run(
-        [sys.executable, "zero_to_fp32.py", ".", str(consolidated)],
-        cwd=checkpoint,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    consolidate(checkpoint, consolidated)
     merged = tmp_path / "qwen-merged"
     python(
         "merge_lora_weights_and_save_hf_model.py",

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -41,7 +40,6 @@ from model.builder import build_segmenter
 from model.generate import generate, left_pad
 from model.layouts import Layout, detect_layout
 from model.packing import pack, pack_rope_positions, unpack
-from model.sam import decode_masks
 from model.tiny import (
     TINY_QWEN3_IMAGE_SETTINGS,
     TINY_QWEN_IMAGE_SETTINGS,
@@ -52,6 +50,7 @@ from model.tiny import (
     write_tiny_qwen_vl,
     write_tiny_sam,
 )
+from tests.helpers import reference_mask
 from train_ds import main
 from utils.collate import SampleProcessor, collate, template_for, tokenize_prompt
 from utils.datasets.base import Sample
@@ -214,10 +213,7 @@ def reference_targets(model, batch, image: int, shift: int = 1):
     patches, its rotary positions) on each unpadded conversation of `image`, the hidden state
     `shift` positions before each [SEG], the projector, one decoder call per prompt, SAM's
     post-processing by hand. Returns (prompts [k, D], masks [k, H, W], logits per conversation)."""
-    sam_size = model.sam_input_size
     embedding = model.sam.get_image_embeddings(batch.sam_pixels[image : image + 1])[0]
-    height, width = batch.original_sizes[image].tolist()
-    resized_h, resized_w = batch.resized_sizes[image].tolist()
     ends = batch.image_grid.prod(dim=1).cumsum(0).tolist()
     start = 0 if image == 0 else ends[image - 1]
     pixels, grid = batch.clip_pixels[start : ends[image]], batch.image_grid[image : image + 1]
@@ -235,15 +231,8 @@ def reference_targets(model, batch, image: int, shift: int = 1):
         hidden = out.hidden_states[-1][0]
         for position in torch.nonzero(ids[0] == model.token_ids.seg).squeeze(1).tolist():
             prompt = model.text_hidden_fcs[0](hidden[position - shift])
-            low = decode_masks(model.sam, embedding, prompt[None])
-            up = F.interpolate(
-                low[None].float(), (sam_size, sam_size), mode="bilinear", align_corners=False
-            )
-            cropped = up[..., :resized_h, :resized_w]
             prompts.append(prompt)
-            masks.append(
-                F.interpolate(cropped, (height, width), mode="bilinear", align_corners=False)[0, 0]
-            )
+            masks.append(reference_mask(model, embedding, prompt, batch, image))
     return torch.stack(prompts), torch.stack(masks), logits
 
 

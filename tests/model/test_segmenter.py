@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.losses import mask_losses
-from model.sam import decode_masks
 from model.segmenter import EMPTY_MASK_LOGIT
 from model.tiny import build_tiny_segmenter
 from model.tokens import predictor_mask
-from tests.helpers import Conversation, forward_backward, make_batch
+from tests.helpers import Conversation, forward_backward, make_batch, reference_mask
 from utils.metrics import target_decisions
 
 IMAGE_SIZES = [(40, 56), (48, 30)]
@@ -98,10 +96,7 @@ def reference_targets(
     merging) on each unpadded conversation, the hidden state `shift` positions before each
     [SEG], the projector, one decoder call per prompt, SAM's post-processing by hand.
     Returns (prompts [k, D], masks [k, H, W]) of the image's [SEG] targets."""
-    sam_size = model.sam_input_size
     embedding = model.sam.get_image_embeddings(batch.sam_pixels[image : image + 1])[0]
-    height, width = batch.original_sizes[image].tolist()
-    resized_h, resized_w = batch.resized_sizes[image].tolist()
     prompts, masks = [], []
     for row in torch.nonzero(batch.conv_image == image).squeeze(1).tolist():
         ids = batch.input_ids[row][batch.attention_mask[row]]
@@ -113,15 +108,8 @@ def reference_targets(
         hidden = out.hidden_states[-1][0]
         for position in torch.nonzero(ids == model.token_ids.seg).squeeze(1).tolist():
             prompt = model.text_hidden_fcs[0](hidden[position - shift])
-            low = decode_masks(model.sam, embedding, prompt[None])
-            up = F.interpolate(
-                low[None].float(), (sam_size, sam_size), mode="bilinear", align_corners=False
-            )
-            cropped = up[..., :resized_h, :resized_w]
             prompts.append(prompt)
-            masks.append(
-                F.interpolate(cropped, (height, width), mode="bilinear", align_corners=False)[0, 0]
-            )
+            masks.append(reference_mask(model, embedding, prompt, batch, image))
     return torch.stack(prompts), torch.stack(masks)
 
 
