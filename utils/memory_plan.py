@@ -101,10 +101,11 @@ def layer_activation_bytes(shape: ActivationShape) -> int:
 
 
 def head_activation_bytes(shape: ActivationShape, rows: int) -> int:
-    """The LM head's logits over `rows` positions: 16-bit output, its fp32 copy and the
-    softmax CE keeps, and their gradient while backward runs (two fp32 [rows, V])."""
-    per_row = shape.vocab_size * (shape.bytes_per_value + 3 * FP32_BYTES)
-    return rows * per_row
+    """The LM head's logits over `rows` positions: the 16-bit output, its fp32 copy (none in
+    fp32 runs, where the output is already fp32) and the softmax CE keeps, and their gradient
+    while backward runs (two fp32 [rows, V])."""
+    output = shape.bytes_per_value if shape.bytes_per_value < FP32_BYTES else 0
+    return rows * shape.vocab_size * (output + 3 * FP32_BYTES)
 
 
 def activation_bytes(

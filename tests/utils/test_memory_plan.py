@@ -3,6 +3,7 @@ hand counts, and the 7B recipe planned on the meta device without weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -87,8 +88,11 @@ def test_layer_activations_by_hand() -> None:
     # norms 2 x 4 x 4 fp32 = 32; LoRA 2 x 4 x (2 + 1 mask) = 24; q, k rotated 2 x 8, v 2 x 4,
     # attention output 2 x 4 = 32; SwiGLU 3 x 2 x 8 = 48
     assert layer_activation_bytes(SHAPE) == 32 + 24 + 32 + 48 == 136
-    # logits: bf16 output + fp32 copy, softmax and gradient = (2 + 12) x 10 per row
+    # logits: bf16 output + fp32 copy, softmax and gradient = (2 + 12) x 10 per row; in fp32
+    # the output is the fp32 logits themselves: 12 x 10
     assert head_activation_bytes(SHAPE, 5) == 5 * 140
+    fp32 = dataclasses.replace(SHAPE, bytes_per_value=4)
+    assert head_activation_bytes(fp32, 5) == 5 * 120
 
 
 def test_checkpointing_keeps_layer_inputs_and_one_layer() -> None:
