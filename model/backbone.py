@@ -89,8 +89,9 @@ def check_model_directory(path: str | Path) -> Path:
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(
-            f"--version {str(path)!r} is not a directory; give a local Hugging Face LLaVA "
-            "directory (config.json, weights, tokenizer). Nothing is downloaded."
+            f"--version {str(path)!r} is not a directory; give a local Hugging Face LLaVA, "
+            "Qwen2.5-VL or Qwen3-VL directory (config.json, weights, tokenizer). Nothing is "
+            "downloaded."
         )
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: no config.json, so this is not a model directory")

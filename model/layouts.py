@@ -237,8 +237,9 @@ def detect_layout(directory: str | Path) -> Layout:
         return Layout.LLAVA_V1
     raise ValueError(
         f"{directory}: cannot tell the checkpoint layout: config.json has neither `text_config` "
-        "(Hugging Face LLaVA) nor `mm_hidden_size`/`mm_vision_tower` (LLaVA-v1, LISA family) "
-        "nor `train_mask_decoder` (LISA family), and there is no segmenter_config.json"
+        "(Hugging Face LLaVA) nor a Qwen-VL `model_type` (qwen2_5_vl, qwen3_vl) nor "
+        "`mm_hidden_size`/`mm_vision_tower` (LLaVA-v1, LISA family) nor `train_mask_decoder` "
+        "(LISA family), and there is no segmenter_config.json"
     )
 
 
