@@ -5,8 +5,9 @@ span of every answer (answer text + end-of-turn token) and a token is labelled e
 characters overlap such a span (or the separator space just before it, see `answer_owner`).
 Nothing assumes how many tokens BOS, separators or roles take, which is what broke the original
 code with other tokenizers. `<image>` is expanded in the text
-to one image-token id per image feature (`model.backbone.image_token_count`), so ids, labels and
-the language model's hidden states align 1:1.
+to one image-token id per image feature (LLaVA's fixed `model.backbone.image_token_count`, or
+the image's own count from its patch grid for Qwen-VL, `image_tokens_of`), written as the
+model's own image tokens, so ids, labels and the language model's hidden states align 1:1.
 
 The model's vocabulary (`model.tokens.VOCABULARIES`) is applied here and only here:
 `model_rounds`, which every tokenized conversation passes through (training, teacher-forced

@@ -298,7 +298,9 @@ def with_pixel_budget(settings: dict, min_pixels: int | None, max_pixels: int | 
     return updated
 
 
-def write_pixel_budget(directory: str | Path, min_pixels: int | None, max_pixels: int | None):
+def write_pixel_budget(
+    directory: str | Path, min_pixels: int | None, max_pixels: int | None
+) -> None:
     """Rewrite `directory`'s `preprocessor_config.json` with the pixel budget (a merged
     checkpoint keeps the budget it was trained with)."""
     file = Path(directory) / PREPROCESSOR_CONFIG
