@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # DeepSpeed's logger writes to the stdout it finds when first imported (and logs the accelerator
@@ -28,10 +28,11 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from model.builder import build_segmenter
+from model.checkpoint import read_segmenter_config
 from model.layouts import LEGACY_LAYOUTS, Layout, detect_layout, image_settings_directory
 from model.packing import packing_enabled
-from utils.collate import SampleProcessor
-from utils.config import ResolvedConfig, TrainConfig, resolve_config
+from utils.collate import SampleProcessor, backbone_conv_type
+from utils.config import FROM_COMMAND_LINE, ResolvedConfig, TrainConfig, resolve_config
 from utils.datasets.base import DataError
 from utils.engine import (
     checkpoint_directory,
@@ -274,6 +275,10 @@ def run(resolved: ResolvedConfig, state: RunState, world: int):
     seed_everything(config.seed)
     layout = detect_layout(config.version)  # once per run, handed on
     model, tokenizer = build_segmenter(config.model_config(), layout)
+    saved = read_segmenter_config(config.version).conv_type if layout is Layout.MERGED else None
+    explicit = resolved.sources["conv_type"] == FROM_COMMAND_LINE
+    conv_type = backbone_conv_type(model, config.conv_type, explicit, saved, config.version)
+    config = replace(config, conv_type=conv_type)
     model.full_logits = config.full_logits
     model.packing = packing_enabled(config.packing, config.attn_implementation)
     if config.weight:

@@ -4,8 +4,9 @@ with ZeRO-2 (images of different sizes, so different image-token counts per conv
 second launch resumes the run from its checkpoint for another epoch, `zero_to_fp32.py`
 consolidates it, the merge writes a directory that plain transformers loads with the family's
 own class and the logits of the trained model, `--eval_only` on it reproduces the in-training
-validation (with the run's `--max_pixels`, which the merged directory keeps), and `chat.py`
-answers as the Python API does."""
+validation (with the run's `--max_pixels` and template, which the merged directory keeps), the
+generative protocol runs on ReasonSeg and a semantic set, and `chat.py` answers as the Python
+API does."""
 
 from __future__ import annotations
 
@@ -115,11 +116,27 @@ def test_qwen_vl_trains_resumes_merges_evaluates_and_chats(
         expected = trained.eval().llava(input_ids=ids).logits
         torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
 
-    python("train_ds.py", *flags(assets, merged, tmp_path, "eval"), "--eval_only")
+    # no --conv_type: the default recipe's llava_v1 gives way to the merged checkpoint's own
+    no_template = [
+        flag for flag in flags(assets, merged, tmp_path, "eval") if "conv_type" not in flag
+    ]
+    python("train_ds.py", *no_template, "--eval_only")
+    assert json.loads((tmp_path / "eval" / "config.json").read_text())["conv_type"] == (
+        directory_family(version).conv_type
+    )
     evaluated = json.loads((tmp_path / "eval" / "eval_ReasonSeg_val.json").read_text())
     for metric, value in in_training["ReasonSeg|val"].items():
         expected_value = pytest.approx(value, abs=1e-5) if value is not None else None
         assert evaluated["summary"][metric] == expected_value, metric
+    # generative protocol, and a semantic set (generated class sequences, always generative)
+    generative = [*flags(assets, merged, tmp_path, "generated"), "--eval_only"]
+    generative += ["--eval_protocol=generate", "--max_new_tokens=4"]
+    python("train_ds.py", *generative, "--val_dataset=ReasonSeg|val||ade20k|val")
+    names = {
+        json.loads(path.read_text())["name"]
+        for path in (tmp_path / "generated").glob("eval_*.json")
+    }
+    assert names == {"ReasonSeg|val (generate)", "ade20k|val"}
 
     image = sorted((assets / "dataset" / "reason_seg" / "ReasonSeg" / "val").glob("*.jpg"))[0]
     answer = python(

@@ -105,6 +105,28 @@ def check_conv_type(model, conv_type: str) -> None:
         )
 
 
+def backbone_conv_type(
+    model, requested: str, explicit: bool, saved: str | None = None, source: str = ""
+) -> str:
+    """The template a run uses on `model`: `requested` when it writes the backbone's chat format
+    or was given explicitly (`--conv_type`; `check_conv_type` then judges it); otherwise a
+    recipe's LLaVA template on a Qwen-VL backbone (or the reverse) gives way, with a warning,
+    to the checkpoint's own (`saved`, a merged directory's) or the family's."""
+    family = family_of(model.llava.config)
+    chatml = get_template(requested).style is Style.CHATML
+    if explicit or chatml == (get_template(family.conv_type).style is Style.CHATML):
+        return requested
+    chosen = saved or family.conv_type
+    logger.warning(
+        "%s: the %s backbone's chat format is not %s (the recipe's); using %s",
+        source or "--version",
+        family.name,
+        requested,
+        chosen,
+    )
+    return chosen
+
+
 def template_for(tokenizer: PreTrainedTokenizerBase, conv_type: str) -> Template:
     """The `--conv_type` template with separators written as this tokenizer's BOS/EOS text."""
     return get_template(conv_type).with_special_tokens(tokenizer.bos_token, tokenizer.eos_token)

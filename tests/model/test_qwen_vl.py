@@ -52,7 +52,13 @@ from model.tiny import (
 )
 from tests.helpers import reference_mask
 from train_ds import main
-from utils.collate import SampleProcessor, collate, template_for, tokenize_prompt
+from utils.collate import (
+    SampleProcessor,
+    backbone_conv_type,
+    collate,
+    template_for,
+    tokenize_prompt,
+)
 from utils.datasets.base import Sample
 from utils.generative_eval import prompt_batch
 from utils.preprocess import ImageProcessors, PatchTransform, with_pixel_budget
@@ -138,6 +144,12 @@ def batch(qwen, processor):
         sample(200, 60, CONVERSATIONS[2:], seed=1),
     ]
     return collate([processor(item) for item in samples], model.token_ids.pad)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """The tiny LLaVA segmenter (for the family contrasts)."""
+    return build_tiny_segmenter(tiny_dir, seed=0)
 
 
 def test_the_tiny_directory_is_a_directory_of_its_family(qwen) -> None:
@@ -391,6 +403,21 @@ def test_a_llava_template_on_a_qwen_backbone_is_refused(qwen) -> None:
     model, tokenizer, version, spec = qwen
     with pytest.raises(ValueError, match=f"use --conv_type {spec.conv_type}"):
         SampleProcessor.for_model(model, tokenizer, version, conv_type="llava_v1")
+
+
+def test_a_recipes_llava_template_gives_way_to_the_backbones(qwen, tiny, caplog) -> None:
+    """Not given on the command line, a recipe's LLaVA template on a Qwen backbone becomes the
+    merged checkpoint's own or the family's, with a warning; given explicitly it stays (and
+    `check_conv_type` stops the run); a fitting template always stays."""
+    model, spec = qwen[0], qwen[3]
+    assert backbone_conv_type(model, "llava_v1", explicit=False) == spec.conv_type
+    assert "not llava_v1" in caplog.text
+    assert backbone_conv_type(model, "llava_v1", False, saved="qwen3_vl") == "qwen3_vl"
+    assert backbone_conv_type(model, "llava_v1", explicit=True) == "llava_v1"
+    assert backbone_conv_type(model, spec.conv_type, explicit=False) == spec.conv_type
+    llava = tiny[0]
+    assert backbone_conv_type(llava, "llava_v1_cores", explicit=False) == "llava_v1_cores"
+    assert backbone_conv_type(llava, "qwen2_vl", explicit=False) == "llava_v1"
 
 
 def test_the_memory_plan_counts_the_budgets_image_tokens(qwen, tiny_dir, capsys) -> None:
