@@ -129,6 +129,14 @@ def family_of(config: PretrainedConfig | dict, source: str = "the model") -> Fam
     return FAMILIES[model_type]
 
 
+def qwen_vl_family(config: dict) -> Family | None:
+    """The family of a config.json dict whose `model_type` is a Qwen-VL one, else None (LLaVA-v1
+    and LISA directories say "llava" too, without a Hugging Face layout, so "llava" alone
+    decides nothing)."""
+    family = FAMILIES.get(config.get("model_type"))
+    return family if family is not None and family.rope else None
+
+
 def directory_family(path: str | Path) -> Family:
     """The family of a Hugging Face model directory, from its config.json."""
     file = Path(path) / CONFIG_FILE

@@ -198,8 +198,10 @@ def load_backbone(config: ModelConfig, layout: Layout | None = None) -> LoadedBa
         )
     merged = read_segmenter_config(config.version) if layout is Layout.MERGED else None
     llava = load_llava(config.version, config.dtype, config.attn_implementation)
-    base_size = len(load_tokenizer(config.version))
-    tokenizer, token_ids = segmentation_tokenizer(
+    tokenizer = load_tokenizer(config.version)
+    base_size = len(tokenizer)  # before this run's tokens: the first new id
+    token_ids = add_model_tokens(
+        tokenizer,
         config.version,
         config.use_mm_start_end,
         merged,
@@ -220,13 +222,30 @@ def segmentation_tokenizer(
     vocabulary: str = DEFAULT_VOCABULARY,
     image_tokens: ImageTokens = LLAVA_IMAGE_TOKENS,
 ) -> tuple[PreTrainedTokenizerBase, TokenIds]:
-    """A Hugging Face layout's tokenizer with the segmentation tokens added (image wrapping as a
-    merged checkpoint saved it, else `use_mm_start_end`; the chain token and the vocabulary as
-    a merged checkpoint was trained, see `merged_chain_token` and `merged_vocabulary`, else
-    `chain_token` and `vocabulary`; the backbone family's `image_tokens`) and their ids."""
+    """A Hugging Face layout's tokenizer (`version`'s) with the segmentation tokens added
+    (`add_model_tokens`) and their ids."""
     tokenizer = load_tokenizer(version)
+    token_ids = add_model_tokens(
+        tokenizer, version, use_mm_start_end, merged, chain_token, vocabulary, image_tokens
+    )
+    return tokenizer, token_ids
+
+
+def add_model_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    version: str,
+    use_mm_start_end: bool,
+    merged: SegmenterFileConfig | None,
+    chain_token: str | None = None,
+    vocabulary: str = DEFAULT_VOCABULARY,
+    image_tokens: ImageTokens = LLAVA_IMAGE_TOKENS,
+) -> TokenIds:
+    """Add the segmentation tokens to `version`'s tokenizer in place (image wrapping as a merged
+    checkpoint saved it, else `use_mm_start_end`; the chain token and the vocabulary as a merged
+    checkpoint was trained, see `merged_chain_token` and `merged_vocabulary`, else
+    `chain_token` and `vocabulary`; the backbone family's `image_tokens`); their ids."""
     wrap = merged.use_mm_start_end if merged else use_mm_start_end
-    token_ids = add_segmentation_tokens(
+    return add_segmentation_tokens(
         tokenizer,
         wrap,
         strip_whitespace=uses_lisa_tokenization(tokenizer),
@@ -234,7 +253,6 @@ def segmentation_tokenizer(
         vocabulary=merged_vocabulary(version, merged, vocabulary),
         image_tokens=image_tokens,
     )
-    return tokenizer, token_ids
 
 
 def merged_vocabulary(version: str, merged: SegmenterFileConfig | None, requested: str) -> str:

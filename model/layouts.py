@@ -60,7 +60,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from model.backbone import FAMILIES, LLAVA, check_attn_implementation, check_model_directory
+from model.backbone import check_attn_implementation, check_model_directory, qwen_vl_family
 from model.checkpoint import (
     PROJECTOR_PREFIX,
     SAM_PREFIX,
@@ -226,10 +226,8 @@ def detect_layout(directory: str | Path) -> Layout:
     if is_merged_checkpoint(directory):
         return Layout.MERGED
     config = read_config(directory)
-    # LLaVA-v1's own config.json says model_type "llava" too, without a text_config; Qwen-VL
-    # directories saved by older transformers keep the text settings at the top level
-    qwen_vl = config.get("model_type") in FAMILIES and config.get("model_type") != LLAVA.name
-    if "text_config" in config or qwen_vl:
+    # Qwen-VL directories saved by older transformers keep the text settings at the top level
+    if "text_config" in config or qwen_vl_family(config) is not None:
         return Layout.HF_LLAVA
     if "train_mask_decoder" in config:
         return Layout.LISA

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from model.backbone import family_of, image_token_count
+from model.backbone import Family, family_of, image_token_count
 from model.batch import Batch
 from model.tokens import (
     IGNORE_INDEX,
@@ -93,12 +93,17 @@ class ProcessedSample:
     image_grid: tuple[int, int, int] | None = None
 
 
-def check_conv_type(model, conv_type: str) -> None:
-    """ValueError unless `conv_type` writes the chat format of the model's backbone family
-    (ChatML for Qwen-VL, a LLaVA template for LLaVA)."""
-    family = family_of(model.llava.config)
+def writes_chat_format(family: Family, conv_type: str) -> bool:
+    """Whether `conv_type` writes the chat format of the backbone `family` (ChatML for Qwen-VL,
+    a LLaVA template for LLaVA)."""
     chatml = get_template(conv_type).style is Style.CHATML
-    if chatml != (get_template(family.conv_type).style is Style.CHATML):
+    return chatml == (get_template(family.conv_type).style is Style.CHATML)
+
+
+def check_conv_type(model, conv_type: str) -> None:
+    """ValueError unless `conv_type` writes the chat format of the model's backbone family."""
+    family = family_of(model.llava.config)
+    if not writes_chat_format(family, conv_type):
         raise ValueError(
             f"--conv_type {conv_type} does not write the chat format of the {family.name} "
             f"backbone; use --conv_type {family.conv_type}"
@@ -113,8 +118,7 @@ def backbone_conv_type(
     recipe's LLaVA template on a Qwen-VL backbone (or the reverse) gives way, with a warning,
     to the checkpoint's own (`saved`, a merged directory's) or the family's."""
     family = family_of(model.llava.config)
-    chatml = get_template(requested).style is Style.CHATML
-    if explicit or chatml == (get_template(family.conv_type).style is Style.CHATML):
+    if explicit or writes_chat_format(family, requested):
         return requested
     chosen = saved or family.conv_type
     logger.warning(

@@ -186,13 +186,13 @@ class MemoryPlan:
 def _llava_config(config):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    from model.backbone import LLAVA, directory_family
+    from model.backbone import qwen_vl_family
 
     directory = Path(config.version)
     if (directory / "config.json").is_file():
         values = json.loads((directory / "config.json").read_text())
-        if values.get("model_type") not in (LLAVA.name, None):  # Qwen-VL
-            return directory_family(directory).model_class.config_class.from_pretrained(directory)
+        if (family := qwen_vl_family(values)) is not None:
+            return family.model_class.config_class.from_pretrained(directory)
         if "text_config" in values:
             return LlavaConfig.from_pretrained(directory)
         text = LlamaConfig(**{k: v for k, v in values.items() if k != "model_type"})
