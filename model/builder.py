@@ -39,7 +39,8 @@ from model.layouts import (
 )
 from model.lora import apply_lora, set_trainable
 from model.losses import LossWeights
-from model.sam import EarlyFusion, first_global_layer, load_sam_checkpoint
+from model.mask_models import kind_of, load_mask_model
+from model.sam import EarlyFusion, first_global_layer
 from model.segmenter import Segmenter, build_projector
 from model.tokens import (
     DEFAULT_VOCABULARY,
@@ -146,7 +147,7 @@ def build_segmenter(config: ModelConfig, layout: Layout | None = None):
     )
     if config.gradient_checkpointing:
         llava.activation_checkpointing_enable({"use_reentrant": False})
-    sam = parts.sam if parts else load_sam_checkpoint(config.vision_pretrained, dtype=dtype)
+    sam = parts.sam if parts else load_mask_model(config.vision_pretrained, dtype=dtype)
     source = config.version if parts else config.vision_pretrained
     prompt_dim = sam.config.mask_decoder_config.hidden_size
     if config.out_dim is not None and config.out_dim != prompt_dim:
@@ -160,6 +161,11 @@ def build_segmenter(config: ModelConfig, layout: Layout | None = None):
     if parts and config.early_fusion and not fusion:
         LOGGER.warning("%s was trained without early fusion; --early_fusion is ignored", source)
     if fusion:
+        if not kind_of(sam).early_fusion:
+            raise ValueError(
+                f"--early_fusion (M2SA) fuses a SAM ViT block; {source} is a "
+                f"{kind_of(sam).name} model without one"
+            )
         early_layer = first_global_layer(sam.config)
         early_fusion = EarlyFusion(sam.config.vision_config.hidden_size, prompt_dim).to(dtype)
     if parts:

@@ -13,8 +13,8 @@ reads it with no other weights. Layout of the directory:
     segmenter_config.json
         what the segmentation side needs (`SegmenterFileConfig`).
     segmenter*.safetensors (+ segmenter.safetensors.index.json when sharded)
-        SAM, the projector and the fusion module under the LISA-format names
-        (REFERENCE.md 3.1): `model.visual_model.<original SAM key>`,
+        SAM (or SAM 2), the projector and the fusion module under the LISA-format names
+        (REFERENCE.md 3.1): `model.visual_model.<original SAM or SAM 2 key>`,
         `model.visual_model.mask_decoder.compress_vit.*` (M2SA fusion) and
         `model.text_hidden_fcs.0.{0,2}.*`.
 """
@@ -30,7 +30,7 @@ from huggingface_hub import save_torch_state_dict
 from torch import Tensor, nn
 
 from model.losses import LossWeights
-from model.sam import sam_from_original_state_dict, to_original_state_dict
+from model.mask_models import kind_of, mask_model_from_state
 from model.tensor_files import read_tensor_files
 from model.tokens import DEFAULT_VOCABULARY, TokenIds, vocabulary_name
 
@@ -110,7 +110,7 @@ def segmentation_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The Segmenter's SAM, projector and fusion tensors under their LISA-format names."""
     state = {
         SAM_PREFIX + key: value
-        for key, value in to_original_state_dict(model.sam.state_dict()).items()
+        for key, value in kind_of(model.sam).to_original(model.sam.state_dict()).items()
     }
     state.update(
         {PROJECTOR_PREFIX + key: value for key, value in model.text_hidden_fcs.state_dict().items()}
@@ -181,7 +181,7 @@ def save_merged(
         out_dim=model.text_hidden_fcs[0][-1].out_features,
         use_mm_start_end=model.token_ids.im_start is not None,
         early_layer=model.early_layer,
-        sam_decoder_heads=model.sam.config.mask_decoder_config.num_attention_heads,
+        sam_decoder_heads=kind_of(model.sam).decoder_heads(model.sam),
         conv_type=conv_type,
         loss_weights=asdict(model.loss_weights),
         provenance=dict(provenance or {}),
@@ -248,9 +248,10 @@ class SegmentationParts:
 def segmentation_parts(
     state: dict[str, Tensor], source: str, dtype: torch.dtype, decoder_heads: int | None = None
 ) -> SegmentationParts:
-    """Build SAM from LISA-format segmentation tensors and split off projector and fusion."""
+    """Build SAM or SAM 2 (by its keys) from LISA-format segmentation tensors and split off
+    projector and fusion."""
     sam_state, projector, fusion = split_segmentation_state_dict(state, source)
-    sam = sam_from_original_state_dict(sam_state, source, dtype, decoder_heads)
+    sam = mask_model_from_state(sam_state, source, dtype, decoder_heads)
     return SegmentationParts(sam, projector, fusion)
 
 

@@ -7,7 +7,6 @@ width, k prompts of one image.
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Mapping
 from functools import partial
@@ -27,7 +26,7 @@ from transformers import (
 )
 from transformers.models.sam.modeling_sam import SamLayerNorm
 
-from model.tensor_files import read_tensor_file
+from model.key_map import KeyMap, count_numbered
 
 MLP_RATIO = 4
 LAYER_NORM_EPS = 1e-6
@@ -41,12 +40,8 @@ HEAD_MLP_DEPTH = 3
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 ORIGINAL_ENCODER_PREFIX = "image_encoder."
 # what only SAM 2's original checkpoints (sam2.1_hiera_*.pt) hold: its Hiera trunk, its decoder
+# (model.mask_models tells the two apart by them)
 SAM2_PREFIXES = ("image_encoder.trunk.", "sam_mask_decoder.")
-SAM_EXPECTED = (
-    "--vision_pretrained takes an original segment-anything checkpoint such as "
-    "sam_vit_h_4b8939.pth (https://github.com/facebookresearch/segment-anything)"
-)
-MAX_LISTED_KEYS = 5
 
 _REAL_SAM = {"image_size": 1024, "patch_size": 16, "window_size": 14}
 SAM_PRESETS: dict[str, dict[str, Any]] = {
@@ -167,32 +162,12 @@ REQUIRED_ORIGINAL_KEYS = (
 )
 
 
-def _compile(template: str) -> re.Pattern[str]:
-    """Turn a key template into a regex with one named group per ``{slot}``."""
-    parts = re.split(r"\{(\w+)\}", template)
-    return re.compile(
-        "".join(
-            re.escape(part) if index % 2 == 0 else f"(?P<{part}>{_SLOTS[part]})"
-            for index, part in enumerate(parts)
-        )
-    )
-
-
-_TO_HF = [(_compile(original), hf) for original, hf in SAM_KEY_MAP]
-_TO_ORIGINAL = [(_compile(hf), original) for original, hf in SAM_KEY_MAP]
-
-
-def _translate(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
-    for pattern, target in rules:
-        match = pattern.fullmatch(key)
-        if match:
-            return target.format(**match.groupdict())
-    return None
+_KEY_MAP = KeyMap(SAM_KEY_MAP, _SLOTS)
 
 
 def original_to_hf_key(key: str) -> str:
     """Map one original segment-anything key to its transformers ``SamModel`` key."""
-    mapped = _translate(key, _TO_HF)
+    mapped = _KEY_MAP.to_hf(key)
     if mapped is None:
         raise ValueError(f"not a SAM parameter key: {key!r}")
     return mapped
@@ -200,7 +175,7 @@ def original_to_hf_key(key: str) -> str:
 
 def hf_to_original_key(key: str) -> str:
     """Map one transformers ``SamModel`` key (tied copies included) to the original layout."""
-    mapped = _translate(TIED_HF_KEYS.get(key, key), _TO_ORIGINAL)
+    mapped = _KEY_MAP.to_original(TIED_HF_KEYS.get(key, key))
     if mapped is None:
         raise ValueError(f"not a SamModel parameter key: {key!r}")
     return mapped
@@ -213,7 +188,7 @@ def convert_original_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     for key, tensor in sd.items():
         if key in DROPPED_ORIGINAL_KEYS:
             continue
-        mapped = _translate(key, _TO_HF)
+        mapped = _KEY_MAP.to_hf(key)
         if mapped is None:
             unknown.append(key)
         else:
@@ -318,20 +293,11 @@ def _default_decoder_heads(width: int) -> int:
     return max(1, min(SAM_DECODER_HEADS, width // MIN_DECODER_HEAD_DIM))
 
 
-def _count_numbered(sd: Mapping[str, Tensor], prefix: str) -> int:
-    """Number of ``prefix.{j}.*`` sub-modules; they must be numbered 0..n-1."""
-    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    found = sorted({int(m.group(1)) for key in sd if (m := pattern.match(key))})
-    if found != list(range(len(found))):
-        raise ValueError(f"{prefix} sub-modules are not numbered 0..n-1: {found}")
-    return len(found)
-
-
 def _vision_dims(sd: Mapping[str, Tensor]) -> dict[str, Any]:
     """ViT dims from shapes: pos_embed [1,g,g,C], patch kernel, rel_pos_h [2*side-1, C/heads]."""
     _, grid, _, width = sd["image_encoder.pos_embed"].shape
     patch = sd["image_encoder.patch_embed.proj.weight"].shape[-1]
-    depth = _count_numbered(sd, "image_encoder.blocks")
+    depth = count_numbered(sd, "image_encoder.blocks")
     rel_pos_keys = [f"image_encoder.blocks.{j}.attn.rel_pos_h" for j in range(depth)]
     if missing := [key for key in rel_pos_keys if key not in sd]:
         raise ValueError(f"missing keys {missing}")
@@ -364,7 +330,7 @@ def sam_config_from_state_dict(
     """
     if missing := [key for key in REQUIRED_ORIGINAL_KEYS if key not in sd]:
         raise ValueError(f"not a SAM checkpoint (original layout): missing keys {missing}")
-    iou_depth = _count_numbered(sd, "mask_decoder.iou_prediction_head.layers")
+    iou_depth = count_numbered(sd, "mask_decoder.iou_prediction_head.layers")
     if iou_depth != HEAD_MLP_DEPTH:
         raise ValueError(
             f"IoU head depth {iou_depth} unsupported (key mapping is for {HEAD_MLP_DEPTH})"
@@ -376,7 +342,7 @@ def sam_config_from_state_dict(
         **_vision_dims(sd),
         prompt_dim=prompt_dim,
         mask_input_channels=sd["prompt_encoder.mask_downscaling.3.weight"].shape[0],
-        decoder_depth=_count_numbered(sd, "mask_decoder.transformer.layers"),
+        decoder_depth=count_numbered(sd, "mask_decoder.transformer.layers"),
         decoder_mlp_dim=sd["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
         decoder_heads=decoder_heads,
         num_multimask_outputs=sd["mask_decoder.mask_tokens.weight"].shape[0] - 1,
@@ -390,52 +356,11 @@ def _check_suffix(path: Path) -> None:
         raise ValueError(f"{path}: unsupported checkpoint suffix; use one of {CHECKPOINT_SUFFIXES}")
 
 
-def _read_state_dict(path: Path) -> Mapping[str, Tensor]:
-    """Tensors of a checkpoint file, unwrapping a lone ``model`` / ``state_dict`` entry."""
-    if path.is_dir():
-        raise IsADirectoryError(f"--vision_pretrained {path} is a directory; {SAM_EXPECTED}")
-    _check_suffix(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--vision_pretrained {path} does not exist; {SAM_EXPECTED}")
-    state = read_tensor_file(path, hint=SAM_EXPECTED)
-    if REQUIRED_ORIGINAL_KEYS[0] not in state:
-        for wrapper in ("model", "state_dict"):
-            if isinstance(state.get(wrapper), Mapping):
-                state = state[wrapper]
-                break
-    if any(str(key).startswith(SAM2_PREFIXES) for key in state):
-        examples = sorted(key for key in map(str, state) if key.startswith(SAM2_PREFIXES))
-        raise ValueError(
-            f"{path}: a SAM 2 checkpoint (keys such as {examples[:MAX_LISTED_KEYS]}); SAM 2 as "
-            f"the segmenter is not supported yet; {SAM_EXPECTED}"
-        )
-    if not any(str(key).startswith(ORIGINAL_ENCODER_PREFIX) for key in state):
-        missing = [key for key in REQUIRED_ORIGINAL_KEYS if key not in state]
-        examples = sorted(map(str, state))[:MAX_LISTED_KEYS]
-        raise ValueError(
-            f"{path}: not a SAM checkpoint (original layout): missing keys {missing}; its "
-            f"{len(state)} keys look like {examples}; {SAM_EXPECTED}"
-        )
-    return state
-
-
 def _tie_weights(model: SamModel) -> None:
     """Point every tied parameter at its source (assign-loading gives each its own tensor)."""
     for tied, source in TIED_HF_KEYS.items():
         module_path, name = tied.rsplit(".", 1)
         setattr(model.get_submodule(module_path), name, model.get_parameter(source))
-
-
-def load_sam_checkpoint(
-    path: str | Path, dtype: torch.dtype | None = None, decoder_heads: int | None = None
-) -> SamModel:
-    """Strictly load an original-layout SAM checkpoint (.pth/.pt/.bin/.safetensors), eval mode.
-
-    Architecture inferred from shapes (``decoder_heads``: see ``sam_config_from_state_dict``); a
-    missing or unexpected key raises ``ValueError`` naming the file. ``dtype``: torch's default.
-    """
-    path = Path(path)
-    return sam_from_original_state_dict(_read_state_dict(path), str(path), dtype, decoder_heads)
 
 
 def sam_from_original_state_dict(

@@ -1,12 +1,13 @@
 """The segmenter: LLaVA answers with `[SEG]`/`[REJ]`; the hidden state predicting each `[SEG]`,
-projected to the prompt width, prompts a SAM mask decoder.
+projected to the prompt width, prompts a SAM or SAM 2 mask decoder (`model.mask_models`).
 
 `forward` reads top to bottom as five steps:
 1. `find_targets`: the positions that predict a `[SEG]` or `[REJ]`, grouped per image in order,
    checked against the ground-truth mask counts before any heavy work; with a chain token, also
    the positions predicting it and the link of each target to its chain token (`Chains`).
 2. `encode_images`: SAM image embeddings once per image (frozen encoder), plus the M2SA
-   early-feature fusion when enabled.
+   early-feature fusion when enabled (SAM 2: its high-resolution levels, projected by the
+   decoder's trainable convolutions).
 3. `hidden_states` and `answer_logits`: CLIP once per image, the LLM over every conversation ->
    hidden states; the LM head on the positions that need it (see below) -> CE and decisions.
 4. `project` then `decode`: one projector call for every target (and chain token); the `[SEG]`
@@ -64,15 +65,8 @@ from model.losses import (
     scored_positions,
     selected_lm_loss,
 )
-from model.sam import (
-    EarlyFusion,
-    decode_prompt_grid,
-    decode_prompt_rows,
-    encode_images,
-    mask_prompt_embeddings,
-    no_mask_dense_embedding,
-    postprocess_masks,
-)
+from model.mask_models import ImageEmbeddings, kind_of
+from model.sam import EarlyFusion
 from model.tokens import TokenIds, chain_links, predictor_mask
 
 # Logit written for a `[REJ]` target's mask: sigmoid ~ 0 and binarises to empty, yet finite.
@@ -244,6 +238,7 @@ class Segmenter(nn.Module):
             raise ValueError("supervise_coarse needs a chain token (--chain_token)")
         self.llava = llava
         self.sam = sam
+        self.mask_kind = kind_of(sam)
         self.text_hidden_fcs = text_hidden_fcs
         self.early_fusion = early_fusion
         self.early_layer = early_layer
@@ -255,7 +250,7 @@ class Segmenter(nn.Module):
 
     @property
     def sam_input_size(self) -> int:
-        return self.sam.config.vision_config.image_size
+        return self.mask_kind.input_size(self.sam)
 
     def forward(self, batch: Batch) -> SegmenterOutput:
         targets = self.find_targets(batch)
@@ -318,11 +313,12 @@ class Segmenter(nn.Module):
                     "were given; each [SEG]/[REJ] needs exactly one mask, in order"
                 )
 
-    def encode_images(self, sam_pixels: torch.Tensor) -> torch.Tensor:
-        """SAM image embeddings [N, D, g, g] (+ early fusion), encoder run once per image."""
-        embeddings, early = encode_images(self.sam, sam_pixels, self.early_layer)
+    def encode_images(self, sam_pixels: torch.Tensor) -> ImageEmbeddings:
+        """Image embeddings [N, D, g, g] (+ early fusion, + SAM 2's high-resolution levels),
+        the frozen encoder run once per image."""
+        embeddings, early = self.mask_kind.encode(self.sam, sam_pixels, self.early_layer)
         if self.early_fusion is not None:
-            embeddings = embeddings + self.early_fusion(early)
+            embeddings.embedding = embeddings.embedding + self.early_fusion(early)
         return embeddings
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
@@ -379,7 +375,7 @@ class Segmenter(nn.Module):
 
     def decode(
         self,
-        image_embeddings: torch.Tensor,
+        image_embeddings: ImageEmbeddings,
         prompts: torch.Tensor,
         chain_prompts: torch.Tensor | None,
         anchor: torch.Tensor,
@@ -401,7 +397,7 @@ class Segmenter(nn.Module):
 
     def decode_targets(
         self,
-        image_embeddings: torch.Tensor,
+        image_embeddings: ImageEmbeddings,
         prompts: torch.Tensor,
         anchor: torch.Tensor,
         targets: Targets,
@@ -425,7 +421,9 @@ class Segmenter(nn.Module):
         seg_counts = torch.bincount(image_of_target[seg], minlength=len(targets.counts))
         images = torch.nonzero(seg_counts).squeeze(1)
         if images.numel() == 0:
-            low_res, _ = decode_prompt_grid(self.sam, image_embeddings[:1], anchor[None, None])
+            low_res, _ = self.mask_kind.decode_grid(
+                self.sam, image_embeddings[:1], anchor[None, None]
+            )
             return DecodedTargets(masks, scores, low_res.sum() * 0.0)
         grid_row = torch.cumsum(seg_counts > 0, 0) - 1
         seg_image = image_of_target[seg]
@@ -435,21 +433,16 @@ class Segmenter(nn.Module):
         )
         grid = prompts.new_zeros(len(images), int(seg_counts.max()), prompts.shape[-1])
         grid[grid_row[seg_image], slot] = prompts[seg]
-        low_res, iou = decode_prompt_grid(self.sam, image_embeddings[images], grid)
+        low_res, iou = self.mask_kind.decode_grid(self.sam, image_embeddings[images], grid)
         for row, image in enumerate(images.tolist()):
             seg_rows = torch.nonzero(seg[image_of_target == image]).squeeze(1)
-            masks[image][seg_rows] = postprocess_masks(
-                low_res[row, : len(seg_rows)],
-                self.sam_input_size,
-                tuple(batch.resized_sizes[image].tolist()),
-                tuple(batch.original_sizes[image].tolist()),
-            )
+            masks[image][seg_rows] = self._postprocess(low_res[row, : len(seg_rows)], image, batch)
             scores[image][seg_rows] = iou[row, : len(seg_rows)].float()
         return DecodedTargets(masks, scores, anchor.sum() * 0.0)
 
     def decode_chained(
         self,
-        image_embeddings: torch.Tensor,
+        image_embeddings: ImageEmbeddings,
         prompts: torch.Tensor,
         chain_prompts: torch.Tensor,
         anchor: torch.Tensor,
@@ -471,18 +464,18 @@ class Segmenter(nn.Module):
             first_embeddings, first_prompts = image_embeddings[chain_image], chain_prompts
         else:
             first_embeddings, first_prompts = image_embeddings[:1], anchor[None]
-        coarse, coarse_iou = decode_prompt_rows(
+        coarse, coarse_iou = self.mask_kind.decode_rows(
             self.sam,
             first_embeddings,
             first_prompts,
-            self._no_mask_dense(len(first_prompts), image_embeddings),
+            self._no_mask_dense(len(first_prompts), image_embeddings.embedding),
         )
-        coarse_dense = mask_prompt_embeddings(self.sam, coarse)
+        coarse_dense = self.mask_kind.mask_prompt(self.sam, coarse)
         masks = self.empty_masks(targets, batch, prompts.device)
         scores = [torch.zeros(count, device=prompts.device) for count in targets.counts]
         seg = ~targets.is_rej
         if not seg.any():
-            final, _ = decode_prompt_rows(
+            final, _ = self.mask_kind.decode_rows(
                 self.sam, image_embeddings[:1], anchor[None], coarse_dense[:1]
             )
             anchor_term = final.sum() * 0.0
@@ -490,7 +483,7 @@ class Segmenter(nn.Module):
             # row 0: no mask prompt; row 1 + j: chain token j's coarse mask
             table = torch.cat([self._no_mask_dense(1, coarse_dense), coarse_dense])
             seg_image = targets.images()[seg]
-            final, iou = decode_prompt_rows(
+            final, iou = self.mask_kind.decode_rows(
                 self.sam, image_embeddings[seg_image], prompts[seg], table[chains.link[seg] + 1]
             )
             self._place_rows(masks, scores, seg, final, iou, targets, batch)
@@ -502,7 +495,7 @@ class Segmenter(nn.Module):
 
     def _no_mask_dense(self, rows: int, like: torch.Tensor) -> torch.Tensor:
         """SAM's no-mask dense prompt [rows, D, g, g] in `like`'s dtype."""
-        return no_mask_dense_embedding(self.sam).to(like.dtype).expand(rows, -1, -1, -1)
+        return self.mask_kind.no_mask_dense(self.sam).to(like.dtype).expand(rows, -1, -1, -1)
 
     def _place_rows(self, masks, scores, seg, low_res, iou, targets: Targets, batch: Batch):
         """Write the decoded `[SEG]` rows (low_res [S, 4g, 4g], iou [S], targets order) into
@@ -516,9 +509,9 @@ class Segmenter(nn.Module):
                 scores[image][rows] = iou_per_image[image].float()
 
     def _postprocess(self, low_res: torch.Tensor, image: int, batch: Batch) -> torch.Tensor:
-        return postprocess_masks(
+        return self.mask_kind.postprocess(
+            self.sam,
             low_res,
-            self.sam_input_size,
             tuple(batch.resized_sizes[image].tolist()),
             tuple(batch.original_sizes[image].tolist()),
         )

@@ -55,6 +55,7 @@ from model.sam import (
     sam_config_from_preset,
     save_sam_checkpoint,
 )
+from model.sam2 import build_sam2, sam2_config_from_preset, save_sam2_checkpoint
 from model.tokens import IMAGE_TOKEN, QWEN_VL_IMAGE_TOKENS
 
 RESET_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)
@@ -488,16 +489,41 @@ def write_tiny_sam(
     return path
 
 
-def tiny_model_config(directory: str | Path, backbone: str = "llava", **overrides) -> ModelConfig:
+def write_tiny_sam2(path: str | Path, seed: int = 0) -> Path:
+    """Write the random-weight tiny SAM 2 (128 px, `model.sam2.SAM2_SIZES["tiny"]`) in the
+    original layout of the released `sam2.1_hiera_*.pt` files."""
+    torch.manual_seed(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sam2 = build_sam2(sam2_config_from_preset("tiny"))
+    reset_to_torch_defaults(sam2)
+    save_sam2_checkpoint(sam2, path)
+    return path
+
+
+# the tiny mask models by kind (`model.mask_models.MASK_MODELS`): file name under
+# `vision_pretrained/` and writer (path, seed) -> path
+TINY_SEGMENTERS = {
+    "sam": ("sam_tiny.pth", write_tiny_sam),
+    "sam2": ("sam2_tiny.pt", write_tiny_sam2),
+}
+
+
+def tiny_model_config(
+    directory: str | Path, backbone: str = "llava", segmenter: str = "sam", **overrides
+) -> ModelConfig:
     """ModelConfig for the tiny assets under `directory` (fp32, small LoRA, tiny SAM width), with
-    the tiny `backbone` (`TINY_BACKBONES`) at `directory/<backbone>_tiny`."""
+    the tiny `backbone` (`TINY_BACKBONES`) at `directory/<backbone>_tiny` and the tiny
+    `segmenter` (`TINY_SEGMENTERS`) under `directory/vision_pretrained/`."""
     directory = Path(directory)
     if backbone not in TINY_BACKBONES:
         raise ValueError(f"backbone must be one of {sorted(TINY_BACKBONES)}, not {backbone!r}")
+    if segmenter not in TINY_SEGMENTERS:
+        raise ValueError(f"segmenter must be one of {sorted(TINY_SEGMENTERS)}, not {segmenter!r}")
     prompt_dim = sam_config_from_preset("tiny").mask_decoder_config.hidden_size
     config = ModelConfig(
         version=str(directory / f"{backbone}_tiny"),
-        vision_pretrained=str(directory / "vision_pretrained" / "sam_tiny.pth"),
+        vision_pretrained=str(directory / "vision_pretrained" / TINY_SEGMENTERS[segmenter][0]),
         precision="fp32",
         gradient_checkpointing=False,
         out_dim=prompt_dim,
@@ -515,14 +541,19 @@ TINY_BACKBONES = {
 
 
 def build_tiny_segmenter(
-    directory: str | Path, seed: int = 0, backbone: str = "llava", **overrides
+    directory: str | Path,
+    seed: int = 0,
+    backbone: str = "llava",
+    segmenter: str = "sam",
+    **overrides,
 ):
-    """Write the tiny `backbone` (LLaVA unless named) and SAM under `directory` (if absent) and
-    build the segmenter from them with `build_segmenter`. Returns (Segmenter, tokenizer)."""
-    config = tiny_model_config(directory, backbone, **overrides)
+    """Write the tiny `backbone` (LLaVA unless named) and `segmenter` (SAM unless named) under
+    `directory` (if absent) and build the segmenter from them with `build_segmenter`.
+    Returns (Segmenter, tokenizer)."""
+    config = tiny_model_config(directory, backbone, segmenter, **overrides)
     if not Path(config.version).is_dir():
         TINY_BACKBONES[backbone](config.version, seed)
     if not Path(config.vision_pretrained).is_file():
-        write_tiny_sam(config.vision_pretrained, seed)
+        TINY_SEGMENTERS[segmenter][1](config.vision_pretrained, seed)
     torch.manual_seed(seed)
     return build_segmenter(config)

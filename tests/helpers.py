@@ -154,7 +154,9 @@ def write_rigged_checkpoint(tiny_dir, directory, image, question: str, answer: s
     model, tokenizer = build_tiny_segmenter(tiny_dir, seed=0, lora_r=0)
     model.eval()
     source = tiny_dir / "llava_tiny"
-    images = ImageProcessors.from_pretrained(source, model.sam_input_size)
+    images = ImageProcessors.from_pretrained(
+        source, model.sam_input_size, mask_model=model.mask_kind.name
+    )
     segmentation = Segmentation(model, tokenizer, images, DEFAULT_CONV_TYPE, "cpu", torch.float32)
     batch = collate([segmentation.prepare(image, question)], model.token_ids.pad)
     plan = [*tokenizer.encode(answer, add_special_tokens=False), model.token_ids.eos]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from model.backbone import load_llava
 from model.builder import build_segmenter
-from model.sam import load_sam_checkpoint
+from model.mask_models import load_mask_model
 from model.tiny import tiny_model_config
 from tests.utils.bad_data import (
     CASES,
@@ -293,8 +293,10 @@ SAM_CASES = {
     "directory": "is a directory",
     "text": "not a readable PyTorch or safetensors checkpoint",
     "empty": "not a readable PyTorch or safetensors checkpoint",
-    "llava_weights": "not a SAM checkpoint (original layout): missing keys ['image_encoder.",
-    "transformers_layout": "not a SAM checkpoint (original layout)",
+    "llava_weights": (
+        "not a SAM or SAM 2 checkpoint (original layout): missing keys ['image_encoder."
+    ),
+    "transformers_layout": "not a SAM or SAM 2 checkpoint (original layout)",
     "code": "refusing to load: it holds Python objects that only code could rebuild",
 }
 
@@ -303,7 +305,7 @@ SAM_CASES = {
 def test_a_sam_checkpoint_of_the_wrong_kind(kind: str, expected: str, tmp_path: Path) -> None:
     path = write_wrong_sam(kind, tmp_path)
     with pytest.raises((ValueError, OSError)) as error:
-        load_sam_checkpoint(path)
+        load_mask_model(path)
     assert_clear(error.value, [str(path), expected, "sam_vit_h_4b8939.pth"])
     assert not (tmp_path / "code_ran").exists()
 

@@ -1,5 +1,6 @@
 """The Qwen-VL backbones' whole cycle under the real launcher: `--version` is a tiny Qwen2.5-VL
-directory (Qwen3-VL in the slow tier) in its Hugging Face format, with SAM. Two CPU ranks train
+directory with SAM 2 (Qwen3-VL with SAM in the slow tier) in their released formats (the
+Hugging Face directory, the original `sam2.1_hiera_*.pt` / `sam_vit_*.pth`). Two CPU ranks train
 with ZeRO-2 (images of different sizes, so different image-token counts per conversation), a
 second launch resumes the run from its checkpoint for another epoch, `zero_to_fp32.py`
 consolidates it, the merge writes a directory that plain transformers loads with the family's
@@ -19,7 +20,7 @@ import torch
 
 from model.backbone import directory_family
 from model.builder import build_segmenter
-from model.tiny import TINY_BACKBONES, tiny_model_config
+from model.tiny import TINY_BACKBONES, TINY_SEGMENTERS, tiny_model_config
 from tests.e2e import LAUNCHER_PORT, consolidate, python, run, scalars
 from utils.inference import Segmentation
 from utils.preprocess import PatchTransform
@@ -30,11 +31,14 @@ MAX_PIXELS = 6272  # below the tiny directories' budgets: the run's own, kept by
 QUESTION = "Can you segment the red circle in this image?"
 
 
-def flags(assets: Path, version: Path, runs: Path, exp_name: str) -> list[str]:
+def flags(
+    assets: Path, version: Path, runs: Path, exp_name: str, vision: Path | None = None
+) -> list[str]:
+    """`vision`: the --vision_pretrained of a base --version; None for a merged one."""
     return [
         f"--version={version}",
         f"--conv_type={directory_family(version).conv_type}",
-        f"--vision_pretrained={assets / 'vision_pretrained' / 'sam_tiny.pth'}",
+        *([] if vision is None else [f"--vision_pretrained={vision}"]),
         f"--dataset_dir={assets / 'dataset'}",
         f"--log_base_dir={runs}",
         f"--exp_name={exp_name}",
@@ -67,15 +71,21 @@ def newest_event_file(run_dir: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "backbone", ["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)]
+    ("backbone", "segmenter"),
+    [("qwen2_5_vl", "sam2"), pytest.param("qwen3_vl", "sam", marks=pytest.mark.slow)],
 )
 def test_qwen_vl_trains_resumes_merges_evaluates_and_chats(
-    backbone: str, assets: Path, tmp_path: Path
+    backbone: str, segmenter: str, assets: Path, tmp_path: Path
 ) -> None:
     version = TINY_BACKBONES[backbone](tmp_path / f"{backbone}_tiny", 0)
+    file_name, write_segmenter = TINY_SEGMENTERS[segmenter]
+    sam = write_segmenter(tmp_path / "vision_pretrained" / file_name, 0)
     deepspeed = Path(sys.executable).parent / "deepspeed"
     launcher = [str(deepspeed), "--num_gpus", str(WORLD), "--master_port", str(LAUNCHER_PORT + 5)]
-    common = flags(assets, version, tmp_path, "qwen")
+    # M2SA's fusion (the default recipe's) reads a SAM ViT block, which SAM 2 has not
+    fusion = segmenter == "sam"
+    fusion_flag = "--early_fusion" if fusion else "--no-early_fusion"
+    common = [*flags(assets, version, tmp_path, "qwen", sam), fusion_flag]
     run([*launcher, "train_ds.py", *common, *train_flags(epochs=1), "--no_eval"], 900)
     run_dir, checkpoint = tmp_path / "qwen", tmp_path / "qwen" / "ckpt_model"
     assert (checkpoint / "latest").read_text().strip() == f"global_step{STEPS}"
@@ -103,10 +113,7 @@ def test_qwen_vl_trains_resumes_merges_evaluates_and_chats(
     assert saved["conv_type"] == directory_family(version).conv_type
 
     # plain transformers loads the merged LLM with the trained (LoRA) model's logits
-    sam = assets / "vision_pretrained" / "sam_tiny.pth"
-    config = tiny_model_config(
-        tmp_path, backbone, out_dim=32, vision_pretrained=str(sam), early_fusion=True
-    )
+    config = tiny_model_config(tmp_path, backbone, segmenter, out_dim=32, early_fusion=fusion)
     trained, _ = build_segmenter(config)
     load_weights(trained, str(consolidated))
     plain = directory_family(version).model_class.from_pretrained(merged).eval()

@@ -4,11 +4,14 @@
         [--images_per_split 8] [--min_objects 2] [--max_objects 5] [--size_jitter 0]
         [--absent_refs 1] [--families ade20k,refer_seg,...] [--no-models] [--model_preset tiny]
         [--pretrain_steps 0] [--clip_steps 0] [--llava_steps 0] [--backbone llava]
+        [--segmenter sam]
 
 writes `DIR/dataset/` (a `--dataset_dir`), `DIR/llava_tiny/` (a `--version`; with
 `--backbone qwen2_5_vl` a tiny random Qwen2.5-VL in its Hugging Face format,
 `DIR/qwen2_5_vl_tiny/`, instead) and
-`DIR/vision_pretrained/sam_tiny.pth` (a `--vision_pretrained`); with `--pretrain_steps N` the
+`DIR/vision_pretrained/sam_tiny.pth` (a `--vision_pretrained`; with `--segmenter sam2` a tiny
+random SAM 2 in the released `sam2.1_hiera_*.pt` layout, `DIR/vision_pretrained/sam2_tiny.pt`,
+instead); with `--pretrain_steps N` the
 two models' image encoders get N steps of pretraining on other shapes-world scenes (CLIP then
 `--clip_steps` more alone), and with `--llava_steps M` the LLaVA's projector and language
 model then M steps of answering whether named shapes are in them and captioning them
@@ -74,6 +77,9 @@ DEFAULT_IMAGE_SIZE = (96, 72)
 # the tiny backbones (`model.tiny.TINY_BACKBONES`, named here so that --help needs no torch)
 BACKBONES = ("llava", "qwen2_5_vl", "qwen3_vl")
 DEFAULT_BACKBONE = "llava"
+# the tiny mask models (`model.tiny.TINY_SEGMENTERS`)
+SEGMENTERS = ("sam", "sam2")
+DEFAULT_SEGMENTER = "sam"
 
 
 def write_coco2017(ctx: Context, families: set[str]) -> None:
@@ -119,21 +125,34 @@ def write_models(
     model_preset: str,
     pretrain: PretrainOptions | None = None,
     backbone: str = DEFAULT_BACKBONE,
+    segmenter: str = DEFAULT_SEGMENTER,
 ) -> None:
-    """The tiny backbone (`out/<backbone>_tiny/`, LLaVA's `out/llava_tiny/` by default) and SAM
-    (`out/vision_pretrained/sam_tiny.pth`) of the preset, pretrained with `pretrain` (a
-    `PretrainOptions`, LLaVA only) unless it is None."""
+    """The tiny backbone (`out/<backbone>_tiny/`, LLaVA's `out/llava_tiny/` by default) and mask
+    model (`out/vision_pretrained/sam_tiny.pth`, or `sam2_tiny.pt`) of the preset, pretrained
+    with `pretrain` (a `PretrainOptions`, LLaVA and SAM only) unless it is None."""
     # heavy imports (torch, transformers) only when the models are wanted
-    from model.tiny import MODEL_PRESETS, TINY_BACKBONES, write_tiny_llava, write_tiny_sam
+    from model.tiny import (
+        MODEL_PRESETS,
+        TINY_BACKBONES,
+        TINY_SEGMENTERS,
+        write_tiny_llava,
+        write_tiny_sam,
+    )
 
+    if (backbone, segmenter) != (DEFAULT_BACKBONE, DEFAULT_SEGMENTER) and (
+        pretrain is not None or model_preset != "tiny"
+    ):
+        raise ValueError(
+            f"--backbone {backbone} --segmenter {segmenter} writes the tiny random models only "
+            "(no --model_preset demo, no pretraining)"
+        )
     preset = MODEL_PRESETS[model_preset]
-    sam = write_tiny_sam(out / "vision_pretrained" / "sam_tiny.pth", seed, dims=preset.sam)
+    if segmenter == DEFAULT_SEGMENTER:
+        sam = write_tiny_sam(out / "vision_pretrained" / "sam_tiny.pth", seed, dims=preset.sam)
+    else:
+        name, writer = TINY_SEGMENTERS[segmenter]
+        writer(out / "vision_pretrained" / name, seed)
     if backbone != DEFAULT_BACKBONE:
-        if pretrain is not None or model_preset != "tiny":
-            raise ValueError(
-                f"--backbone {backbone} writes the tiny random model only (no --model_preset "
-                "demo, no pretraining)"
-            )
         TINY_BACKBONES[backbone](out / f"{backbone}_tiny", seed)
         return
     llava = write_tiny_llava(out / "llava_tiny", seed, preset.text, preset.vision)
@@ -159,10 +178,12 @@ def make_tiny_assets(
     llava_steps: int = 0,
     clip_steps: int = 0,
     backbone: str = DEFAULT_BACKBONE,
+    segmenter: str = DEFAULT_SEGMENTER,
 ) -> Path:
     """Write `out/dataset/` (the chosen families), and unless `models` is False the tiny
     backbone (`out/<backbone>_tiny/`: LLaVA's `out/llava_tiny/` by default, or Qwen2.5-VL's
-    `out/qwen2_5_vl_tiny/`) and SAM (`out/vision_pretrained/sam_tiny.pth`). Returns `out`.
+    `out/qwen2_5_vl_tiny/`) and mask model (`out/vision_pretrained/sam_tiny.pth`, or SAM 2's
+    `sam2_tiny.pt`). Returns `out`.
 
     image_size: (W, H). images_per_split: images per split of each family (per source for
     single-split families). size_jitter: each image shrinks by up to this fraction per side.
@@ -217,7 +238,7 @@ def make_tiny_assets(
                 clip_steps=clip_steps,
                 llava_steps=llava_steps,
             )
-        write_models(out, seed, model_preset, pretrain, backbone)
+        write_models(out, seed, model_preset, pretrain, backbone, segmenter)
     return out
 
 
@@ -285,13 +306,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--models",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also write llava_tiny/ and vision_pretrained/sam_tiny.pth",
+        help="also write the tiny backbone and mask model (llava_tiny/, vision_pretrained/)",
     )
     parser.add_argument(
         "--backbone",
         choices=BACKBONES,
         default=DEFAULT_BACKBONE,
         help="the tiny backbone written as <out>/<backbone>_tiny/ (default llava: llava_tiny/)",
+    )
+    parser.add_argument(
+        "--segmenter",
+        choices=SEGMENTERS,
+        default=DEFAULT_SEGMENTER,
+        help="the tiny mask model written under <out>/vision_pretrained/ (sam: sam_tiny.pth, "
+        "sam2: sam2_tiny.pt)",
     )
     return parser.parse_args(argv)
 
@@ -315,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.llava_steps,
         args.clip_steps,
         args.backbone,
+        args.segmenter,
     )
     files = sum(1 for path in out.rglob("*") if path.is_file())
     print(f"wrote {files} files under {out} in {time.perf_counter() - start:.1f} s")

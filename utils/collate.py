@@ -518,7 +518,7 @@ class SampleProcessor:
             tokenizer=tokenizer,
             token_ids=model.token_ids,
             images=ImageProcessors.from_pretrained(
-                llava_directory, model.sam_input_size, *pixel_budget
+                llava_directory, model.sam_input_size, *pixel_budget, model.mask_kind.name
             ),
             image_tokens=image_token_count(model.llava.config),  # None: per image
             conv_type=conv_type,

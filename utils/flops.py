@@ -119,10 +119,7 @@ class StepFlops:
 
         llava = model.llava
         tower_params = sum(p.numel() for p in vision_tower(llava).parameters())
-        sam_params = sum(p.numel() for p in model.sam.vision_encoder.parameters())
-        vision = model.sam.config.vision_config
-        sam_tokens = (vision.image_size // vision.patch_size) ** 2
-        image = FLOPS_PER_MAC * sam_params * sam_tokens
+        image = FLOPS_PER_MAC * model.mask_kind.encoder_macs(model.sam)
         tower_tokens = image_token_count(llava.config)
         if tower_tokens is None:  # the tower's work follows each image's patches
             patch = FLOPS_PER_MAC * tower_params

@@ -145,7 +145,9 @@ class Segmentation:
         conv_type = conv_type or (saved.conv_type if saved else published_conv_type(model))
         check_conv_type(model, conv_type)
         images = ImageProcessors.from_pretrained(
-            image_settings_directory(version, vision_tower, layout), model.sam_input_size
+            image_settings_directory(version, vision_tower, layout),
+            model.sam_input_size,
+            mask_model=model.mask_kind.name,
         )
         return cls(model, tokenizer, images, conv_type, device, config.dtype)
 

@@ -65,6 +65,15 @@ CLIP_L14 = dict(
 )  # fmt: skip
 CLIP_DEFAULT_SIZE, CLIP_336 = 224, 336
 SAM_NAMES = ("vit_h", "vit_l", "vit_b")
+# SAM 2 sizes by the released file names (sam2.1_hiera_large.pt, ...; ours: sam2_tiny.pt), in
+# the order they are looked for; a SAM 2 file named otherwise counts as the largest
+SAM2_NAMES = (
+    ("hiera_large", "hiera_l"),
+    ("hiera_base_plus", "hiera_b+"),
+    ("hiera_small", "hiera_s"),
+    ("hiera_tiny", "hiera_t"),
+    ("tiny", "tiny"),
+)
 
 
 @dataclass(frozen=True)
@@ -209,36 +218,47 @@ def _llava_config(config):
     return LlavaConfig(vision_config=vision, text_config=text.to_dict())
 
 
-def _sam_config(config):
-    from model.sam import sam_config_from_preset
-
+def _mask_model(config) -> nn.Module:
+    """SAM or SAM 2 of `--vision_pretrained`, by its file name, built on the current device."""
     name = Path(config.vision_pretrained).name.lower()
+    if "sam2" in name:
+        from model.sam2 import build_sam2, sam2_config_from_preset
+
+        size = next((size for marker, size in SAM2_NAMES if marker in name), "hiera_l")
+        return build_sam2(sam2_config_from_preset(size))
+    from model.sam import build_sam, sam_config_from_preset
+
     preset = next((n for n in SAM_NAMES if n in name), "vit_h")
-    return sam_config_from_preset("tiny" if "tiny" in name else preset)
+    return build_sam(sam_config_from_preset("tiny" if "tiny" in name else preset))
 
 
 def meta_segmenter(config) -> nn.Module:
     """The segmenter of a TrainConfig on the meta device (no weights; real parameter counts)."""
     from model.backbone import family_of
     from model.lora import apply_lora, set_trainable
-    from model.sam import EarlyFusion, build_sam
+    from model.sam import EarlyFusion
     from model.segmenter import Segmenter, build_projector
     from model.tokens import TokenIds
 
-    llava_config, sam_config = _llava_config(config), _sam_config(config)
-    prompt = sam_config.mask_decoder_config.hidden_size
+    llava_config = _llava_config(config)
     with torch.device("meta"):
         llava = family_of(llava_config).model_class(llava_config)
-        sam = build_sam(sam_config)
+        sam = _mask_model(config)
+        prompt = sam.config.mask_decoder_config.hidden_size
         projector = build_projector(llava_config.text_config.hidden_size, prompt)
-        fusion = EarlyFusion(sam_config.vision_config.hidden_size, prompt)
+        fusion = (
+            EarlyFusion(sam.config.vision_config.hidden_size, prompt)
+            if config.early_fusion
+            else None
+        )
     settings = config.model_config()
     apply_lora(
         llava, config.lora_r, config.lora_alpha, config.lora_dropout, settings.lora_target_modules
     )
     ids = TokenIds(seg=0, rej=0, image=0, pad=0, bos=None, eos=0, im_start=None, im_end=None)
-    early = (fusion, 0) if config.early_fusion else (None, None)
-    model = Segmenter(llava, sam, projector, ids, early_fusion=early[0], early_layer=early[1])
+    model = Segmenter(
+        llava, sam, projector, ids, early_fusion=fusion, early_layer=None if fusion is None else 0
+    )
     set_trainable(model, config.train_mask_decoder, config.train_mm_projector)
     return model
 

@@ -11,7 +11,10 @@ budget (`smart_resize`), normalised, and cut into flat patches [P, C * t * p * p
 SAM: segment-anything's `ResizeLongestSide` (longest side -> S, `int(side * scale + 0.5)`,
 PIL bilinear as the original does through torchvision's PIL path), SAM pixel mean/std on 0-255
 RGB, then zero padding right/bottom to S x S after normalising.
-Both take uint8 RGB [H, W, 3] arrays.
+SAM 2 (`Sam2Transform`): its `SAM2Transforms`, the whole image to float [0, 1], resized to S x S
+(bilinear with antialiasing: what torchvision's tensor `Resize` runs), ImageNet mean/std; no
+padding, so the image fills the input and `resized_size` is (S, S).
+All take uint8 RGB [H, W, 3] arrays.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 RGB_CHANNELS, RGB_MODE = 3, "RGB"
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+SAM2_PIXEL_MEAN = (0.485, 0.456, 0.406)
+SAM2_PIXEL_STD = (0.229, 0.224, 0.225)
 # float32 [3, 256]: (value - mean) / std of each channel for every uint8 value, computed with
 # the same float32 operations as normalising each pixel, so a lookup gives the same bits
 UINT8_VALUES = np.arange(np.iinfo(np.uint8).max + 1, dtype=np.float32)
@@ -177,6 +182,31 @@ class SamTransform:
             if not np.shares_memory(written, inside):  # OpenCV allocated instead of writing
                 inside[...] = written
         return torch.from_numpy(pixels), (height, width)
+
+
+@dataclass(frozen=True)
+class Sam2Transform:
+    """SAM 2 preprocessing for an S x S image encoder (S = image_size)."""
+
+    image_size: int
+
+    def __call__(self, image: np.ndarray | Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """uint8 RGB [H, W, 3] (or an RGB PIL image) -> (float32 [3, S, S], (S, S))."""
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        if pil.mode != RGB_MODE:
+            raise ValueError(f"expected an RGB image, got a PIL {pil.mode} image of {pil.size}")
+        pixels = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float().div(255)
+        side = (self.image_size, self.image_size)
+        resized = torch.nn.functional.interpolate(
+            pixels[None], side, mode="bilinear", align_corners=False, antialias=True
+        )[0]
+        mean = torch.tensor(SAM2_PIXEL_MEAN)[:, None, None]
+        std = torch.tensor(SAM2_PIXEL_STD)[:, None, None]
+        return (resized - mean) / std, side
+
+
+# the input transform of each mask model (`model.mask_models.MaskModelKind.name`)
+MASK_TRANSFORMS = {"sam": SamTransform, "sam2": Sam2Transform}
 
 
 def smart_resize(
@@ -344,7 +374,7 @@ class ImageProcessors:
     """Both transforms, built once per run and shared by the datasets (picklable for workers)."""
 
     clip: ClipTransform | PatchTransform
-    sam: SamTransform
+    sam: SamTransform | Sam2Transform
 
     @classmethod
     def from_pretrained(
@@ -353,19 +383,22 @@ class ImageProcessors:
         sam_image_size: int,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        mask_model: str = "sam",
     ) -> ImageProcessors:
         """Vision settings from the model directory (CLIP, or Qwen-VL's patches with the pixel
-        budget `min_pixels`/`max_pixels` when given); SAM input size from the SAM config."""
+        budget `min_pixels`/`max_pixels` when given); the mask model's input transform
+        (`MASK_TRANSFORMS`) at the input size of its config."""
         file = Path(llava_directory) / PREPROCESSOR_CONFIG
+        mask_transform = MASK_TRANSFORMS[mask_model](sam_image_size)
         if file.is_file() and is_patch_processor(settings := json.loads(file.read_text())):
             budget = with_pixel_budget(settings, min_pixels, max_pixels)
-            return cls(PatchTransform.from_settings(budget, file), SamTransform(sam_image_size))
+            return cls(PatchTransform.from_settings(budget, file), mask_transform)
         if (min_pixels, max_pixels) != (None, None):
             raise ValueError(
                 f"--min_pixels/--max_pixels set the image budget of Qwen-VL backbones; "
                 f"{llava_directory} has CLIP's fixed-size images"
             )
-        return cls(ClipTransform.from_pretrained(llava_directory), SamTransform(sam_image_size))
+        return cls(ClipTransform.from_pretrained(llava_directory), mask_transform)
 
     @property
     def max_tokens(self) -> int | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -40,6 +41,7 @@ from model.builder import build_segmenter
 from model.generate import generate, left_pad
 from model.layouts import Layout, detect_layout
 from model.packing import pack, pack_rope_positions, unpack
+from model.sam2 import is_tracking_key
 from model.tiny import (
     TINY_QWEN3_IMAGE_SETTINGS,
     TINY_QWEN_IMAGE_SETTINGS,
@@ -51,6 +53,7 @@ from model.tiny import (
     write_tiny_sam,
 )
 from tests.helpers import reference_mask
+from tests.sam2_oracle import OFFICIAL_CONFIG, TINY_OVERRIDES, official_features, official_sam2
 from train_ds import main
 from utils.collate import (
     SampleProcessor,
@@ -220,16 +223,21 @@ def test_chatml_labels_cover_exactly_the_answer_and_its_end_of_turn(qwen, proces
     assert prompt.tolist() == ids[:first_label].tolist()
 
 
-def reference_targets(model, batch, image: int, shift: int = 1):
+def reference_targets(model, batch, image: int, shift: int = 1, decode=None):
     """Independent composition: the family's own forward (its vision tower on this image's
     patches, its rotary positions) on each unpadded conversation of `image`, the hidden state
-    `shift` positions before each [SEG], the projector, one decoder call per prompt, SAM's
-    post-processing by hand. Returns (prompts [k, D], masks [k, H, W], logits per conversation)."""
-    embedding = model.sam.get_image_embeddings(batch.sam_pixels[image : image + 1])[0]
+    `shift` positions before each [SEG], the projector, then `decode` (prompts [k, D] -> masks
+    [k, H, W]; by default one SAM decoder call per prompt and SAM's post-processing by hand).
+    Returns (prompts [k, D], masks [k, H, W], logits per conversation)."""
+    if decode is None:
+        embedding = model.sam.get_image_embeddings(batch.sam_pixels[image : image + 1])[0]
+        decode = lambda prompts: torch.stack(  # noqa: E731
+            [reference_mask(model, embedding, prompt, batch, image) for prompt in prompts]
+        )
     ends = batch.image_grid.prod(dim=1).cumsum(0).tolist()
     start = 0 if image == 0 else ends[image - 1]
     pixels, grid = batch.clip_pixels[start : ends[image]], batch.image_grid[image : image + 1]
-    prompts, masks, logits = [], [], []
+    prompts, logits = [], []
     for row in torch.nonzero(batch.conv_image == image).squeeze(1).tolist():
         ids = batch.input_ids[row][batch.attention_mask[row]][None]
         out = model.llava(
@@ -242,10 +250,9 @@ def reference_targets(model, batch, image: int, shift: int = 1):
         logits.append(out.logits[0])
         hidden = out.hidden_states[-1][0]
         for position in torch.nonzero(ids[0] == model.token_ids.seg).squeeze(1).tolist():
-            prompt = model.text_hidden_fcs[0](hidden[position - shift])
-            prompts.append(prompt)
-            masks.append(reference_mask(model, embedding, prompt, batch, image))
-    return torch.stack(prompts), torch.stack(masks), logits
+            prompts.append(model.text_hidden_fcs[0](hidden[position - shift]))
+    prompts = torch.stack(prompts)
+    return prompts, decode(prompts), logits
 
 
 @torch.no_grad()
@@ -516,3 +523,97 @@ def test_packing_gives_the_padded_losses_and_masks(qwen, batch) -> None:
         torch.testing.assert_close(getattr(packed, name), getattr(padded, name), atol=1e-5, rtol=0)
     for ours, theirs in zip(packed.pred_masks, padded.pred_masks, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+# SAM2Transforms' defaults (sam2/utils/transforms.py): ImageNet mean and std on [0, 1] pixels
+SAM2_MEAN, SAM2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def qwen_sam2(tmp_path_factory):
+    """Tiny Qwen2.5-VL + tiny SAM 2 segmenter, a batch of two images, their samples, and the
+    official SAM 2 holding the same weights (read from the file our writer wrote)."""
+    directory = tmp_path_factory.mktemp("qwen_sam2")
+    model, tokenizer = build_tiny_segmenter(
+        directory, seed=0, backbone="qwen2_5_vl", segmenter="sam2"
+    )
+    config = tiny_model_config(directory, "qwen2_5_vl", "sam2")
+    processor = SampleProcessor.for_model(model, tokenizer, config.version, conv_type="qwen2_vl")
+    samples = [
+        sample(90, 130, CONVERSATIONS[:2], seed=0),
+        sample(200, 60, CONVERSATIONS[2:], seed=1),
+    ]
+    batch = collate([processor(item) for item in samples], model.token_ids.pad)
+    official = official_sam2(OFFICIAL_CONFIG.format("t"), TINY_OVERRIDES)
+    loaded = official.load_state_dict(torch.load(config.vision_pretrained)["model"], strict=False)
+    assert not loaded.unexpected_keys
+    assert loaded.missing_keys and all(is_tracking_key(key) for key in loaded.missing_keys)
+    return model.eval(), batch, samples, official.eval()
+
+
+def official_sam2_masks(official, image: np.ndarray, prompts: torch.Tensor) -> torch.Tensor:
+    """The official SAM 2 path of SAM2ImagePredictor for one uint8 image and prompts [k, D] as
+    sparse tokens: SAM2Transforms (to [0, 1], resize to S x S as torchvision's tensor Resize
+    does, normalise), its features, its decoder, its post-processing -> logits [k, H, W]."""
+    side = official.image_size
+    pixels = torch.from_numpy(image.copy()).permute(2, 0, 1).float()[None] / 255
+    pixels = F.interpolate(
+        pixels, (side, side), mode="bilinear", align_corners=False, antialias=True
+    )
+    pixels = (pixels - torch.tensor(SAM2_MEAN)[:, None, None]) / torch.tensor(SAM2_STD)[
+        :, None, None
+    ]
+    embedding, high_res = official_features(official, pixels)
+    _, dense = official.sam_prompt_encoder(points=None, boxes=None, masks=None)
+    low, _, _, _ = official.sam_mask_decoder(
+        image_embeddings=embedding,
+        image_pe=official.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=prompts[:, None],
+        dense_prompt_embeddings=dense.expand(len(prompts), -1, -1, -1),
+        multimask_output=False,
+        repeat_image=True,
+        high_res_features=high_res,
+    )
+    return F.interpolate(low, image.shape[:2], mode="bilinear", align_corners=False)[:, 0]
+
+
+@torch.no_grad()
+def test_sam2_masks_equal_the_official_sam2_on_the_familys_own_states(qwen_sam2) -> None:
+    """Qwen2.5-VL + SAM 2: each [SEG] state (the family's own forward) through the projector
+    prompts the official SAM 2 on the raw image; our masks equal its masks. The control (the
+    state AT [SEG]) differs."""
+    model, batch, samples, official = qwen_sam2
+    output = model(batch)
+    for image, item in enumerate(samples):
+        seg = ~output.target_is_rej[image]
+
+        def decode(prompts, item=item):
+            return official_sam2_masks(official, item.image, prompts)
+
+        prompts, masks, _ = reference_targets(model, batch, image, decode=decode)
+        torch.testing.assert_close(
+            output.prompt_embeddings[image][seg], prompts, atol=TOLERANCE, rtol=TOLERANCE
+        )
+        torch.testing.assert_close(
+            output.pred_masks[image][seg], masks, atol=TOLERANCE, rtol=TOLERANCE
+        )
+        assert masks.shape[-2:] == item.image.shape[:2]
+        _, wrong, _ = reference_targets(model, batch, image, shift=0, decode=decode)
+        assert (output.pred_masks[image][seg] - wrong).abs().max() > 10 * TOLERANCE
+
+
+def test_sam2_training_step_reaches_its_decoder_and_high_resolution_convolutions(
+    qwen_sam2,
+) -> None:
+    """SAM 2's decoder trains, its conv_s0/conv_s1 included (they run after the frozen
+    encoder, with gradients); the Hiera trunk and neck stay frozen."""
+    model, batch, _, _ = qwen_sam2
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(batch).loss.backward()
+    decoder = model.sam.mask_decoder
+    for parameter in (decoder.conv_s0.weight, decoder.conv_s1.weight, decoder.iou_token.weight):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.sam.vision_encoder.parameters())
+    model.zero_grad(set_to_none=True)
+    model.eval()

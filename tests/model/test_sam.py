@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
+from model.mask_models import VISION_PRETRAINED_EXPECTED, load_mask_model
 from model.sam import (
     DROPPED_ORIGINAL_KEYS,
-    SAM_EXPECTED,
     SAM_PRESETS,
     TIED_HF_KEYS,
     EarlyFusion,
@@ -30,7 +30,6 @@ from model.sam import (
     encode_images,
     first_global_layer,
     hf_to_original_key,
-    load_sam_checkpoint,
     mask_prompt_embeddings,
     no_mask_dense_embedding,
     original_to_hf_key,
@@ -166,7 +165,7 @@ def test_parity_with_official_segment_anything(case, tmp_path):
     official = randomise_(official_sam(**dims))
     path = tmp_path / "sam.pth"
     torch.save(official.state_dict(), path)
-    ours = load_sam_checkpoint(path)  # decoder heads from the default rule
+    ours = load_mask_model(path)  # decoder heads from the default rule
     assert ours.config.mask_decoder_config.num_attention_heads == dims["dec_heads"]
 
     pixels = torch.randn(2, 3, TINY_IMAGE, TINY_IMAGE, generator=torch.Generator().manual_seed(3))
@@ -205,7 +204,7 @@ def test_chained_passes_match_official_prompt_encoder_with_mask_input(tmp_path):
     official = randomise_(official_sam())
     path = tmp_path / "sam.pth"
     torch.save(official.state_dict(), path)
-    ours = load_sam_checkpoint(path)
+    ours = load_mask_model(path)
     pixels = torch.randn(2, 3, TINY_IMAGE, TINY_IMAGE, generator=torch.Generator().manual_seed(3))
     coarse_prompts, final_prompts = torch.randn(
         2, NUM_PROMPTS, 32, generator=torch.Generator().manual_seed(4)
@@ -387,12 +386,12 @@ def test_loading_is_strict(tmp_path):
     extra = {**original, "image_encoder.blocks.0.attn.extra_scale": torch.ones(1)}
     torch.save(extra, tmp_path / "extra.pth")
     with pytest.raises(ValueError, match=r"extra\.pth: unexpected .*blocks\.0\.attn\.extra_scale"):
-        load_sam_checkpoint(tmp_path / "extra.pth")
+        load_mask_model(tmp_path / "extra.pth")
 
     dropped = "mask_decoder.iou_token.weight"
     torch.save({k: v for k, v in original.items() if k != dropped}, tmp_path / "missing.pth")
     with pytest.raises(ValueError, match=r"missing\.pth: missing keys \['mask_decoder\.iou_token"):
-        load_sam_checkpoint(tmp_path / "missing.pth")
+        load_mask_model(tmp_path / "missing.pth")
 
     sam2 = {
         "image_encoder.trunk.patch_embed.proj.weight": torch.ones(2, 3, 7, 7),
@@ -400,18 +399,20 @@ def test_loading_is_strict(tmp_path):
         "sam_mask_decoder.iou_token.weight": torch.ones(1, 2),
     }
     torch.save({"model": sam2}, tmp_path / "sam2.1_hiera_tiny.pt")
-    with pytest.raises(ValueError, match=r"hiera_tiny\.pt: a SAM 2 checkpoint .*not supported yet"):
-        load_sam_checkpoint(tmp_path / "sam2.1_hiera_tiny.pt")
+    not_sam2 = r"hiera_tiny\.pt: not a SAM 2 checkpoint .*'no_mem_embed'"
+    with pytest.raises(ValueError, match=not_sam2):
+        load_mask_model(tmp_path / "sam2.1_hiera_tiny.pt")
 
     torch.save({"model.embed_tokens.weight": torch.ones(4, 2)}, tmp_path / "llava.bin")
-    with pytest.raises(ValueError, match=r"llava\.bin: not a SAM checkpoint.*'image_encoder\.pos"):
-        load_sam_checkpoint(tmp_path / "llava.bin")
+    not_sam = r"llava\.bin: not a SAM or SAM 2 checkpoint.*'image_encoder\.pos"
+    with pytest.raises(ValueError, match=not_sam):
+        load_mask_model(tmp_path / "llava.bin")
 
 
 def test_wrapped_checkpoint_loads_and_ties_pe(tmp_path):
     original = tiny_original_state_dict()
     torch.save({"model": original, "epoch": 3}, tmp_path / "wrapped.pt")
-    model = load_sam_checkpoint(tmp_path / "wrapped.pt", dtype=torch.float64)
+    model = load_mask_model(tmp_path / "wrapped.pt", dtype=torch.float64)
     assert not model.training
     pe = model.shared_image_embedding.positional_embedding
     assert model.prompt_encoder.shared_embedding.positional_embedding is pe
@@ -425,7 +426,7 @@ def test_wrapped_checkpoint_loads_and_ties_pe(tmp_path):
 def test_save_load_round_trip(tiny_sam, tmp_path, suffix):
     path = tmp_path / f"tiny{suffix}"
     save_sam_checkpoint(tiny_sam, path)
-    loaded = load_sam_checkpoint(path)
+    loaded = load_mask_model(path)
     assert loaded.config.to_dict() == tiny_sam.config.to_dict()
     expected_sd, loaded_sd = tiny_sam.state_dict(), loaded.state_dict()
     assert all(torch.equal(loaded_sd[key], expected_sd[key]) for key in expected_sd)
@@ -443,7 +444,7 @@ def test_saving_unrecoverable_decoder_heads_warns(tmp_path):
     with pytest.warns(UserWarning, match="decoder_heads=4"):
         save_sam_checkpoint(model, tmp_path / "heads4.pth")
     assert (
-        load_sam_checkpoint(
+        load_mask_model(
             tmp_path / "heads4.pth", decoder_heads=4
         ).config.mask_decoder_config.num_attention_heads
         == 4
@@ -529,7 +530,8 @@ def test_a_sam_file_holding_code_is_refused_and_never_run(tmp_path):
     marker = tmp_path / "code_ran"
     path = write_unsafe_file(tmp_path / "sam.pth", marker)
     with pytest.raises(UnsafeCheckpointError) as error:
-        load_sam_checkpoint(path)
+        load_mask_model(path)
     message = str(error.value)
     assert message.startswith(f"{path}: refusing to load: it holds Python objects")
-    assert message.endswith(SAM_EXPECTED) and "\n" not in message and not marker.exists()
+    assert message.endswith(VISION_PRETRAINED_EXPECTED)
+    assert "\n" not in message and not marker.exists()

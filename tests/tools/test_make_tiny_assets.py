@@ -424,3 +424,26 @@ def test_cli_writes_640x480(tmp_path: Path) -> None:
     assert len(images) > 20
     assert all(cv2.imread(str(p)).shape == (480, 640, 3) for p in images)
     assert not (tmp_path / "llava_tiny").exists()
+
+
+def test_cli_writes_a_qwen_backbone_and_sam2_in_their_released_formats(tmp_path: Path) -> None:
+    """`--backbone qwen2_5_vl --segmenter sam2`: `<out>/qwen2_5_vl_tiny/` in the Hugging Face
+    layout and `<out>/vision_pretrained/sam2_tiny.pt` as the released SAM 2 files hold it."""
+    import torch
+
+    from model.mask_models import load_mask_model
+
+    script = ROOT / "tools" / "make_tiny_assets.py"
+    command = [sys.executable, str(script), "--out", str(tmp_path), "--families", "reason_seg",
+               "--images_per_split", "1"]  # fmt: skip
+    command += ["--backbone", "qwen2_5_vl", "--segmenter", "sam2"]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    config = json.loads((tmp_path / "qwen2_5_vl_tiny" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl"
+    path = tmp_path / "vision_pretrained" / "sam2_tiny.pt"
+    assert set(torch.load(path)) == {"model"}
+    assert type(load_mask_model(path)).__name__ == "Sam2Model"
+    assert not (tmp_path / "vision_pretrained" / "sam_tiny.pth").exists()
+    demo = subprocess.run([*command, "--model_preset", "demo"], capture_output=True, text=True)
+    assert demo.returncode != 0
+    assert "writes the tiny random models only" in demo.stderr

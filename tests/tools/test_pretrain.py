@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from model.sam import load_sam_checkpoint
+from model.mask_models import load_mask_model
 from model.tiny import write_tiny_llava, write_tiny_sam
 from model.tokens import IGNORE_INDEX
 from tools.tiny_assets.common import jpeg_round_trip, write_jpeg
@@ -102,7 +102,7 @@ def test_short_pretraining_lowers_losses_and_changes_only_the_encoders(tmp_path:
     sam_after = torch.load(sam_path, weights_only=True)
     changed = {k for k in sam_before if not torch.equal(sam_before[k], sam_after[k])}
     assert changed and all(k.startswith("image_encoder.") for k in changed), changed
-    assert load_sam_checkpoint(sam_path).vision_encoder.training is False
+    assert load_mask_model(sam_path).vision_encoder.training is False
 
 
 def test_no_pretraining_without_steps_and_negative_steps_refused(tmp_path: Path) -> None:

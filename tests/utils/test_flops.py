@@ -71,3 +71,27 @@ def test_cpu_matmul_peak_is_measured_without_touching_the_global_rng() -> None:
     torch.manual_seed(3)
     assert measured_matmul_peak(size=128, repeats=2) > 1e6
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_sam2_encoder_flops_follow_each_stages_grid(tmp_path) -> None:
+    """SAM 2 (tiny: 128 px, blocks (1, 1, 2, 1)): each Hiera block 2 x its parameters per token
+    of its stage's grid (32, 16, 8, 4 per side), the patch embedding per token of the first,
+    each neck convolution per token of its level (4, 8, 16, 32 per side, deepest first)."""
+    from model.backbone import image_token_count, vision_tower
+    from model.tiny import build_tiny_segmenter
+
+    model, _ = build_tiny_segmenter(tmp_path, segmenter="sam2")
+    trunk = model.sam.vision_encoder.backbone
+
+    def params(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    grids = [32, 16, 8, 8, 4]
+    expected = sum(params(block) * side**2 for block, side in zip(trunk.blocks, grids, strict=True))
+    expected += params(trunk.patch_embed) * 32**2
+    convs = model.sam.vision_encoder.neck.convs
+    expected += sum(
+        params(conv) * side**2 for conv, side in zip(convs, [4, 8, 16, 32], strict=True)
+    )
+    tower = params(vision_tower(model.llava)) * image_token_count(model.llava.config)
+    assert StepFlops.from_segmenter(model).image_forward_flops == 2 * (expected + tower)

@@ -16,6 +16,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import (
     estimate_zero2_model_states_mem_needs_all_cold,
 )
 
+from model.sam2 import to_original_state_dict
 from train_ds import main
 from utils.config import parse_args
 from utils.memory_plan import (
@@ -122,3 +123,24 @@ def test_7b_recipe_is_planned_on_meta_without_weights(capsys) -> None:
     assert 14.0 < printed["weights_gb"] < 14.8
     assert printed["fits"] is (printed["total_gb"] <= 24)
     assert len(printed["settings"]) == 8
+
+
+# tensor elements of the official SAM2Base's state dict built from sam2.1_hiera_l.yaml / _t.yaml,
+# its video-tracking parts excluded (counted with the official `sam2` package)
+SAM2_IMAGE_ELEMENTS = {"hiera_large": 216_925_121, "hiera_tiny": 31_440_977}
+
+
+@pytest.mark.parametrize("size", sorted(SAM2_IMAGE_ELEMENTS))
+def test_a_sam2_file_name_plans_sam2_of_its_size(size: str) -> None:
+    """`--vision_pretrained sam2.1_<size>.pt` plans SAM 2 of that size (no file is read),
+    without M2SA's fusion, which SAM 2 has no block for."""
+    flags = [
+        "--recipe=qwen2_5_vl",
+        "--version=LLaVA-7B-Lightening-v1-1",
+        f"--vision_pretrained=./vision_pretrained/sam2.1_{size}.pt",
+        "--conv_type=llava_v1",
+    ]
+    model = meta_segmenter(parse_args(flags))
+    assert type(model.sam).__name__ == "Sam2Model" and model.early_fusion is None
+    original = to_original_state_dict(model.sam.state_dict())
+    assert sum(t.numel() for t in original.values()) == SAM2_IMAGE_ELEMENTS[size]

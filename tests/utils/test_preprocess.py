@@ -18,6 +18,7 @@ from utils.preprocess import (
     SAM_PIXEL_STD,
     ClipTransform,
     ImageProcessors,
+    Sam2Transform,
     SamTransform,
     resize_longest_side,
 )
@@ -190,3 +191,22 @@ def test_label_maps_follow_the_clip_geometry_without_new_values(tiny_dir) -> Non
     image[:, :48] = 255
     bright = transform.resize_and_crop(image)[..., 0] > 127
     assert np.array_equal(out == 7, bright)
+
+
+def test_sam2_pixels_follow_sam2_transforms() -> None:
+    """SAM2Transforms: [0, 1] pixels, ImageNet mean/std, the whole image at S x S (no padding,
+    resized_size (S, S)); values by hand where no resampling happens. Resampling itself is
+    checked against the official path in tests/model/test_qwen_vl.py."""
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    image = random_image(32, 32)
+    pixels, resized = Sam2Transform(32)(image)
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32
+    assert resized == (32, 32)
+    by_hand = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(pixels, (by_hand - mean) / std)
+    uniform, resized = Sam2Transform(32)(np.full((50, 70, 3), 200, dtype=np.uint8))
+    assert resized == (32, 32)
+    torch.testing.assert_close(uniform, (torch.full((3, 32, 32), 200 / 255) - mean) / std)
+    with pytest.raises(ValueError, match="expected an RGB image"):
+        Sam2Transform(32)(Image.fromarray(image).convert("L"))

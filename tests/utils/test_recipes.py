@@ -166,7 +166,7 @@ PAPER_SETTINGS: dict[str, dict[str, object]] = {
         "val_json_name": "MMR_val.json",
     },
 }
-# ours (no paper): M2SA's experiment on Qwen2.5-VL, the backbone's own settings changed
+# ours (no paper): M2SA's experiment on Qwen2.5-VL with SAM 2, the backbone's own settings changed
 PAPER_SETTINGS["qwen2_5_vl"] = {
     **PAPER_SETTINGS["m2sa"],
     "conv_type": "qwen2_vl",
@@ -174,6 +174,7 @@ PAPER_SETTINGS["qwen2_5_vl"] = {
     "min_pixels": None,  # the directory's
     "early_fusion": False,
     "new_token_rows": "mean",
+    "vision_pretrained": "./vision_pretrained/sam2.1_hiera_large.pt",
     "exp_name": "qwen2_5_vl-m2sa",
 }
 # what a README line may set itself without changing the experiment

@@ -47,7 +47,8 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from model.backbone import image_token_count
-from model.sam import load_sam_checkpoint, save_sam_checkpoint
+from model.mask_models import load_mask_model
+from model.sam import save_sam_checkpoint
 from model.tokens import IGNORE_INDEX, TokenIds
 from tools.tiny_assets.common import jpeg_round_trip
 from tools.tiny_assets.shapes_world import COLOURS, COMPOSITES, OBJECT_SHAPES, Scene, generate_scene
@@ -458,7 +459,7 @@ def pretrain_tiny_models(
     docstring). Returns the mean losses of the first and last LOG_EVERY steps of each and, with
     LLaVA's stage, its yes/no accuracy on HELD_OUT_SCENES new scenes before and after."""
     llava = LlavaForConditionalGeneration.from_pretrained(llava_directory)
-    sam = load_sam_checkpoint(sam_path)
+    sam = load_mask_model(sam_path)
     processors = ImageProcessors.from_pretrained(
         llava_directory, sam.config.vision_config.image_size
     )
