@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.models.sam.modeling_sam import SamLayerNorm
 
-from model.key_map import KeyMap, count_numbered
+from model.key_map import KeyMap, assign_state, count_numbered
 
 MLP_RATIO = 4
 LAYER_NORM_EPS = 1e-6
@@ -356,13 +356,6 @@ def _check_suffix(path: Path) -> None:
         raise ValueError(f"{path}: unsupported checkpoint suffix; use one of {CHECKPOINT_SUFFIXES}")
 
 
-def _tie_weights(model: SamModel) -> None:
-    """Point every tied parameter at its source (assign-loading gives each its own tensor)."""
-    for tied, source in TIED_HF_KEYS.items():
-        module_path, name = tied.rsplit(".", 1)
-        setattr(model.get_submodule(module_path), name, model.get_parameter(source))
-
-
 def sam_from_original_state_dict(
     state: Mapping[str, Tensor],
     source: str,
@@ -378,22 +371,15 @@ def sam_from_original_state_dict(
         hf_state = convert_original_state_dict(state)
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from err
-    # Built on meta and filled by assignment: no throw-away random init of ~600M parameters.
-    with torch.device("meta"):
-        model = SamModel(config)
-    try:
-        result = model.load_state_dict(hf_state, strict=False, assign=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{source}: tensor shapes disagree with the inferred config: {err}"
-        ) from err
-    if result.missing_keys or result.unexpected_keys:
-        # Reported in the file's own (original) key names.
-        missing = sorted({hf_to_original_key(key) for key in result.missing_keys})
-        unexpected = sorted(hf_to_original_key(key) for key in result.unexpected_keys)
-        raise ValueError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
-    _tie_weights(model)
-    return model.to(dtype or torch.get_default_dtype()).eval()
+    return assign_state(
+        SamModel,
+        config,
+        hf_state,
+        source,
+        lambda keys: [hf_to_original_key(key) for key in keys],
+        TIED_HF_KEYS,
+        dtype,
+    )
 
 
 def save_sam_checkpoint(model: SamModel, path: str | Path) -> None:

@@ -35,7 +35,7 @@ from transformers.models.sam2.configuration_sam2 import (
     Sam2VisionConfig,
 )
 
-from model.key_map import KeyMap, count_numbered
+from model.key_map import KeyMap, assign_state, count_numbered, tie
 
 # SAM2Base builds its decoder's two-way transformer with 8 heads, whatever its width.
 SAM2_DECODER_HEADS = 8
@@ -237,6 +237,18 @@ def to_original_state_dict(hf_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return original
 
 
+def original_key_names(keys: list[str]) -> list[str]:
+    """The original names of transformers keys, for messages: the point table as its rows'
+    pattern, the tied copy left out, an unmapped key as it is."""
+    names = []
+    for key in keys:
+        if key == POINT_TABLE:
+            names.append(POINT_EMBEDDING.format("*"))
+        elif key not in TIED_HF_KEYS:
+            names.append(_KEY_MAP.to_original(key) or key)
+    return names
+
+
 def _trunk_stages(sd: Mapping[str, Tensor]) -> tuple[int, ...]:
     """Blocks per stage: a stage's first block (after the first stage) changes the width and
     so holds a ``proj``."""
@@ -353,16 +365,6 @@ def sam2_config_from_preset(name: str) -> Sam2Config:
     )
 
 
-def _tie_weights(model: Sam2Model) -> None:
-    """Point every tied tensor (a buffer here) at its source (assign-loading gives each its
-    own tensor)."""
-    for tied, source in TIED_HF_KEYS.items():
-        module_path, name = tied.rsplit(".", 1)
-        source_path, source_name = source.rsplit(".", 1)
-        shared = getattr(model.get_submodule(source_path), source_name)
-        setattr(model.get_submodule(module_path), name, shared)
-
-
 def sam2_from_original_state_dict(
     state: Mapping[str, Tensor], source: str, dtype: torch.dtype | None = None
 ) -> Sam2Model:
@@ -376,26 +378,21 @@ def sam2_from_original_state_dict(
         hf_state = convert_original_state_dict(state)
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from err
-    with torch.device("meta"):
-        model = Sam2Model(config)
-    try:
-        result = model.load_state_dict(hf_state, strict=False, assign=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{source}: tensor shapes disagree with the inferred config: {err}"
-        ) from err
-    if result.missing_keys or result.unexpected_keys:
-        missing = sorted(to_original_state_dict(dict.fromkeys(result.missing_keys, torch.empty(1))))
-        unexpected = sorted(result.unexpected_keys)
-        raise ValueError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
-    _tie_weights(model)
-    return model.to(dtype or torch.get_default_dtype()).eval()
+    return assign_state(
+        Sam2Model,
+        config,
+        hf_state,
+        source,
+        original_key_names,
+        TIED_HF_KEYS,
+        dtype,
+    )
 
 
 def build_sam2(config: Sam2Config) -> Sam2Model:
     """Randomly initialised ``Sam2Model`` in eval mode, its tied copy tied."""
     model = Sam2Model(config)
-    _tie_weights(model)
+    tie(model, TIED_HF_KEYS)
     return model.eval()
 
 

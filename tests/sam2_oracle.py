@@ -71,3 +71,20 @@ def official_features(official, pixels: torch.Tensor):
         for feat, size in zip(feats[::-1], sizes[::-1], strict=True)
     ][::-1]
     return shaped[-1], shaped[:-1]
+
+
+def official_decode(official, embedding, high_res, prompts: torch.Tensor):
+    """The official decoder as SAM2ImagePredictor calls it for k sparse tokens on one image
+    (prompts [k, D], one token each, no mask prompt, single-mask output) -> (low-res logits
+    [k, 1, 4g, 4g], IoU [k, 1])."""
+    _, dense = official.sam_prompt_encoder(points=None, boxes=None, masks=None)
+    masks, iou, _, _ = official.sam_mask_decoder(
+        image_embeddings=embedding,
+        image_pe=official.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=prompts[:, None],
+        dense_prompt_embeddings=dense.expand(len(prompts), -1, -1, -1),
+        multimask_output=False,
+        repeat_image=True,
+        high_res_features=high_res,
+    )
+    return masks, iou

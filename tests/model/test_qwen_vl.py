@@ -53,7 +53,13 @@ from model.tiny import (
     write_tiny_sam,
 )
 from tests.helpers import reference_mask
-from tests.sam2_oracle import OFFICIAL_CONFIG, TINY_OVERRIDES, official_features, official_sam2
+from tests.sam2_oracle import (
+    OFFICIAL_CONFIG,
+    TINY_OVERRIDES,
+    official_decode,
+    official_features,
+    official_sam2,
+)
 from train_ds import main
 from utils.collate import (
     SampleProcessor,
@@ -563,17 +569,7 @@ def official_sam2_masks(official, image: np.ndarray, prompts: torch.Tensor) -> t
     pixels = (pixels - torch.tensor(SAM2_MEAN)[:, None, None]) / torch.tensor(SAM2_STD)[
         :, None, None
     ]
-    embedding, high_res = official_features(official, pixels)
-    _, dense = official.sam_prompt_encoder(points=None, boxes=None, masks=None)
-    low, _, _, _ = official.sam_mask_decoder(
-        image_embeddings=embedding,
-        image_pe=official.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=prompts[:, None],
-        dense_prompt_embeddings=dense.expand(len(prompts), -1, -1, -1),
-        multimask_output=False,
-        repeat_image=True,
-        high_res_features=high_res,
-    )
+    low, _ = official_decode(official, *official_features(official, pixels), prompts)
     return F.interpolate(low, image.shape[:2], mode="bilinear", align_corners=False)[:, 0]
 
 

@@ -33,6 +33,7 @@ from tests.sam2_oracle import (
     OFFICIAL_FILES,
     PROMPT_DIM,
     SIDE,
+    official_decode,
     official_features,
     official_sam2,
     official_tiny_sam2,
@@ -104,17 +105,7 @@ def test_decoder_with_text_prompts_equals_the_official_decoder(official, ours):
     pixels = torch.randn(1, 3, SIDE, SIDE)
     prompts = torch.randn(3, PROMPT_DIM)
     with torch.no_grad():
-        embedding, high_res = official_features(official, pixels)
-        _, dense = official.sam_prompt_encoder(points=None, boxes=None, masks=None)
-        masks, iou, _, _ = official.sam_mask_decoder(
-            image_embeddings=embedding,
-            image_pe=official.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=prompts[:, None],
-            dense_prompt_embeddings=dense.expand(len(prompts), -1, -1, -1),
-            multimask_output=False,
-            repeat_image=True,
-            high_res_features=high_res,
-        )
+        masks, iou = official_decode(official, *official_features(official, pixels), prompts)
         level0, level1, ours_embedding = encode_levels(ours, pixels)
         ours_masks, ours_iou = decode(
             ours,
@@ -230,3 +221,10 @@ def test_early_fusion_on_sam2_stops_the_build_in_one_line(tmp_path):
 
     with pytest.raises(ValueError, match=r"--early_fusion \(M2SA\).*sam2_tiny\.pt is a sam2"):
         build_tiny_segmenter(tmp_path, segmenter="sam2", early_fusion=True)
+
+
+def test_a_missing_point_table_and_an_unexpected_key_are_named_in_the_files_names(ours):
+    state = to_original_state_dict(ours.state_dict())
+    points = {k: v for k, v in state.items() if "point_embeddings" not in k}
+    with pytest.raises(ValueError, match=r"point_embeddings\.\*\.weight"):
+        sam2_from_original_state_dict(points, "src")
