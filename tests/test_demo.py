@@ -192,6 +192,42 @@ def test_the_demos_start_from_the_shipped_base_models() -> None:
     demo.check_base_models(demo.BASE_MODELS)  # the committed files are the manifest's
 
 
+def test_another_backbone_and_mask_model_are_written_with_the_assets(tmp_path) -> None:
+    """`--backbone qwen2_5_vl --segmenter sam2`: the tiny random models come from
+    make_tiny_assets with the dataset, the commands point at them with their prompt width, and
+    the recipe's template gives way to the family's (no --conv_type needed)."""
+    args = ["--backbone", "qwen2_5_vl", "--segmenter", "sam2", "--out", str(tmp_path)]
+    profile = demo.profile_from(demo.parse_args(args))
+    assert not profile.from_base_models
+    assets = demo.asset_command(profile)
+    assert "--no-models" not in assets
+    assert "--backbone=qwen2_5_vl" in assets and "--segmenter=sam2" in assets
+    version, sam = demo.model_paths(profile)
+    assert version == tmp_path / "assets" / "qwen2_5_vl_tiny"
+    assert sam == tmp_path / "assets" / "vision_pretrained" / "sam2_tiny.pt"
+    train = demo.train_command(profile)
+    config = resolve_config(train[train.index("train_ds.py") + 1 :]).config
+    assert config.version == str(version) and config.vision_pretrained == str(sam)
+    assert config.out_dim == 32 and not config.new_token_init and not config.early_fusion
+
+
+@pytest.mark.slow
+def test_shortened_demo_runs_on_qwen2_5_vl_and_sam2(tmp_path) -> None:
+    """The whole cycle (untrained and trained evaluation, training through the launcher, merge,
+    chat) on the tiny random Qwen2.5-VL + SAM 2, a few steps: it runs and reports."""
+    out = tmp_path / "demo"
+    flags = ["--epochs", "1", "--steps_per_epoch", "4", "--images_per_split", "6"]
+    flags += ["--backbone", "qwen2_5_vl", "--segmenter", "sam2"]
+    summary = demo.main(["--out", str(out), *flags, "--master_port", str(TEST_PORT), "--quiet"])
+    assert summary["models"] == {"backbone": "qwen2_5_vl", "segmenter": "sam2"}
+    assert summary["base_models"] is None and summary["steps"] == 4
+    assert len(summary["trained"]) == len(demo.VAL_SETS)
+    assert demo.REFERRING_SET in summary["trained"]
+    assert summary["chat"]["present"]["answer"] and summary["chat"]["absent"]["answer"]
+    merged = json.loads((out / "merged" / "config.json").read_text())
+    assert merged["model_type"] == "qwen2_5_vl"
+
+
 def test_base_models_are_written_with_a_manifest_that_catches_a_changed_file(
     tmp_path, monkeypatch
 ) -> None:

@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/demo.py [--long] [--out DIR] [--seed S] [--epochs N]
         [--steps_per_epoch N] [--images_per_split N] [--master_port P] [--quiet]
+        [--backbone llava|qwen2_5_vl|qwen3_vl] [--segmenter sam|sam2]
     .venv/bin/python tools/demo.py --base_models      (`make demo-assets`)
 
 1. writes the tiny dataset (every real format) under DIR/assets; the models start from the
@@ -15,6 +16,10 @@
 6. writes DIR/summary.json (with the chat answers and the present target's mask IoU),
    DIR/training_curve.png, and prints the tables, the outputs and every command it ran.
 `--long` is `make demo-long` (DIR = runs/demo-long, 5 epochs instead of 4).
+`--backbone` / `--segmenter` run the same cycle on another tiny backbone or mask model
+(`tools/make_tiny_assets.py` writes them with the assets, random weights in their released
+formats: no pretrained base models exist for them, so the learning criterion is for the
+default pair, the shipped LLaVA and SAM).
 `--base_models` (`make demo-assets`) reproduces demo_assets/: the tiny LLaVA and SAM pretrained
 by `tools/make_tiny_assets.py` (BASE_PRETRAINING), SAM converted to safetensors, and
 demo_assets/base_models.json naming the command and each file's SHA-256.
@@ -41,6 +46,12 @@ if str(ROOT) not in sys.path:  # run as a script: make the project's packages im
     sys.path.insert(0, str(ROOT))
 
 from tools import demo_report  # noqa: E402
+from tools.make_tiny_assets import (  # noqa: E402
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    DEFAULT_SEGMENTER,
+    SEGMENTERS,
+)
 from utils.datasets.templates import GSVA_QUESTIONS  # noqa: E402
 
 PYTHON = sys.executable
@@ -101,23 +112,33 @@ class Profile:
     lr: float = 2e-3
     asset_flags: tuple[str, ...] = ("--absent_refs=3",)
     master_port: int = MASTER_PORT
+    backbone: str = DEFAULT_BACKBONE
+    segmenter: str = DEFAULT_SEGMENTER
+
+    @property
+    def from_base_models(self) -> bool:
+        """The default pair starts from the shipped pretrained base models; any other from the
+        tiny random models written with the assets."""
+        return (self.backbone, self.segmenter) == (DEFAULT_BACKBONE, DEFAULT_SEGMENTER)
 
 
 MODEL_FLAGS = (
     "--precision=fp32",
-    "--out_dim=64",
     "--lora_r=16",
     "--lora_alpha=32",
     "--lora_target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     "--train_mm_projector",
     "--no-gradient_checkpointing",
-    # the pretrained LLaVA answers "name: yes/no" where GSVA's answers put [SEG]/[REJ]
-    "--new_token_init=[SEG]=yes,[REJ]=no",
     # the demo's model is tuned as LISA's architecture with mean-row new tokens, not the default
     # m2sa recipe's
     "--no-early_fusion",
     "--new_token_rows=mean",
 )
+# the base models' own: the demo SAM's width; the pretrained LLaVA answers "name: yes/no" where
+# GSVA's answers put [SEG]/[REJ]
+BASE_MODEL_FLAGS = ("--out_dim=64", "--new_token_init=[SEG]=yes,[REJ]=no")
+# the tiny random models' prompt width (model.tiny: SAM's and SAM 2's tiny presets)
+TINY_MODEL_FLAGS = ("--out_dim=32",)
 DATA_FLAGS = (
     "--dataset=sem_seg||refer_seg||vqa||reason_seg||multi_part_reason_seg",
     "--refer_seg_data=refcoco||grefcoco",
@@ -185,20 +206,33 @@ def make_assets_command(out: Path, seed: int, image_size: int, *flags: str) -> l
 
 
 def asset_command(profile: Profile) -> list[str]:
-    """The dataset (the models come from the base models)."""
+    """The dataset (the models come from the base models), and for another backbone or mask
+    model the tiny random ones."""
+    if profile.from_base_models:
+        models = ["--no-models"]
+    else:
+        models = [f"--backbone={profile.backbone}", f"--segmenter={profile.segmenter}"]
     return make_assets_command(
         profile.out / "assets",
         profile.seed,
         profile.image_size,
         f"--images_per_split={profile.images_per_split}",
         *profile.asset_flags,
-        "--no-models",
+        *models,
     )
 
 
 def model_paths(profile: Profile) -> tuple[Path, Path]:
     """(--version, --vision_pretrained) of the models the demo starts from."""
-    return profile.base_models / BASE_LLAVA, profile.base_models / BASE_SAM
+    if profile.from_base_models:
+        return profile.base_models / BASE_LLAVA, profile.base_models / BASE_SAM
+    from model.tiny import TINY_SEGMENTERS
+
+    assets = profile.out / "assets"
+    return (
+        assets / f"{profile.backbone}_tiny",
+        assets / "vision_pretrained" / TINY_SEGMENTERS[profile.segmenter][0],
+    )
 
 
 def check_base_models(directory: Path) -> None:
@@ -269,6 +303,7 @@ def model_flags(profile: Profile) -> list[str]:
         f"--log_base_dir={profile.out}",
         f"--seed={profile.seed}",
         *MODEL_FLAGS,
+        *(BASE_MODEL_FLAGS if profile.from_base_models else TINY_MODEL_FLAGS),
     ]
 
 
@@ -431,7 +466,8 @@ def run_cycle(profile: Profile, runner: Runner) -> dict:
     """Every step of the demo; returns the summary written to DIR/summary.json."""
     start = time.perf_counter()
     out = profile.out
-    check_base_models(profile.base_models)
+    if profile.from_base_models:
+        check_base_models(profile.base_models)
     clear_previous_run(out)
     runner("write the tiny assets", asset_command(profile))
     runner("evaluate the untrained model", eval_command(profile, "untrained"), processes=RANKS)
@@ -466,7 +502,8 @@ def run_cycle(profile: Profile, runner: Runner) -> dict:
     extra = {
         "steps": steps,
         "seed": profile.seed,
-        "base_models": _relative(str(profile.base_models)),
+        "base_models": _relative(str(profile.base_models)) if profile.from_base_models else None,
+        "models": {"backbone": profile.backbone, "segmenter": profile.segmenter},
         "chat": chat_results(out / "chat"),
         "chat_strip": _relative(
             str(write_chat_strip(out / "chat", read_chat_answers(out / "chat")))
@@ -565,6 +602,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images_per_split", type=int, help="images per split of the assets")
     parser.add_argument("--master_port", type=int, help="DeepSpeed's port (two demos at once)")
     parser.add_argument("--quiet", action="store_true", help="hide the commands' own output")
+    parser.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        help="another tiny backbone (random weights; default: the shipped pretrained LLaVA)",
+    )
+    parser.add_argument(
+        "--segmenter",
+        choices=SEGMENTERS,
+        help="another tiny mask model (random weights; default: the shipped pretrained SAM)",
+    )
     return parser.parse_args(argv)
 
 
@@ -577,6 +624,8 @@ def profile_from(args: argparse.Namespace) -> Profile:
         "steps_per_epoch": args.steps_per_epoch,
         "images_per_split": args.images_per_split,
         "master_port": args.master_port,
+        "backbone": args.backbone,
+        "segmenter": args.segmenter,
     }
     return replace(profile, **{k: v for k, v in overrides.items() if v is not None})
 

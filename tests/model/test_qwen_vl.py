@@ -551,7 +551,8 @@ def qwen_sam2(tmp_path_factory):
     ]
     batch = collate([processor(item) for item in samples], model.token_ids.pad)
     official = official_sam2(OFFICIAL_CONFIG.format("t"), TINY_OVERRIDES)
-    loaded = official.load_state_dict(torch.load(config.vision_pretrained)["model"], strict=False)
+    state = torch.load(config.vision_pretrained, weights_only=True)["model"]
+    loaded = official.load_state_dict(state, strict=False)
     assert not loaded.unexpected_keys
     assert loaded.missing_keys and all(is_tracking_key(key) for key in loaded.missing_keys)
     return model.eval(), batch, samples, official.eval()

@@ -441,7 +441,7 @@ def test_cli_writes_a_qwen_backbone_and_sam2_in_their_released_formats(tmp_path:
     config = json.loads((tmp_path / "qwen2_5_vl_tiny" / "config.json").read_text())
     assert config["model_type"] == "qwen2_5_vl"
     path = tmp_path / "vision_pretrained" / "sam2_tiny.pt"
-    assert set(torch.load(path)) == {"model"}
+    assert set(torch.load(path, weights_only=True)) == {"model"}
     assert type(load_mask_model(path)).__name__ == "Sam2Model"
     assert not (tmp_path / "vision_pretrained" / "sam_tiny.pth").exists()
     demo = subprocess.run([*command, "--model_preset", "demo"], capture_output=True, text=True)

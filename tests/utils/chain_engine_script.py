@@ -4,7 +4,8 @@ what they hold (rank 0: chained answers, a plain `[SEG]` and a `[REJ]`; rank 1: 
 and no `[SEG]`, then the roles swap to a plain `[SEG]` against a chained `[REJ]`). ZeRO-3
 gathers parameters per module call, so a rank that skipped the second decoder pass or the mask
 embedding would leave the other waiting forever; the steps must complete. With
---partition_all every parameter is partitioned (none kept whole for being small).
+--partition_all every parameter is partitioned (none kept whole for being small). --segmenter
+sam2 runs it with SAM 2, whose high-resolution convolutions run on every rank with the decoder.
 Rank 0 writes result.json into --output.
 """
 
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     parser.add_argument("--partition_all", action="store_true")
+    parser.add_argument("--segmenter", default="sam", choices=("sam", "sam2"))
     args = parser.parse_args()
     assets = args.output / "tiny_assets"
     if args.partition_all:
@@ -76,9 +78,11 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     rank = dist.get_rank()
     if rank == 0:  # writes the tiny assets once; the other rank reads them
-        build_tiny_segmenter(assets, seed=0)
+        build_tiny_segmenter(assets, seed=0, segmenter=args.segmenter)
     dist.barrier()
-    model, tokenizer = build_tiny_segmenter(assets, seed=0, chain_token=CHAIN)
+    model, tokenizer = build_tiny_segmenter(
+        assets, seed=0, segmenter=args.segmenter, chain_token=CHAIN
+    )
     engine = init_engine(model, parse_args(FLAGS), WORLD_SIZE)
     partitioned = sum(parameter.numel() == 0 for parameter in engine.module.parameters())
     losses = [

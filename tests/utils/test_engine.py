@@ -459,17 +459,18 @@ def test_two_ranks_resume_and_consolidate(tmp_path: Path) -> None:
 CHAIN_RUN_TIMEOUT_S = 300
 
 
-def test_two_ranks_chain_when_only_one_batch_holds_a_chain(tmp_path: Path) -> None:
+@pytest.mark.parametrize("segmenter", ["sam", "sam2"])
+def test_two_ranks_chain_when_only_one_batch_holds_a_chain(segmenter: str, tmp_path: Path) -> None:
     """`deepspeed --num_gpus 2` runs tests/utils/chain_engine_script.py: ZeRO-3 with a chain
     token and every parameter partitioned, one rank's batch chained and the other's without any
-    chain token or [SEG] (then a plain [SEG] against a chained [REJ]). Every rank must run the
-    same module calls, else the parameter gathers never match and the run fails or hangs until
-    the timeout."""
+    chain token or [SEG] (then a plain [SEG] against a chained [REJ]), with SAM and with SAM 2.
+    Every rank must run the same module calls, else the parameter gathers never match and the
+    run fails or hangs until the timeout."""
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     assert launcher is not None, "the deepspeed launcher is not installed in this environment"
     script = ROOT / "tests" / "utils" / "chain_engine_script.py"
     command = [launcher, *f"--num_gpus 2 --master_port {free_port()} {script}".split()]
-    command += ["--output", str(tmp_path), "--partition_all"]
+    command += ["--output", str(tmp_path), "--partition_all", "--segmenter", segmenter]
     completed = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=CHAIN_RUN_TIMEOUT_S
     )
