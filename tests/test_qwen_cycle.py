@@ -1,13 +1,13 @@
 """The Qwen-VL backbones' whole cycle under the real launcher: `--version` is a tiny Qwen2.5-VL
 directory with SAM 2 (Qwen3-VL with SAM in the slow tier) in their released formats (the
 Hugging Face directory, the original `sam2.1_hiera_*.pt` / `sam_vit_*.pth`). Two CPU ranks train
-with ZeRO-2 (images of different sizes, so different image-token counts per conversation), a
-second launch resumes the run from its checkpoint for another epoch, `zero_to_fp32.py`
-consolidates it, the merge writes a directory that plain transformers loads with the family's
-own class and the logits of the trained model, `--eval_only` on it reproduces the in-training
-validation (with the run's `--max_pixels` and template, which the merged directory keeps) and
-scores a semantic set from generated class sequences, and `chat.py` answers as the Python API
-does."""
+with ZeRO-2 (ZeRO-3 for Qwen3-VL) on images of different sizes, so different image-token
+counts per conversation; a second launch resumes the run from its checkpoint for another
+epoch, `zero_to_fp32.py` consolidates it, the merge writes a directory that plain
+transformers loads with the family's own class and the logits of the trained model,
+`--eval_only` on it reproduces the in-training validation (with the run's `--max_pixels` and
+template, which the merged directory keeps) and scores a semantic set from generated class
+sequences, and `chat.py` answers as the Python API does."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def flags(
     ]
 
 
-def train_flags(epochs: int) -> list[str]:
+def train_flags(epochs: int, zero_stage: int) -> list[str]:
     return [
         "--dataset=refer_seg||vqa||multi_part_reason_seg",
         "--sample_rates=2,1,2",
@@ -60,7 +60,7 @@ def train_flags(epochs: int) -> list[str]:
         f"--epochs={epochs}",
         f"--steps_per_epoch={STEPS}",
         "--lr=0.001",
-        "--zero_stage=2",
+        f"--zero_stage={zero_stage}",
         f"--max_pixels={MAX_PIXELS}",
         "--packing",  # validation packs too; --eval_only below pads
     ]
@@ -71,11 +71,11 @@ def newest_event_file(run_dir: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("backbone", "segmenter"),
-    [("qwen2_5_vl", "sam2"), pytest.param("qwen3_vl", "sam", marks=pytest.mark.slow)],
+    ("backbone", "segmenter", "zero_stage"),
+    [("qwen2_5_vl", "sam2", 2), pytest.param("qwen3_vl", "sam", 3, marks=pytest.mark.slow)],
 )
 def test_qwen_vl_trains_resumes_merges_evaluates_and_chats(
-    backbone: str, segmenter: str, assets: Path, tmp_path: Path
+    backbone: str, segmenter: str, zero_stage: int, assets: Path, tmp_path: Path
 ) -> None:
     version = TINY_BACKBONES[backbone](tmp_path / f"{backbone}_tiny", 0)
     file_name, write_segmenter = TINY_SEGMENTERS[segmenter]
@@ -86,11 +86,11 @@ def test_qwen_vl_trains_resumes_merges_evaluates_and_chats(
     fusion = segmenter == "sam"
     fusion_flag = "--early_fusion" if fusion else "--no-early_fusion"
     common = [*flags(assets, version, tmp_path, "qwen", sam), fusion_flag]
-    run([*launcher, "train_ds.py", *common, *train_flags(epochs=1), "--no_eval"], 900)
+    run([*launcher, "train_ds.py", *common, *train_flags(1, zero_stage), "--no_eval"], 900)
     run_dir, checkpoint = tmp_path / "qwen", tmp_path / "qwen" / "ckpt_model"
     assert (checkpoint / "latest").read_text().strip() == f"global_step{STEPS}"
     # a second launch with one more epoch resumes from the checkpoint, and validates
-    run([*launcher, "train_ds.py", *common, *train_flags(epochs=2)], 900)
+    run([*launcher, "train_ds.py", *common, *train_flags(2, zero_stage)], 900)
     assert (checkpoint / "latest").read_text().strip() == f"global_step{2 * STEPS}"
     resumed = scalars(newest_event_file(run_dir), "train/loss")
     assert [step for step, _ in resumed] == [STEPS + 1, 2 * STEPS]
