@@ -23,8 +23,10 @@ masks); `--compare packing`: packed against padded language-model passes (`--pac
 with trimmed logits; `--compare both`: packed with trimmed logits against padded with full
 logits (where a path packs, both run with dropout off: packing changes the dropout masks' shapes).
 JSON: "speedup" (candidate over baseline samples/s), "max_abs_loss_diff", and per path the
-seconds per batch and the peak resident memory the step added, against the memory planner's
-activation estimate of those batches (the planner counts padded slots, also for "packed");
+seconds per batch and the peak resident memory the step added, and the peak of live tensor
+bytes over the step (`PeakTensors`, on the batch the planner sizes largest), against the memory
+planner's activation estimate of those batches (the planner counts padded slots, also for
+"packed");
 "conversations" and "packed_rows" count the language-model rows without and with packing.
 """
 
@@ -44,6 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -333,6 +338,42 @@ class PeakResident:
         return self.peak - self.baseline
 
 
+class PeakTensors(TorchDispatchMode):
+    """The most bytes of tensor storage created inside the context that were alive at once:
+    every op's new outputs (forward and backward, autograd's saved tensors and the gradients
+    included; views of its inputs are no new storage) counted from creation until their storage
+    is freed, checked after each op. The
+    CPU's counterpart of an accelerator's max_memory_allocated over the step; unlike resident
+    memory it holds no allocator caching or fragmentation. Slow: a separate, untimed pass."""
+
+    def __enter__(self) -> PeakTensors:
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.bytes = self.peak = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key, (ref, size) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.bytes -= size
+        inputs = {
+            tensor.untyped_storage()._cdata
+            for tensor in tree_flatten((args, kwargs))[0]
+            if isinstance(tensor, torch.Tensor)
+        }
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                # a view (of a weight, an input) allocates nothing
+                if key not in self.live and key not in inputs and storage.nbytes():
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.bytes += storage.nbytes()
+        self.peak = max(self.peak, self.bytes)
+        return out
+
+
 def resident_bytes() -> int:
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE")
@@ -382,6 +423,15 @@ def forward_backward(model, batch, seed: int) -> dict:
         "head_rows": output.head_rows,
         "added_bytes": memory.added,
     }
+
+
+def tensor_peak_bytes(model, batch, seed: int) -> int:
+    """`PeakTensors` over one forward and backward (fresh gradients, dropout seeded)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with PeakTensors() as tensors:
+        model(batch).loss.backward()
+    return tensors.peak
 
 
 def planned_bytes(model, config, batch, head_rows: int) -> int:
@@ -434,6 +484,10 @@ def compare_paths(args) -> dict:
         seconds = sum(run["seconds"] for run in path_runs)
         peak = max(run["added_bytes"] for run in path_runs)
         planned = max(run["planned_bytes"] for run in path_runs)
+        largest = max(range(len(path_runs)), key=lambda i: path_runs[i]["planned_bytes"])
+        for name, value in paths[path].items():
+            setattr(model, name, value)
+        tensor_peak = tensor_peak_bytes(model, timed[largest], seed=largest + 1)
         result[path] = {
             "samples_per_s": samples / seconds,
             "tokens_per_s": tokens / seconds,
@@ -441,6 +495,8 @@ def compare_paths(args) -> dict:
             "peak_added_memory_gb": peak / BYTES_PER_GB,
             "planned_memory_gb": planned / BYTES_PER_GB,
             "planned_over_measured": planned / peak,
+            "peak_tensor_memory_gb": tensor_peak / BYTES_PER_GB,
+            "planned_over_tensor_peak": planned / tensor_peak,
             "losses": [run["loss"] for run in path_runs],
         }
     baseline, candidate = (result[path] for path in paths)

@@ -142,3 +142,28 @@ def test_small_preset_compares_packed_trimmed_with_padded_full_logits() -> None:
     )
     assert report["max_abs_loss_diff"] < 1e-4
     assert 0 < report["packed_rows"] <= report["conversations"]
+    # trimmed logits hold less at the peak (live tensors, not the allocator's resident memory)
+    assert 0 < candidate["peak_tensor_memory_gb"] < baseline["peak_tensor_memory_gb"]
+    for path in (baseline, candidate):
+        assert path["planned_over_tensor_peak"] == pytest.approx(
+            path["planned_memory_gb"] / path["peak_tensor_memory_gb"]
+        )
+
+
+def test_peak_tensors_counts_live_storages_and_not_views() -> None:
+    """PeakTensors by hand: 4000 bytes alive at most (a 1000-float tensor and its 250-float
+    sum of a view), a view of a weight counts nothing, a freed tensor leaves the count."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.train_step import PeakTensors
+
+    weight = torch.ones(50, 20)
+    with PeakTensors() as tensors:
+        big = torch.zeros(1000)  # 4000 bytes
+        transposed = weight.t()  # a view: nothing new
+        part = big.view(4, 250).sum(dim=0)  # the view nothing, the sum 1000 bytes
+        del big
+        small = part * 2  # 1000 bytes; `big` freed by now
+    assert tensors.peak == 4000 + 1000
+    assert tensors.bytes == 2000 and transposed.shape == (20, 50) and small.shape == (250,)
