@@ -176,7 +176,7 @@ def kind_of(model: nn.Module) -> MaskModelKind:
 
 def kind_of_state(state: Mapping[str, object]) -> MaskModelKind:
     """SAM 2 when the original-layout keys hold its Hiera trunk or `sam_mask_decoder`."""
-    if any(str(key).startswith(sam.SAM2_PREFIXES) for key in state):
+    if any(str(key).startswith(sam2.ORIGINAL_PREFIXES) for key in state):
         return SAM2_KIND
     return SAM_KIND
 
@@ -207,7 +207,8 @@ def read_vision_pretrained(path: str | Path) -> Mapping[str, Tensor]:
         )
     state = _unwrap(read_tensor_file(path, hint=VISION_PRETRAINED_EXPECTED))
     keys = [str(key) for key in state]
-    if not any(key.startswith((sam.ORIGINAL_ENCODER_PREFIX, "sam_mask_decoder.")) for key in keys):
+    prefixes = (sam.ORIGINAL_ENCODER_PREFIX, *sam2.ORIGINAL_PREFIXES)
+    if not any(key.startswith(prefixes) for key in keys):
         missing = [key for key in sam.REQUIRED_ORIGINAL_KEYS if key not in state]
         raise ValueError(
             f"{path}: not a SAM or SAM 2 checkpoint (original layout): missing keys {missing}; "

@@ -39,9 +39,6 @@ MIN_DECODER_HEAD_DIM = 16
 HEAD_MLP_DEPTH = 3
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 ORIGINAL_ENCODER_PREFIX = "image_encoder."
-# what only SAM 2's original checkpoints (sam2.1_hiera_*.pt) hold: its Hiera trunk, its decoder
-# (model.mask_models tells the two apart by them)
-SAM2_PREFIXES = ("image_encoder.trunk.", "sam_mask_decoder.")
 
 _REAL_SAM = {"image_size": 1024, "patch_size": 16, "window_size": 14}
 SAM_PRESETS: dict[str, dict[str, Any]] = {

@@ -47,17 +47,24 @@ LEVEL_STRIDES = (4, 8, 16)
 PATCH_STRIDE = 4
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 TRUNK = "image_encoder.trunk."
+# what only SAM 2's original checkpoints hold: its Hiera trunk, its decoder (model.mask_models
+# tells SAM 2 files from SAM's by them)
+ORIGINAL_PREFIXES = (TRUNK, "sam_mask_decoder.")
 
 
 @dataclass(frozen=True)
 class Sam2Size:
-    """What a Hiera trunk's weights do not show: heads, windows, global blocks, input side."""
+    """What a Hiera trunk's weights do not show (heads, windows, global blocks, input side), and
+    for building it without weights (`sam2_config_from_preset`) its positional-embedding
+    background and the prompt width of its released decoder."""
 
     name: str
     num_heads: int
     window_spec: tuple[int, ...]
     global_att_blocks: tuple[int, ...]
     image_size: int = 1024
+    background: tuple[int, int] = (7, 7)
+    prompt_dim: int = 256
 
 
 # keyed by what the weights show: (trunk width, blocks per stage); from sam2.1_hiera_*.yaml and
@@ -65,10 +72,12 @@ class Sam2Size:
 SAM2_SIZES: dict[tuple[int, tuple[int, ...]], Sam2Size] = {
     (96, (1, 2, 7, 2)): Sam2Size("hiera_t", 1, (8, 4, 14, 7), (5, 7, 9)),
     (96, (1, 2, 11, 2)): Sam2Size("hiera_s", 1, (8, 4, 14, 7), (7, 10, 13)),
-    (112, (2, 3, 16, 3)): Sam2Size("hiera_b+", 2, (8, 4, 14, 7), (12, 16, 20)),
+    (112, (2, 3, 16, 3)): Sam2Size("hiera_b+", 2, (8, 4, 14, 7), (12, 16, 20), background=(14, 14)),
     (144, (2, 6, 36, 4)): Sam2Size("hiera_l", 2, (8, 4, 16, 8), (23, 33, 43)),
     # ours, for tests and the demo (model.tiny): 128-pixel input, embedding grid 8
-    (8, (1, 1, 2, 1)): Sam2Size("tiny", 1, (8, 4, 4, 2), (3,), image_size=128),
+    (8, (1, 1, 2, 1)): Sam2Size(
+        "tiny", 1, (8, 4, 4, 2), (3,), image_size=128, background=(4, 4), prompt_dim=32
+    ),
 }
 
 SAM2_KEY_MAP: tuple[tuple[str, str], ...] = (
@@ -348,17 +357,16 @@ def sam2_config_from_state_dict(sd: Mapping[str, Tensor]) -> Sam2Config:
 
 def sam2_config_from_preset(name: str) -> Sam2Config:
     """Config of a named size (``hiera_t``, ``hiera_s``, ``hiera_b+``, ``hiera_l``, ``tiny``)
-    with SAM2Base's decoder (MLP 2048, IoU head 256, as it hard-codes) at width 256, or 32 for
-    the tiny preset; the official package builds every one of them."""
+    with SAM2Base's decoder (MLP 2048, IoU head 256, as it hard-codes) at the size's prompt
+    width; the official package builds every one of them."""
     for (width, stages), size in SAM2_SIZES.items():
         if size.name == name:
-            tiny = name == "tiny"
             return sam2_config(
                 width=width,
                 stages=stages,
                 size=size,
-                background=(4, 4) if tiny else (14, 14) if name == "hiera_b+" else (7, 7),
-                prompt_dim=32 if tiny else 256,
+                background=size.background,
+                prompt_dim=size.prompt_dim,
             )
     raise ValueError(
         f"unknown SAM 2 size {name!r}; known: {[size.name for size in SAM2_SIZES.values()]}"
