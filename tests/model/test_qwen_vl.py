@@ -535,16 +535,17 @@ def test_packing_gives_the_padded_losses_and_masks(qwen, batch) -> None:
 SAM2_MEAN, SAM2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-@pytest.fixture(scope="module")
-def qwen_sam2(tmp_path_factory):
-    """Tiny Qwen2.5-VL + tiny SAM 2 segmenter, a batch of two images, their samples, and the
-    official SAM 2 holding the same weights (read from the file our writer wrote)."""
-    directory = tmp_path_factory.mktemp("qwen_sam2")
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def qwen_sam2(request, tmp_path_factory):
+    """A tiny Qwen-VL family + tiny SAM 2 segmenter, a batch of two images, their samples, and
+    the official SAM 2 holding the same weights (read from the file our writer wrote)."""
+    directory = tmp_path_factory.mktemp(f"{request.param}_sam2")
     model, tokenizer = build_tiny_segmenter(
-        directory, seed=0, backbone="qwen2_5_vl", segmenter="sam2"
+        directory, seed=0, backbone=request.param, segmenter="sam2"
     )
-    config = tiny_model_config(directory, "qwen2_5_vl", "sam2")
-    processor = SampleProcessor.for_model(model, tokenizer, config.version, conv_type="qwen2_vl")
+    config = tiny_model_config(directory, request.param, "sam2")
+    conv_type = SPECS[request.param].conv_type
+    processor = SampleProcessor.for_model(model, tokenizer, config.version, conv_type=conv_type)
     samples = [
         sample(90, 130, CONVERSATIONS[:2], seed=0),
         sample(200, 60, CONVERSATIONS[2:], seed=1),
@@ -576,7 +577,7 @@ def official_sam2_masks(official, image: np.ndarray, prompts: torch.Tensor) -> t
 
 @torch.no_grad()
 def test_sam2_masks_equal_the_official_sam2_on_the_familys_own_states(qwen_sam2) -> None:
-    """Qwen2.5-VL + SAM 2: each [SEG] state (the family's own forward) through the projector
+    """Qwen-VL + SAM 2: each [SEG] state (the family's own forward) through the projector
     prompts the official SAM 2 on the raw image; our masks equal its masks. The control (the
     state AT [SEG]) differs."""
     model, batch, samples, official = qwen_sam2
