@@ -31,7 +31,6 @@ VISION_PRETRAINED_EXPECTED = (
     "sam_vit_h_4b8939.pth (https://github.com/facebookresearch/segment-anything) or an original "
     "SAM 2 checkpoint such as sam2.1_hiera_large.pt (https://github.com/facebookresearch/sam2)"
 )
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 STATE_WRAPPERS = ("model", "state_dict")
 MAX_LISTED_KEYS = 5
 
@@ -84,6 +83,10 @@ def _sam_encode(model: SamModel, pixels: Tensor, early_layer: int | None):
     return ImageEmbeddings(embedding), early
 
 
+def _sam_input_size(model: SamModel) -> int:
+    return model.config.vision_config.image_size
+
+
 def _sam_macs(model: SamModel) -> float:
     """Multiply-accumulates of the ViT per image: every parameter once per patch token."""
     vision = model.config.vision_config
@@ -102,9 +105,9 @@ SAM_KIND = MaskModelKind(
     mask_prompt=sam.mask_prompt_embeddings,
     no_mask_dense=sam.no_mask_dense_embedding,
     postprocess=lambda model, low, resized, original: sam.postprocess_masks(
-        low, model.config.vision_config.image_size, resized, original
+        low, _sam_input_size(model), resized, original
     ),
-    input_size=lambda model: model.config.vision_config.image_size,
+    input_size=_sam_input_size,
     decoder_heads=lambda model: model.config.mask_decoder_config.num_attention_heads,
     encoder_macs=_sam_macs,
     to_original=sam.to_original_state_dict,
@@ -199,8 +202,10 @@ def read_vision_pretrained(path: str | Path) -> Mapping[str, Tensor]:
         raise IsADirectoryError(
             f"--vision_pretrained {path} is a directory; {VISION_PRETRAINED_EXPECTED}"
         )
-    if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise ValueError(f"{path}: unsupported checkpoint suffix; use one of {CHECKPOINT_SUFFIXES}")
+    if path.suffix not in sam.CHECKPOINT_SUFFIXES:
+        raise ValueError(
+            f"{path}: unsupported checkpoint suffix; use one of {sam.CHECKPOINT_SUFFIXES}"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"--vision_pretrained {path} does not exist; {VISION_PRETRAINED_EXPECTED}"

@@ -35,6 +35,9 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 SAM2_PIXEL_MEAN = (0.485, 0.456, 0.406)
 SAM2_PIXEL_STD = (0.229, 0.224, 0.225)
+# [3, 1, 1], built once: the transform runs per sample in the data loader
+SAM2_MEAN = torch.tensor(SAM2_PIXEL_MEAN)[:, None, None]
+SAM2_STD = torch.tensor(SAM2_PIXEL_STD)[:, None, None]
 # float32 [3, 256]: (value - mean) / std of each channel for every uint8 value, computed with
 # the same float32 operations as normalising each pixel, so a lookup gives the same bits
 UINT8_VALUES = np.arange(np.iinfo(np.uint8).max + 1, dtype=np.float32)
@@ -200,9 +203,7 @@ class Sam2Transform:
         resized = torch.nn.functional.interpolate(
             pixels[None], side, mode="bilinear", align_corners=False, antialias=True
         )[0]
-        mean = torch.tensor(SAM2_PIXEL_MEAN)[:, None, None]
-        std = torch.tensor(SAM2_PIXEL_STD)[:, None, None]
-        return (resized - mean) / std, side
+        return (resized - SAM2_MEAN) / SAM2_STD, side
 
 
 # the input transform of each mask model (`model.mask_models.MaskModelKind.name`)
