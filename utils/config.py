@@ -19,6 +19,7 @@ from typing import Any
 
 from model.backbone import parse_token_init
 from model.builder import ModelConfig
+from model.lora import TRAINABLE_GROUPS
 from model.losses import LossWeights
 from utils.datasets.base import SamplingOptions
 from utils.datasets.custom import FAMILY as CUSTOM_FAMILY
@@ -77,6 +78,7 @@ class TrainConfig:
     val_batch_size: int
     workers: int
     lr: float
+    group_lr: str
     ce_loss_weight: float
     dice_loss_weight: float
     bce_loss_weight: float
@@ -153,6 +155,11 @@ class TrainConfig:
     @property
     def rates(self) -> tuple[float, ...]:
         return tuple(float(rate) for rate in self.sample_rates.split(",") if rate.strip())
+
+    @property
+    def group_lrs(self) -> dict[str, float]:
+        """`--group_lr` as {trainable group: learning rate}; ValueError naming the bad entry."""
+        return parse_group_lr(self.group_lr)
 
     def family_data(self) -> dict[str, tuple[str, ...]]:
         """`--<family>_data` split on "||" for every family of `--dataset`."""
@@ -320,11 +327,40 @@ def chain_token_problem(config: TrainConfig) -> str | None:
     return None
 
 
+def parse_group_lr(text: str) -> dict[str, float]:
+    """`--group_lr`'s "lora=2e-4,lm_head=2e-4" -> {"lora": 2e-4, "lm_head": 2e-4}; ValueError
+    naming the entry that is not GROUP=LR with a trainable group (`model.lora.TRAINABLE_GROUPS`)
+    and a positive rate, or a group named twice."""
+    rates: dict[str, float] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        group, _, value = entry.partition("=")
+        group = group.strip()
+        if group not in TRAINABLE_GROUPS:
+            raise ValueError(
+                f"--group_lr entry {entry!r}: {group!r} is not a trainable group; "
+                f"choose from {', '.join(TRAINABLE_GROUPS)}"
+            )
+        try:
+            rate = float(value)
+        except ValueError:
+            message = f"--group_lr entry {entry!r}: expected GROUP=LR, LR a number"
+            raise ValueError(message) from None
+        if not rate > 0 or group in rates:
+            raise ValueError(
+                f"--group_lr entry {entry!r}: the rate must be positive and each group named once"
+            )
+        rates[group] = rate
+    return rates
+
+
 def data_flag_problem(config: TrainConfig) -> str | None:
     """What is wrong with the data flags a run uses, or None: `--dataset` names a family that
     does not exist, `--sample_rates` is not one number per family, or a `--val_dataset` entry is
     not an accepted form, or `--custom_data` is empty or malformed while `--dataset` names
-    custom, or the chain token does not fit the answers (`chain_token_problem`). Training flags
+    custom, or `--group_lr` is malformed, or the chain token does not fit the answers
+    (`chain_token_problem`). Training flags
     are not checked with --eval_only, nor validation sets that are not evaluated (--no_eval)."""
     if not config.eval_only:
         unknown = [name for name in config.datasets if name not in FAMILY_BUILDERS]
@@ -349,6 +385,10 @@ def data_flag_problem(config: TrainConfig) -> str | None:
             return str(error)
         if config.num_all_classes < 1:
             return f"--num_all_classes must be at least 1, got {config.num_all_classes}"
+        try:
+            parse_group_lr(config.group_lr)
+        except ValueError as error:
+            return str(error)
     if config.eval_only or not config.no_eval:
         try:
             parse_val_datasets(config.val_dataset)

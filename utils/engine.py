@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.lora import parameter_group
 from utils.config import TrainConfig
 from utils.weights import weights_only_loads
 
@@ -112,15 +113,32 @@ def optimizer_config(config: TrainConfig) -> dict[str, Any]:
     return {"type": "AdamW", "params": params}
 
 
-def scheduler_config(config: TrainConfig) -> dict[str, Any]:
-    """WarmupDecayLR: linear 0 -> lr, then linear decay to 0 at epochs * steps_per_epoch."""
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups {"params", "lr"}: each parameter at its
+    trainable group's `--group_lr` rate, or at --lr; --lr's group first, then by rate, and no
+    empty group (DeepSpeed's ZeRO partitions every group it gets)."""
+    overrides = config.group_lrs
+    by_rate: dict[float, list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            rate = overrides.get(parameter_group(name) or "", config.lr)
+            by_rate.setdefault(rate, []).append(parameter)
+    order = sorted(by_rate, key=lambda rate: (rate != config.lr, rate))
+    return [{"params": by_rate[rate], "lr": rate} for rate in order]
+
+
+def scheduler_config(config: TrainConfig, rates: list[float] | None = None) -> dict[str, Any]:
+    """WarmupDecayLR: linear 0 -> lr, then linear decay to 0 at epochs * steps_per_epoch; with
+    `rates` (one per optimizer group, `param_groups`) each group rises to its own peak on the
+    same steps."""
     total = config.epochs * config.steps_per_epoch
+    rates = rates or [config.lr]
     return {
         "type": "WarmupDecayLR",
         "params": {
             "total_num_steps": total,
             "warmup_min_lr": 0,
-            "warmup_max_lr": config.lr,
+            "warmup_max_lr": rates if len(rates) > 1 else config.lr,
             "warmup_num_steps": warmup_steps(total, config.warmup_steps),
             "warmup_type": "linear",
         },
@@ -148,8 +166,11 @@ def zero_config(config: TrainConfig) -> dict[str, Any]:
     return zero
 
 
-def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config of a run (pure: flags and world size in, dict out)."""
+def deepspeed_config(
+    config: TrainConfig, world_size: int, rates: list[float] | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed config of a run (pure: flags and world size in, dict out); `rates`: the
+    peak learning rate of each optimizer group when they differ (`param_groups`)."""
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, not {world_size}")
     micro, accumulation = config.batch_size, config.grad_accumulation_steps
@@ -158,7 +179,7 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": micro * accumulation * world_size,
         "optimizer": optimizer_config(config),
-        "scheduler": scheduler_config(config),
+        "scheduler": scheduler_config(config, rates),
         "fp16": {"enabled": config.precision == "fp16"},
         "bf16": {"enabled": config.precision == "bf16"},
         "gradient_clipping": GRADIENT_CLIPPING,
@@ -207,13 +228,13 @@ def init_engine(model: nn.Module, config: TrainConfig, world_size: int):
         )
     if config.zero_stage == 3:
         register_zero3_external_parameters(model)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if not trainable:
+    groups = param_groups(model, config)
+    if not groups:
         raise ValueError("the model has no trainable parameters; check the LoRA/freeze flags")
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=trainable,
-        config=deepspeed_config(config, world_size),
+        model_parameters=groups,
+        config=deepspeed_config(config, world_size, [group["lr"] for group in groups]),
     )
     return engine
 

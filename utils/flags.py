@@ -249,6 +249,13 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     add("--grad_accumulation_steps", default=10, type=int)
     add("--val_batch_size", default=1, type=int)
     add("--lr", default=0.0003, type=float)
+    add(
+        "--group_lr",
+        default="",
+        help="learning rates of trainable groups, GROUP=LR joined by ',' (groups: lora, "
+        "embed_tokens, lm_head, mask_decoder, text_hidden_fcs, early_fusion, mm_projector); "
+        "the others train at --lr, all under the one warm-up and decay",
+    )
     add("--beta1", default=0.9, type=float)
     add("--beta2", default=0.95, type=float)
     add("--warmup_steps", default=100, type=int, help="linear warm-up steps of WarmupDecayLR")

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from utils.config import parse_args
+from utils.config import parse_args, parse_group_lr
 
 LISA_TRAIN = """--version="PATH_TO_LLaVA" \\
   --dataset_dir='./dataset' \\
@@ -280,6 +280,31 @@ def test_chain_token_configurations_that_cannot_work_stop_in_one_line(
 ) -> None:
     with pytest.raises(SystemExit) as stopped:
         parse_args(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error
+
+
+def test_group_lr_parses_into_rates_per_trainable_group() -> None:
+    config = parse_args(["--group_lr", " lora=2e-4, lm_head=1e-4,"])
+    assert config.group_lrs == {"lora": 2e-4, "lm_head": 1e-4}
+    assert parse_args([]).group_lrs == {}
+    assert parse_group_lr("mask_decoder=0.003") == {"mask_decoder": 0.003}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("vision=1e-4", "--group_lr entry 'vision=1e-4': 'vision' is not a trainable group"),
+        ("lora", "--group_lr entry 'lora': expected GROUP=LR, LR a number"),
+        ("lora=fast", "--group_lr entry 'lora=fast': expected GROUP=LR, LR a number"),
+        ("lora=0", "--group_lr entry 'lora=0': the rate must be positive"),
+        ("lora=1e-4,lora=2e-4", "--group_lr entry 'lora=2e-4': the rate must be positive and each"),
+    ],
+)
+def test_a_bad_group_lr_stops_in_one_line(capsys, value: str, message: str) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--group_lr", value])
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0], error

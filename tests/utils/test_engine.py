@@ -34,6 +34,7 @@ from utils.engine import (
     find_resume_directory,
     init_engine,
     load_checkpoint,
+    param_groups,
     read_best,
     read_latest,
     restore_rng_state,
@@ -126,6 +127,14 @@ def test_config_is_pure_and_serialisable() -> None:
     assert json.loads(json.dumps(deepspeed_config(flags, 2))) == deepspeed_config(flags, 2)
     with pytest.raises(ValueError, match="world_size"):
         deepspeed_config(flags, 0)
+
+
+def test_group_rates_give_each_optimizer_group_its_own_peak() -> None:
+    config = parse_args(["--lr", "0.002", "--group_lr", "lora=0.0002"])
+    scheduler = deepspeed_config(config, 2, [0.002, 0.0002])["scheduler"]["params"]
+    assert scheduler["warmup_max_lr"] == [0.002, 0.0002] and scheduler["warmup_min_lr"] == 0
+    # one group (or none given) keeps DeepSpeed's scalar, the reference config
+    assert deepspeed_config(config, 2, [0.002]) == deepspeed_config(parse_args(["--lr", "0.002"]), 2)
 
 
 def test_warmup_steps() -> None:
@@ -247,6 +256,28 @@ def new_engine(tiny_dir: Path, seed: int, *flags: str):
 
     model, _ = build_tiny_segmenter(tiny_dir, seed=seed)
     return init_engine(model, parse_args([*SHORT_RUN, *flags]), world_size=1)
+
+
+def test_group_lr_trains_each_trainable_group_at_its_rate(
+    single_rank, tiny_dir, training_batch
+) -> None:
+    from model.tiny import build_tiny_segmenter
+
+    flags = parse_args([*SHORT_RUN, "--group_lr", "lora=0.001,lm_head=0.001"])
+    model, _ = build_tiny_segmenter(tiny_dir, seed=0)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    slow = {name for name in trainable if ".lora_" in name or name.startswith("llava.lm_head.")}
+    groups = param_groups(model, flags)
+    assert [group["lr"] for group in groups] == [0.01, 0.001]
+    assert {names[id(p)] for p in groups[1]["params"]} == slow
+    assert {names[id(p)] for p in groups[0]["params"]} == trainable - slow
+    assert any("mask_decoder" in name for name in trainable - slow) and len(slow) > 2
+    engine = init_engine(model, flags, world_size=1)
+    train(engine, training_batch, 4)
+    fast_lr, slow_lr = engine.get_lr()
+    assert fast_lr > 0 and slow_lr == pytest.approx(fast_lr / 10)
+    assert [g["lr"] for g in engine.optimizer.param_groups] == [fast_lr, slow_lr]
 
 
 def trainable_state(engine) -> dict[str, torch.Tensor]:
