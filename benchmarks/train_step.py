@@ -7,7 +7,9 @@ optimizer step, samples/s, the fraction of step time outside the model's forward
     deepspeed --num_gpus 1 benchmarks/train_step.py --preset 7b [--offload_optimizer]
 
 `--compare_full_logits` and `--compare_packing` (tiny, 7b) time as many steps again with full
-logits, or with `--packing` flipped, adding "speedup" and "packing_speedup".
+logits, or with `--packing` flipped, adding "speedup" and "packing_speedup". The tiny preset's
+"planner" holds the memory planner against the live-tensor peak (`planner_check`, below) of
+PLANNER_BATCHES plain steps.
 
 "tiny": the tiny model on the shapes-world assets, on CPU. "7b": a random-weight
 LLaVA-7B-shaped backbone (LLaMA-7B, CLIP ViT-L/14 224 px) and SAM ViT-H, written to disk and
@@ -23,10 +25,10 @@ masks); `--compare packing`: packed against padded language-model passes (`--pac
 with trimmed logits; `--compare both`: packed with trimmed logits against padded with full
 logits (where a path packs, both run with dropout off: packing changes the dropout masks' shapes).
 JSON: "speedup" (candidate over baseline samples/s), "max_abs_loss_diff", and per path the
-seconds per batch and the peak resident memory the step added, and the peak of live tensor
-bytes over the step (`PeakTensors`, on the batch the planner sizes largest), against the memory
-planner's activation estimate of those batches (the planner counts padded slots, also for
-"packed");
+seconds per batch, the peak resident memory the step added, and `planner_check`: the peak of
+live tensor bytes over each batch's forward and backward (`PeakTensors`) against the memory
+planner's peak for that batch (`utils.memory_plan.activation_bytes` with the positions the
+language model ran, packed or padded, the LM-head rows, the target pixels and the gradients);
 "conversations" and "packed_rows" count the language-model rows without and with packing.
 """
 
@@ -76,7 +78,11 @@ with contextlib.redirect_stdout(sys.stderr):
     from utils.config import parse_args  # noqa: E402
     from utils.engine import init_engine  # noqa: E402
     from utils.flops import StepFlops, device_peak  # noqa: E402
-    from utils.memory_plan import activation_bytes, activation_shape  # noqa: E402
+    from utils.memory_plan import (  # noqa: E402
+        StepGradients,
+        activation_bytes,
+        activation_shape,
+    )
     from utils.training import (  # noqa: E402
         close_distributed,
         init_distributed,
@@ -90,6 +96,7 @@ PRESET_FLAGS = {
     "7b": ["--precision=bf16", "--out_dim=256", "--lora_r=8", "--gradient_checkpointing"],
 }
 WARMUP_STEPS = 3
+PLANNER_BATCHES = 3  # tiny: batches the planner is checked on
 # small preset: per comparison, its two paths (baseline first) as Segmenter attributes
 COMPARISONS = {
     "logits": {
@@ -260,6 +267,8 @@ def measure_in_group(args, rank: int, world: int) -> dict:
             return summarise(args, config, model, *steps)
 
         result = timed()
+        if args.preset == "tiny":
+            result["planner"] = plain_planner_check(config, dataset)
         if args.compare_full_logits:
             model.full_logits = True
             result["full_logits"] = timed()
@@ -272,6 +281,15 @@ def measure_in_group(args, rank: int, world: int) -> dict:
             result["packed" if model.packing else "padded"] = other
             result["packing_speedup"] = packed["samples_per_s"] / padded["samples_per_s"]
     return result
+
+
+def plain_planner_check(config, dataset) -> dict:
+    """`planner_check` on PLANNER_BATCHES batches of `dataset` with a fresh model of the run's
+    configuration, outside the engine (plain forward and backward, as the small preset)."""
+    model, _ = build_segmenter(config.model_config())
+    model.train()
+    loader = training_loader(dataset, config, 0, 1, model.token_ids.pad)
+    return planner_check(model, config, list(itertools.islice(loader, PLANNER_BATCHES)))
 
 
 def summarise(args, config, model, clock: Clock, counts: Counts) -> dict:
@@ -425,23 +443,63 @@ def forward_backward(model, batch, seed: int) -> dict:
     }
 
 
-def tensor_peak_bytes(model, batch, seed: int) -> int:
-    """`PeakTensors` over one forward and backward (fresh gradients, dropout seeded)."""
+def tensor_peak_bytes(model, batch, seed: int) -> tuple[int, int]:
+    """`PeakTensors` over one forward and backward (fresh gradients, dropout seeded), and the
+    LM-head rows of that forward."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     with PeakTensors() as tensors:
-        model(batch).loss.backward()
-    return tensors.peak
+        output = model(batch)
+        output.loss.backward()
+    return tensors.peak, output.head_rows
+
+
+def language_model_tokens(model, batch, attn_implementation: str) -> int:
+    """Positions the language model runs on: the padded slots, or with `--packing` its packed
+    rows times their width."""
+    if not model.packing:
+        return batch.input_ids.numel()
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    capacity = row_capacity(lengths, batch.input_ids.shape[1], attn_implementation)
+    plan = plan_packing(lengths, capacity)
+    return len(plan.rows) * plan.width
 
 
 def planned_bytes(model, config, batch, head_rows: int) -> int:
-    """The planner's activations for this batch plus the trainable parameters' fp32 gradients."""
+    """The planner's peak for this batch's plain forward and backward: its language-model
+    positions, LM-head rows and target pixels, with the trainable parameters' gradients."""
     shape = activation_shape(model, config)
-    activations = activation_bytes(
-        shape, batch.input_ids.numel(), head_rows, config.gradient_checkpointing
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    head = sum(count for name, count in trainable.items() if "lm_head." in name)
+    gradients = StepGradients(
+        head=head * shape.bytes_per_value, total=sum(trainable.values()) * shape.bytes_per_value
     )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return activations + trainable * shape.bytes_per_value
+    return activation_bytes(
+        shape,
+        language_model_tokens(model, batch, config.attn_implementation),
+        head_rows,
+        config.gradient_checkpointing,
+        target_pixels=sum(masks.numel() for masks in batch.gt_masks),
+        gradients=gradients,
+    )
+
+
+def planner_check(model, config, batches) -> dict:
+    """The planner against `PeakTensors` on each batch (plain forward and backward, dropout
+    seeded): the largest of each over the batches, their ratio and the ratio per batch."""
+    planned, measured = [], []
+    for index, batch in enumerate(batches):
+        peak, head_rows = tensor_peak_bytes(model, batch, seed=index)
+        measured.append(peak)
+        planned.append(planned_bytes(model, config, batch, head_rows))
+    return {
+        "planned_memory_gb": max(planned) / BYTES_PER_GB,
+        "peak_tensor_memory_gb": max(measured) / BYTES_PER_GB,
+        "planned_over_tensor_peak": max(planned) / max(measured),
+        "planned_over_tensor_peak_by_batch": [
+            plan / peak for plan, peak in zip(planned, measured, strict=True)
+        ],
+    }
 
 
 def packed_rows(batch, attn_implementation: str) -> int:
@@ -468,7 +526,6 @@ def compare_paths(args) -> dict:
             for name, value in settings.items():
                 setattr(model, name, value)
             run = forward_backward(model, batch, seed=index)
-            run["planned_bytes"] = planned_bytes(model, config, batch, run["head_rows"])
             if index:
                 runs[path].append(run)
     timed = batches[1:]
@@ -482,21 +539,17 @@ def compare_paths(args) -> dict:
     result["packed_rows"] = sum(packed_rows(batch, config.attn_implementation) for batch in timed)
     for path, path_runs in runs.items():
         seconds = sum(run["seconds"] for run in path_runs)
-        peak = max(run["added_bytes"] for run in path_runs)
-        planned = max(run["planned_bytes"] for run in path_runs)
-        largest = max(range(len(path_runs)), key=lambda i: path_runs[i]["planned_bytes"])
         for name, value in paths[path].items():
             setattr(model, name, value)
-        tensor_peak = tensor_peak_bytes(model, timed[largest], seed=largest + 1)
+        check = planner_check(model, config, timed)
+        planned = check["planned_memory_gb"] * BYTES_PER_GB
         result[path] = {
             "samples_per_s": samples / seconds,
             "tokens_per_s": tokens / seconds,
             "seconds_per_batch": seconds / len(path_runs),
-            "peak_added_memory_gb": peak / BYTES_PER_GB,
-            "planned_memory_gb": planned / BYTES_PER_GB,
-            "planned_over_measured": planned / peak,
-            "peak_tensor_memory_gb": tensor_peak / BYTES_PER_GB,
-            "planned_over_tensor_peak": planned / tensor_peak,
+            "peak_added_memory_gb": max(run["added_bytes"] for run in path_runs) / BYTES_PER_GB,
+            "planned_over_measured": planned / max(run["added_bytes"] for run in path_runs),
+            **check,
             "losses": [run["loss"] for run in path_runs],
         }
     baseline, candidate = (result[path] for path in paths)

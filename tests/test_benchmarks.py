@@ -33,6 +33,11 @@ def test_train_step_benchmark_reports_the_split_and_the_packing_comparison() -> 
         assert set(parts) == {"data", "forward", "backward", "step"}
         assert timed["seconds_per_step"] > 0 and 0 <= timed["data_wait_fraction"] < 1
         assert timed["seconds_per_step"] == pytest.approx(sum(parts.values()), abs=1e-9)
+    # the memory planner within 10 % of the live-tensor peak of each plain step (issue 19)
+    planner = report["planner"]
+    assert len(planner["planned_over_tensor_peak_by_batch"]) == 3
+    for ratio in planner["planned_over_tensor_peak_by_batch"]:
+        assert 0.9 <= ratio <= 1.1
 
 
 def test_data_throughput_benchmark_covers_every_source() -> None:
@@ -148,6 +153,8 @@ def test_small_preset_compares_packed_trimmed_with_padded_full_logits() -> None:
         assert path["planned_over_tensor_peak"] == pytest.approx(
             path["planned_memory_gb"] / path["peak_tensor_memory_gb"]
         )
+        for ratio in path["planned_over_tensor_peak_by_batch"]:
+            assert 0.9 <= ratio <= 1.1
 
 
 def test_peak_tensors_counts_live_storages_and_not_views() -> None:

@@ -14,15 +14,21 @@ the real ones. Then, per GPU of `--estimate_gpus` (default 1):
   parameter, over the GPUs; with `--offload_optimizer` they live in CPU memory). With every
   parameter trainable the model states equal `estimate_zero2_model_states_mem_needs` /
   `estimate_zero3_model_states_mem_needs` (tests check it).
-- activations saved for backward by the language model over one micro-batch of
+- activations: the peak of one micro-batch's forward and backward (`activation_bytes`), over
   `batch_size x num_classes_per_sample` conversations, each padded to image tokens +
   PLANNED_TEXT_TOKENS (and at `--model_max_length`, the worst case), with and without
-  gradient checkpointing (`layer_activation_bytes` lists what each layer keeps), plus the LM
-  head's logits (trimmed: the scored rows; `--full_logits`: every position).
+  gradient checkpointing. A step holds its large tensors in turn, so the peak is the largest of
+  four moments, not their sum: the end of the forward (what the language model keeps for
+  backward, `layer_activation_bytes` per layer, the LM head's logits and log-softmax, and the
+  mask losses' per-pixel tensors at the image size), the LM head's backward (its logits'
+  gradients beside them), the first layer's backward (a recomputed layer and the gradients
+  its MLP's backward holds) and the end of backward (every gradient). The LM head runs on the
+  scored rows (trimmed), or with `--full_logits` on every position.
 
-The frozen image encoders run without a graph; their transient peak, the mask decoder and the
-allocator's fragmentation are not modelled (on a GPU, RUNTIME_OVERHEAD_GB stands for the CUDA
-context and allocator slack).
+The frozen image encoders run without a graph; their transient peak, the mask decoder's own
+activations and the allocator's fragmentation are not modelled (on a GPU, RUNTIME_OVERHEAD_GB
+stands for the CUDA context and allocator slack). `benchmarks/train_step.py` checks the
+activation model against the live-tensor peak of real steps on CPU.
 """
 
 from __future__ import annotations
@@ -47,9 +53,20 @@ ZERO3_LARGEST_LAYER_BYTES = 4
 # reach the --model_max_length case
 PLANNED_TEXT_TOKENS = 160
 RUNTIME_OVERHEAD_GB = 1.0
-# backward of a layer holds the gradients of the tensors it kept, as large as they are
-BACKWARD_WORKSPACE_LAYERS = 1
 SWIGLU_SAVED = 3  # silu input, silu output, up-projection output
+# the MLP's backward holds the gradients of its two products (gate and up) and of the layer's
+# input and output beside the tensors the layer kept
+MLP_BACKWARD_PRODUCTS, MLP_BACKWARD_HIDDEN = 2, 2
+# the LM head's fp32 [rows, V] tensors: the log-softmax in the forward (beside the logits in
+# the run's precision), the NLL gradient and the log-softmax gradient in its backward
+HEAD_FORWARD_FP32, HEAD_BACKWARD_FP32 = 1, 2
+# fp32 values the mask losses hold per target pixel at the end of the forward (model.losses:
+# the mask logits at the image size and their sigmoid, BCE's and Dice's float targets and
+# valid-pixel weights, and the products they keep for backward), counted with the live-tensor
+# trace of benchmarks/train_step.py
+MASK_LOSS_VALUES = 8
+# the masks' resolution in the loss when planning without data: a COCO image (640 x 480)
+PLANNED_MASK_PIXELS = 640 * 480
 LLAMA_SHAPES = {
     "13b": dict(
         hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
@@ -109,27 +126,59 @@ def layer_activation_bytes(shape: ActivationShape) -> int:
     return norms + lora + attention + mlp
 
 
-def head_activation_bytes(shape: ActivationShape, rows: int) -> int:
-    """The LM head's logits over `rows` positions: the 16-bit output, its fp32 copy (none in
-    fp32 runs, where the output is already fp32) and the softmax CE keeps, and their gradient
-    while backward runs (two fp32 [rows, V])."""
-    output = shape.bytes_per_value if shape.bytes_per_value < FP32_BYTES else 0
-    return rows * shape.vocab_size * (output + 3 * FP32_BYTES)
+def mlp_backward_bytes(shape: ActivationShape) -> int:
+    """Bytes per token the MLP's backward holds beside the layer's kept tensors: the gradients
+    of the gate and up products and of the layer's input and output."""
+    intermediate = MLP_BACKWARD_PRODUCTS * shape.intermediate_size
+    return shape.bytes_per_value * (intermediate + MLP_BACKWARD_HIDDEN * shape.hidden_size)
+
+
+@dataclass(frozen=True)
+class StepGradients:
+    """Gradient bytes a plain backward creates inside the step (a DeepSpeed run counts them in
+    its model states instead, so the planner's own figures pass none): the LM head's, made
+    first since the head runs last, and all of them, held at the end."""
+
+    head: int = 0
+    total: int = 0
 
 
 def activation_bytes(
-    shape: ActivationShape, tokens: int, head_rows: int, checkpointing: bool
+    shape: ActivationShape,
+    tokens: int,
+    head_rows: int,
+    checkpointing: bool,
+    target_pixels: int = 0,
+    gradients: StepGradients = StepGradients(),
 ) -> int:
-    """Activations of one micro-batch of `tokens` positions (padding included): what the
-    layers keep for backward, the gradients of one layer's kept tensors while its backward
-    runs (BACKWARD_WORKSPACE_LAYERS), and the LM head's logits over `head_rows` rows."""
+    """Peak bytes of one micro-batch's forward and backward: the language model over `tokens`
+    positions (padding included), the LM head over `head_rows`, the mask losses over
+    `target_pixels` (targets x image pixels), and `gradients` as they appear. The largest of:
+
+    - the end of the forward: each layer's input (with checkpointing) or everything each layer
+      keeps (without), the embeddings, the head's logits and log-softmax, the mask losses;
+    - the head's backward: the same language-model tensors, the head's tensors and their two
+      gradients;
+    - the last layer's backward: the kept tensors, the recomputed layer (checkpointing), its
+      MLP's backward, the logits (the output holds them) and the head's gradient;
+    - the end of the backward: every gradient beside the logits.
+    """
+    p, hidden = shape.bytes_per_value, shape.hidden_size
     layer = layer_activation_bytes(shape) * tokens
+    embeddings = p * hidden * tokens
     if checkpointing:  # each layer's input kept, one layer recomputed at a time
-        body = shape.num_layers * shape.bytes_per_value * shape.hidden_size * tokens + layer
+        kept, recomputed = shape.num_layers * embeddings + embeddings, layer
     else:
-        body = shape.num_layers * layer
-    workspace = BACKWARD_WORKSPACE_LAYERS * layer
-    return body + workspace + head_activation_bytes(shape, head_rows)
+        kept, recomputed = shape.num_layers * layer + embeddings, 0
+    logits = head_rows * shape.vocab_size
+    head_forward = logits * (p + HEAD_FORWARD_FP32 * FP32_BYTES)
+    forward_end = kept + head_forward + MASK_LOSS_VALUES * FP32_BYTES * target_pixels
+    head_backward = kept + head_forward + HEAD_BACKWARD_FP32 * FP32_BYTES * logits
+    layer_backward = (
+        kept + recomputed + mlp_backward_bytes(shape) * tokens + logits * p + gradients.head
+    )
+    backward_end = gradients.total + logits * p
+    return max(forward_end, head_backward, layer_backward, backward_end)
 
 
 def model_state_bytes(
@@ -322,7 +371,10 @@ def plan_settings(config, gpus: int, on_gpu: bool = True) -> list[MemoryPlan]:
             tokens = conversations * length
             # trimmed logits: the answer text is at most the text part of each conversation
             rows = tokens if config.full_logits else conversations * (length - image_tokens)
-            activations[key] = activation_bytes(shape, tokens, max(rows, 0), checkpointing)
+            pixels = conversations * PLANNED_MASK_PIXELS
+            activations[key] = activation_bytes(
+                shape, tokens, max(rows, 0), checkpointing, target_pixels=pixels
+            )
         plans.append(
             MemoryPlan(
                 zero_stage=stage,

@@ -23,9 +23,10 @@ from utils.memory_plan import (
     GIB,
     ActivationShape,
     ParameterCounts,
+    StepGradients,
     activation_bytes,
-    head_activation_bytes,
     layer_activation_bytes,
+    mlp_backward_bytes,
     meta_segmenter,
     model_state_bytes,
 )
@@ -89,21 +90,45 @@ def test_layer_activations_by_hand() -> None:
     # norms 2 x 4 x 4 fp32 = 32; LoRA 2 x 4 x (2 + 1 mask) = 24; q, k rotated 2 x 8, v 2 x 4,
     # attention output 2 x 4 = 32; SwiGLU 3 x 2 x 8 = 48
     assert layer_activation_bytes(SHAPE) == 32 + 24 + 32 + 48 == 136
-    # logits: bf16 output + fp32 copy, softmax and gradient = (2 + 12) x 10 per row; in fp32
-    # the output is the fp32 logits themselves: 12 x 10
-    assert head_activation_bytes(SHAPE, 5) == 5 * 140
-    fp32 = dataclasses.replace(SHAPE, bytes_per_value=4)
-    assert head_activation_bytes(fp32, 5) == 5 * 120
+    # the MLP's backward: gradients of gate and up (2 x 2 x 8) and of two hidden states (2 x 2 x 4)
+    assert mlp_backward_bytes(SHAPE) == 32 + 16 == 48
 
 
-def test_checkpointing_keeps_layer_inputs_and_one_layer() -> None:
-    tokens, rows = 7, 5
-    full = activation_bytes(SHAPE, tokens, rows, checkpointing=False)
-    checkpointed = activation_bytes(SHAPE, tokens, rows, checkpointing=True)
-    # kept by 3 layers (or their bf16 inputs and one recomputed layer), one layer's gradients
-    # during its backward, the head's 700
-    assert full == 3 * 136 * 7 + 136 * 7 + 700
-    assert checkpointed == 3 * 2 * 4 * 7 + 136 * 7 + 136 * 7 + 700
+TOKENS, ROWS = 7, 5
+# bf16 embeddings of 7 tokens: 2 x 4 x 7; logits 5 x 10 = 50 values
+EMBEDDINGS, LOGITS = 56, 50
+
+
+def test_checkpointing_peaks_in_the_first_layer_backward() -> None:
+    kept = 3 * EMBEDDINGS + EMBEDDINGS  # each layer's input and the embeddings
+    moments = {
+        "forward end": kept + LOGITS * (2 + 4),  # bf16 logits and fp32 log-softmax
+        "head backward": kept + LOGITS * (2 + 4) + 2 * 4 * LOGITS,  # and its two gradients
+        # one layer recomputed (136 x 7), its MLP's backward (48 x 7), the logits held
+        "layer backward": kept + 136 * TOKENS + 48 * TOKENS + 2 * LOGITS,
+    }
+    assert moments == {"forward end": 524, "head backward": 924, "layer backward": 1612}
+    assert activation_bytes(SHAPE, TOKENS, ROWS, checkpointing=True) == 1612
+
+
+def test_without_checkpointing_the_head_backward_peaks() -> None:
+    kept = 3 * 136 * TOKENS + EMBEDDINGS
+    head_backward = kept + LOGITS * (2 + 4) + 2 * 4 * LOGITS
+    assert head_backward == 3612 > kept + 48 * TOKENS + 2 * LOGITS
+    assert activation_bytes(SHAPE, TOKENS, ROWS, checkpointing=False) == 3612
+    # full logits over every position: 7 rows instead of 5
+    assert activation_bytes(SHAPE, TOKENS, 7, checkpointing=False) == kept + 7 * 10 * 14
+
+
+def test_mask_losses_and_gradients_can_set_the_peak() -> None:
+    # 8 fp32 values per target pixel at the end of the forward: 100 pixels add 3200
+    pixels = activation_bytes(SHAPE, TOKENS, ROWS, checkpointing=True, target_pixels=100)
+    assert pixels == 524 + 3200
+    # a plain backward's gradients: the head's during the layers' backward, all at the end
+    gradients = StepGradients(head=1000, total=5000)
+    assert activation_bytes(SHAPE, TOKENS, ROWS, True, gradients=gradients) == 5000 + 2 * LOGITS
+    small = StepGradients(head=1000, total=1100)
+    assert activation_bytes(SHAPE, TOKENS, ROWS, True, gradients=small) == 1612 + 1000
 
 
 def test_7b_recipe_is_planned_on_meta_without_weights(capsys) -> None:
