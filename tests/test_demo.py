@@ -157,6 +157,9 @@ def test_the_demos_train_ds_commands_resolve_to_its_settings() -> None:
         assert not config.early_fusion and config.new_token_rows == "mean"
     assert train.prompt_style == "gsva" and train.ignore_pixels == "exclude"
     assert train.part_targets == "category" and evaluate.eval_only
+    # the decision's data: gRefCOCO's lists of ten expressions, most of the mix
+    assert train.refer_seg_data == "grefcoco" and train.num_classes_per_sample == 10
+    assert dict(zip(train.datasets, train.rates, strict=True))["refer_seg"] == 12
 
 
 @pytest.mark.slow
