@@ -63,6 +63,7 @@ with contextlib.redirect_stdout(sys.stderr):
     from benchmarks.report import print_report  # noqa: E402
     from model.backbone import image_token_count  # noqa: E402
     from model.builder import build_segmenter  # noqa: E402
+    from model.lora import parameter_group  # noqa: E402
     from model.packing import plan_packing, row_capacity  # noqa: E402
     from model.tiny import (  # noqa: E402
         CLIP_L14_224,
@@ -470,7 +471,7 @@ def planned_bytes(model, config, batch, head_rows: int) -> int:
     positions, LM-head rows and target pixels, with the trainable parameters' gradients."""
     shape = activation_shape(model, config)
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-    head = sum(count for name, count in trainable.items() if "lm_head." in name)
+    head = sum(count for name, count in trainable.items() if parameter_group(name) == "lm_head")
     gradients = StepGradients(
         head=head * shape.bytes_per_value, total=sum(trainable.values()) * shape.bytes_per_value
     )

@@ -360,8 +360,8 @@ def data_flag_problem(config: TrainConfig) -> str | None:
     does not exist, `--sample_rates` is not one number per family, or a `--val_dataset` entry is
     not an accepted form, or `--custom_data` is empty or malformed while `--dataset` names
     custom, or `--group_lr` is malformed, or the chain token does not fit the answers
-    (`chain_token_problem`). Training flags
-    are not checked with --eval_only, nor validation sets that are not evaluated (--no_eval)."""
+    (`chain_token_problem`). Training flags are not checked with --eval_only, nor validation
+    sets that are not evaluated (--no_eval)."""
     if not config.eval_only:
         unknown = [name for name in config.datasets if name not in FAMILY_BUILDERS]
         if unknown or not config.datasets:
