@@ -544,12 +544,13 @@ def compare_paths(args) -> dict:
             setattr(model, name, value)
         check = planner_check(model, config, timed)
         planned = check["planned_memory_gb"] * BYTES_PER_GB
+        resident = max(run["added_bytes"] for run in path_runs)
         result[path] = {
             "samples_per_s": samples / seconds,
             "tokens_per_s": tokens / seconds,
             "seconds_per_batch": seconds / len(path_runs),
-            "peak_added_memory_gb": max(run["added_bytes"] for run in path_runs) / BYTES_PER_GB,
-            "planned_over_measured": planned / max(run["added_bytes"] for run in path_runs),
+            "peak_added_memory_gb": resident / BYTES_PER_GB,
+            "planned_over_measured": planned / resident,
             **check,
             "losses": [run["loss"] for run in path_runs],
         }

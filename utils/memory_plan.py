@@ -21,9 +21,10 @@ the real ones. Then, per GPU of `--estimate_gpus` (default 1):
   four moments, not their sum: the end of the forward (what the language model keeps for
   backward, `layer_activation_bytes` per layer, the LM head's logits and log-softmax, and the
   mask losses' per-pixel tensors at the image size), the LM head's backward (its logits'
-  gradients beside them), the first layer's backward (a recomputed layer and the gradients
-  its MLP's backward holds) and the end of backward (every gradient). The LM head runs on the
-  scored rows (trimmed), or with `--full_logits` on every position.
+  gradients beside them), the backward of the last layer, the first to run backward (a
+  recomputed layer and the gradients its MLP's backward holds), and the end of backward (every
+  gradient). The LM head runs on the scored rows (trimmed), or with `--full_logits` on every
+  position.
 
 The frozen image encoders run without a graph; their transient peak, the mask decoder's own
 activations and the allocator's fragmentation are not modelled (on a GPU, RUNTIME_OVERHEAD_GB
