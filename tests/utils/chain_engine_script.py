@@ -31,6 +31,7 @@ from tests.utils.engine_script import WORLD_SIZE, train  # noqa: E402
 from utils import engine as engine_module  # noqa: E402
 from utils.config import parse_args  # noqa: E402
 from utils.engine import init_engine  # noqa: E402
+from utils.training import close_distributed  # noqa: E402
 
 CHAIN = "[SEG_SEMA]"
 STEPS = 2
@@ -96,4 +97,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # else the backend's threads can abort the exit of a successful run
+        close_distributed()

@@ -33,7 +33,7 @@ from utils.engine import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
-from utils.training import RunLogger, train_epoch  # noqa: E402
+from utils.training import RunLogger, close_distributed, train_epoch  # noqa: E402
 
 WORLD_SIZE = 2
 STEPS_BEFORE_SAVE = 4
@@ -124,4 +124,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # else the backend's threads can abort the exit of a successful run
+        close_distributed()

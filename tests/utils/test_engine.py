@@ -134,7 +134,9 @@ def test_group_rates_give_each_optimizer_group_its_own_peak() -> None:
     scheduler = deepspeed_config(config, 2, [0.002, 0.0002])["scheduler"]["params"]
     assert scheduler["warmup_max_lr"] == [0.002, 0.0002] and scheduler["warmup_min_lr"] == 0
     # one group (or none given) keeps DeepSpeed's scalar, the reference config
-    assert deepspeed_config(config, 2, [0.002]) == deepspeed_config(parse_args(["--lr", "0.002"]), 2)
+    assert deepspeed_config(config, 2, [0.002]) == deepspeed_config(
+        parse_args(["--lr", "0.002"]), 2
+    )
 
 
 def test_warmup_steps() -> None:

@@ -3,7 +3,6 @@ hand counts, and the 7B recipe planned on the meta device without weights."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -26,8 +25,8 @@ from utils.memory_plan import (
     StepGradients,
     activation_bytes,
     layer_activation_bytes,
-    mlp_backward_bytes,
     meta_segmenter,
+    mlp_backward_bytes,
     model_state_bytes,
 )
 
