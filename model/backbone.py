@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from model.packing import pack, pack_rope_positions, unpack
+from model.packing import loaded_attn_implementation, pack, pack_rope_positions, unpack
 from model.tokens import LLAVA_IMAGE_TOKENS, QWEN_VL_IMAGE_TOKENS, ImageTokens
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -104,7 +104,9 @@ def check_model_directory(path: str | Path) -> Path:
 
 
 def check_attn_implementation(name: str) -> str:
-    """Validate `--attn_implementation`; flash-attention needs the optional flash_attn package."""
+    """Validate `--attn_implementation` (flash-attention needs the optional flash_attn package);
+    the name to load the model with (`model.packing.loaded_attn_implementation`: sdpa's packed
+    rows attend per conversation)."""
     if name not in ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"--attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, not {name!r}"
@@ -114,7 +116,7 @@ def check_attn_implementation(name: str) -> str:
             "--attn_implementation flash_attention_2 needs the optional flash-attn package "
             "(GPU only: pip install flash-attn); use sdpa otherwise"
         )
-    return name
+    return loaded_attn_implementation(name)
 
 
 def family_of(config: PretrainedConfig | dict, source: str = "the model") -> Family:
@@ -395,7 +397,9 @@ def packed_language_model_hidden_states(
     if family_of(llava.config).rope:
         rope = rope_positions(llava, input_ids, attention_mask, grids)
         positions = pack_rope_positions(rope, packed)
-    hidden, _ = language_model_step(llava, packed.input_ids, None, features, positions)
+    hidden, _ = language_model_step(
+        llava, packed.input_ids, None, features, positions, attention_kwargs=packed.attention_kwargs
+    )
     return unpack(hidden, packed, *input_ids.shape)
 
 
@@ -408,6 +412,7 @@ def language_model_step(
     past_key_values: Cache | None = None,
     use_cache: bool = False,
     grids: torch.Tensor | None = None,
+    attention_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, Cache | None]:
     """The language model over new tokens: (hidden states [C, L_new, H], KV cache or None).
 
@@ -416,7 +421,8 @@ def language_model_step(
     conversation_features: per conversation [T_c, H] when input_ids hold image tokens, else
     None; position_ids: [C, L_new] (left-padded rows need them; Qwen-VL [3, C, L_new], computed
     from `grids` [C, 3] when None); past_key_values: the cache of the L_past earlier tokens,
-    extended in place when `use_cache`.
+    extended in place when `use_cache`; attention_kwargs: passed down to the attention function
+    (a packed row's `PackedBatch.attention_kwargs`).
     """
     if position_ids is None and family_of(llava.config).rope:
         if grids is None or past_key_values is not None:
@@ -435,5 +441,6 @@ def language_model_step(
         past_key_values=past_key_values,
         mm_encoder_outputs=encoded,
         use_cache=use_cache,
+        **(attention_kwargs or {}),
     )
     return outputs.last_hidden_state, outputs.past_key_values

@@ -2,15 +2,20 @@
 
 The C right-padded conversations [C, L] are placed first-fit, in order, into R rows (a
 conversation is never split). Position ids restart at 0 for every conversation, and with
-`attention_mask=None` and no KV cache transformers confines the attention to each conversation
-from the position ids alone, in two different ways:
-- sdpa and eager (`masking_utils.find_packed_sequence_indices`): a new sequence starts wherever
-  the position id does not grow by one, in every row, and the mask is block-diagonal causal. Its
-  cost is quadratic in the row's width, so rows hold at most L tokens (the padded length).
+`attention_mask=None` and no KV cache the attention is confined to each conversation:
 - flash-attention (`modeling_flash_attention_utils._is_packed_sequence`): the varlen kernel, but
   only for a batch of ONE row; with several rows it would attend across conversations. So every
   conversation goes into one row of sum(lengths) tokens, which the varlen kernel handles at no
   quadratic cost.
+- sdpa: the model is loaded with VARLEN_SDPA, transformers' sdpa with one addition: given the
+  one row's conversation bounds (BOUNDS, which `PackedBatch.attention_kwargs` passes down), it runs
+  sdpa causally on each conversation's own slice, so a conversation costs its own length
+  squared and nothing is padded. Without those bounds (every unpacked pass) it is transformers'
+  sdpa unchanged. Its mask is sdpa's (a packed row's is block-diagonal, [1, 1, N, N] booleans,
+  correct in any row layout; with the bounds the attention does not read it).
+- eager (`masking_utils.find_packed_sequence_indices`): a new sequence starts wherever the
+  position id does not grow by one, in every row, and the mask is block-diagonal causal. Its
+  cost is quadratic in the row's width, so rows hold at most L tokens (the padded length).
 A row's unused tail gets position ids 0, 1, ... too, so it is a separate sequence that no
 conversation attends to. Qwen-VL's multimodal rotary positions are computed per conversation
 and packed the same way, behind the restarting text positions (`pack_rope_positions`: the
@@ -25,25 +30,89 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 FLASH_ATTENTION_PREFIX = "flash_attention"
+SDPA = "sdpa"
+# the name the models are loaded with for `--attn_implementation sdpa` (module docstring)
+VARLEN_SDPA = "sdpa_varlen"
+# the language model's keyword argument carrying a VARLEN_SDPA row's conversation bounds down to
+# its attention (transformers passes unknown keyword arguments through to the attention function)
+BOUNDS = "conversation_bounds"
 
 
 def packing_enabled(choice: bool | None, attn_implementation: str) -> bool:
     """`--packing`/`--no-packing` as given; unset (None): on only for flash-attention, where
-    the one varlen row removes the padding's work, off for sdpa/eager, where rows bounded by L
-    seldom hold two conversations that carry image tokens."""
+    the one varlen row removes the padding's work, off for sdpa (its varlen row runs one sdpa
+    call per conversation: on a GPU faster only where the padding is large) and eager (rows
+    bounded by L seldom hold two conversations that carry image tokens)."""
     if choice is None:
         return attn_implementation.startswith(FLASH_ATTENTION_PREFIX)
     return choice
 
 
+def one_row(attn_implementation: str) -> bool:
+    """Whether the implementation the model was loaded with packs everything into one varlen
+    row (flash-attention, VARLEN_SDPA) rather than rows of at most L tokens (eager)."""
+    return attn_implementation.startswith(FLASH_ATTENTION_PREFIX) or (
+        attn_implementation == VARLEN_SDPA
+    )
+
+
 def row_capacity(lengths: list[int], padded_length: int, attn_implementation: str) -> int:
-    """Tokens per packed row: all of them in one row for flash-attention, else the padded length
-    L (see the module docstring)."""
-    if attn_implementation.startswith(FLASH_ATTENTION_PREFIX):
+    """Tokens per packed row: all of them in one row for a varlen implementation (`one_row`),
+    else the padded length L (see the module docstring)."""
+    if one_row(attn_implementation):
         return sum(lengths)
     return padded_length
+
+
+def loaded_attn_implementation(name: str) -> str:
+    """The implementation a model is loaded with for `--attn_implementation name`: VARLEN_SDPA
+    (registered with transformers here) for sdpa, else `name`."""
+    if name != SDPA:
+        return name
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
+    return VARLEN_SDPA
+
+
+def varlen_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function interface: query [1, heads, N, D], key and value
+    [1, kv_heads, N, D] of one packed row whose conversations start at BOUNDS (a tuple of S + 1
+    ints, N last) -> ([1, N, heads, D], None), each conversation attending causally to itself.
+    Without BOUNDS: transformers' sdpa."""
+    edges = kwargs.pop(BOUNDS, None)
+    if edges is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    parts = [
+        functional.scaled_dot_product_attention(
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=True,
+        )
+        for start, end in zip(edges[:-1], edges[1:], strict=True)
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
 @dataclass(frozen=True)
@@ -55,6 +124,10 @@ class PackPlan:
     offsets: list[int]
     lengths: list[int]
     width: int
+
+    def offsets_in_order(self) -> list[int]:
+        """Each conversation's start in its row, in packed (row-major) order."""
+        return [self.offsets[index] for members in self.rows for index in members]
 
 
 def plan_packing(lengths: list[int], capacity: int) -> PackPlan:
@@ -82,7 +155,8 @@ class PackedBatch:
     """The packed language-model inputs and how to undo them.
 
     input_ids, position_ids: [R, W]; order: [C] conversation indices in packed (row-major) order;
-    source, target: [N] flat indices (into R*W and C*L) of the N non-padding tokens.
+    source, target: [N] flat indices (into R*W and C*L) of the N non-padding tokens;
+    attention_kwargs: what the language model passes to its attention (BOUNDS for VARLEN_SDPA).
     """
 
     input_ids: torch.Tensor
@@ -90,6 +164,7 @@ class PackedBatch:
     order: torch.Tensor
     source: torch.Tensor
     target: torch.Tensor
+    attention_kwargs: dict[str, tuple[int, ...]]
 
 
 def pack(
@@ -115,7 +190,10 @@ def pack(
         end = plan.offsets[members[-1]] + plan.lengths[members[-1]]
         positions[row, end:] = torch.arange(plan.width - end, device=device)
     order = torch.tensor([index for members in plan.rows for index in members], device=device)
-    return PackedBatch(packed, positions, order, torch.cat(sources), torch.cat(targets))
+    kwargs = {}
+    if attn_implementation == VARLEN_SDPA:
+        kwargs[BOUNDS] = (*plan.offsets_in_order(), plan.width)
+    return PackedBatch(packed, positions, order, torch.cat(sources), torch.cat(targets), kwargs)
 
 
 def pack_rope_positions(positions: torch.Tensor, packed: PackedBatch) -> torch.Tensor:

@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from model.backbone import image_features, language_model_step, per_conversation
-from model.packing import pack, packing_enabled, plan_packing, row_capacity, unpack
+from model.packing import (
+    BOUNDS,
+    VARLEN_SDPA,
+    loaded_attn_implementation,
+    pack,
+    packing_enabled,
+    plan_packing,
+    row_capacity,
+    unpack,
+)
 from model.tiny import build_tiny_segmenter
 from model.tokens import predictor_mask
 from tests.helpers import forward_backward
@@ -42,7 +51,7 @@ def test_plan_is_first_fit_in_order(lengths, capacity, rows, offsets, width) -> 
 def test_pack_restarts_positions_and_unpack_inverts() -> None:
     input_ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9], [10, 0, 0, 0]])
     mask = input_ids != 0
-    packed = pack(input_ids, mask, PAD, "sdpa")  # rows of L = 4 tokens: 3 + 2 does not fit
+    packed = pack(input_ids, mask, PAD, "eager")  # rows of L = 4 tokens: 3 + 2 does not fit
     assert packed.input_ids.tolist() == [[1, 2, 3, 10], [4, 5, PAD, PAD], [6, 7, 8, 9]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 0, 1], [0, 1, 2, 3]]
     assert packed.order.tolist() == [0, 3, 1, 2]
@@ -60,7 +69,20 @@ def test_flash_attention_packs_into_one_row(implementation: str) -> None:
     assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
     assert row_capacity([3, 2, 4], 4, implementation) == 9
-    assert row_capacity([3, 2, 4], 4, "sdpa") == row_capacity([3, 2, 4], 4, "eager") == 4
+    assert row_capacity([3, 2, 4], 4, VARLEN_SDPA) == 9
+    assert row_capacity([3, 2, 4], 4, "eager") == 4
+
+
+def test_sdpa_models_pack_into_one_row_with_the_conversation_bounds() -> None:
+    """sdpa models are loaded with VARLEN_SDPA, whose packed row carries where each
+    conversation starts (and the row's end) down to the attention."""
+    assert loaded_attn_implementation("sdpa") == VARLEN_SDPA
+    assert loaded_attn_implementation("eager") == "eager"
+    input_ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9]])
+    packed = pack(input_ids, input_ids != 0, PAD, VARLEN_SDPA)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert packed.attention_kwargs == {BOUNDS: (0, 3, 5, 9)}
+    assert pack(input_ids, input_ids != 0, PAD, "eager").attention_kwargs == {}
 
 
 def test_unset_packing_is_on_for_flash_attention_only() -> None:
@@ -137,16 +159,31 @@ def test_packed_forward_backward_equals_padded(cores_batch) -> None:
         torch.testing.assert_close(grad, padded_grads[name], rtol=0, atol=ATOL, msg=name)
 
 
-def row_states(model, batch, features, contiguous: bool, layout: str = "sdpa") -> torch.Tensor:
+def loaded_layout(model) -> str:
+    """The attention implementation the model's language model was loaded with."""
+    return model.llava.config.text_config._attn_implementation
+
+
+def row_states(
+    model, batch, features, contiguous: bool, bounds: bool = True, layout: str = ""
+) -> torch.Tensor:
     """Packed hidden states [C, L, H] with the rows `pack` cuts for the attention
-    implementation `layout`; `contiguous` numbers each row's positions 0..W-1 instead of
-    restarting them per conversation (one causal sequence per row: the control)."""
+    implementation `layout` (default: the model's); `contiguous` numbers each row's positions
+    0..W-1 instead of restarting them per conversation; `bounds=False` leaves out the
+    conversation bounds a VARLEN_SDPA row carries (with `contiguous`: one causal sequence per
+    row, the control)."""
+    layout = layout or loaded_layout(model)
     packed = pack(batch.input_ids, batch.attention_mask, model.token_ids.pad, layout)
     positions = packed.position_ids
     if contiguous:
         positions = torch.arange(positions.shape[1]).expand_as(positions)
     hidden, _ = language_model_step(
-        model.llava, packed.input_ids, None, per_conversation(features, packed.order), positions
+        model.llava,
+        packed.input_ids,
+        None,
+        per_conversation(features, packed.order),
+        positions,
+        attention_kwargs=packed.attention_kwargs if bounds else None,
     )
     return unpack(hidden, packed, *batch.input_ids.shape)
 
@@ -155,10 +192,13 @@ def row_states(model, batch, features, contiguous: bool, layout: str = "sdpa") -
 def test_attention_never_crosses_conversations(cores_batch) -> None:
     """Rewriting the text of the first conversation of a shared row leaves the states of the
     conversations after it in that row bit-identical; the control, the same rows as one causal
-    sequence each, changes them, so the check would catch attention across conversations."""
+    sequence each, changes them, so the check would catch attention across conversations.
+    sdpa's one row confines the attention by its conversation bounds (even where the positions
+    run on), eager's rows by the restarting positions (its block-diagonal mask)."""
     model, batch, _ = cores_batch  # dropout is off: the states are deterministic
     lengths = batch.attention_mask.sum(dim=1).tolist()
-    shared = next(r for r in plan_packing(lengths, batch.input_ids.shape[1]).rows if len(r) > 1)
+    capacity = row_capacity(lengths, batch.input_ids.shape[1], loaded_layout(model))
+    shared = next(r for r in plan_packing(lengths, capacity).rows if len(r) > 1)
     first, later = shared[0], shared[1:]
     rewritten = batch.input_ids.clone()
     text = batch.attention_mask[first].bool() & (rewritten[first] != model.token_ids.image)
@@ -166,16 +206,20 @@ def test_attention_never_crosses_conversations(cores_batch) -> None:
     assert not torch.equal(rewritten[first], batch.input_ids[first])
     changed = dataclasses.replace(batch, input_ids=rewritten)
     features = per_conversation(image_features(model.llava, batch.clip_pixels), batch.conv_image)
-    for contiguous, crosses in ((False, False), (True, True)):
-        before = row_states(model, batch, features, contiguous)[later]
-        after = row_states(model, changed, features, contiguous)[later]
+    cases = [(False, True, False), (True, False, True)]  # (contiguous, bounds, crosses)
+    if loaded_layout(model) == VARLEN_SDPA:
+        cases.append((True, True, False))
+    for contiguous, bounds, crosses in cases:
+        before = row_states(model, batch, features, contiguous, bounds)[later]
+        after = row_states(model, changed, features, contiguous, bounds)[later]
         assert torch.equal(before, after) != crosses
 
 
 @torch.no_grad()
 def test_the_one_row_layout_of_flash_attention_equals_the_padded_pass(cores_batch) -> None:
     """flash-attention's layout (every conversation in one row) run through this model's
-    attention (a block-diagonal mask): image features, positions and unpacking line up."""
+    attention (a block-diagonal mask, no conversation bounds): image features, positions and
+    unpacking line up."""
     model, batch, _ = cores_batch
     features = per_conversation(image_features(model.llava, batch.clip_pixels), batch.conv_image)
     packed = pack(batch.input_ids, batch.attention_mask, model.token_ids.pad, "flash_attention_2")
