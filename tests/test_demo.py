@@ -157,9 +157,11 @@ def test_the_demos_train_ds_commands_resolve_to_its_settings() -> None:
         assert not config.early_fusion and config.new_token_rows == "mean"
     assert train.prompt_style == "gsva" and train.ignore_pixels == "exclude"
     assert train.part_targets == "category" and evaluate.eval_only
-    # the decision's data: gRefCOCO's lists of ten expressions, most of the mix
-    assert train.refer_seg_data == "grefcoco" and train.num_classes_per_sample == 10
+    # the decision's data: gRefCOCO's lists of 1 to 20 expressions, most of the mix
+    assert train.refer_seg_data == "grefcoco" and train.num_classes_per_sample == 20
+    assert train.refer_draw == "varied" and evaluate.refer_draw == "reference"
     assert dict(zip(train.datasets, train.rates, strict=True))["refer_seg"] == 12
+    assert train.packing and not evaluate.packing
 
 
 @pytest.mark.slow

@@ -99,6 +99,7 @@ class TrainConfig:
     part_targets: str
     mmr_pairing: str
     no_target_answer: str
+    refer_draw: str
     too_long: str
     exclude_val: bool
     skip_bad_samples: bool
@@ -180,6 +181,7 @@ class TrainConfig:
             part_targets=self.part_targets,
             mmr_pairing=self.mmr_pairing,
             no_target_answer=self.no_target_answer,
+            refer_draw=self.refer_draw,
         )
 
     def data_config(self) -> DataConfig:

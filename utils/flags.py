@@ -21,6 +21,7 @@ from utils.datasets.base import (
     MMR_PAIRING_CHOICES,
     NO_TARGET_ANSWER_CHOICES,
     PART_TARGET_CHOICES,
+    REFER_DRAW_CHOICES,
     TOO_LONG_CHOICES,
 )
 from utils.datasets.lasagna import DEFAULT_NUM_ALL_CLASSES
@@ -206,6 +207,13 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
         "empty mask (LISA, MMR)",
     )
     add(
+        "--refer_draw",
+        default="reference",
+        choices=REFER_DRAW_CHOICES,
+        help="referring sentences per sample: up to --num_classes_per_sample, all-absent draws "
+        "redrawn in gsva style (the papers), or 1 to that many with all-absent draws kept",
+    )
+    add(
         "--too_long",
         default="truncate",
         choices=TOO_LONG_CHOICES,
@@ -325,8 +333,8 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
         help="run the language model padding-free in training and teacher-forced evaluation: "
         "conversations packed into rows with restarting positions, attention confined to each "
         "(generation never packs). Default: on with flash_attention_2 (one varlen row per "
-        "micro-batch), off with sdpa/eager (rows of at most the padded length: about the padded "
-        "pass's work)",
+        "micro-batch), off with sdpa (one row, one attention call per conversation) and eager "
+        "(rows of at most the padded length)",
     )
     add(
         "--estimate_memory",

@@ -57,6 +57,8 @@ COMMON = {
     "part_targets": "instance",
     "too_long": "truncate",
     "new_token_rows": "normal",
+    # every reference loader draws as many sentences as it may (GSVA redraws all-[REJ] samples)
+    "refer_draw": "reference",
 }
 PAPER_SETTINGS: dict[str, dict[str, object]] = {
     "lisa": {

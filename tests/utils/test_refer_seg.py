@@ -1,7 +1,8 @@
 """Referring-segmentation training sources: prompts, masks (polygon, RLE, union, no-target),
 GSVA's `[REJ]` for empty targets and its all-`[REJ]` redraws (unusable samples the mixer
-redraws), `--no_target_answer`, RefZOM, sampling, determinism, `--exclude_val`, factories, the
-bad-record checks and the per-image `sample_at` of GSVA's `--no_sampling`.
+redraws), `--refer_draw varied`, `--no_target_answer`, RefZOM, sampling, determinism,
+`--exclude_val`, factories, the bad-record checks and the per-image `sample_at` of GSVA's
+`--no_sampling`.
 
 Upstream (the behaviour the expected values follow): GSVA LeapLabTHU/GSVA@618dc79
 `data/refer_seg_dataset.py:270-281` (`masks[t].sum() < 1` -> `[REJ]`, all-`[REJ]` redrawn),
@@ -126,6 +127,45 @@ def test_gsva_style_all_reject_samples_are_unusable_and_redrawn(tmp_path: Path) 
     # the mixer draws another image of the family, as GSVA's `return self.__getitem__(0)`
     items = mixed(source, 12)
     assert all(SEG in item.conversations[0][0][1] for item in items)
+
+
+VARIED = SamplingOptions(num_classes_per_sample=3, prompt_style="gsva", refer_draw="varied")
+
+
+def test_varied_draw_asks_one_to_the_most_sentences_uniformly(tmp_path: Path) -> None:
+    # image 1: four sentences over two refs; at most 3 per sample, so 1, 2 or 3, each a third
+    refs = [
+        fx.ref(1, 1, [11], "train", ["the red box", "a box"]),
+        fx.ref(2, 1, [-1], "train", ["the purple cat", "a dog"]),
+    ]
+    fx.write_refer(tmp_path, "grefcoco", refs, "grefs(unc).json")
+    source = ReferSegSource(tmp_path, VARIED, "grefcoco")
+    draws = 600
+    counts = np.bincount(
+        [len(source.sample_at(0, np.random.default_rng(seed)).masks) for seed in range(draws)],
+        minlength=5,
+    )
+    assert counts[0] == counts[4] == 0
+    # each count's share within 5 standard deviations of a third
+    spread = 5 * math.sqrt(draws * (1 / 3) * (2 / 3))
+    assert all(abs(int(c) - draws / 3) < spread for c in counts[1:4]), counts
+    # the reference draw always asks about three
+    reference = ReferSegSource(tmp_path, replace(VARIED, refer_draw="reference"), "grefcoco")
+    assert {len(reference.sample_at(0, np.random.default_rng(s)).masks) for s in range(20)} == {3}
+
+
+def test_varied_draw_keeps_samples_whose_every_sentence_is_absent(tmp_path: Path) -> None:
+    refs = [fx.ref(1, 1, [-1], "train", ["nothing"]), fx.ref(2, 2, [21], "train", ["parts"])]
+    fx.write_refer(tmp_path, "grefcoco", refs, "grefs(unc).p")
+    sample = ReferSegSource(tmp_path, VARIED, "grefcoco").sample_at(0, np.random.default_rng(0))
+    ((question, answer),) = sample.conversations[0]
+    assert "nothing" in question and fx.answer_tokens(sample.conversations) == [REJ]
+    assert np.array_equal(sample.masks, ZEROS[None])
+    # so a source of only no-target images trains instead of stopping
+    refs = [fx.ref(1, 1, [-1], "train", ["nothing"]), fx.ref(2, 2, [-1], "train", ["no one"])]
+    fx.write_refer(tmp_path, "grefcoco", refs, "grefs(unc).p")
+    source = ReferSegSource(tmp_path, VARIED, "grefcoco")
+    assert all(fx.answer_tokens(item.conversations) == [REJ] for item in mixed(source, 4))
 
 
 def gsva_tokens(sample) -> list[tuple[str, str, np.ndarray]]:

@@ -97,6 +97,11 @@ IGNORE_PIXEL_CHOICES = ("background", "exclude")
 PART_TARGET_CHOICES = ("instance", "category")
 MMR_PAIRING_CHOICES = ("aligned", "upstream")
 NO_TARGET_ANSWER_CHOICES = ("rej", "empty_seg")
+# how many sentences a referring sample draws: "reference" (GSVA, LISA, MMR: as many as
+# --num_classes_per_sample allows; "gsva" style redraws a sample whose every sentence is absent) |
+# "varied" (1 to that many, uniformly, and an all-absent draw is kept: one-sentence questions
+# answered [REJ])
+REFER_DRAW_CHOICES = ("reference", "varied")
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class SamplingOptions:
         released M2SA loader's pairing: sampled questions with answers 0, 1, 2 in file order).
     no_target_answer: how "lisa"/"mmr"/"cores" styles answer a referring sentence without a target
         (gRefCOCO, RefZOM): "rej" (`[REJ]`) | "empty_seg" (LISA/MMR: `[SEG]` with an empty mask).
+    refer_draw: how many sentences a referring sample asks about (REFER_DRAW_CHOICES).
     """
 
     num_classes_per_sample: int = 3
@@ -129,6 +135,7 @@ class SamplingOptions:
     part_targets: str = "instance"
     mmr_pairing: str = "aligned"
     no_target_answer: str = "rej"
+    refer_draw: str = "reference"
 
     def __post_init__(self) -> None:
         """ValueError naming the flag when a choice field holds none of its choices (the one
@@ -138,6 +145,7 @@ class SamplingOptions:
             ("part_targets", PART_TARGET_CHOICES),
             ("mmr_pairing", MMR_PAIRING_CHOICES),
             ("no_target_answer", NO_TARGET_ANSWER_CHOICES),
+            ("refer_draw", REFER_DRAW_CHOICES),
         ):
             value = getattr(self, flag)
             if value not in choices:

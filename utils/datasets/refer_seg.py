@@ -16,6 +16,9 @@ instances. A target without pixels is answered as the references answer it:
   A sample whose every target is `[REJ]` is unusable (`UnusableSample`): GSVA `:280-281`
   `return self.__getitem__(0)` draws a new sub-dataset and image of the family, as the mixer
   does with it here (`--no_sampling`: a random record of the same source).
+`--refer_draw varied` (ours, off in every recipe) draws 1 to `targets_to_draw(...)` sentences,
+uniformly, and keeps a "gsva"-style sample whose every sentence is answered `[REJ]`: questions
+about a single absent sentence, which the references' loaders never ask, are then trained.
 - "lisa" / "mmr" styles, a gRefCOCO / RefZOM no-target ref: `[REJ]` with an all-zero mask
   (`--no_target_answer rej`, the default) or, as LISA and MMR train gRefCOCO (`[-1]` -> zero
   mask, `[SEG]`; MMR `utils/refer_seg_dataset.py:249-256`), `[SEG]` with an all-zero mask
@@ -42,6 +45,7 @@ from utils.datasets.templates import Target, finish_sample, target_count
 FAMILY = "refer_seg"
 GSVA_STYLE = "gsva"
 EMPTY_SEG = "empty_seg"
+VARIED = "varied"
 
 
 class ReferSegSource:
@@ -74,9 +78,12 @@ class ReferSegSource:
             )
 
     def _draw(self, image_id: int, rng: np.random.Generator) -> list[tuple[str, Ref]]:
-        """Up to `target_count` (sentence, ref) pairs of the image, without replacement."""
+        """Up to `target_count` (sentence, ref) pairs of the image, without replacement
+        ("varied" `refer_draw`: a count drawn uniformly from 1 to that)."""
         pairs = [(sent, ref) for ref in self.refs_by_image[image_id] for sent in ref.sentences]
         count = min(len(pairs), target_count(self.options))
+        if self.options.refer_draw == VARIED:
+            count = int(rng.integers(1, count + 1))
         chosen = rng.choice(len(pairs), size=count, replace=False)
         return [pairs[int(i)] for i in chosen]
 
@@ -102,11 +109,13 @@ class ReferSegSource:
 
     def sample_at(self, index: int, rng: np.random.Generator) -> Sample:
         """Training image `index` with its drawn sentences as conversations; masks uint8
-        [k, H, W]. UnusableSample when the "gsva" style answers every drawn sentence `[REJ]`."""
+        [k, H, W]. UnusableSample when the "gsva" style answers every drawn sentence `[REJ]`
+        (kept with the "varied" `refer_draw`)."""
         image_id = self.image_ids[check_record_index(index, len(self), self.name)]
         drawn = self._draw(image_id, rng)
         targets = self._targets(drawn)
-        if self.options.prompt_style == GSVA_STYLE and all(t.mask is None for t in targets):
+        redrawn = self.options.prompt_style == GSVA_STYLE and self.options.refer_draw != VARIED
+        if redrawn and all(t.mask is None for t in targets):
             raise UnusableSample(
                 f"{self.name}: every sentence drawn for image {image_id} is answered [REJ]"
             )
