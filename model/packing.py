@@ -47,8 +47,9 @@ BOUNDS = "conversation_bounds"
 def packing_enabled(choice: bool | None, attn_implementation: str) -> bool:
     """`--packing`/`--no-packing` as given; unset (None): on only for flash-attention, where
     the one varlen row removes the padding's work, off for sdpa (its varlen row runs one sdpa
-    call per conversation: on a GPU faster only where the padding is large) and eager (rows
-    bounded by L seldom hold two conversations that carry image tokens)."""
+    call per conversation instead of one batched call: it pays where the padding is large; not
+    measured on a GPU) and eager (rows bounded by L seldom hold two conversations that carry
+    image tokens)."""
     if choice is None:
         return attn_implementation.startswith(FLASH_ATTENTION_PREFIX)
     return choice
