@@ -16,13 +16,13 @@ instances. A target without pixels is answered as the references answer it:
   A sample whose every target is `[REJ]` is unusable (`UnusableSample`): GSVA `:280-281`
   `return self.__getitem__(0)` draws a new sub-dataset and image of the family, as the mixer
   does with it here (`--no_sampling`: a random record of the same source).
-`--refer_draw varied` (ours, off in every recipe) draws 1 to `targets_to_draw(...)` sentences,
-uniformly, and keeps a "gsva"-style sample whose every sentence is answered `[REJ]`: questions
-about a single absent sentence, which the references' loaders never ask, are then trained.
 - "lisa" / "mmr" styles, a gRefCOCO / RefZOM no-target ref: `[REJ]` with an all-zero mask
   (`--no_target_answer rej`, the default) or, as LISA and MMR train gRefCOCO (`[-1]` -> zero
   mask, `[SEG]`; MMR `utils/refer_seg_dataset.py:249-256`), `[SEG]` with an all-zero mask
   (`--no_target_answer empty_seg`). A ref whose annotations decode to no pixels keeps `[SEG]`.
+`--refer_draw varied` (ours, off in every recipe) draws 1 to `targets_to_draw(...)` sentences,
+uniformly, and keeps a "gsva"-style sample whose every sentence is answered `[REJ]`: questions
+about a single absent sentence, which the references' loaders never ask, are then trained.
 """
 
 from __future__ import annotations
