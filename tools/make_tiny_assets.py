@@ -179,7 +179,6 @@ def make_tiny_assets(
     clip_steps: int = 0,
     backbone: str = DEFAULT_BACKBONE,
     segmenter: str = DEFAULT_SEGMENTER,
-    absent_colour_refs: int = 0,
 ) -> Path:
     """Write `out/dataset/` (the chosen families), and unless `models` is False the tiny
     backbone (`out/<backbone>_tiny/`: LLaVA's `out/llava_tiny/` by default, or Qwen2.5-VL's
@@ -189,8 +188,6 @@ def make_tiny_assets(
     image_size: (W, H). images_per_split: images per split of each family (per source for
     single-split families). size_jitter: each image shrinks by up to this fraction per side.
     absent_refs: gRefCOCO no-target refs per image (each naming another absent shape).
-    absent_colour_refs: more gRefCOCO no-target refs per training image, each naming a shape
-        of the image in a colour that no object of it has (validation and test unchanged).
     model_preset: "tiny" (the tests' models) or "demo" (`model.tiny.MODEL_PRESETS`).
     pretrain_steps: steps of image-encoder pretraining (0: random encoders).
     llava_steps: steps of LLaVA pretraining (questions, captions) after it (needs
@@ -215,14 +212,7 @@ def make_tiny_assets(
     out = Path(out)
     width, height = image_size
     options = AssetOptions(
-        width,
-        height,
-        images_per_split,
-        min_objects,
-        max_objects,
-        size_jitter,
-        absent_refs,
-        absent_colour_refs,
+        width, height, images_per_split, min_objects, max_objects, size_jitter, absent_refs
     )
     ctx = Context(out / "dataset", options, seed)
     chosen = set(families)
@@ -284,13 +274,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--absent_refs", type=int, default=1, help="gRefCOCO no-target refs per image"
-    )
-    parser.add_argument(
-        "--absent_colour_refs",
-        type=int,
-        default=0,
-        help="more gRefCOCO no-target refs per training image: a shape of the image in a "
-        "colour no object has",
     )
     parser.add_argument(
         "--model_preset",
@@ -361,7 +344,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.clip_steps,
         args.backbone,
         args.segmenter,
-        args.absent_colour_refs,
     )
     files = sum(1 for path in out.rglob("*") if path.is_file())
     print(f"wrote {files} files under {out} in {time.perf_counter() - start:.1f} s")

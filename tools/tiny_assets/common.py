@@ -28,9 +28,7 @@ PICKLE_PROTOCOL = 4
 class AssetOptions:
     """What to write: image size (W x H, each image shrunk by up to `size_jitter` of it),
     images per split (or per source), objects per scene (inclusive range), and gRefCOCO
-    no-target refs per image (`absent_refs`, each naming a different absent shape; and
-    `absent_colour_refs` more per training image, each a shape of the image in a colour no
-    object has)."""
+    no-target refs per image (`absent_refs`, each naming a different absent shape)."""
 
     width: int = 96
     height: int = 72
@@ -39,7 +37,6 @@ class AssetOptions:
     max_objects: int = 5
     size_jitter: float = 0.0
     absent_refs: int = 1
-    absent_colour_refs: int = 0
 
 
 @dataclass(frozen=True)

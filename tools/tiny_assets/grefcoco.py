@@ -7,9 +7,7 @@ one single-target ref per object, multi-target refs for every group of two or mo
 sharing a shape or a colour ("the circles", "the red things") and one pair ("the red circle and
 the blue square"), and one no-target ref (`absent_refs` of them, each another kind) naming a
 near-miss (colour, shape) that no object has (`ann_id == [-1]`, `category_id == [-1]`,
-`no_target: true`); with `absent_colour_refs`, as many more per training image naming a shape
-of the image in a colour that no object has ("the pink tree" among green ones), drawn from
-their own stream so that the validation and test refs stay as they are.
+`no_target: true`).
 
 RefCOCOm, `refer_seg/RefCOCOm/annotations/refcocom_<split>.json` for the val/testA/testB
 images of the pool, one record per object and per part (`cat`: the object's COCO category name,
@@ -30,7 +28,7 @@ from tools.tiny_assets.common import (
     write_png,
 )
 from tools.tiny_assets.refer import REFER_SPLITS, ReferPool, ref_record, sentence
-from tools.tiny_assets.shapes_world import COLOURS, Scene, SceneObject
+from tools.tiny_assets.shapes_world import Scene, SceneObject
 from tools.tiny_assets.shapes_world_text import (
     absent_kind,
     mask_box,
@@ -46,7 +44,6 @@ REFCOCOM_SPLITS = ("val", "testA", "testB")
 SINGLE_SENTENCES = 2
 GROUP_MIN = 2
 ABSENT_TRIES = 10  # draws per wanted absent kind before settling for fewer
-TRAIN_SPLIT = REFER_SPLITS[0]
 
 
 def group_phrases(scene: Scene) -> list[tuple[list[SceneObject], list[str]]]:
@@ -75,23 +72,6 @@ def absent_kinds(scene: Scene, rng: np.random.Generator, count: int) -> list[tup
     return kinds
 
 
-def absent_colour_kinds(
-    scene: Scene, rng: np.random.Generator, count: int
-) -> list[tuple[str, str]]:
-    """Up to `count` distinct (shape, colour) pairs: a shape of the scene in a colour that no
-    object of it has."""
-    shapes = sorted({o.shape for o in scene.objects})
-    colours = [c for c in COLOURS if all(o.colour != c for o in scene.objects)]
-    kinds = [(shape, colour) for shape in shapes for colour in colours]
-    chosen = rng.choice(len(kinds), size=min(count, len(kinds)), replace=False)
-    return [kinds[int(i)] for i in chosen]
-
-
-def absent_refs_of(kinds: list[tuple[str, str]]) -> list[tuple[list[SceneObject], list[str]]]:
-    """No-target refs (no objects, two expressions) naming each (shape, colour)."""
-    return [([], [f"the {colour} {shape}", f"{colour} {shape}"]) for shape, colour in kinds]
-
-
 def image_targets(
     scene: Scene, rng: np.random.Generator, absent_refs: int = 1
 ) -> list[tuple[list[SceneObject], list[str]]]:
@@ -106,12 +86,13 @@ def image_targets(
         first, second = rng.choice(len(scene.objects), size=GROUP_MIN, replace=False)
         a, b = scene.objects[min(first, second)], scene.objects[max(first, second)]
         refs.append(([a, b], [f"the {a.name} and the {b.name}", f"{a.name} and {b.name}"]))
-    return refs + absent_refs_of(absent_kinds(scene, rng, absent_refs))
+    for shape, colour in absent_kinds(scene, rng, absent_refs):
+        refs.append(([], [f"the {colour} {shape}", f"{colour} {shape}"]))
+    return refs
 
 
 def write_grefcoco(ctx: Context, pool: ReferPool) -> None:
     rng = ctx.rng("grefcoco")
-    colour_rng = ctx.rng("grefcoco-absent-colours")
     refs: list[dict] = []
     sent_count = 0
     for index, (scene, image_id, ids) in enumerate(
@@ -119,11 +100,7 @@ def write_grefcoco(ctx: Context, pool: ReferPool) -> None:
     ):
         split = split_of(index, ctx.options.images_per_split, REFER_SPLITS)
         ann_of = {id(obj): ann for obj, ann in zip(scene.objects, ids, strict=True)}
-        image_refs = image_targets(scene, rng, ctx.options.absent_refs)
-        if split == TRAIN_SPLIT and ctx.options.absent_colour_refs:
-            kinds = absent_colour_kinds(scene, colour_rng, ctx.options.absent_colour_refs)
-            image_refs += absent_refs_of(kinds)
-        for targets, texts in image_refs:
+        for targets, texts in image_targets(scene, rng, ctx.options.absent_refs):
             sentences = [sentence(sent_count + j, text) for j, text in enumerate(texts)]
             sent_count += len(sentences)
             ann_ids = [ann_of[id(obj)] for obj in targets] or NO_TARGET
