@@ -27,11 +27,10 @@ if str(ROOT) not in sys.path:
 
 from model.tiny import build_tiny_segmenter  # noqa: E402
 from tests.helpers import Conversation, make_batch  # noqa: E402
-from tests.utils.engine_script import WORLD_SIZE, train  # noqa: E402
+from tests.utils.engine_script import WORLD_SIZE, run_and_exit, train  # noqa: E402
 from utils import engine as engine_module  # noqa: E402
 from utils.config import parse_args  # noqa: E402
 from utils.engine import init_engine  # noqa: E402
-from utils.training import close_distributed  # noqa: E402
 
 CHAIN = "[SEG_SEMA]"
 STEPS = 2
@@ -97,7 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:  # else the backend's threads can abort the exit of a successful run
-        close_distributed()
+    run_and_exit(main)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -123,8 +125,19 @@ def main() -> None:
         (args.output / "result.json").write_text(json.dumps(result))
 
 
-if __name__ == "__main__":
+def run_and_exit(main: Callable[[], None]) -> None:
+    """Run a launched script's `main`, destroy the process group, and after a successful run
+    leave with `os._exit(0)`: the interpreter's teardown (the communication backend's threads,
+    C++ statics) has aborted ranks of successful runs ("terminate called without an active
+    exception") even with the process group destroyed first. A failing `main` raises as usual."""
     try:
         main()
-    finally:  # else the backend's threads can abort the exit of a successful run
+    finally:
         close_distributed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    run_and_exit(main)
