@@ -61,10 +61,10 @@ with contextlib.redirect_stdout(sys.stderr):
     from deepspeed.accelerator import get_accelerator  # noqa: E402
 
     from benchmarks.report import print_report  # noqa: E402
-    from model.backbone import image_token_count  # noqa: E402
+    from model.backbone import attention_layout, image_token_count  # noqa: E402
     from model.builder import build_segmenter  # noqa: E402
     from model.lora import parameter_group  # noqa: E402
-    from model.packing import loaded_attn_implementation, plan_packing, row_capacity  # noqa: E402
+    from model.packing import plan_packing, row_capacity  # noqa: E402
     from model.tiny import (  # noqa: E402
         CLIP_L14_224,
         LLAMA_7B,
@@ -477,7 +477,7 @@ def planned_bytes(model, config, batch, head_rows: int) -> int:
     )
     return activation_bytes(
         shape,
-        language_model_tokens(model, batch, loaded_attn_implementation(config.attn_implementation)),
+        language_model_tokens(model, batch, attention_layout(model.llava)),
         head_rows,
         config.gradient_checkpointing,
         target_pixels=sum(masks.numel() for masks in batch.gt_masks),
@@ -537,7 +537,7 @@ def compare_paths(args) -> dict:
     result["samples"] = samples
     result["padding_fraction"] = 1 - tokens / slots
     result["conversations"] = sum(batch.input_ids.shape[0] for batch in timed)
-    layout = loaded_attn_implementation(config.attn_implementation)
+    layout = attention_layout(model.llava)
     result["packed_rows"] = sum(packed_rows(batch, layout) for batch in timed)
     for path, path_runs in runs.items():
         seconds = sum(run["seconds"] for run in path_runs)

@@ -119,6 +119,12 @@ def check_attn_implementation(name: str) -> str:
     return loaded_attn_implementation(name)
 
 
+def attention_layout(llava: PreTrainedModel) -> str:
+    """The attention implementation the language model was loaded with (what `pack` cuts its
+    rows for: `sdpa_varlen` for `--attn_implementation sdpa`)."""
+    return llava.config.text_config._attn_implementation
+
+
 def family_of(config: PretrainedConfig | dict, source: str = "the model") -> Family:
     """The family of a model config (or config.json's dict), by its `model_type`; ValueError
     naming `source` and the supported types otherwise."""
@@ -391,7 +397,7 @@ def packed_language_model_hidden_states(
 
     Same arguments and result [C, L, H] (zero at padding positions); pad_id fills row tails.
     """
-    packed = pack(input_ids, attention_mask, pad_id, llava.config.text_config._attn_implementation)
+    packed = pack(input_ids, attention_mask, pad_id, attention_layout(llava))
     features = [conversation_features[index] for index in packed.order.tolist()]
     positions = packed.position_ids
     if family_of(llava.config).rope:

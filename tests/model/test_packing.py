@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.backbone import image_features, language_model_step, per_conversation
+from model.backbone import (
+    attention_layout,
+    image_features,
+    language_model_step,
+    per_conversation,
+)
 from model.packing import (
     BOUNDS,
     VARLEN_SDPA,
@@ -159,11 +164,6 @@ def test_packed_forward_backward_equals_padded(cores_batch) -> None:
         torch.testing.assert_close(grad, padded_grads[name], rtol=0, atol=ATOL, msg=name)
 
 
-def loaded_layout(model) -> str:
-    """The attention implementation the model's language model was loaded with."""
-    return model.llava.config.text_config._attn_implementation
-
-
 def row_states(
     model, batch, features, contiguous: bool, bounds: bool = True, layout: str = ""
 ) -> torch.Tensor:
@@ -172,7 +172,7 @@ def row_states(
     0..W-1 instead of restarting them per conversation; `bounds=False` leaves out the
     conversation bounds a VARLEN_SDPA row carries (with `contiguous`: one causal sequence per
     row, the control)."""
-    layout = layout or loaded_layout(model)
+    layout = layout or attention_layout(model.llava)
     packed = pack(batch.input_ids, batch.attention_mask, model.token_ids.pad, layout)
     positions = packed.position_ids
     if contiguous:
@@ -197,7 +197,7 @@ def test_attention_never_crosses_conversations(cores_batch) -> None:
     run on), eager's rows by the restarting positions (its block-diagonal mask)."""
     model, batch, _ = cores_batch  # dropout is off: the states are deterministic
     lengths = batch.attention_mask.sum(dim=1).tolist()
-    capacity = row_capacity(lengths, batch.input_ids.shape[1], loaded_layout(model))
+    capacity = row_capacity(lengths, batch.input_ids.shape[1], attention_layout(model.llava))
     shared = next(r for r in plan_packing(lengths, capacity).rows if len(r) > 1)
     first, later = shared[0], shared[1:]
     rewritten = batch.input_ids.clone()
@@ -207,7 +207,7 @@ def test_attention_never_crosses_conversations(cores_batch) -> None:
     changed = dataclasses.replace(batch, input_ids=rewritten)
     features = per_conversation(image_features(model.llava, batch.clip_pixels), batch.conv_image)
     cases = [(False, True, False), (True, False, True)]  # (contiguous, bounds, crosses)
-    if loaded_layout(model) == VARLEN_SDPA:
+    if attention_layout(model.llava) == VARLEN_SDPA:
         cases.append((True, True, False))
     for contiguous, bounds, crosses in cases:
         before = row_states(model, batch, features, contiguous, bounds)[later]
