@@ -290,6 +290,17 @@ def test_chat_results_score_the_present_mask_and_the_absent_rejection(tmp_path) 
     assert "NOT met" in "\n".join(demo.chat_lines(demo.chat_results(tmp_path)))
 
 
+def test_the_absent_chat_image_is_a_near_miss_as_the_assets_absent_expressions() -> None:
+    rng = np.random.default_rng(0)
+    for colour, shape in (("pink", "tree"), ("red", "circle"), ("blue", "car")):
+        scene = demo.near_miss_scene(rng, 64, colour, shape)
+        kinds = {(o.colour, o.shape) for o in scene.objects}
+        assert (colour, shape) not in kinds
+        assert colour in {c for c, _ in kinds} and shape in {s for _, s in kinds}
+    with pytest.raises(SystemExit, match="holding a mauve object and a tree"):
+        demo.near_miss_scene(rng, 64, "mauve", "tree")
+
+
 def test_chat_strip_puts_the_pictures_side_by_side_over_the_caption(tmp_path) -> None:
     red, blue = (np.zeros((SIDE, SIDE, 3), np.uint8) for _ in range(2))
     red[..., 2], blue[..., 0] = 255, 255

@@ -382,10 +382,7 @@ def chat_images(profile: Profile) -> tuple[Path, Path, str]:
     side = profile.image_size
     present = generate_scene(rng, side, side, CHAT_OBJECTS)
     target = present.objects[0]
-    for _ in range(CHAT_SCENE_TRIES):
-        absent = generate_scene(rng, side, side, CHAT_OBJECTS)
-        if not absent.has(target.colour, target.shape):
-            break
+    absent = near_miss_scene(rng, side, target.colour, target.shape)
     directory = profile.out / "chat"
     paths = directory / "present.jpg", directory / "absent.jpg"
     write_jpeg(paths[0], present.image)
@@ -394,6 +391,24 @@ def chat_images(profile: Profile) -> tuple[Path, Path, str]:
     truth = np.any(same, axis=0).astype(np.uint8) * MASK_ON
     cv2_write(directory / CHAT_TRUTH, truth)
     return paths[0], paths[1], target.name
+
+
+def near_miss_scene(rng, side: int, colour: str, shape: str):
+    """A scene without a `colour` `shape` that holds an object of that colour and one of that
+    shape: the target is absent the way the assets' absent expressions are (the colour of one
+    object with the shape of another, `absent_kind`), so the chat asks what training asked."""
+    from tools.tiny_assets.shapes_world import generate_scene
+
+    for _ in range(CHAT_SCENE_TRIES):
+        scene = generate_scene(rng, side, side, CHAT_OBJECTS)
+        colours = {o.colour for o in scene.objects}
+        shapes = {o.shape for o in scene.objects}
+        if not scene.has(colour, shape) and colour in colours and shape in shapes:
+            return scene
+    raise SystemExit(
+        f"no {side}x{side} scene of {CHAT_OBJECTS} objects holding a {colour} object and a "
+        f"{shape} but no {colour} {shape} in {CHAT_SCENE_TRIES} tries"
+    )
 
 
 def cv2_write(path: Path, image) -> None:
