@@ -17,19 +17,24 @@ loaded through the real builder, bf16, ZeRO-2, gradient checkpointing (meant for
 writes about 16 GB of random weights first). Both run the real data pipeline, DeepSpeed engine
 and train_ds.py flags.
 
-"small" (CPU) compares two paths on the same batches in one run: a LLaMA of width 1024,
-8 layers and a 32000-token vocabulary, a CLIP giving 256 image tokens, the m2sa recipe's mix and
-question templates on the shapes-world assets, fp32; forward + backward of each batch on each
-path, alternating. `--compare logits` (default): trimmed against full logits (same dropout
-masks); `--compare packing`: packed against padded language-model passes (`--packing`), both
-with trimmed logits; `--compare both`: packed with trimmed logits against padded with full
-logits (where a path packs, both run with dropout off: packing changes the dropout masks' shapes).
-JSON: "speedup" (candidate over baseline samples/s), "max_abs_loss_diff", and per path the
-seconds per batch, the peak resident memory the step added, and `planner_check`: the peak of
-live tensor bytes over each batch's forward and backward (`PeakTensors`) against the memory
-planner's peak for that batch (`utils.memory_plan.activation_bytes` with the positions the
-language model ran, packed or padded, the LM-head rows, the target pixels and the gradients);
-"conversations" and "packed_rows" count the language-model rows without and with packing.
+"small" (CPU) compares two paths on the same batches in one run: a LLaMA of width 1024, 8 layers
+and a 32000-token vocabulary, a CLIP giving 256 image tokens, the m2sa recipe's mix and question
+templates on the shapes-world assets, fp32; forward + backward of each batch on each path,
+alternating. Its VQA dialogues (`--vqa_lengths llava_instruct`, the default) are lengthened to
+LLaVA-Instruct-150K's text lengths, estimated from its published file sizes (`lengthen_vqa`; the
+shapes world's own are about 50 tokens, `--vqa_lengths shapes`); the other families keep the
+assets' lengths. `--compare logits` (default): trimmed against full logits (same dropout masks);
+`--compare packing`: packed against padded language-model passes (`--packing`), both with
+trimmed logits; `--compare both`: packed with trimmed logits against padded with full logits
+(where a path packs, both run with dropout off: packing changes the dropout masks' shapes).
+JSON: "speedup" (candidate over baseline samples/s), "max_abs_loss_diff", "vqa_lengths",
+"vqa_text_tokens_mean" (over the assets' dialogues), "vqa_samples" (in the timed batches), and
+per path the seconds per batch, the peak resident memory the step added, and `planner_check`:
+the peak of live tensor bytes over each batch's forward and backward (`PeakTensors`) against the
+memory planner's peak for that batch (`utils.memory_plan.activation_bytes` with the positions
+the language model ran, packed or padded, the LM-head rows, the target pixels and the
+gradients); "conversations" and "packed_rows" count the language-model rows without and with
+packing.
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ import contextlib
 import ctypes
 import gc
 import itertools
+import json
 import os
+import random
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -113,6 +120,18 @@ COMPARISONS = {
         "packed_trimmed": {"full_logits": False, "packing": True},
     },
 }
+# small preset, `--vqa_lengths llava_instruct`: LLaVA-Instruct-150K's three parts as (records,
+# MB), the counts in the file names and the sizes in LLaVA's docs/Data.md, give bytes of JSON per
+# record; BYTES_PER_TEXT_TOKEN (about 4 characters per LLaMA token, plus the JSON keys around
+# each turn) turns them into the text tokens of a record: about 434, 178 and 207
+LLAVA_INSTRUCT_PARTS = {
+    "conversation_58k": (58_000, 126.0),
+    "detail_23k": (23_000, 20.5),
+    "complex_reasoning_77k": (77_000, 79.6),
+}
+BYTES_PER_TEXT_TOKEN = 5.0
+LENGTH_SPREAD = (0.5, 1.5)  # a record's text tokens: its part's mean times a uniform draw
+VQA_JSON = Path("llava_dataset") / "llava_instruct_150k.json"
 BYTES_PER_GB = 2**30
 TERA = 1e12
 
@@ -151,6 +170,14 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument("--batches", type=int, default=3, help="small: batches per path")
+    parser.add_argument(
+        "--vqa_lengths",
+        choices=("llava_instruct", "shapes"),
+        default="llava_instruct",
+        help="small: VQA dialogues lengthened to LLaVA-Instruct-150K's estimated text tokens "
+        "(default), or the shapes world's short ones",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="small: assets and batches")
     parser.add_argument("--local_rank", type=int, default=0)
     return parser.parse_args()
 
@@ -398,9 +425,48 @@ def resident_bytes() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def llava_instruct_text_tokens(part: str) -> float:
+    """The mean text tokens of a record of one LLaVA-Instruct-150K part (LLAVA_INSTRUCT_PARTS)."""
+    records, megabytes = LLAVA_INSTRUCT_PARTS[part]
+    return megabytes * 1e6 / records / BYTES_PER_TEXT_TOKEN
+
+
+def text_tokens(tokenizer, turns: list[dict]) -> int:
+    return sum(len(tokenizer(t["value"], add_special_tokens=False).input_ids) for t in turns)
+
+
+def lengthen_answers(turns: list[dict], tokenizer, target: int) -> None:
+    """Appends each answer's own text to the answers in turn until the dialogue's text holds at
+    least `target` tokens (its questions, `<image>` and rounds unchanged)."""
+    answers = [turn for turn in turns if turn["from"] == "gpt"]
+    originals = [turn["value"] for turn in answers]
+    for index in itertools.cycle(range(len(answers))):
+        if text_tokens(tokenizer, turns) >= target:
+            return
+        answers[index]["value"] += " " + originals[index]
+
+
+def lengthen_vqa(dataset_dir: Path, tokenizer, seed: int) -> list[int]:
+    """Rewrites the assets' llava_instruct_150k.json so each dialogue's text is as long as a
+    LLaVA-Instruct-150K record's: a part drawn by its record count, its mean text tokens times
+    a LENGTH_SPREAD draw. Returns the dialogues' text tokens."""
+    path = dataset_dir / VQA_JSON
+    records = json.loads(path.read_text())
+    rng = random.Random(seed)
+    parts = sorted(LLAVA_INSTRUCT_PARTS)
+    weights = [LLAVA_INSTRUCT_PARTS[part][0] for part in parts]
+    for record in records:
+        part = rng.choices(parts, weights)[0]
+        target = round(llava_instruct_text_tokens(part) * rng.uniform(*LENGTH_SPREAD))
+        lengthen_answers(record["conversations"], tokenizer, target)
+    path.write_text(json.dumps(records))
+    return [text_tokens(tokenizer, record["conversations"]) for record in records]
+
+
 def small_batches(args, assets: Path):
-    """The small model (vocabulary grown to SMALL_VOCAB) and `args.batches + 1` m2sa batches."""
-    make_tiny_assets(assets, seed=0, image_size=(640, 480), models=False)
+    """The small model (vocabulary grown to SMALL_VOCAB), `args.batches + 1` m2sa batches and
+    the VQA dialogues' text tokens."""
+    make_tiny_assets(assets, seed=args.seed, image_size=(640, 480), models=False)
     write_tiny_llava(assets / "llava_tiny", text=SMALL_TEXT, vision=SMALL_VISION)
     write_tiny_sam(assets / "vision_pretrained" / "sam_tiny.pth")
     config = parse_args(
@@ -413,17 +479,26 @@ def small_batches(args, assets: Path):
             f"--batch_size={args.batch_size}",
             "--workers=0",
             "--epochs=1",
+            f"--seed={args.seed}",
         ]
     )
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model, tokenizer = build_segmenter(config.model_config())
     model.llava.resize_token_embeddings(SMALL_VOCAB)  # a real vocabulary's head and softmax
+    if args.vqa_lengths == "llava_instruct":
+        vqa_tokens = lengthen_vqa(assets / "dataset", tokenizer, args.seed)
+    else:
+        vqa_tokens = [text_tokens(tokenizer, r["conversations"]) for r in read_vqa(assets)]
     processor = SampleProcessor.for_model(
         model, tokenizer, config.version, config.conv_type, config.model_max_length
     )
     dataset = training_dataset(config, processor, 1, check=False)
     loader = training_loader(dataset, config, 0, 1, model.token_ids.pad)
-    return config, model, list(itertools.islice(loader, args.batches + 1))
+    return config, model, list(itertools.islice(loader, args.batches + 1)), vqa_tokens
+
+
+def read_vqa(assets: Path) -> list[dict]:
+    return json.loads((assets / "dataset" / VQA_JSON).read_text())
 
 
 def forward_backward(model, batch, seed: int) -> dict:
@@ -482,6 +557,7 @@ def planned_bytes(model, config, batch, head_rows: int) -> int:
         config.gradient_checkpointing,
         target_pixels=sum(masks.numel() for masks in batch.gt_masks),
         gradients=gradients,
+        output_holds_logits=model.uses_full_logits,
     )
 
 
@@ -514,13 +590,14 @@ def compare_paths(args) -> dict:
     """The two paths of `args.compare`, alternating on the same batches; the first batch warms
     up."""
     with tempfile.TemporaryDirectory() as scratch:
-        config, model, batches = small_batches(args, Path(scratch))
+        config, model, batches, vqa_tokens = small_batches(args, Path(scratch))
     model.train()
     paths = COMPARISONS[args.compare]
     if any(settings["packing"] for settings in paths.values()):
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+        config = replace(config, lora_dropout=0.0)  # planned as it runs
     runs: dict[str, list[dict]] = {path: [] for path in paths}
     for index, batch in enumerate(batches):
         for path, settings in paths.items():
@@ -536,6 +613,11 @@ def compare_paths(args) -> dict:
     result = {"preset": "small", "compare": args.compare, "batches": len(timed)}
     result["samples"] = samples
     result["padding_fraction"] = 1 - tokens / slots
+    result["vqa_lengths"] = args.vqa_lengths
+    result["vqa_text_tokens_mean"] = sum(vqa_tokens) / len(vqa_tokens)
+    result["vqa_samples"] = sum(
+        source.startswith("vqa/") for batch in timed for source in batch.sources
+    )
     result["conversations"] = sum(batch.input_ids.shape[0] for batch in timed)
     layout = attention_layout(model.llava)
     result["packed_rows"] = sum(packed_rows(batch, layout) for batch in timed)

@@ -141,6 +141,8 @@ def test_small_preset_compares_packed_trimmed_with_padded_full_logits() -> None:
         "benchmarks/train_step.py", "--preset", "small", "--batches", "2", "--compare", "both"
     )
     assert report["compare"] == "both" and report["batches"] == 2
+    # the default: VQA dialogues as long as LLaVA-Instruct-150K's (about 286 text tokens)
+    assert report["vqa_lengths"] == "llava_instruct" and report["vqa_text_tokens_mean"] > 250
     baseline, candidate = report["padded_full"], report["packed_trimmed"]
     assert report["speedup"] == pytest.approx(
         candidate["samples_per_s"] / baseline["samples_per_s"]
@@ -174,3 +176,60 @@ def test_peak_tensors_counts_live_storages_and_not_views() -> None:
         small = part * 2  # 1000 bytes; `big` freed by now
     assert tensors.peak == 4000 + 1000
     assert tensors.bytes == 2000 and transposed.shape == (20, 50) and small.shape == (250,)
+
+
+class WordTokenizer:
+    """One token per space-separated word (the lengthening only counts tokens)."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=text.split())
+
+
+def test_small_preset_lengthens_vqa_answers_with_their_own_text() -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.train_step import lengthen_answers
+
+    turns = [
+        {"from": "human", "value": "<image>\nHow many? please"},  # 3 words
+        {"from": "gpt", "value": "Two red."},  # 2
+        {"from": "human", "value": "Colour?"},  # 1
+        {"from": "gpt", "value": "It is blue."},  # 3
+    ]
+    lengthen_answers(turns, WordTokenizer(), target=14)
+    # 9 words, then one answer's copy at a time, in turn: +2 (11), +3 (14)
+    assert [t["value"] for t in turns] == [
+        "<image>\nHow many? please",
+        "Two red. Two red.",
+        "Colour?",
+        "It is blue. It is blue.",
+    ]
+    lengthen_answers(turns, WordTokenizer(), target=5)  # already longer: unchanged
+    assert turns[1]["value"] == "Two red. Two red."
+
+
+def test_small_preset_vqa_lengths_follow_llava_instruct_parts(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import train_step
+
+    # conversation_58k: 126 MB over 58,000 records at 5 bytes per token
+    assert train_step.llava_instruct_text_tokens("conversation_58k") == pytest.approx(
+        126e6 / 58_000 / 5
+    )
+    path = tmp_path / train_step.VQA_JSON
+    path.parent.mkdir(parents=True)
+    record = {"id": "1", "image": "a.jpg"}
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]
+    path.write_text(json.dumps([{**record, "conversations": turns}] * 200))
+    tokens = train_step.lengthen_vqa(tmp_path, WordTokenizer(), seed=0)
+    low, high = train_step.LENGTH_SPREAD
+    means = [train_step.llava_instruct_text_tokens(p) for p in train_step.LLAVA_INSTRUCT_PARTS]
+    assert min(means) * low <= min(tokens) and max(tokens) <= max(means) * high + 2
+    # the parts' means weighted by their record counts: about 286 tokens
+    counts = [records for records, _ in train_step.LLAVA_INSTRUCT_PARTS.values()]
+    expected = sum(m * c for m, c in zip(means, counts, strict=True)) / sum(counts)
+    assert sum(tokens) / len(tokens) == pytest.approx(expected, rel=0.1)
+    written = json.loads(path.read_text())
+    assert [len(r["conversations"][1]["value"].split()) + 2 for r in written] == tokens
+    assert all(r["conversations"][0]["value"] == "<image>\nWhat?" for r in written)

@@ -151,18 +151,21 @@ def activation_bytes(
     checkpointing: bool,
     target_pixels: int = 0,
     gradients: StepGradients = StepGradients(),
+    output_holds_logits: bool = True,
 ) -> int:
     """Peak bytes of one micro-batch's forward and backward: the language model over `tokens`
     positions (padding included), the LM head over `head_rows`, the mask losses over
-    `target_pixels` (targets x image pixels), and `gradients` as they appear. The largest of:
+    `target_pixels` (targets x image pixels), and `gradients` as they appear.
+    `output_holds_logits`: the full-logit path returns the logits, held to the end of the step;
+    trimmed logits are freed once the head's backward has run. The largest of:
 
     - the end of the forward: each layer's input (with checkpointing) or everything each layer
       keeps (without), the embeddings, the head's logits and log-softmax, the mask losses;
     - the head's backward: the same language-model tensors, the head's tensors and their two
       gradients;
     - the last layer's backward: the kept tensors, the recomputed layer (checkpointing), its
-      MLP's backward, the logits (the output holds them) and the head's gradient;
-    - the end of the backward: every gradient beside the logits.
+      MLP's backward, the logits if the output holds them and the head's gradient;
+    - the end of the backward: every gradient, beside the logits if the output holds them.
     """
     p, hidden = shape.bytes_per_value, shape.hidden_size
     layer = layer_activation_bytes(shape) * tokens
@@ -175,10 +178,9 @@ def activation_bytes(
     head_forward = logits * (p + HEAD_FORWARD_FP32 * FP32_BYTES)
     forward_end = kept + head_forward + MASK_LOSS_VALUES * FP32_BYTES * target_pixels
     head_backward = kept + head_forward + HEAD_BACKWARD_FP32 * FP32_BYTES * logits
-    layer_backward = (
-        kept + recomputed + mlp_backward_bytes(shape) * tokens + logits * p + gradients.head
-    )
-    backward_end = gradients.total + logits * p
+    held = logits * p if output_holds_logits else 0
+    layer_backward = kept + recomputed + mlp_backward_bytes(shape) * tokens + held + gradients.head
+    backward_end = gradients.total + held
     return max(forward_end, head_backward, layer_backward, backward_end)
 
 
@@ -374,7 +376,12 @@ def plan_settings(config, gpus: int, on_gpu: bool = True) -> list[MemoryPlan]:
             rows = tokens if config.full_logits else conversations * (length - image_tokens)
             pixels = conversations * PLANNED_MASK_PIXELS
             activations[key] = activation_bytes(
-                shape, tokens, max(rows, 0), checkpointing, target_pixels=pixels
+                shape,
+                tokens,
+                max(rows, 0),
+                checkpointing,
+                target_pixels=pixels,
+                output_holds_logits=config.full_logits,
             )
         plans.append(
             MemoryPlan(

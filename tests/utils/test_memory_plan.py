@@ -110,6 +110,18 @@ def test_checkpointing_peaks_in_the_first_layer_backward() -> None:
     assert activation_bytes(SHAPE, TOKENS, ROWS, checkpointing=True) == 1612
 
 
+def test_trimmed_logits_are_freed_before_the_layers_backward() -> None:
+    # the trimmed path's output holds no logits: the layer backward without its 2 x LOGITS
+    kept = 3 * EMBEDDINGS + EMBEDDINGS
+    trimmed = activation_bytes(SHAPE, TOKENS, ROWS, True, output_holds_logits=False)
+    assert trimmed == kept + 136 * TOKENS + 48 * TOKENS == 1512
+    gradients = StepGradients(head=1000, total=5000)  # the end of the backward: no logits
+    end = activation_bytes(
+        SHAPE, TOKENS, ROWS, True, gradients=gradients, output_holds_logits=False
+    )
+    assert end == 5000
+
+
 def test_without_checkpointing_the_head_backward_peaks() -> None:
     kept = 3 * 136 * TOKENS + EMBEDDINGS
     head_backward = kept + LOGITS * (2 + 4) + 2 * 4 * LOGITS
