@@ -6,8 +6,9 @@
 # 1. memory plan of the 7B m2sa recipe (train_ds.py --estimate_memory --json, no weights);
 # 2. a training step of the 7b preset (random LLaVA-7B + SAM ViT-H weights, bf16, ZeRO-2,
 #    gradient checkpointing, flash-attention 2 when flash_attn is installed, else sdpa):
-#    padded with trimmed logits, then full logits, then packed (--packing: with flash-attention 2
-#    one varlen row per micro-batch), each for the same number of steps (samples/s, tokens/s,
+#    padded with trimmed logits, then full logits, then packed (--packing, train_ds.py's default
+#    for both: one varlen row per micro-batch, with sdpa one sdpa call per conversation), each
+#    for the same number of steps (samples/s, tokens/s,
 #    model TFLOP/s, MFU against the card's bf16 peak, peak memory, "speedup" of trimmed over
 #    full logits, "packing_speedup" of packed over padded);
 # 3. generation of the 7b preset with and without the KV cache.

@@ -332,9 +332,9 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="run the language model padding-free in training and teacher-forced evaluation: "
         "conversations packed into rows with restarting positions, attention confined to each "
-        "(generation never packs). Default: on with flash_attention_2 (one varlen row per "
-        "micro-batch), off with sdpa (one row, one attention call per conversation) and eager "
-        "(rows of at most the padded length)",
+        "(generation never packs). Default: on with flash_attention_2 and sdpa (one varlen row "
+        "per micro-batch; sdpa runs one attention call per conversation), off with eager (rows "
+        "of at most the padded length)",
     )
     add(
         "--estimate_memory",

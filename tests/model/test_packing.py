@@ -90,9 +90,9 @@ def test_sdpa_models_pack_into_one_row_with_the_conversation_bounds() -> None:
     assert pack(input_ids, input_ids != 0, PAD, "eager").attention_kwargs == {}
 
 
-def test_unset_packing_is_on_for_flash_attention_only() -> None:
-    assert packing_enabled(None, "flash_attention_2")
-    assert not packing_enabled(None, "sdpa") and not packing_enabled(None, "eager")
+def test_unset_packing_is_on_for_the_varlen_implementations() -> None:
+    assert packing_enabled(None, "flash_attention_2") and packing_enabled(None, "sdpa")
+    assert not packing_enabled(None, "eager")
     assert packing_enabled(True, "sdpa") and not packing_enabled(False, "flash_attention_2")
 
 
