@@ -229,6 +229,7 @@ def test_shortened_demo_runs_on_qwen2_5_vl_and_sam2(tmp_path) -> None:
     assert len(summary["trained"]) == len(demo.VAL_SETS)
     assert demo.REFERRING_SET in summary["trained"]
     assert summary["chat"]["present"]["answer"] and summary["chat"]["absent"]["answer"]
+    assert summary["chat"]["probe"]["pairs"] == demo.CHAT_PROBE_PAIRS
     merged = json.loads((out / "merged" / "config.json").read_text())
     assert merged["model_type"] == "qwen2_5_vl"
 
@@ -279,7 +280,10 @@ def test_chat_results_score_the_present_mask_and_the_absent_rejection(tmp_path) 
     absent["targets"] = [{"index": 0, "present": False}]
     lines = [json.dumps(record) for record in (present, absent)]
     (tmp_path / demo.CHAT_ANSWERS).write_text("\n".join(lines) + "\n")
+    (tmp_path / demo.PROBE_DIR).mkdir()
+    (tmp_path / demo.PROBE_DIR / demo.CHAT_ANSWERS).write_text("\n".join(lines) + "\n")
     chat = demo.chat_results(tmp_path)
+    assert chat["probe"] == {"pairs": 1, "present_segmented": 1, "absent_rejected": 1}
     assert chat["present"]["iou"] == pytest.approx(0.5) and chat["absent"]["rejected"]
     assert chat["met"]
     absent["targets"][0]["present"] = True
@@ -297,8 +301,24 @@ def test_the_absent_chat_image_is_a_near_miss_as_the_assets_absent_expressions()
         kinds = {(o.colour, o.shape) for o in scene.objects}
         assert (colour, shape) not in kinds
         assert colour in {c for c, _ in kinds} and shape in {s for _, s in kinds}
-    with pytest.raises(SystemExit, match="holding a mauve object and a tree"):
-        demo.near_miss_scene(rng, 64, "mauve", "tree")
+    assert demo.near_miss_scene(rng, 64, "mauve", "tree") is None  # no such colour
+    for _ in range(5):
+        present, absent = demo.chat_pair(rng, 64)
+        target = present.objects[0]
+        assert not absent.has(target.colour, target.shape)
+        assert target.colour in {o.colour for o in absent.objects}
+        assert target.shape in {o.shape for o in absent.objects}
+
+
+def test_probe_results_count_the_one_name_decisions(tmp_path) -> None:
+    seg = {"index": 0, "present": True, "mask": "m.png"}
+    rej = {"index": 0, "present": False}
+    # pairs: (present answered [SEG], absent [REJ]), ([REJ], [SEG]), ([SEG], nothing named)
+    records = [[seg], [rej], [rej], [seg], [seg], []]
+    lines = [json.dumps({"prompt": "q", "text": "t", "targets": r}) for r in records]
+    (tmp_path / demo.CHAT_ANSWERS).write_text("\n".join(lines) + "\n")
+    probe = demo.probe_results(tmp_path)
+    assert probe == {"pairs": 3, "present_segmented": 2, "absent_rejected": 1}
 
 
 def test_chat_strip_puts_the_pictures_side_by_side_over_the_caption(tmp_path) -> None:

@@ -12,7 +12,8 @@
 3. trains with the real launcher, `deepspeed --num_gpus 2 train_ds.py`, on the default mix;
 4. evaluates the trained model and compares it with the baselines (`tools/demo_report.py`);
 5. consolidates the checkpoint (`zero_to_fp32.py`), merges LoRA into an HF checkpoint, and asks
-   `chat.py` about two images (the target present, then absent);
+   `chat.py` about two images (the target present, then absent), then the same question about
+   CHAT_PROBE_PAIRS more such pairs, whose answers give the rates of its one-name decisions;
 6. writes DIR/summary.json (with the chat answers and the present target's mask IoU),
    DIR/training_curve.png, and prints the tables, the outputs and every command it ran.
 `--long` is `make demo-long` (DIR = runs/demo-long, 4 epochs of 800 steps instead of 3 of 600).
@@ -71,6 +72,11 @@ CHAT_QUESTION = GSVA_QUESTIONS[3]
 CHAT_SCENE_SEED = 7
 CHAT_MAX_TOKENS = 32
 CHAT_SCENE_TRIES = 1000
+# more chat pairs (present, near-miss absent), asked the chat question: the rates of the chat's
+# one-name decisions, of which the chat's own pair is one draw
+CHAT_PROBE_PAIRS = 30
+PROBE_SCENE_SEED = CHAT_SCENE_SEED + 1
+PROBE_DIR = "probe"
 CHAT_OBJECTS = (3, 4)  # shapes per chat image (inclusive range)
 CHAT_REQUESTS, CHAT_ANSWERS = "requests.jsonl", "answers.jsonl"
 CHAT_TRUTH = "present_target.png"
@@ -376,13 +382,10 @@ def chat_images(profile: Profile) -> tuple[Path, Path, str]:
     import numpy as np
 
     from tools.tiny_assets.common import write_jpeg
-    from tools.tiny_assets.shapes_world import generate_scene
 
     rng = np.random.default_rng(CHAT_SCENE_SEED)
-    side = profile.image_size
-    present = generate_scene(rng, side, side, CHAT_OBJECTS)
+    present, absent = chat_pair(rng, profile.image_size)
     target = present.objects[0]
-    absent = near_miss_scene(rng, side, target.colour, target.shape)
     directory = profile.out / "chat"
     paths = directory / "present.jpg", directory / "absent.jpg"
     write_jpeg(paths[0], present.image)
@@ -393,10 +396,26 @@ def chat_images(profile: Profile) -> tuple[Path, Path, str]:
     return paths[0], paths[1], target.name
 
 
+def chat_pair(rng, side: int):
+    """(present, absent) scenes: a random scene, whose first object the chat names, and a scene
+    without that object's colour and shape together that holds an object of its colour and one
+    of its shape, the way the assets' absent expressions are absent (the colour of one object
+    with the shape of another, `absent_kind`), so the chat asks what training asked. A present
+    scene whose target has no such scene within CHAT_SCENE_TRIES is drawn again."""
+    from tools.tiny_assets.shapes_world import generate_scene
+
+    for _ in range(CHAT_SCENE_TRIES):
+        present = generate_scene(rng, side, side, CHAT_OBJECTS)
+        target = present.objects[0]
+        absent = near_miss_scene(rng, side, target.colour, target.shape)
+        if absent is not None:
+            return present, absent
+    raise SystemExit(f"no {side}x{side} chat scenes with a near miss in {CHAT_SCENE_TRIES} tries")
+
+
 def near_miss_scene(rng, side: int, colour: str, shape: str):
-    """A scene without a `colour` `shape` that holds an object of that colour and one of that
-    shape: the target is absent the way the assets' absent expressions are (the colour of one
-    object with the shape of another, `absent_kind`), so the chat asks what training asked."""
+    """A scene without a `colour` `shape` holding an object of that colour and one of that
+    shape, or None if CHAT_SCENE_TRIES scenes hold none."""
     from tools.tiny_assets.shapes_world import generate_scene
 
     for _ in range(CHAT_SCENE_TRIES):
@@ -405,10 +424,31 @@ def near_miss_scene(rng, side: int, colour: str, shape: str):
         shapes = {o.shape for o in scene.objects}
         if not scene.has(colour, shape) and colour in colours and shape in shapes:
             return scene
-    raise SystemExit(
-        f"no {side}x{side} scene of {CHAT_OBJECTS} objects holding a {colour} object and a "
-        f"{shape} but no {colour} {shape} in {CHAT_SCENE_TRIES} tries"
+    return None
+
+
+def probe_command(profile: Profile, merged: Path) -> list[str]:
+    """chat.py in batch mode on CHAT_PROBE_PAIRS more chat pairs (DIR/chat/probe: present then
+    absent image of each pair, asked the chat question about the present one's first object),
+    whose answers give the rates of the chat's one-name decisions (`probe_results`)."""
+    import numpy as np
+
+    from tools.tiny_assets.common import write_jpeg
+
+    directory = profile.out / "chat" / PROBE_DIR
+    rng = np.random.default_rng(PROBE_SCENE_SEED)
+    requests = []
+    for index in range(CHAT_PROBE_PAIRS):
+        present, absent = chat_pair(rng, profile.image_size)
+        question = CHAT_QUESTION.format(x=f"the {present.objects[0].name}")
+        for kind, scene in (("present", present), ("absent", absent)):
+            path = directory / f"{index:02d}_{kind}.jpg"
+            write_jpeg(path, scene.image)
+            requests.append({"image": str(path), "prompt": question})
+    (directory / CHAT_REQUESTS).write_text(
+        "".join(json.dumps(request) + "\n" for request in requests)
     )
+    return chat_py(merged, directory)
 
 
 def cv2_write(path: Path, image) -> None:
@@ -434,6 +474,11 @@ def chat_command(profile: Profile, merged: Path) -> list[str]:
     (directory / CHAT_REQUESTS).write_text(
         "".join(json.dumps(request) + "\n" for request in requests)
     )
+    return chat_py(merged, directory)
+
+
+def chat_py(merged: Path, directory: Path) -> list[str]:
+    """chat.py in batch mode: DIR/requests.jsonl -> DIR/answers.jsonl, overlays in DIR/output."""
     return [
         PYTHON,
         "chat.py",
@@ -447,8 +492,31 @@ def chat_command(profile: Profile, merged: Path) -> list[str]:
 
 
 def read_chat_answers(directory: Path) -> list[dict]:
-    """chat.py's records of DIR/chat/answers.jsonl: the present image's, then the absent's."""
+    """chat.py's records of DIR/answers.jsonl (DIR/chat: the present image's, then the
+    absent's; DIR/chat/probe: pair by pair, the same)."""
     return [json.loads(line) for line in (directory / CHAT_ANSWERS).read_text().splitlines()]
+
+
+def rejected(answer: dict) -> bool:
+    """Whether chat.py answered every target of a record `[REJ]` (and named at least one)."""
+    return bool(answer["targets"]) and not any(t["present"] for t in answer["targets"])
+
+
+def segmented(answer: dict) -> bool:
+    """Whether chat.py answered a record with at least one `[SEG]` mask."""
+    return any(t["present"] for t in answer["targets"])
+
+
+def probe_results(directory: Path) -> dict:
+    """The chat's one-name decisions over the probe pairs (DIR/chat/probe/answers.jsonl):
+    how many present images got a `[SEG]` mask and how many absent ones every target `[REJ]`."""
+    answers = read_chat_answers(directory)
+    present, absent = answers[0::2], answers[1::2]
+    return {
+        "pairs": len(present),
+        "present_segmented": sum(segmented(answer) for answer in present),
+        "absent_rejected": sum(rejected(answer) for answer in absent),
+    }
 
 
 def chat_results(directory: Path) -> dict:
@@ -462,12 +530,12 @@ def chat_results(directory: Path) -> dict:
     truth = cv2.imread(str(directory / CHAT_TRUTH), cv2.IMREAD_GRAYSCALE) > 0
     masks = [target["mask"] for target in present["targets"] if target["present"]]
     iou = demo_report.iou(cv2.imread(masks[0], cv2.IMREAD_GRAYSCALE) > 0, truth) if masks else 0.0
-    rejected = bool(absent["targets"]) and not any(t["present"] for t in absent["targets"])
     return {
         "question": present["prompt"],
         "present": {"answer": present["text"], "iou": iou},
-        "absent": {"answer": absent["text"], "rejected": rejected},
-        "met": iou >= CHAT_MIN_IOU and rejected,
+        "absent": {"answer": absent["text"], "rejected": rejected(absent)},
+        "met": iou >= CHAT_MIN_IOU and rejected(absent),
+        "probe": probe_results(directory / PROBE_DIR),
     }
 
 
@@ -521,6 +589,10 @@ def run_cycle(profile: Profile, runner: Runner) -> dict:
         ],
     )
     runner("chat: the target present, then absent", chat_command(profile, merged))
+    runner(
+        f"chat: {CHAT_PROBE_PAIRS} more pairs, for the rates of its decisions",
+        probe_command(profile, merged),
+    )
     untrained, untrained_referring = read_evaluation(out / "untrained")
     trained, _ = read_evaluation(out / "trained")
     steps = profile.epochs * profile.steps_per_epoch
@@ -604,11 +676,15 @@ def chat_lines(chat: dict) -> list[str]:
     """The chat answers under the report's tables."""
     verdict = "met" if chat["met"] else "NOT met"
     rejected = "yes" if chat["absent"]["rejected"] else "no"
+    probe = chat["probe"]
     return [
         f"=== chat.py on two new images: {chat['question']}",
         f"target present: {chat['present']['answer']!r}  mask IoU {chat['present']['iou']:.3f}",
         f"target absent:  {chat['absent']['answer']!r}  answered [REJ]: {rejected}",
         f"chat (IoU >= {CHAT_MIN_IOU} and [REJ] when absent): {verdict}",
+        f"the same question on {probe['pairs']} more pairs: [SEG] on "
+        f"{probe['present_segmented']}/{probe['pairs']} present images, [REJ] on "
+        f"{probe['absent_rejected']}/{probe['pairs']} absent ones",
     ]
 
 
