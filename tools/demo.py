@@ -41,6 +41,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the project's packages importable
@@ -54,6 +55,11 @@ from tools.make_tiny_assets import (  # noqa: E402
     SEGMENTERS,
 )
 from utils.datasets.templates import GSVA_QUESTIONS  # noqa: E402
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tools.tiny_assets.shapes_world import Scene
 
 PYTHON = sys.executable
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -396,7 +402,7 @@ def chat_images(profile: Profile) -> tuple[Path, Path, str]:
     return paths[0], paths[1], target.name
 
 
-def chat_pair(rng, side: int):
+def chat_pair(rng: np.random.Generator, side: int) -> tuple[Scene, Scene]:
     """(present, absent) scenes: a random scene, whose first object the chat names, and a scene
     without that object's colour and shape together that holds an object of its colour and one
     of its shape, the way the assets' absent expressions are absent (the colour of one object
@@ -413,7 +419,7 @@ def chat_pair(rng, side: int):
     raise SystemExit(f"no {side}x{side} chat scenes with a near miss in {CHAT_SCENE_TRIES} tries")
 
 
-def near_miss_scene(rng, side: int, colour: str, shape: str):
+def near_miss_scene(rng: np.random.Generator, side: int, colour: str, shape: str) -> Scene | None:
     """A scene without a `colour` `shape` holding an object of that colour and one of that
     shape, or None if CHAT_SCENE_TRIES scenes hold none."""
     from tools.tiny_assets.shapes_world import generate_scene
@@ -445,10 +451,7 @@ def probe_command(profile: Profile, merged: Path) -> list[str]:
             path = directory / f"{index:02d}_{kind}.jpg"
             write_jpeg(path, scene.image)
             requests.append({"image": str(path), "prompt": question})
-    (directory / CHAT_REQUESTS).write_text(
-        "".join(json.dumps(request) + "\n" for request in requests)
-    )
-    return chat_py(merged, directory)
+    return chat_py(merged, directory, requests)
 
 
 def cv2_write(path: Path, image) -> None:
@@ -471,14 +474,15 @@ def chat_command(profile: Profile, merged: Path) -> list[str]:
     write_app_examples(present.parent, (present, absent), question)
     directory = profile.out / "chat"
     requests = [{"image": str(image), "prompt": question} for image in (present, absent)]
+    return chat_py(merged, directory, requests)
+
+
+def chat_py(merged: Path, directory: Path, requests: list[dict]) -> list[str]:
+    """chat.py in batch mode on `requests` ({image, prompt}), written to DIR/requests.jsonl:
+    answers to DIR/answers.jsonl, overlays to DIR/output."""
     (directory / CHAT_REQUESTS).write_text(
         "".join(json.dumps(request) + "\n" for request in requests)
     )
-    return chat_py(merged, directory)
-
-
-def chat_py(merged: Path, directory: Path) -> list[str]:
-    """chat.py in batch mode: DIR/requests.jsonl -> DIR/answers.jsonl, overlays in DIR/output."""
     return [
         PYTHON,
         "chat.py",
