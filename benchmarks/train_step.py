@@ -432,18 +432,25 @@ def llava_instruct_text_tokens(part: str) -> float:
 
 
 def text_tokens(tokenizer, turns: list[dict]) -> int:
-    return sum(len(tokenizer(t["value"], add_special_tokens=False).input_ids) for t in turns)
+    return sum(turn_tokens(tokenizer, turn) for turn in turns)
 
 
-def lengthen_answers(turns: list[dict], tokenizer, target: int) -> None:
+def turn_tokens(tokenizer, turn: dict) -> int:
+    return len(tokenizer(turn["value"], add_special_tokens=False).input_ids)
+
+
+def lengthen_answers(turns: list[dict], tokenizer, target: int) -> int:
     """Appends each answer's own text to the answers in turn until the dialogue's text holds at
-    least `target` tokens (its questions, `<image>` and rounds unchanged)."""
+    least `target` tokens (its questions, `<image>` and rounds unchanged); returns its tokens."""
     answers = [turn for turn in turns if turn["from"] == "gpt"]
     originals = [turn["value"] for turn in answers]
+    others = text_tokens(tokenizer, [turn for turn in turns if turn["from"] != "gpt"])
+    counts = [turn_tokens(tokenizer, turn) for turn in answers]
     for index in itertools.cycle(range(len(answers))):
-        if text_tokens(tokenizer, turns) >= target:
-            return
+        if others + sum(counts) >= target:
+            return others + sum(counts)
         answers[index]["value"] += " " + originals[index]
+        counts[index] = turn_tokens(tokenizer, answers[index])
 
 
 def lengthen_vqa(dataset_dir: Path, tokenizer, seed: int) -> list[int]:
@@ -455,12 +462,13 @@ def lengthen_vqa(dataset_dir: Path, tokenizer, seed: int) -> list[int]:
     rng = random.Random(seed)
     parts = sorted(LLAVA_INSTRUCT_PARTS)
     weights = [LLAVA_INSTRUCT_PARTS[part][0] for part in parts]
+    tokens = []
     for record in records:
         part = rng.choices(parts, weights)[0]
         target = round(llava_instruct_text_tokens(part) * rng.uniform(*LENGTH_SPREAD))
-        lengthen_answers(record["conversations"], tokenizer, target)
+        tokens.append(lengthen_answers(record["conversations"], tokenizer, target))
     path.write_text(json.dumps(records))
-    return [text_tokens(tokenizer, record["conversations"]) for record in records]
+    return tokens
 
 
 def small_batches(args, assets: Path):

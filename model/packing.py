@@ -50,10 +50,7 @@ def packing_enabled(choice: bool | None, attn_implementation: str) -> bool:
     CPU 1.23x the padded pass's speed at 18 % padding, not yet measured on a GPU), off for
     eager (rows bounded by L seldom hold two conversations that carry image tokens)."""
     if choice is None:
-        return attn_implementation.startswith(FLASH_ATTENTION_PREFIX) or attn_implementation in (
-            SDPA,
-            VARLEN_SDPA,
-        )
+        return attn_implementation.startswith(FLASH_ATTENTION_PREFIX) or attn_implementation == SDPA
     return choice
 
 

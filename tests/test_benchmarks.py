@@ -192,20 +192,20 @@ def test_small_preset_lengthens_vqa_answers_with_their_own_text() -> None:
     from benchmarks.train_step import lengthen_answers
 
     turns = [
-        {"from": "human", "value": "<image>\nHow many? please"},  # 3 words
+        {"from": "human", "value": "<image>\nHow many? please"},  # 4 words ("<image>" is one)
         {"from": "gpt", "value": "Two red."},  # 2
         {"from": "human", "value": "Colour?"},  # 1
         {"from": "gpt", "value": "It is blue."},  # 3
     ]
-    lengthen_answers(turns, WordTokenizer(), target=14)
-    # 9 words, then one answer's copy at a time, in turn: +2 (11), +3 (14)
+    assert lengthen_answers(turns, WordTokenizer(), target=14) == 15
+    # 10 words, then one answer's copy at a time, in turn: +2 (12), +3 (15)
     assert [t["value"] for t in turns] == [
         "<image>\nHow many? please",
         "Two red. Two red.",
         "Colour?",
         "It is blue. It is blue.",
     ]
-    lengthen_answers(turns, WordTokenizer(), target=5)  # already longer: unchanged
+    assert lengthen_answers(turns, WordTokenizer(), target=5) == 15  # already longer: unchanged
     assert turns[1]["value"] == "Two red. Two red."
 
 
@@ -225,11 +225,13 @@ def test_small_preset_vqa_lengths_follow_llava_instruct_parts(tmp_path: Path) ->
     tokens = train_step.lengthen_vqa(tmp_path, WordTokenizer(), seed=0)
     low, high = train_step.LENGTH_SPREAD
     means = [train_step.llava_instruct_text_tokens(p) for p in train_step.LLAVA_INSTRUCT_PARTS]
+    # a dialogue overshoots its target by less than one copy of its answer (2 words)
     assert min(means) * low <= min(tokens) and max(tokens) <= max(means) * high + 2
     # the parts' means weighted by their record counts: about 286 tokens
     counts = [records for records, _ in train_step.LLAVA_INSTRUCT_PARTS.values()]
     expected = sum(m * c for m, c in zip(means, counts, strict=True)) / sum(counts)
     assert sum(tokens) / len(tokens) == pytest.approx(expected, rel=0.1)
     written = json.loads(path.read_text())
+    # the written dialogues hold the returned tokens: the answer's words and the question's 2
     assert [len(r["conversations"][1]["value"].split()) + 2 for r in written] == tokens
     assert all(r["conversations"][0]["value"] == "<image>\nWhat?" for r in written)
