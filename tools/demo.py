@@ -164,6 +164,10 @@ DATA_FLAGS = (
     "--num_classes_per_sample=20",
     "--refer_draw=varied",
     "--prompt_style=gsva",
+    # every answer in GSVA's form "Sure, they are a:[SEG], b:[REJ].": the form its validation
+    # answers are read in, and where the pretrained LLaVA answers "a: yes, b: no"; after its
+    # other four forms the decision has to be learned anew and stays weaker (docs/DEMO.md, Z)
+    "--gsva_answer_form=colon",
     # the shapes world's unlabelled background stays out of the mask loss, and a part target is
     # a whole part category
     "--ignore_pixels=exclude",

@@ -100,6 +100,7 @@ class TrainConfig:
     mmr_pairing: str
     no_target_answer: str
     refer_draw: str
+    gsva_answer_form: str
     too_long: str
     exclude_val: bool
     skip_bad_samples: bool
@@ -182,6 +183,7 @@ class TrainConfig:
             mmr_pairing=self.mmr_pairing,
             no_target_answer=self.no_target_answer,
             refer_draw=self.refer_draw,
+            gsva_answer_form=self.gsva_answer_form,
         )
 
     def data_config(self) -> DataConfig:

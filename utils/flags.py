@@ -17,6 +17,7 @@ from model.builder import PRECISIONS
 from model.tokens import DEFAULT_VOCABULARY, VOCABULARIES
 from utils.conversation import TEMPLATES
 from utils.datasets.base import (
+    GSVA_ANSWER_FORM_CHOICES,
     IGNORE_PIXEL_CHOICES,
     MMR_PAIRING_CHOICES,
     NO_TARGET_ANSWER_CHOICES,
@@ -212,6 +213,13 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
         choices=REFER_DRAW_CHOICES,
         help="referring sentences per sample: up to --num_classes_per_sample, all-absent draws "
         "redrawn in gsva style (the papers), or 1 to that many with all-absent draws kept",
+    )
+    add(
+        "--gsva_answer_form",
+        default="drawn",
+        choices=GSVA_ANSWER_FORM_CHOICES,
+        help="gsva-style answers: one of GSVA's five forms per answer (the papers), or always "
+        "its 'Sure, they are a:[SEG], b:[REJ].' form, the one its validation answers are read in",
     )
     add(
         "--too_long",

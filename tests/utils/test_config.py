@@ -203,7 +203,15 @@ def test_a_bad_flag_is_printed_by_rank_zero_only(capsys, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "field", ["ignore_pixels", "part_targets", "mmr_pairing", "no_target_answer", "refer_draw"]
+    "field",
+    [
+        "ignore_pixels",
+        "part_targets",
+        "mmr_pairing",
+        "no_target_answer",
+        "refer_draw",
+        "gsva_answer_form",
+    ],
 )
 def test_sampling_options_refuse_a_value_outside_the_choices(field: str) -> None:
     """Sources built directly (not through the flags) get the flag's message too."""

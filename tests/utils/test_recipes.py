@@ -59,6 +59,8 @@ COMMON = {
     "new_token_rows": "normal",
     # every reference loader draws as many sentences as it may (GSVA redraws all-[REJ] samples)
     "refer_draw": "reference",
+    # GSVA's loaders draw one of its five answer forms per answer
+    "gsva_answer_form": "drawn",
 }
 PAPER_SETTINGS: dict[str, dict[str, object]] = {
     "lisa": {

@@ -408,6 +408,24 @@ def test_finish_sample_gsva_formats(tmp_path: Path, gsva_format, names, tokens, 
         np.testing.assert_array_equal(sample.masks, np.stack(masks))
 
 
+def test_colon_answer_form_words_every_answer_in_gsvas_second_form(tmp_path: Path) -> None:
+    """`--gsva_answer_form colon`: GSVA's "Sure, they are x:[SEG]" form for every answer, with
+    the same question and the same draws after it as GSVA's own draw of the form."""
+    targets, _ = refer_targets()
+    image = np.zeros((4, 4, 3), np.uint8)
+    colon = SamplingOptions(prompt_style="gsva", gsva_answer_form="colon")
+    drawn = SamplingOptions(prompt_style="gsva")
+    expected = "Sure, they are The Red Box:[SEG], Left one:[REJ], purple cat:[REJ]."
+    for seed in range(20):
+        made = {}
+        for name, options in (("colon", colon), ("drawn", drawn)):
+            rng = np.random.default_rng(seed)
+            sample = finish_sample(image, targets, options, rng, tmp_path / "i.jpg", "x")
+            made[name] = (*sample.conversations[0][0], rng.random())
+        assert made["colon"][1] == expected
+        assert made["colon"][0] == made["drawn"][0] and made["colon"][2] == made["drawn"][2]
+
+
 # ---- MMR's per-question cap and allocate_class --------------------------------------------
 
 

@@ -102,6 +102,10 @@ NO_TARGET_ANSWER_CHOICES = ("rej", "empty_seg")
 # "varied" (1 to that many, uniformly, and an all-absent draw is kept: one-sentence questions
 # answered [REJ])
 REFER_DRAW_CHOICES = ("reference", "varied")
+# how a "gsva"-style answer is worded: "drawn" (GSVA's loaders: one of its five forms per answer) |
+# "colon" (always its "Sure, they are a:[SEG], b:[REJ]." form, the one its validation answers
+# are read in: "Sure,a:[SEG], b:[REJ].")
+GSVA_ANSWER_FORM_CHOICES = ("drawn", "colon")
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class SamplingOptions:
     no_target_answer: how "lisa"/"mmr"/"cores" styles answer a referring sentence without a target
         (gRefCOCO, RefZOM): "rej" (`[REJ]`) | "empty_seg" (LISA/MMR: `[SEG]` with an empty mask).
     refer_draw: how many sentences a referring sample asks about (REFER_DRAW_CHOICES).
+    gsva_answer_form: how a "gsva"-style answer is worded (GSVA_ANSWER_FORM_CHOICES).
     """
 
     num_classes_per_sample: int = 3
@@ -136,6 +141,7 @@ class SamplingOptions:
     mmr_pairing: str = "aligned"
     no_target_answer: str = "rej"
     refer_draw: str = "reference"
+    gsva_answer_form: str = "drawn"
 
     def __post_init__(self) -> None:
         """ValueError naming the flag when a choice field holds none of its choices (the one
@@ -146,6 +152,7 @@ class SamplingOptions:
             ("mmr_pairing", MMR_PAIRING_CHOICES),
             ("no_target_answer", NO_TARGET_ANSWER_CHOICES),
             ("refer_draw", REFER_DRAW_CHOICES),
+            ("gsva_answer_form", GSVA_ANSWER_FORM_CHOICES),
         ):
             value = getattr(self, flag)
             if value not in choices:

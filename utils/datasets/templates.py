@@ -19,7 +19,8 @@ Prompt styles (`--prompt_style`):
   loaders are LISA's with that list, one `random.choice` per answer, as here.
 - "gsva": all targets of the image in one conversation, "Sure, a:[SEG], b:[REJ]." style; the
   answer's joiner, name cleaning and empty-mask rule differ between GSVA's sem_seg and refer_seg
-  loaders (`GsvaAnswerFormat`).
+  loaders (`GsvaAnswerFormat`). `--gsva_answer_form colon` (ours; "drawn" in every recipe) words
+  every answer in the second of GSVA's five forms, "Sure, they are a:[SEG], b:[REJ]."
 Names are lower-cased in questions and in the "multi" answers and keep their case elsewhere, as
 the references do. A target whose mask is None (the source says the named thing is not in the
 image) is answered `[REJ]` in every style ("cores": in place of `[SEG]`, `[SEG_SEMA]` kept).
@@ -167,6 +168,9 @@ GSVA_PARTS = (
     "the referred {x} is [SEG]",
 )
 GSVA_ENDS = (".", ".", ".", ".", ".")
+# `--gsva_answer_form` (ours): "drawn", GSVA's loaders; "colon", always "Sure, they are a:[SEG]."
+DRAWN_FORM = "drawn"
+GSVA_FORM_INDEX = {"colon": 1}
 GSVA_QUESTION_JOINER = ", "
 
 
@@ -261,13 +265,20 @@ def mmr_answer(targets: list[Target], rng: np.random.Generator) -> str:
 
 
 def gsva_conversation(
-    targets: list[Target], rng: np.random.Generator, answer_format: GsvaAnswerFormat
+    targets: list[Target],
+    rng: np.random.Generator,
+    answer_format: GsvaAnswerFormat,
+    answer_form: str = DRAWN_FORM,
 ) -> tuple[str, str]:
     """One GSVA-style round naming every target: the question lists the names lower-cased, the
-    answer keeps their case, one start/part/end index for the whole answer."""
+    answer keeps their case, one start/part/end index for the whole answer: GSVA's draw
+    (`answer_form` "drawn"), or the form GSVA_FORM_INDEX names ("colon"), the index still drawn
+    so that the sample's other draws stay as they were."""
     names = [t.name.strip().strip(".") if answer_format.clean_names else t.name for t in targets]
     question_text = choose(rng, GSVA_QUESTIONS).format(x=GSVA_QUESTION_JOINER.join(names).lower())
     index = int(rng.integers(len(GSVA_STARTS)))
+    if answer_form != DRAWN_FORM:
+        index = GSVA_FORM_INDEX[answer_form]
     parts = []
     for name, target in zip(names, targets, strict=True):
         # masks are non-negative, so GSVA's `sum() < 1` means "all zero"
@@ -307,13 +318,15 @@ def build_conversations(
     expand: bool = False,
     num_classes_per_question: int | None = None,
     gsva_format: GsvaAnswerFormat = GSVA_REFER_SEG,
+    gsva_answer_form: str = DRAWN_FORM,
 ) -> tuple[list[list[tuple[str, str]]], np.ndarray]:
     """Conversations about `targets` in `style`, and their masks in token order.
 
     Returns (conversations, masks uint8 [k, H, W]); absent targets contribute zero masks.
     For "mmr", the targets are spread over min(len, num_classes_per_sample) questions of
     1..num_classes_per_question targets each (`split_into_questions`). `gsva_format` says how
-    the "gsva" answer is written (GSVA_REFER_SEG or GSVA_SEM_SEG).
+    the "gsva" answer is written (GSVA_REFER_SEG or GSVA_SEM_SEG), `gsva_answer_form` in which
+    of GSVA's forms (`--gsva_answer_form`).
     """
     if style not in PROMPT_STYLES:
         raise ValueError(f"--prompt_style must be one of {PROMPT_STYLES}, not {style!r}")
@@ -332,7 +345,7 @@ def build_conversations(
     for group in groups:
         chosen = [targets[i] for i in group]
         if style == "gsva":
-            conversations.append([gsva_conversation(chosen, rng, gsva_format)])
+            conversations.append([gsva_conversation(chosen, rng, gsva_format, gsva_answer_form)])
         else:
             is_sentence = all(t.is_sentence for t in chosen)
             names = [t.name for t in chosen]
@@ -389,6 +402,7 @@ def finish_sample(
         options.use_expand_question_list,
         options.num_classes_per_question,
         gsva_format,
+        options.gsva_answer_form,
     )
     return Sample(image, conversations, masks, str(image_path), source)
 
