@@ -39,7 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.datasets.base import IMAGE_PLACEHOLDER, Sample, SamplingOptions
+from utils.datasets.base import (
+    GSVA_ANSWER_FORM_CHOICES,
+    IMAGE_PLACEHOLDER,
+    Sample,
+    SamplingOptions,
+)
 
 SEG = "[SEG]"
 REJ = "[REJ]"
@@ -169,8 +174,8 @@ GSVA_PARTS = (
 )
 GSVA_ENDS = (".", ".", ".", ".", ".")
 # `--gsva_answer_form` (ours): "drawn", GSVA's loaders; "colon", always "Sure, they are a:[SEG]."
-DRAWN_FORM = "drawn"
-GSVA_FORM_INDEX = {"colon": 1}
+DRAWN_FORM, COLON_FORM = GSVA_ANSWER_FORM_CHOICES
+GSVA_FORM_INDEX = {COLON_FORM: 1}
 GSVA_QUESTION_JOINER = ", "
 
 
