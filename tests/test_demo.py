@@ -199,6 +199,18 @@ def test_the_demos_start_from_the_shipped_base_models() -> None:
     demo.check_base_models(demo.BASE_MODELS)  # the committed files are the manifest's
 
 
+def test_the_shipped_base_models_have_the_demo_presets_sizes() -> None:
+    """demo_assets/ is what `make demo-assets` writes with the current preset: a change to
+    `MODEL_PRESETS["demo"]` without rewriting the shipped models fails here."""
+    from model.tiny import MODEL_PRESETS
+
+    preset = MODEL_PRESETS["demo"]
+    config = json.loads((demo.BASE_MODELS / "llava_tiny" / "config.json").read_text())
+    for section, sizes in (("vision_config", preset.vision), ("text_config", preset.text)):
+        shipped = {name: config[section][name] for name in sizes}
+        assert shipped == sizes, section
+
+
 def test_another_backbone_and_mask_model_are_written_with_the_assets(tmp_path) -> None:
     """`--backbone qwen2_5_vl --segmenter sam2`: the tiny random models come from
     make_tiny_assets with the dataset, the commands point at them with their prompt width, and
